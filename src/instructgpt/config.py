@@ -1,0 +1,266 @@
+"""Typed configs: one dataclass per stage, built from shared pieces, loaded from YAML, overridden with ``key.sub=value``.
+
+``load_config(StageConfig, path, overrides)`` checks every key and type: an unknown key or a bad value is a
+:class:`ConfigError` naming the key. Each stage's ``validate()`` holds its cross-field rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+BASE_MODEL = "builtin:base"  # the tiny GPT-2 shipped in the package (see instructgpt.builtin)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = BASE_MODEL  # a Hugging Face model id, a local directory, a .gguf file, or builtin:base
+    gguf_file: Optional[str] = None  # with a directory (or hub id) in name_or_path: the GGUF file inside it
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dropout: Optional[float] = None  # None keeps the model's own; the paper's SFT used residual dropout 0.2
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # a file, a Hugging Face dataset name[:split], or builtin:NAME
+    eval: Optional[str] = None
+    pretrain: Optional[str] = None  # pretraining text ({"text"} rows or .txt files), for the ptx mix
+    max_length: int = 256  # tokens per example; longer examples are an error (or skipped), never cut
+    skip_bad_lines: bool = False  # skip and count bad records instead of stopping at the first
+    packing: bool = False  # concatenate examples into full rows (SFT); the loss mask still covers responses only
+    eval_size: int = 200  # with no data.eval: hold this many training examples out for eval loss
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200  # optimizer steps
+    batch_size: int = 16  # examples per optimizer step (over all processes and accumulation steps)
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak, as the paper's SFT and RM
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95  # the paper: Adam (0.9, 0.95) for all models
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    pretrain_coef: float = 0.0  # SFT: L = L_CE + pretrain_coef * L_LM on data.pretrain (0 = off)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 100  # checkpoint every N steps (0 = only at the end)
+    stop_after: Optional[int] = None  # stop (as if interrupted) after this step; for tests and for splitting a run
+
+
+# Keys that do not change the result: they may differ between a run and its resume.
+RUNTIME_KEYS = {"train.log_every", "train.save_every", "train.stop_after"}
+
+
+@dataclass
+class StageConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "out"
+    seed: int = 0
+
+    def validate(self) -> None:
+        t = self.train
+        for k in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(t, k) < 1:
+                raise ConfigError(f"train.{k}: must be >= 1, got {getattr(t, k)}")
+        if t.batch_size % t.grad_accum:
+            raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum "
+                              f"({t.grad_accum})")
+        if t.lr <= 0:
+            raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+        if self.data.max_length < 8:
+            raise ConfigError(f"data.max_length: must be >= 8, got {self.data.max_length}")
+        if self.model.dropout is not None and not 0 <= self.model.dropout < 1:
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.model.dropout}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building a dataclass from nested dicts, with a clear error for every unknown key and bad value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: bad value {value!r} ({'; '.join(errors)})")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known under '{prefix or '.'}': "
+                          f"{', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=3e-4", "model.lora.enabled=true"]`` -> nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override '{item}': expected key.sub=value")
+        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type, path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                extra: Optional[dict] = None) -> Any:
+    """Stage defaults <- YAML file <- `extra` <- dotted overrides, validated."""
+    d: dict = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        d = loaded
+    if extra:
+        d = deep_merge(d, extra)
+    if overrides:
+        d = deep_merge(d, parse_overrides(overrides))
+    try:
+        cfg = from_dict(cls, d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    cfg.validate()
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: dict, new: dict, ignore: set[str] = RUNTIME_KEYS) -> list[str]:
+    """Keys whose values differ between two resolved configs (runtime-only keys ignored)."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))

@@ -1,0 +1,441 @@
+"""One data layer for every stage: demonstrations, prompts, pretraining text and comparisons.
+
+Sources are a file (``.jsonl``, ``.json``, ``.parquet``, ``.txt``), a Hugging Face dataset ``name[:split]``, or a
+built-in source ``builtin:NAME[?key=value&...]`` (the embedded default's data, see :mod:`instructgpt.builtin`).
+Every schema the field uses is parsed into one internal record per kind, so the stages never see the file format.
+Bad input raises :class:`DataError` naming the file, the line and the field; with ``skip_bad=True`` bad lines are
+skipped and counted instead (``Loaded.skipped``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+ROLES = ("system", "user", "assistant")
+MAX_RANKED = 9  # the paper: labelers ranked K = 4..9 outputs; we accept 2..9
+
+
+class DataError(ValueError):
+    """A bad input record: says which file, which line (1-based) and which field."""
+
+    def __init__(self, file: str, line: int | None, field_name: str | None, message: str):
+        self.file, self.line, self.field, self.message = file, line, field_name, message
+        where = file + (f", line {line}" if line is not None else "")
+        what = f"field '{field_name}': " if field_name else ""
+        super().__init__(f"{where}: {what}{message}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Internal records. `file`/`line` say where a record came from (for errors raised later, e.g. "too long"); they are
+# left out of equality so that every accepted schema of the same content gives an equal record.
+
+
+@dataclass
+class Demonstration:
+    """A conversation whose assistant turns are the demonstration (SFT trains on those tokens only)."""
+
+    messages: list[dict[str, str]]
+    file: str = field(default="", compare=False)
+    line: int | None = field(default=None, compare=False)
+
+
+@dataclass
+class PromptRecord:
+    """A prompt to sample from: the conversation so far, ending with a user (or system) turn."""
+
+    messages: list[dict[str, str]]
+    file: str = field(default="", compare=False)
+    line: int | None = field(default=None, compare=False)
+
+    @property
+    def text(self) -> str:
+        """The last user turn: what the built-in task's gold labeler parses."""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+
+@dataclass
+class Ranking:
+    """K = 2..9 responses to one prompt with their ranks (1 = best, equal ranks are ties).
+
+    Pairs are the K = 2 case: ranks [1, 2] for (chosen, rejected).
+    """
+
+    messages: list[dict[str, str]]
+    responses: list[str]
+    ranks: list[int]
+    ratings: list[int] | None = None  # Likert 1..7 per response (the paper's labeling interface)
+    flags: list[list[str]] | None = None  # metadata flags per response (the paper's Table 3)
+    labeler: str | None = None
+    file: str = field(default="", compare=False)
+    line: int | None = field(default=None, compare=False)
+
+    @property
+    def k(self) -> int:
+        return len(self.responses)
+
+
+class Loaded(list):
+    """A list of records that also remembers how many bad lines were skipped."""
+
+    def __init__(self, items: Sequence[Any] = (), skipped: int = 0):
+        super().__init__(items)
+        self.skipped = skipped
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading raw rows: (file, line, dict)
+
+
+def iter_rows(source: str) -> Iterator[tuple[str, int, Any]]:
+    """Yield (file, 1-based line or row number, raw object) from any supported source."""
+    if source.startswith("builtin:"):
+        from instructgpt import builtin
+
+        for i, row in enumerate(builtin.rows(source), start=1):
+            yield source, i, row
+        return
+    if os.path.isdir(source):
+        files = sorted(os.path.join(source, f) for f in os.listdir(source) if not f.startswith("."))
+        for f in files:
+            yield from iter_rows(f)
+        return
+    if os.path.isfile(source):
+        ext = os.path.splitext(source)[1].lower()
+        if ext in (".jsonl", ".ndjson"):
+            with open(source, encoding="utf-8") as fh:
+                for i, raw in enumerate(fh, start=1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        yield source, i, json.loads(raw)
+                    except json.JSONDecodeError as e:
+                        yield source, i, _Malformed(f"malformed JSON ({e.msg} at column {e.colno})")
+            return
+        if ext == ".json":
+            with open(source, encoding="utf-8") as fh:
+                try:
+                    obj = json.load(fh)
+                except json.JSONDecodeError as e:
+                    raise DataError(source, e.lineno, None, f"malformed JSON ({e.msg})") from None
+            if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+                obj = obj["data"]
+            if not isinstance(obj, list):
+                raise DataError(source, None, None, "a .json file must hold a list of records (or {'data': [...]})")
+            for i, row in enumerate(obj, start=1):
+                yield source, i, row
+            return
+        if ext == ".parquet":
+            import pyarrow.parquet as pq
+
+            for i, row in enumerate(pq.read_table(source).to_pylist(), start=1):
+                yield source, i, row
+            return
+        if ext == ".txt":
+            with open(source, encoding="utf-8", errors="replace") as fh:
+                yield source, 1, {"text": fh.read()}
+            return
+        raise DataError(source, None, None, f"unsupported file type '{ext}' (use .jsonl, .json, .parquet or .txt)")
+    if os.path.sep in source or source.endswith((".jsonl", ".json", ".parquet", ".txt")):
+        raise DataError(source, None, None, "no such file")
+    # A Hugging Face dataset: name[:split]
+    from datasets import load_dataset
+
+    name, _, split = source.partition(":")
+    ds = load_dataset(name, split=split or "train")
+    for i, row in enumerate(ds, start=1):
+        yield source, i, row
+
+
+@dataclass
+class _Malformed:
+    message: str
+
+
+T = TypeVar("T")
+
+
+def _load(source: str, parse: Callable[[str, int, Any], T], skip_bad: bool) -> Loaded:
+    out, skipped = [], 0
+    for file, line, row in iter_rows(source):
+        try:
+            if isinstance(row, _Malformed):
+                raise DataError(file, line, None, row.message)
+            if not isinstance(row, dict):
+                raise DataError(file, line, None, f"expected a JSON object, got {type(row).__name__}")
+            out.append(parse(file, line, row))
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+    if not out:
+        raise DataError(source, None, None, "no usable records" + (f" ({skipped} bad lines skipped)" if skipped else ""))
+    return Loaded(out, skipped)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Field helpers
+
+
+def _str(file: str, line: int, row: dict, key: str, *, nonempty: bool = True, prefix: str = "") -> str:
+    if key not in row or row[key] is None:
+        raise DataError(file, line, prefix + key, "missing")
+    v = row[key]
+    if not isinstance(v, str):
+        raise DataError(file, line, prefix + key, f"expected a string, got {type(v).__name__}")
+    if nonempty and not v.strip():
+        raise DataError(file, line, prefix + key, "empty")
+    return v
+
+
+def _messages(file: str, line: int, row: dict) -> list[dict[str, str]]:
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(file, line, "messages", "expected a nonempty list of {'role', 'content'} objects")
+    out = []
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise DataError(file, line, f"messages[{j}]", "expected an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ROLES:
+            raise DataError(file, line, f"messages[{j}].role", f"expected one of {ROLES}, got {role!r}")
+        content = _str(file, line, m, "content", nonempty=role != "system", prefix=f"messages[{j}].")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _prompt_messages(file: str, line: int, row: dict) -> list[dict[str, str]]:
+    """The prompt as messages, from "prompt" or "messages"."""
+    if "messages" in row and row["messages"] is not None:
+        msgs = _messages(file, line, row)
+        if msgs[-1]["role"] == "assistant":
+            raise DataError(file, line, "messages", "a prompt must not end with an assistant turn")
+        return msgs
+    if "prompt" not in row:
+        raise DataError(file, line, "prompt", "missing (give 'prompt' or 'messages')")
+    return _user(_str(file, line, row, "prompt"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Demonstrations: {"prompt", "response"} | {"messages"} | Alpaca {"instruction", "input"?, "output"}
+
+
+def alpaca_prompt(instruction: str, inp: str | None) -> str:
+    """Alpaca's instruction plus optional input, joined as one user turn."""
+    return instruction if not inp or not inp.strip() else f"{instruction}\n\n{inp}"
+
+
+def parse_demonstration(file: str, line: int, row: dict) -> Demonstration:
+    if "messages" in row:
+        msgs = _messages(file, line, row)
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(file, line, "messages", "no assistant turn to learn from")
+        return Demonstration(msgs, file, line)
+    if "instruction" in row:
+        instruction = _str(file, line, row, "instruction")
+        inp = row.get("input")
+        if inp is not None and not isinstance(inp, str):
+            raise DataError(file, line, "input", f"expected a string, got {type(inp).__name__}")
+        output = _str(file, line, row, "output")
+        return Demonstration(_user(alpaca_prompt(instruction, inp)) + [{"role": "assistant", "content": output}],
+                             file, line)
+    if "prompt" in row or "response" in row:
+        prompt = _str(file, line, row, "prompt")
+        response = _str(file, line, row, "response")
+        return Demonstration(_user(prompt) + [{"role": "assistant", "content": response}], file, line)
+    raise DataError(file, line, None, "not a demonstration: expected 'prompt'+'response', 'messages', or "
+                                      "'instruction'+'output'")
+
+
+def load_demonstrations(source: str, skip_bad: bool = False) -> Loaded:
+    return _load(source, parse_demonstration, skip_bad)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prompts: {"prompt"} | {"messages"}
+
+
+def parse_prompt(file: str, line: int, row: dict) -> PromptRecord:
+    if "instruction" in row and "prompt" not in row and "messages" not in row:
+        instruction = _str(file, line, row, "instruction")
+        return PromptRecord(_user(alpaca_prompt(instruction, row.get("input"))), file, line)
+    return PromptRecord(_prompt_messages(file, line, row), file, line)
+
+
+def load_prompts(source: str, skip_bad: bool = False) -> Loaded:
+    return _load(source, parse_prompt, skip_bad)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pretraining text: {"text"} or .txt files
+
+
+def parse_text(file: str, line: int, row: dict) -> str:
+    return _str(file, line, row, "text")
+
+
+def load_pretrain_text(source: str, skip_bad: bool = False) -> Loaded:
+    return _load(source, parse_text, skip_bad)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Comparisons: rankings, pairs, Anthropic HH-RLHF, OpenAI summarize-from-feedback
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def hh_messages(transcript: str) -> list[dict[str, str]]:
+    """Split an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") into messages."""
+    parts = _HH_TURN.split(transcript)
+    msgs = []
+    # parts = [preamble, role, text, role, text, ...]
+    for role, text in zip(parts[1::2], parts[2::2]):
+        msgs.append({"role": "user" if role == "Human" else "assistant", "content": text.strip()})
+    return msgs
+
+
+def tldr_prompt(info: dict) -> str:
+    """The summarize-from-feedback prompt, laid out as in the OpenAI TL;DR data (Stiennon et al., 2020)."""
+    body = info.get("post") or info.get("article") or ""
+    head = []
+    if info.get("subreddit"):
+        head.append(f"SUBREDDIT: r/{info['subreddit']}")
+    if info.get("title"):
+        head.append(f"TITLE: {info['title']}")
+    return "\n".join(head + [f"POST: {body}" if "post" in info else f"ARTICLE: {body}", "TL;DR:"])
+
+
+def parse_comparison(file: str, line: int, row: dict) -> Ranking:
+    if "responses" in row or "ranks" in row:
+        return _parse_ranking(file, line, row)
+    if "summaries" in row:
+        info = row.get("info")
+        if not isinstance(info, dict):
+            raise DataError(file, line, "info", "expected an object with 'post' or 'article'")
+        if not isinstance(info.get("post") or info.get("article"), str) or not (info.get("post") or info.get("article")).strip():
+            raise DataError(file, line, "info.post", "missing (summarize-from-feedback needs 'post' or 'article')")
+        s = row["summaries"]
+        if not isinstance(s, list) or len(s) != 2:
+            raise DataError(file, line, "summaries", "expected a list of two {'text': ...} objects")
+        texts = []
+        for j, item in enumerate(s):
+            if not isinstance(item, dict):
+                raise DataError(file, line, f"summaries[{j}]", "expected an object with 'text'")
+            texts.append(_str(file, line, item, "text", prefix=f"summaries[{j}]."))
+        choice = row.get("choice")
+        if choice not in (0, 1) or isinstance(choice, bool):
+            raise DataError(file, line, "choice", f"expected 0 or 1, got {choice!r}")
+        chosen, rejected = texts[choice], texts[1 - choice]
+        return Ranking(_user(tldr_prompt(info)), [chosen, rejected], [1, 2], file=file, line=line)
+    if "chosen" in row and "rejected" in row:
+        chosen = _str(file, line, row, "chosen")
+        rejected = _str(file, line, row, "rejected")
+        if "prompt" in row or "messages" in row:
+            return Ranking(_prompt_messages(file, line, row), [chosen, rejected], [1, 2], file=file, line=line)
+        # Anthropic HH-RLHF: whole transcripts; the prompt is the shared prefix up to the last "Assistant:".
+        cut_c = chosen.rfind("\n\nAssistant:")
+        cut_r = rejected.rfind("\n\nAssistant:")
+        if cut_c < 0 or cut_r < 0:
+            raise DataError(file, line, "chosen" if cut_c < 0 else "rejected",
+                            "no '\\n\\nAssistant:' turn (an HH-RLHF transcript, or give 'prompt')")
+        if chosen[:cut_c] != rejected[:cut_r]:
+            raise DataError(file, line, "rejected", "chosen and rejected transcripts do not share the prompt")
+        prompt = hh_messages(chosen[:cut_c])
+        if not prompt:
+            raise DataError(file, line, "chosen", "empty prompt before the last 'Assistant:'")
+        resp_c = chosen[cut_c + len("\n\nAssistant:"):].strip()
+        resp_r = rejected[cut_r + len("\n\nAssistant:"):].strip()
+        for name, r in (("chosen", resp_c), ("rejected", resp_r)):
+            if not r:
+                raise DataError(file, line, name, "empty response after the last 'Assistant:'")
+        return Ranking(prompt, [resp_c, resp_r], [1, 2], file=file, line=line)
+    raise DataError(file, line, None, "not a comparison: expected 'responses'+'ranks', 'chosen'+'rejected', "
+                                      "or 'summaries'+'choice'")
+
+
+def _parse_ranking(file: str, line: int, row: dict) -> Ranking:
+    prompt = _prompt_messages(file, line, row)
+    responses, ranks = row.get("responses"), row.get("ranks")
+    if not isinstance(responses, list):
+        raise DataError(file, line, "responses", "expected a list of strings")
+    if not isinstance(ranks, list):
+        raise DataError(file, line, "ranks", "expected a list of integers")
+    k = len(responses)
+    if k < 2:
+        raise DataError(file, line, "responses", f"need at least 2 responses to compare, got {k}")
+    if k > MAX_RANKED:
+        raise DataError(file, line, "responses", f"at most {MAX_RANKED} responses per prompt, got {k}")
+    if len(ranks) != k:
+        raise DataError(file, line, "ranks", f"{len(ranks)} ranks for {k} responses")
+    for j, r in enumerate(responses):
+        if not isinstance(r, str):
+            raise DataError(file, line, f"responses[{j}]", f"expected a string, got {type(r).__name__}")
+        if not r.strip():
+            raise DataError(file, line, f"responses[{j}]", "empty response")
+    for j, r in enumerate(ranks):
+        if isinstance(r, bool) or not isinstance(r, int):
+            if isinstance(r, float) and r.is_integer():
+                ranks[j] = int(r)
+            else:
+                raise DataError(file, line, f"ranks[{j}]", f"expected an integer rank, got {r!r}")
+        if ranks[j] < 1:
+            raise DataError(file, line, f"ranks[{j}]", f"ranks start at 1 (best), got {ranks[j]}")
+    if len(set(ranks)) == 1:
+        raise DataError(file, line, "ranks", "every response is tied: nothing to learn")
+    ratings = row.get("ratings")
+    if ratings is not None:
+        if not isinstance(ratings, list) or len(ratings) != k:
+            raise DataError(file, line, "ratings", f"expected {k} integer ratings 1..7")
+        for j, r in enumerate(ratings):
+            if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 7:
+                raise DataError(file, line, f"ratings[{j}]", f"expected an integer 1..7, got {r!r}")
+    flags = row.get("flags")
+    if flags is not None:
+        if not isinstance(flags, list) or len(flags) != k:
+            raise DataError(file, line, "flags", f"expected {k} lists of strings")
+        for j, fl in enumerate(flags):
+            if not isinstance(fl, list) or not all(isinstance(x, str) for x in fl):
+                raise DataError(file, line, f"flags[{j}]", "expected a list of strings")
+    labeler = row.get("labeler")
+    if labeler is not None and not isinstance(labeler, str):
+        raise DataError(file, line, "labeler", f"expected a string, got {type(labeler).__name__}")
+    return Ranking(prompt, list(responses), [int(r) for r in ranks], ratings, flags, labeler, file, line)
+
+
+def load_comparisons(source: str, skip_bad: bool = False) -> Loaded:
+    return _load(source, parse_comparison, skip_bad)
+
+
+def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    """Write rows atomically (a crash never leaves half a file behind)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def ranking_to_json(r: Ranking) -> dict:
+    """The rankings JSONL schema (what `instructgpt rm` reads)."""
+    d: dict[str, Any] = {}
+    if len(r.messages) == 1 and r.messages[0]["role"] == "user":
+        d["prompt"] = r.messages[0]["content"]
+    else:
+        d["messages"] = r.messages
+    d["responses"], d["ranks"] = r.responses, r.ranks
+    if r.ratings is not None:
+        d["ratings"] = r.ratings
+    if r.flags is not None:
+        d["flags"] = r.flags
+    if r.labeler is not None:
+        d["labeler"] = r.labeler
+    return d

@@ -1,0 +1,66 @@
+"""Passwords and tokens: scrypt with a per-user salt, constant-time comparisons, random session/CSRF tokens.
+
+Only standard-library primitives: ``hashlib.scrypt`` is a memory-hard "slow hash" (RFC 7914), so a stolen database
+does not give away passwords cheaply. Session tokens are stored hashed, so the database does not give away live
+sessions either.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+
+# scrypt cost: N=2^14, r=8 takes ~16 MiB and tens of milliseconds per check, the common interactive-login setting.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+_MAXMEM = 64 * 1024 * 1024
+MIN_PASSWORD_LENGTH = 8
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
+
+
+def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    """``scrypt$N$r$p$salt$hash`` for `password` with a fresh 16-byte salt."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=32)
+    return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(digest)}"
+
+
+# A well-formed hash of a random password: checking an unknown username against it costs the same time as checking
+# a real one, so response times do not reveal which usernames exist.
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+def verify_password(password: str, stored: str | None) -> bool:
+    """True when `password` matches `stored` (a :func:`hash_password` string); None checks against a dummy."""
+    real = stored is not None
+    try:
+        scheme, n, r, p, salt, digest = (stored or _DUMMY_HASH).split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(digest)
+        got = hashlib.scrypt(password.encode("utf-8"), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
+                             maxmem=_MAXMEM, dklen=len(expected))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, expected) and real
+
+
+def new_token() -> str:
+    """A 256-bit random token, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+def token_digest(token: str) -> str:
+    """What the database keeps for a session token (SHA-256: tokens are random, so no salt or slow hash needed)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def tokens_equal(a: str | None, b: str | None) -> bool:
+    """Constant-time equality of two tokens; missing tokens never match."""
+    if not a or not b:
+        return False
+    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))

@@ -1,0 +1,175 @@
+"""Loading and saving causal LMs and tokenizers, and the log-prob math every stage shares.
+
+Everything goes through Hugging Face ``transformers``: a model id, a local directory, ``builtin:base`` (the tiny GPT-2
+shipped in the package) or a GGUF file take the same path, and what we save loads with plain
+``AutoModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from instructgpt.config import ModelConfig
+
+PAD_TOKEN = "<|pad|>"
+_DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout")
+
+
+def resolve_path(name_or_path: str) -> str:
+    """``builtin:base`` -> the package's base model directory; anything else unchanged."""
+    if name_or_path.startswith("builtin:"):
+        from instructgpt import builtin
+
+        return builtin.model_path(name_or_path)
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_path(name_or_path), trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"  # generation and PPO rollouts pad on the left
+    return tok
+
+
+def ensure_pad_token(model, tokenizer) -> None:
+    """PPO needs a pad token distinct from EOS (so "stopped at EOS" is visible); add one if the tokenizer lacks it."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if model is not None:
+        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, with_tokenizer: bool = True,
+               model_class: str = "causal_lm", num_labels: int = 1):
+    """Load (model, tokenizer). `name_or_path` may be a ModelConfig (dropout, dtype, GGUF file are then applied)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    mcfg = name_or_path if isinstance(name_or_path, ModelConfig) else ModelConfig(name_or_path=name_or_path)
+    path = resolve_path(mcfg.name_or_path)
+    kwargs = {"trust_remote_code": mcfg.trust_remote_code}
+    if mcfg.gguf_file:
+        kwargs["gguf_file"] = mcfg.gguf_file
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if mcfg.dropout is not None:
+        for k in _DROPOUT_KEYS:
+            if hasattr(config, k) and isinstance(getattr(config, k), float):
+                setattr(config, k, mcfg.dropout)
+    dtype = getattr(torch, mcfg.dtype)
+    if model_class == "sequence_classification":
+        config.num_labels = num_labels
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
+    tokenizer = load_tokenizer(path, mcfg.trust_remote_code) if with_tokenizer else None
+    if tokenizer is not None:
+        ensure_pad_token(model, tokenizer)
+    model.train(for_training)
+    return model, tokenizer
+
+
+def apply_lora(model, lora_cfg):
+    """Wrap `model` with a peft LoRA adapter (merged back into the weights on save)."""
+    from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
+
+    pc = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=lora_cfg.target_modules, task_type=TaskType.CAUSAL_LM)
+    return get_peft_model(model, pc)
+
+
+def save_model(model, tokenizer, out: str) -> None:
+    """Save a plain Hugging Face checkpoint (safetensors + tokenizer) atomically; LoRA adapters are merged first."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, out)
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Move a finished directory into place so a reader never sees half of it (old copy removed after the swap)."""
+    old = f"{final}.old"
+    if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Log-prob math
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: exclusive cumsum of the mask (pad positions get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[labels], without materialising the (B, T, V) log-softmax. Shapes (B, T, V), (B, T) -> (B, T)."""
+    logits = logits.float()
+    return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position. (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    p = F.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits with position ids that ignore left padding. (B, T) -> (B, T, V)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """log p(x_t | x_<t) for t = 1..T-1, logits divided by `temperature` (as when sampling). (B, T) -> (B, T-1)."""
+    logits = forward_logits(model, input_ids, attention_mask)[:, :-1]  # (B, T-1, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logprobs_from_logits(logits, input_ids[:, 1:])
+
+
+def unwrap(model):
+    """The bare module under DDP/accelerate wrappers (and torch.compile)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def count_parameters(model, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def maybe_str(x: Optional[str]) -> str:
+    return "" if x is None else x

@@ -1,0 +1,88 @@
+"""The one prompt template, shared by training, evaluation, generation and serving.
+
+When the tokenizer has a chat template (Qwen, Llama, SmolLM2 ...) it is used; otherwise (GPT-2, Pythia, our own base
+model) :data:`DEFAULT_CHAT_TEMPLATE`, an Alpaca-style layout whose assistant turns end with the EOS token, so that a
+model learns to stop. Everything goes through ``apply_chat_template`` so there is one code path.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+# Alpaca-style, kept short because every token costs on a CPU. Assistant turns end with EOS (what generation stops on).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+    "{% else %}### Response:\n{{ m['content'] }}{{ eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+
+def template_of(tokenizer) -> str:
+    return getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+
+
+def as_messages(prompt: str | Sequence[dict]) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(list(messages), chat_template=template_of(tokenizer), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt(tokenizer, messages: str | Sequence[dict]) -> str:
+    """The text a model continues to answer `messages` (a string is one user turn)."""
+    return render(tokenizer, as_messages(messages), add_generation_prompt=True)
+
+
+def render_segments(tokenizer, messages: Sequence[dict]) -> list[tuple[str, bool]]:
+    """Split a whole conversation into (text, is_assistant) pieces whose concatenation is the rendered conversation.
+
+    Each assistant piece is the difference between the conversation up to and including that turn and the
+    generation prompt before it, so it holds exactly what a model must generate there (content and end-of-turn).
+    """
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+        full = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not prefix.startswith(done) or not full.startswith(prefix):
+            raise ValueError("the chat template does not render conversations incrementally; cannot locate "
+                             "assistant turns")
+        if len(prefix) > len(done):
+            pieces.append((prefix[len(done):], False))
+        pieces.append((full[len(prefix):], True))
+        done = full
+    return pieces
+
+
+def encode_conversation(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation and, per token, whether it belongs to an assistant turn (SFT's loss mask).
+
+    Pieces are tokenized separately, the way generation sees them: the prompt's tokens, then the response's.
+    """
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, is_assistant in render_segments(tokenizer, messages):
+        t = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += t
+        mask += [is_assistant] * len(t)
+    return ids, mask
+
+
+def encode_prompt(tokenizer, messages: str | Sequence[dict]) -> list[int]:
+    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, response: str) -> list[int]:
+    """A response's tokens as the template ends an assistant turn (content + end of turn, e.g. EOS)."""
+    msgs = [{"role": "user", "content": "x"}]
+    prefix = render(tokenizer, msgs, add_generation_prompt=True)
+    full = render(tokenizer, msgs + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+    return tokenizer(full[len(prefix):], add_special_tokens=False)["input_ids"]

@@ -1,0 +1,326 @@
+"""Supervised fine-tuning on demonstrations: ``instructgpt sft`` (the paper's step 1).
+
+Loss on response (assistant) tokens only; optional packing; cosine decay to 10% of the peak (the paper); optional
+LoRA (merged on save); optional pretraining mix L = L_CE + pretrain_coef * L_LM (the paper's PPO starting point was an
+SFT run with 10% pretraining data). Runs under `accelerate`, so the same loop serves 1 CPU, 1 GPU or many; checkpoints
+hold model, optimizer, scheduler and RNG, and the data position is a pure function of the step, so resume is exact.
+
+`fit` is the loop shared with `instructgpt pretrain` (which is SFT with every token trainable).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from instructgpt.config import StageConfig
+from instructgpt.data import DataError, Demonstration, load_demonstrations, load_pretrain_text
+from instructgpt.prompting import encode_conversation
+from instructgpt.runs import StageRun
+
+DEFAULT_DEMOS = "builtin:task-demos"
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    def __post_init__(self):
+        if self.data.train is None:
+            self.data.train = DEFAULT_DEMOS
+
+
+@dataclass
+class Example:
+    """One training row: token ids and which of them carry loss."""
+
+    input_ids: list[int]
+    loss_mask: list[bool]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data -> examples
+
+
+def demonstration_example(tokenizer, demo: Demonstration, max_length: int) -> Example:
+    ids, mask = encode_conversation(tokenizer, demo.messages)
+    if not any(mask):
+        raise DataError(demo.file, demo.line, "response", "empty response (no tokens to learn from)")
+    if len(ids) > max_length:
+        # Never cut the response away silently: the example is an error (or a counted skip).
+        raise DataError(demo.file, demo.line, "response",
+                        f"example is {len(ids)} tokens, longer than data.max_length={max_length}")
+    return Example(ids, mask)
+
+
+def build_examples(tokenizer, demos: Sequence[Demonstration], max_length: int,
+                   skip_bad: bool = False) -> tuple[list[Example], int]:
+    out, skipped = [], 0
+    for d in demos:
+        try:
+            out.append(demonstration_example(tokenizer, d, max_length))
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+    return out, skipped
+
+
+def text_blocks(tokenizer, texts: Sequence[str], block_size: int) -> list[Example]:
+    """Pretraining text -> documents joined by EOS, cut into full blocks (every token trainable)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for t in texts:
+        stream += tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+    n = len(stream) // block_size
+    return [Example(stream[i * block_size:(i + 1) * block_size], [True] * block_size) for i in range(n)]
+
+
+def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
+    """Concatenate examples into rows of at most `max_length` tokens (greedy, in order); masks travel along."""
+    rows, ids, mask = [], [], []
+    for ex in examples:
+        if ids and len(ids) + len(ex.input_ids) > max_length:
+            rows.append(Example(ids, mask))
+            ids, mask = [], []
+        ids, mask = ids + ex.input_ids, mask + ex.loss_mask
+    if ids:
+        rows.append(Example(ids, mask))
+    return rows
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T) input_ids, attention_mask and labels (-100 where no loss)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    att = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        att[i, :n] = 1
+        labels[i, :n] = torch.where(torch.tensor(e.loss_mask), ids[i, :n], torch.tensor(-100))
+    return {"input_ids": ids, "attention_mask": att, "labels": labels}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Math
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over positions whose label is not -100, and their count.
+
+    logits (B, T, V) predict labels shifted by one: position t predicts token t+1.
+    """
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                             shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss, int((shift_labels != -100).sum())
+
+
+def cosine_lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at `total_steps` (the paper decays to 10%)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of optimizer step `step`: a fresh seeded permutation per epoch, read in order.
+
+    A pure function of the step, so resuming at step k reads exactly what an uninterrupted run would.
+    """
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g).tolist()
+        take = perm[offset: offset + batch_size - len(out)]
+        out += take
+        pos += len(take)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class FitResult:
+    step: int
+    eval_loss: Optional[float] = None
+    tokens_per_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def make_accelerator(cfg: StageConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+
+
+@torch.no_grad()
+def eval_loss(model, examples: Sequence[Example], pad_token_id: int, batch_size: int, device) -> float:
+    if not examples:
+        return float("nan")
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        b = {k: v.to(device) for k, v in collate(examples[s:s + batch_size], pad_token_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss, n = token_loss_sum(logits, b["labels"])
+        total, count = total + float(loss), count + n
+    model.train(was)
+    return total / max(count, 1)
+
+
+def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[Example], eval_ex: list[Example],
+        ptx_ex: Optional[list[Example]] = None, desc: str = "sft") -> FitResult:
+    """Train `model` on `train_ex` for cfg.train.max_steps optimizer steps, resuming from `run`'s checkpoint."""
+    from instructgpt.progress import StageProgress
+
+    t = cfg.train
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
+                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+    # the scheduler stays ours: accelerate's wrapper would step it once per process (it assumes a sharded
+    # dataloader), while our global batch already spans all processes
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)
+    pad = tokenizer.pad_token_id
+    world, rank = acc.num_processes, acc.process_index
+    if t.batch_size % (world * t.grad_accum):
+        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum "
+                         f"({world} x {t.grad_accum})")
+    micro = t.batch_size // (world * t.grad_accum)
+
+    start = 0
+    state = run.load_checkpoint()
+    if state is not None:
+        start = state["step"]
+        run.truncate_metrics(start)
+        acc.print(f"[{desc}] resuming from step {start}")
+    else:
+        run.truncate_metrics(0)
+
+    model.train()
+    result = FitResult(step=start)
+    tokens_seen, t0 = 0, time.time()
+    with StageProgress(desc, total=t.max_steps, start=start, enabled=acc.is_main_process) as bar:
+        for step in range(start, t.max_steps):
+            # 1. this step's examples: the same global batch on every rank, each rank takes its share
+            idx = batch_indices(len(train_ex), t.batch_size, step, cfg.seed)
+            batch = [train_ex[i] for i in idx]
+            # normalise by the loss tokens of the whole global batch, so N ranks x M micro-batches == 1 big batch
+            n_loss_tokens = sum(sum(e.loss_mask[1:]) for e in batch)
+            mine = batch[rank::world]
+            ptx_batch = None
+            if ptx_ex and t.pretrain_coef > 0:
+                ptx_batch = [ptx_ex[i] for i in batch_indices(len(ptx_ex), t.batch_size, step, cfg.seed + 1)]
+                n_ptx_tokens = sum(len(e.input_ids) - 1 for e in ptx_batch)
+                ptx_mine = ptx_batch[rank::world]
+            step_loss = 0.0
+            for m in range(t.grad_accum):
+                mb = mine[m * micro:(m + 1) * micro]
+                b = {k: v.to(acc.device) for k, v in collate(mb, pad).items()}
+                sync = m == t.grad_accum - 1
+                with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
+                    # 2. loss on response tokens only (labels are -100 elsewhere)
+                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    loss_sum, _ = token_loss_sum(logits, b["labels"])
+                    loss = loss_sum * world / max(n_loss_tokens, 1)
+                    # 3. optional pretraining mix: + pretrain_coef * L_LM
+                    if ptx_batch is not None:
+                        pb = {k: v.to(acc.device) for k, v in collate(ptx_mine[m * micro:(m + 1) * micro], pad).items()}
+                        plog = model(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"]).logits
+                        p_sum, _ = token_loss_sum(plog, pb["labels"])
+                        loss = loss + t.pretrain_coef * p_sum * world / max(n_ptx_tokens, 1)
+                    acc.backward(loss)
+                step_loss += float(loss_sum.detach()) / max(n_loss_tokens, 1) * world
+                tokens_seen += int(b["attention_mask"].sum()) * world
+            # 4. clip, step, schedule
+            if t.max_grad_norm:
+                acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            tps = tokens_seen / max(time.time() - t0, 1e-9)
+            bar.update(done, loss=step_loss, tok_s=tps)
+            # 5. log / eval / checkpoint
+            metrics = {}
+            if done % t.log_every == 0 or done == t.max_steps:
+                metrics.update({"train/loss": step_loss, "train/lr": sched.get_last_lr()[0], "train/tokens_per_s": tps})
+            if eval_ex and (done % t.eval_every == 0 or done == t.max_steps):
+                metrics["eval/loss"] = result.eval_loss = eval_loss(model, eval_ex, pad, micro * 2, acc.device)
+            if metrics:
+                run.log(done, metrics)
+                result.history.append({"step": done, **metrics})
+            result.step, result.tokens_per_s = done, tps
+            if t.save_every and done % t.save_every == 0 and done < t.max_steps:
+                run.save_checkpoint({"step": done})
+            if t.stop_after is not None and done >= t.stop_after and done < t.max_steps:
+                run.save_checkpoint({"step": done})
+                acc.print(f"[{desc}] stopping after step {done} (train.stop_after); rerun to resume")
+                return result
+    return result
+
+
+def split_eval(examples: list[Example], eval_size: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold `eval_size` examples out of training (seeded), when no separate eval set is given."""
+    if eval_size <= 0 or len(examples) <= eval_size * 2:
+        return examples, []
+    g = torch.Generator().manual_seed(seed + 7)
+    perm = torch.randperm(len(examples), generator=g).tolist()
+    held = set(perm[:eval_size])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def train(cfg: SFTConfig) -> str:
+    """Run SFT; returns the out_dir. Rerun on the same out_dir to resume; a finished run says so and exits."""
+    from instructgpt.modeling import apply_lora, load_model, save_model, set_seed
+
+    acc = make_accelerator(cfg)
+    run = StageRun(cfg, "sft", acc)
+    status = run.prepare()
+    if status == "done":
+        acc.print(f"[sft] {cfg.out_dir} is already finished (DONE.json); nothing to do")
+        return cfg.out_dir
+    set_seed(cfg.seed)
+
+    model, tokenizer = load_model(cfg.model, for_training=True)
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model.lora)
+
+    demos = load_demonstrations(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
+    train_ex, skipped = build_examples(tokenizer, demos, cfg.data.max_length, cfg.data.skip_bad_lines)
+    skipped += demos.skipped
+    if cfg.data.eval:
+        eval_demos = load_demonstrations(cfg.data.eval, skip_bad=cfg.data.skip_bad_lines)
+        eval_ex, _ = build_examples(tokenizer, eval_demos, cfg.data.max_length, cfg.data.skip_bad_lines)
+    else:
+        train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_size, cfg.seed)
+    if skipped:
+        acc.print(f"[sft] skipped {skipped} bad examples (data.skip_bad_lines)")
+    if cfg.data.packing:
+        train_ex = pack(train_ex, cfg.data.max_length)
+    ptx_ex = None
+    if cfg.data.pretrain and cfg.train.pretrain_coef > 0:
+        ptx_ex = text_blocks(tokenizer, load_pretrain_text(cfg.data.pretrain), cfg.data.max_length)
+
+    res = fit(cfg, run, acc, model, tokenizer, train_ex, eval_ex, ptx_ex, desc="sft")
+    if res.step < cfg.train.max_steps:
+        return cfg.out_dir
+    if acc.is_main_process:
+        save_model(acc.unwrap_model(model), tokenizer, run.path("model"))
+    run.finish({"steps": res.step, "eval_loss": res.eval_loss, "tokens_per_s": res.tokens_per_s,
+                "train_examples": len(train_ex), "skipped": skipped})
+    return cfg.out_dir

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random GPT-2 and tokenizer built in-process (offline, seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+WORDS = ("apple pear plum cat dog bird red blue green one two three four five six seven eight nine ten "
+         "reverse spell sort add the word number list of and is what plus minus count letters in").split()
+
+
+def tiny_corpus(n: int = 3000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        out.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + ".")
+        out.append(f"### Instruction:\n{rng.choice(WORDS)} {rng.randint(0, 99)}\n\n### Response:\n{rng.randint(0, 99)}")
+    return out
+
+
+def build_tiny(out_dir: str, n_layer: int = 2, n_embd: int = 32, vocab: int = 300, seed: int = 0) -> str:
+    import torch
+    from instructgpt.pretrain import InitConfig, init_model, train_tokenizer
+
+    tok = train_tokenizer(tiny_corpus(), vocab_size=vocab, max_chars=10**6)
+    torch.manual_seed(seed)
+    model = init_model(tok, InitConfig(n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=256), dropout=0.0)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return build_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture()
+def tiny(tiny_model_dir):
+    from instructgpt.modeling import load_model
+
+    return load_model(tiny_model_dir)
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+@pytest.fixture()
+def demos_file(tmp_path) -> str:
+    rng = random.Random(0)
+    rows = []
+    for _ in range(120):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        rows.append({"prompt": f"add {a} plus {b}", "response": str(a + b)})
+    return write_jsonl(tmp_path / "demos.jsonl", rows)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,31 @@
+"""Run SFT's loop under real DDP and write each rank's final weights checksum (used by test_ddp.py).
+
+Launched by torchrun with 2 CPU processes (gloo); also run with 1 process for the single-process reference.
+usage: ddp_worker.py MODEL_DIR DEMOS OUT_DIR
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+from instructgpt.config import load_config
+from instructgpt.data import load_demonstrations
+from instructgpt.modeling import load_model, set_seed
+from instructgpt.runs import StageRun
+from instructgpt.sft import SFTConfig, build_examples, fit, make_accelerator
+
+model_dir, demos, out = sys.argv[1:4]
+cfg = load_config(SFTConfig, None, [f"model.name_or_path={model_dir}", f"data.train={demos}", f"out_dir={out}",
+                                    "train.batch_size=8", "train.max_steps=6", "train.lr=3e-3", "train.save_every=0"])
+acc = make_accelerator(cfg)
+run = StageRun(cfg, "sft", acc)
+run.prepare()
+set_seed(cfg.seed)
+model, tok = load_model(cfg.model, for_training=True)
+ex, _ = build_examples(tok, load_demonstrations(demos), 256)
+fit(cfg, run, acc, model, tok, ex, [], desc="ddp")
+flat = torch.cat([p.detach().flatten() for p in acc.unwrap_model(model).parameters()])
+with open(os.path.join(out, f"rank{acc.process_index}-of-{acc.num_processes}.json"), "w") as fh:
+    json.dump({"sum": float(flat.sum()), "abs": float(flat.abs().sum()), "head": flat[:64].tolist()}, fh)

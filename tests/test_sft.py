@@ -1,0 +1,185 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from instructgpt.config import ConfigError, load_config
+from instructgpt.data import DataError, Demonstration, load_demonstrations
+from instructgpt.prompting import encode_conversation, encode_response, render_prompt, render_segments
+from instructgpt.runs import StageError
+from instructgpt.sft import (SFTConfig, batch_indices, build_examples, collate, cosine_lr_factor, eval_loss, pack,
+                             token_loss_sum, train)
+
+
+def demo(prompt, response):
+    return Demonstration([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+
+
+def test_loss_mask_covers_exactly_the_response(tiny):
+    _, tok = tiny
+    d = demo("add 2 plus 3", "five and then some more words")
+    ids, mask = encode_conversation(tok, d.messages)
+    resp = encode_response(tok, "five and then some more words")
+    assert sum(mask) == len(resp) and ids[-len(resp):] == resp and resp[-1] == tok.eos_token_id
+    assert not any(mask[:-len(resp)])
+    prompt_ids = tok(render_prompt(tok, d.messages[:1]), add_special_tokens=False)["input_ids"]
+    assert ids[:len(prompt_ids)] == prompt_ids  # training sees the prompt exactly as generation does
+    b = collate(build_examples(tok, [d], 256)[0], tok.pad_token_id)
+    assert int((b["labels"] != -100).sum()) == len(resp)
+
+
+def test_gradient_wrt_prompt_logits_is_zero(tiny):
+    model, tok = tiny
+    ex, _ = build_examples(tok, [demo("spell the word dog", "d o g"), demo("add one", "two")], 256)
+    b = collate(ex, tok.pad_token_id)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    logits.retain_grad()
+    loss, n = token_loss_sum(logits, b["labels"])
+    loss.backward()
+    g = logits.grad.abs().sum(-1)  # (B, T)
+    predicts_response = torch.zeros_like(g, dtype=torch.bool)
+    predicts_response[:, :-1] = b["labels"][:, 1:] != -100  # position t is trained only if token t+1 is a label
+    assert n == int(predicts_response.sum())
+    assert torch.all(g[~predicts_response] == 0) and torch.all(g[predicts_response] > 0)
+
+
+def test_segments_reassemble_the_conversation(tiny):
+    _, tok = tiny
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"}]
+    segs = render_segments(tok, msgs)
+    assert "".join(t for t, _ in segs) == tok.apply_chat_template(
+        msgs, chat_template=__import__("instructgpt.prompting").prompting.template_of(tok), tokenize=False)
+    assert [t for t, a in segs if a] == ["b" + tok.eos_token, "d" + tok.eos_token]
+
+
+def test_too_long_example_names_file_and_line(tiny, tmp_path):
+    _, tok = tiny
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"prompt": "hi", "response": "ok"}) + "\n" +
+                 json.dumps({"prompt": "hi", "response": "apple " * 300}) + "\n")
+    demos = load_demonstrations(str(p))
+    with pytest.raises(DataError, match=r"d.jsonl, line 2: field 'response'.*longer than data.max_length=64"):
+        build_examples(tok, demos, 64)
+    ok, skipped = build_examples(tok, demos, 64, skip_bad=True)
+    assert len(ok) == 1 and skipped == 1
+
+
+def test_pack_keeps_masks_and_limits():
+    from instructgpt.sft import Example
+    ex = [Example([1, 2, 3], [False, True, True]), Example([4, 5], [False, True]), Example([6] * 4, [True] * 4)]
+    rows = pack(ex, 5)
+    assert [r.input_ids for r in rows] == [[1, 2, 3, 4, 5], [6, 6, 6, 6]]
+    assert rows[0].loss_mask == [False, True, True, False, True]
+
+
+def test_cosine_schedule_and_batch_order():
+    assert cosine_lr_factor(0, 0, 100, 0.1) == pytest.approx(1.0)
+    assert cosine_lr_factor(100, 0, 100, 0.1) == pytest.approx(0.1)
+    assert cosine_lr_factor(50, 0, 100, 0.1) == pytest.approx(0.55)
+    assert cosine_lr_factor(4, 10, 100, 0.1) == pytest.approx(0.5)
+    # one epoch of batches is a permutation; batches are a pure function of the step
+    seen = sum((batch_indices(12, 4, s, 0) for s in range(3)), [])
+    assert sorted(seen) == list(range(12))
+    assert batch_indices(12, 4, 5, 0) == batch_indices(12, 4, 5, 0)
+    assert batch_indices(10, 4, 2, 0)[:2] == batch_indices(10, 4, 2, 0)[:2] and len(batch_indices(10, 4, 2, 0)) == 4
+
+
+def _cfg(model_dir, demos, out, **kw):
+    over = [f"model.name_or_path={model_dir}", f"data.train={demos}", f"out_dir={out}", "train.batch_size=8",
+            "train.lr=3e-3", "data.eval_size=20", "train.eval_every=1000", "train.log_every=1"]
+    over += [f"{k}={v}" for k, v in kw.items()]
+    return load_config(SFTConfig, None, over)
+
+
+def _weights(out):
+    return load_file(os.path.join(out, "model", "model.safetensors"))
+
+
+def test_sft_lowers_heldout_loss(tiny_model_dir, demos_file, tmp_path):
+    from instructgpt.modeling import load_model
+    from instructgpt.sft import split_eval
+    cfg = _cfg(tiny_model_dir, demos_file, tmp_path / "sft", **{"train.max_steps": 30})
+    model, tok = load_model(tiny_model_dir)
+    ex, _ = build_examples(tok, load_demonstrations(demos_file), 256)
+    _, held = split_eval(ex, 20, cfg.seed)
+    before = eval_loss(model, held, tok.pad_token_id, 8, "cpu")
+    train(cfg)
+    after_model, _ = load_model(str(tmp_path / "sft" / "model"))
+    after = eval_loss(after_model, held, tok.pad_token_id, 8, "cpu")
+    assert after < before - 1.0, (before, after)
+    rows = [json.loads(l) for l in open(tmp_path / "sft" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 31)) and "eval/loss" in rows[-1]
+    assert json.load(open(tmp_path / "sft" / "DONE.json"))["steps"] == 30
+
+
+def test_resume_equals_uninterrupted(tiny_model_dir, demos_file, tmp_path):
+    train(_cfg(tiny_model_dir, demos_file, tmp_path / "a", **{"train.max_steps": 10}))
+    b = tmp_path / "b"
+    train(_cfg(tiny_model_dir, demos_file, b, **{"train.max_steps": 10, "train.stop_after": 5}))
+    assert not (b / "DONE.json").exists() and (b / "checkpoint" / "trainer_state.json").exists()
+    train(_cfg(tiny_model_dir, demos_file, b, **{"train.max_steps": 10}))
+    wa, wb = _weights(tmp_path / "a"), _weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    rows = [json.loads(l)["step"] for l in open(b / "metrics.jsonl")]
+    assert rows == list(range(1, 11))  # nothing logged twice
+
+
+def test_rerun_of_finished_stage_and_config_mismatch(tiny_model_dir, demos_file, tmp_path, capsys):
+    out = tmp_path / "s"
+    train(_cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 2}))
+    mtime = os.path.getmtime(out / "model" / "model.safetensors")
+    train(_cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 2}))
+    assert "already finished" in capsys.readouterr().out
+    assert os.path.getmtime(out / "model" / "model.safetensors") == mtime
+    with pytest.raises(StageError, match=r"different config \(train.lr"):
+        train(_cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 2, "train.lr": 1e-4}))
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
+        load_config(SFTConfig, None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="train.max_steps: expected an integer"):
+        load_config(SFTConfig, None, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="model.dtype: must be one of"):
+        load_config(SFTConfig, None, ["model.dtype=float8"])
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  lr: 0.5\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown config key 'train.bogus'"):
+        load_config(SFTConfig, str(y))
+    cfg = load_config(SFTConfig, None, ["model.lora.enabled=true", "model.lora.target_modules=c_attn,c_proj"])
+    assert cfg.model.lora.enabled and cfg.model.lora.target_modules == ["c_attn", "c_proj"]
+
+
+def test_sigkill_midway_then_rerun_matches_uninterrupted(tiny_model_dir, demos_file, tmp_path):
+    args = [f"model.name_or_path={tiny_model_dir}", f"data.train={demos_file}", "train.batch_size=16",
+            "train.max_steps=40", "train.save_every=4", "data.eval_size=0", "train.lr=1e-3"]
+    cli = [sys.executable, "-m", "instructgpt.cli", "sft"]
+    ref = tmp_path / "ref"
+    subprocess.run(cli + args + [f"out_dir={ref}"], check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cli + args + [f"out_dir={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.load(open(state))["step"] >= 8:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "DONE.json").exists()
+    subprocess.run(cli + args + [f"out_dir={out}"], check=True, capture_output=True)
+    wa, wb = _weights(ref), _weights(out)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)

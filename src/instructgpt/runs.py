@@ -54,7 +54,10 @@ class StageRun:
     def prepare(self) -> str:
         """Check `out_dir` against the config: 'fresh', 'resume' or 'done'. Raises StageError on a config mismatch."""
         cfg_path = self.path("config.yaml")
-        if os.path.exists(cfg_path):
+        self._barrier()  # every process looks at out_dir as it was before this run wrote anything
+        existed = os.path.exists(cfg_path)
+        self._barrier()
+        if existed:
             with open(cfg_path, encoding="utf-8") as fh:
                 old = yaml.safe_load(fh) or {}
             old_stage = old.pop("_stage", self.stage)

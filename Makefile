@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/instructgpt pipeline
 
 test: install-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 bench: install-dev
 	$(BIN)/python benchmarks/run.py

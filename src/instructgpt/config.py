@@ -182,7 +182,16 @@ def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known under '{prefix or '.'}': "
                           f"{', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in d.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        f = fields[k]
+        if isinstance(v, dict) and f.default_factory is not dataclasses.MISSING:
+            # a section given in part keeps this stage's defaults for the rest (e.g. RMConfig's own train defaults)
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                v = deep_merge(dataclasses.asdict(default), v)
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
     return cls(**kwargs)
 
 

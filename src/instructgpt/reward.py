@@ -1,0 +1,117 @@
+"""The reward model: a causal LM's trunk with a scalar head, read at the last token of each response.
+
+Saved as a plain Hugging Face ``AutoModelForSequenceClassification`` (``num_labels=1``) with the normalisation beside
+it in ``reward_norm.json``: ``reward = gain * (head - bias)``. Every consumer (PPO, best-of-n, evaluation, serving)
+goes through :class:`RewardModel`, which applies it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from instructgpt.modeling import position_ids_from_mask
+from instructgpt.prompting import encode_prompt, encode_response
+
+NORM_FILE = "reward_norm.json"
+
+
+def init_reward_head(head: torch.nn.Linear) -> None:
+    """N(0, 1/sqrt(d_model + 1)) weights and zero bias (the PPO implementation-details checklist, RM item 2)."""
+    d = head.weight.shape[-1]
+    torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(d + 1))
+    if head.bias is not None:
+        torch.nn.init.zeros_(head.bias)
+
+
+def trunk_and_head(model):
+    """(trunk, head) of a *ForSequenceClassification model: the base model and its `score` projection."""
+    return model.base_model, model.score
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head at every position (the RM reads the last response token; a value model reads them all).
+
+    (B, T) -> (B, T). Position ids ignore left padding, so rows can be padded either side.
+    """
+    trunk, head = trunk_and_head(model)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, d)
+    return head(hidden).squeeze(-1).float()  # (B, T)
+
+
+def last_token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The head read at each row's last real token (right-padded rows). (B, T) -> (B,)."""
+    values = token_values(model, input_ids, attention_mask)
+    last = attention_mask.long().sum(-1) - 1  # (B,)
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def encode_pair(tokenizer, messages, response: str) -> list[int]:
+    """Prompt (rendered with the template) + response (ending the turn, e.g. with EOS)."""
+    return encode_prompt(tokenizer, messages) + encode_response(tokenizer, response)
+
+
+@dataclass
+class RewardNorm:
+    bias: float = 0.0  # subtracted: the paper sets it so the demonstrations score 0 on average
+    gain: float = 1.0  # multiplied after: optional, so SFT-policy samples have std 1 (lm-human-preferences)
+
+    def apply(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.bias) * self.gain
+
+    def save(self, model_dir: str) -> None:
+        with open(os.path.join(model_dir, NORM_FILE), "w", encoding="utf-8") as fh:
+            json.dump({"bias": self.bias, "gain": self.gain}, fh, indent=2)
+
+    @classmethod
+    def load(cls, model_dir: str) -> "RewardNorm":
+        p = os.path.join(model_dir, NORM_FILE)
+        if not os.path.exists(p):
+            return cls()
+        with open(p, encoding="utf-8") as fh:
+            d = json.load(fh)
+        return cls(float(d.get("bias", 0.0)), float(d.get("gain", 1.0)))
+
+
+class RewardModel:
+    """A trained reward model, normalised, for scoring (prompt, response) pairs."""
+
+    def __init__(self, model, tokenizer, norm: RewardNorm):
+        self.model, self.tokenizer, self.norm = model.eval(), tokenizer, norm
+
+    @classmethod
+    def load(cls, path: str) -> "RewardModel":
+        """An `instructgpt rm` out_dir or its model/ directory."""
+        from instructgpt.modeling import load_model
+
+        if os.path.exists(os.path.join(path, "model", "config.json")):
+            path = os.path.join(path, "model")
+        model, tok = load_model(path, model_class="sequence_classification")
+        return cls(model, tok, RewardNorm.load(path))
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32) -> list[float]:
+        """Normalised rewards for each (prompt, response); a prompt is a string or a list of messages."""
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        seqs = [encode_pair(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        for s in range(0, len(seqs), batch_size):
+            ids, mask = right_pad(seqs[s:s + batch_size], self.tokenizer.pad_token_id, device)
+            out += self.norm.apply(last_token_rewards(self.model, ids, mask)).tolist()
+        return out

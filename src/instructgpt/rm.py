@@ -1,0 +1,244 @@
+"""``instructgpt rm``: the reward model from K-way human rankings (the paper's step 2).
+
+As the paper: the backbone starts from the SFT model with a scalar head; one batch element is one prompt with all
+C(K,2) comparisons of its ranking, each of the K responses forwarded once (never the (K-1)/2-fold duplication of
+expanding rankings to pairs); ``train.batch_size`` counts prompts (the paper: 64); one epoch by default (more
+overfits); cosine decay to 10%. After training a bias makes the demonstrations' mean reward 0 (the paper), and an
+optional gain makes SFT-policy samples' std 1 (lm-human-preferences); both are saved beside the model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from instructgpt.config import ConfigError, StageConfig, TrainConfig
+from instructgpt.data import Ranking, load_comparisons, load_demonstrations
+from instructgpt.losses import ranking_accuracy, ranking_loss
+from instructgpt.reward import (RewardNorm, encode_pair, init_reward_head, last_token_rewards, right_pad)
+from instructgpt.runs import StageRun
+from instructgpt.sft import batch_indices, cosine_lr_factor, make_accelerator
+
+
+@dataclass
+class NormalizeConfig:
+    demonstrations: Optional[str] = "builtin:task-demos"  # bias: their mean reward becomes 0 (None: no bias)
+    max_demonstrations: int = 1000
+    policy: Optional[str] = None  # gain: sample this model (e.g. the SFT model) and scale rewards to std 1
+    policy_samples: int = 256
+
+
+def _rm_train() -> TrainConfig:
+    return TrainConfig(max_steps=0, batch_size=16, lr=5e-4, log_every=10, eval_every=50, save_every=100)
+
+
+@dataclass
+class RMConfig(StageConfig):
+    train: TrainConfig = field(default_factory=_rm_train)
+    epochs: float = 1.0  # with train.max_steps=0 (default): steps = ceil(epochs * prompts / batch_size)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+
+    def validate(self) -> None:
+        max_steps = self.train.max_steps
+        self.train.max_steps = max(1, max_steps)
+        try:
+            super().validate()
+        finally:
+            self.train.max_steps = max_steps
+        if max_steps < 0:
+            raise ConfigError("train.max_steps: must be >= 0 (0: derived from epochs)")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs: must be > 0, got {self.epochs}")
+        if self.data.train is None:
+            raise ConfigError("data.train: a comparisons file (rankings, pairs, HH-RLHF or summarize-from-feedback) "
+                              "is required")
+
+
+@dataclass
+class Encoded:
+    """One prompt's K responses, tokenized as prompt + response."""
+
+    seqs: list[list[int]]
+    ranks: list[int]
+
+
+def encode_rankings(tokenizer, rankings: Sequence[Ranking], max_length: int, skip_bad: bool) -> tuple[list[Encoded], int]:
+    from instructgpt.data import DataError
+
+    out, skipped = [], 0
+    for r in rankings:
+        seqs = [encode_pair(tokenizer, r.messages, resp) for resp in r.responses]
+        longest = max(len(s) for s in seqs)
+        if longest > max_length:
+            if skip_bad:
+                skipped += 1
+                continue
+            raise DataError(r.file, r.line, "responses",
+                            f"prompt + response is {longest} tokens, longer than data.max_length={max_length}")
+        out.append(Encoded(seqs, r.ranks))
+    return out, skipped
+
+
+def forward_rankings(model, items: Sequence[Encoded], pad_token_id: int, device) -> list[torch.Tensor]:
+    """Rewards of every response of every prompt in one forward pass: each response exactly once. -> [(K_i,)]."""
+    rows = [s for it in items for s in it.seqs]
+    ids, mask = right_pad(rows, pad_token_id, device)
+    rewards = last_token_rewards(model, ids, mask)  # (sum K_i,)
+    return list(torch.split(rewards, [len(it.seqs) for it in items]))
+
+
+@torch.no_grad()
+def evaluate(model, items: Sequence[Encoded], pad_token_id: int, device, batch_size: int = 16) -> dict:
+    was = model.training
+    model.eval()
+    right = total = 0
+    loss_sum = 0.0
+    all_r: list[float] = []
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        for it, r in zip(chunk, forward_rankings(model, chunk, pad_token_id, device)):
+            a, n = ranking_accuracy(r.tolist(), it.ranks)
+            right, total = right + a, total + n
+            loss_sum += float(ranking_loss(r, it.ranks))
+            all_r += r.tolist()
+    model.train(was)
+    t = torch.tensor(all_r)
+    return {"eval/accuracy": right / max(total, 1), "eval/loss": loss_sum / max(len(items), 1),
+            "eval/reward_mean": float(t.mean()), "eval/reward_std": float(t.std()) if len(t) > 1 else 0.0}
+
+
+@torch.no_grad()
+def raw_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str], device, batch_size: int = 32) -> list[float]:
+    out: list[float] = []
+    seqs = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    for s in range(0, len(seqs), batch_size):
+        ids, mask = right_pad(seqs[s:s + batch_size], tokenizer.pad_token_id, device)
+        out += last_token_rewards(model, ids, mask).tolist()
+    return out
+
+
+def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence, device) -> RewardNorm:
+    """Bias: mean raw reward of the demonstrations (-> 0). Gain (optional): 1 / std of SFT-policy samples."""
+    norm = RewardNorm()
+    model.eval()
+    if cfg.demonstrations:
+        demos = list(load_demonstrations(cfg.demonstrations))[: cfg.max_demonstrations]
+        ps = [d.messages[:-1] for d in demos if d.messages[-1]["role"] == "assistant"]
+        rs = [d.messages[-1]["content"] for d in demos if d.messages[-1]["role"] == "assistant"]
+        norm.bias = float(torch.tensor(raw_rewards(model, tokenizer, ps, rs, device)).mean())
+    if cfg.policy:
+        from instructgpt.generation import SamplingParams, generate
+        from instructgpt.modeling import load_model
+        from instructgpt.prompting import render_prompt
+
+        policy, ptok = load_model(cfg.policy)
+        ps = list(prompts)[: cfg.policy_samples]
+        outs = generate(policy, ptok, [render_prompt(ptok, p) for p in ps], SamplingParams(temperature=1.0, seed=0))
+        r = torch.tensor(raw_rewards(model, tokenizer, ps, [o[0].text for o in outs], device)) - norm.bias
+        norm.gain = float(1.0 / max(float(r.std()), 1e-6))
+    return norm
+
+
+def train(cfg: RMConfig) -> str:
+    from instructgpt.modeling import load_model, save_model, set_seed
+    from instructgpt.progress import StageProgress
+    from instructgpt.sft import split_eval
+
+    acc = make_accelerator(cfg)
+    run = StageRun(cfg, "rm", acc)
+    if run.prepare() == "done":
+        acc.print(f"[rm] {cfg.out_dir} is already finished (DONE.json); nothing to do")
+        return cfg.out_dir
+    set_seed(cfg.seed)
+    # 1. backbone from the SFT model, a fresh scalar head
+    model, tok = load_model(cfg.model, for_training=True, model_class="sequence_classification")
+    init_reward_head(model.score)
+    # 2. rankings -> (K responses, ranks) per prompt
+    rankings = load_comparisons(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
+    items, skipped = encode_rankings(tok, rankings, cfg.data.max_length, cfg.data.skip_bad_lines)
+    skipped += rankings.skipped
+    if cfg.data.eval:
+        eval_items, _ = encode_rankings(tok, load_comparisons(cfg.data.eval, cfg.data.skip_bad_lines),
+                                        cfg.data.max_length, True)
+    else:
+        items, eval_items = split_eval(items, cfg.data.eval_size, cfg.seed)
+    t = cfg.train
+    steps = t.max_steps or math.ceil(cfg.epochs * len(items) / t.batch_size)
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
+                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr_factor(s, t.warmup_steps, steps,
+                                                                              t.min_lr_ratio))
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)
+    world, rank = acc.num_processes, acc.process_index
+    micro = max(1, t.batch_size // (world * t.grad_accum))
+    start = 0
+    state = run.load_checkpoint()
+    if state is not None:
+        start = state["step"]
+        run.truncate_metrics(start)
+    else:
+        run.truncate_metrics(0)
+    pad = tok.pad_token_id
+    last_eval: dict = {}
+    t0, comparisons = time.time(), 0
+    model.train()
+    with StageProgress("rm", total=steps, start=start, enabled=acc.is_main_process) as bar:
+        for step in range(start, steps):
+            # 3. a batch of prompts; each prompt's C(K,2) comparisons form one element
+            batch = [items[i] for i in batch_indices(len(items), t.batch_size, step, cfg.seed)]
+            mine = batch[rank::world]
+            step_loss, right, total = 0.0, 0, 0
+            for m in range(t.grad_accum):
+                mb = mine[m * micro:(m + 1) * micro]
+                if not mb:
+                    continue
+                sync = m == t.grad_accum - 1
+                with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
+                    rewards = forward_rankings(model, mb, pad, acc.device)
+                    losses = torch.stack([ranking_loss(r, it.ranks) for r, it in zip(rewards, mb)])
+                    loss = losses.sum() * world / len(batch)  # the mean over the global batch of prompts
+                    acc.backward(loss)
+                step_loss += float(losses.detach().sum()) / len(batch) * world
+                for r, it in zip(rewards, mb):
+                    a, n = ranking_accuracy(r.detach().tolist(), it.ranks)
+                    right, total = right + a, total + n
+            comparisons += total * world
+            if t.max_grad_norm:
+                acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            cps = comparisons / max(time.time() - t0, 1e-9)
+            bar.update(done, loss=step_loss, acc=right / max(total, 1), cmp_s=cps)
+            metrics = {}
+            if done % t.log_every == 0 or done == steps:
+                metrics.update({"train/loss": step_loss, "train/accuracy": right / max(total, 1),
+                                "train/lr": sched.get_last_lr()[0], "train/comparisons_per_s": cps})
+            if eval_items and (done % t.eval_every == 0 or done == steps):
+                last_eval = evaluate(model, eval_items, pad, acc.device)
+                metrics.update(last_eval)
+            if metrics:
+                run.log(done, metrics)
+            if t.save_every and done % t.save_every == 0 and done < steps:
+                run.save_checkpoint({"step": done})
+            if t.stop_after is not None and done >= t.stop_after and done < steps:
+                run.save_checkpoint({"step": done})
+                acc.print(f"[rm] stopping after step {done} (train.stop_after); rerun to resume")
+                return cfg.out_dir
+    # 4. normalise, save with the normalisation beside the model
+    bare = acc.unwrap_model(model)
+    norm = fit_normalization(bare, tok, cfg.normalize, [r.messages for r in rankings], acc.device)
+    if acc.is_main_process:
+        save_model(bare, tok, run.path("model"))
+        norm.save(run.path("model"))
+    run.finish({"steps": steps, "prompts": len(items), "skipped": skipped, "bias": norm.bias, "gain": norm.gain,
+                **{k.replace("eval/", "eval_"): v for k, v in last_eval.items()}})
+    return cfg.out_dir

@@ -1,0 +1,84 @@
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from instructgpt.config import load_config
+from instructgpt.losses import ranking_accuracy, ranking_loss, ranking_pairs
+from instructgpt.modeling import load_model
+from instructgpt.reward import RewardModel, init_reward_head
+from instructgpt.rm import Encoded, RMConfig, forward_rankings, train
+
+
+def test_loss_is_log2_when_rewards_are_equal():
+    assert float(ranking_loss(torch.zeros(5), [1, 2, 3, 4, 5])) == pytest.approx(math.log(2))
+
+
+def test_kway_loss_is_the_mean_of_its_pairwise_losses():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(6, generator=g)
+    ranks = [2, 1, 4, 2, 6, 5]  # with a tie (two rank-2 responses): that pair is dropped
+    pairs = ranking_pairs(ranks)
+    assert len(pairs) == math.comb(6, 2) - 1
+    pairwise = [float(ranking_loss(r[[w, l]], [1, 2])) for w, l in pairs]
+    assert float(ranking_loss(r, ranks)) == pytest.approx(sum(pairwise) / len(pairwise), rel=1e-6)
+    assert len(ranking_pairs([1, 2, 3, 4])) == 6 and ranking_accuracy([3.0, 2.0, 1.0, 0.0], [1, 2, 3, 4]) == (6, 6)
+
+
+def test_each_response_is_forwarded_exactly_once(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir, model_class="sequence_classification")
+    rows_seen = []
+    h = model.base_model.register_forward_hook(lambda m, args, kwargs, out: rows_seen.append(kwargs["input_ids"].shape[0]),
+                                               with_kwargs=True)
+    items = [Encoded([[5, 6, 7]] * k, list(range(1, k + 1))) for k in (4, 9, 2)]
+    rewards = forward_rankings(model, items, tok.pad_token_id, "cpu")
+    h.remove()
+    assert rows_seen == [4 + 9 + 2]  # one pass, K rows per prompt, never C(K,2) pairs
+    assert [r.shape[0] for r in rewards] == [4, 9, 2]
+
+
+def test_head_init_std():
+    head = torch.nn.Linear(256, 1, bias=True)
+    torch.manual_seed(0)
+    init_reward_head(head)
+    assert float(head.weight.detach().std()) == pytest.approx(1 / math.sqrt(257), rel=0.15) and float(head.bias.abs().sum()) == 0
+
+
+def _rankings(n, seed):
+    """Good responses mention fruit, bad ones animals: a surface feature a tiny RM can learn in seconds."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = rng.randint(3, 5)
+        good = [rng.choice(["apple", "pear", "plum"]) + " " + rng.choice(["one", "two"]) for _ in range(k // 2 + 1)]
+        bad = [rng.choice(["cat", "dog", "bird"]) + " " + rng.choice(["one", "two"]) for _ in range(k - len(good))]
+        resp = good + bad
+        ranks = [1] * len(good) + [2] * len(bad)  # ties within each group
+        order = list(range(k))
+        rng.shuffle(order)
+        rows.append({"prompt": f"what is {i}", "responses": [resp[o] for o in order], "ranks": [ranks[o] for o in order]})
+    return rows
+
+
+def test_rm_learns_heldout_order_and_demonstrations_have_mean_zero(tiny_model_dir, tmp_path):
+    tr = write_jsonl(tmp_path / "train.jsonl", _rankings(160, 0))
+    ev = write_jsonl(tmp_path / "eval.jsonl", _rankings(40, 1))
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": f"what is {i}", "response": "pear one"} for i in range(20)]
+                        + [{"prompt": f"what is {i}", "response": "dog two"} for i in range(20)])
+    cfg = load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}", f"data.eval={ev}",
+                                       f"out_dir={tmp_path / 'rm'}", "train.batch_size=8", "epochs=2", "train.lr=3e-3",
+                                       f"normalize.demonstrations={demos}"])
+    train(cfg)
+    done = json.load(open(tmp_path / "rm" / "DONE.json"))
+    assert done["steps"] == 40 and done["eval_accuracy"] > 0.9
+    rm = RewardModel.load(str(tmp_path / "rm"))
+    s = rm.score([f"what is {i}" for i in range(20)] * 2, ["pear one"] * 20 + ["dog two"] * 20)
+    assert sum(s) / len(s) == pytest.approx(0.0, abs=1e-4)
+    # loadable by other tools as a plain sequence classifier with one label
+    from transformers import AutoModelForSequenceClassification
+    m = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model")
+    assert m.config.num_labels == 1

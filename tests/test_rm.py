@@ -82,3 +82,22 @@ def test_rm_learns_heldout_order_and_demonstrations_have_mean_zero(tiny_model_di
     from transformers import AutoModelForSequenceClassification
     m = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model")
     assert m.config.num_labels == 1
+
+
+def test_best_of_n_keeps_the_highest_reward(tiny_model_dir, tmp_path):
+    from instructgpt.generate_cli import main as generate_main
+    tr = write_jsonl(tmp_path / "train.jsonl", _rankings(16, 0))
+    cfg = load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}",
+                                       f"out_dir={tmp_path / 'rm'}", "train.batch_size=8", "data.eval_size=0",
+                                       "normalize.demonstrations=null"])
+    train(cfg)
+    common = ["--model", tiny_model_dir, "--prompts", tr, "--max-new-tokens", "5", "--seed", "3"]
+    assert generate_main(common + ["-n", "4", "--out", str(tmp_path / "all.jsonl")]) == 0
+    assert generate_main(common + ["--best-of", "4", "-n", "1", "--reward-model", str(tmp_path / "rm"),
+                                   "--out", str(tmp_path / "best.jsonl")]) == 0
+    rm = RewardModel.load(str(tmp_path / "rm"))
+    alls = [json.loads(l) for l in open(tmp_path / "all.jsonl")]
+    bests = [json.loads(l) for l in open(tmp_path / "best.jsonl")]
+    for a, b in zip(alls, bests):
+        scores = rm.score([a["messages"]] * 4, [c["text"] for c in a["completions"]])
+        assert len(b["completions"]) == 1 and b["completions"][0]["reward"] == pytest.approx(max(scores), abs=1e-3)

@@ -1,0 +1,103 @@
+"""``instructgpt label-sim``: simulated labelers for the built-in task (after AlpacaFarm's simulated annotators).
+
+For each prompt, sample K responses from a policy (the SFT model), rank them with the gold labeler plus noise, and
+write a rankings file in the format ``instructgpt rm`` reads, with 1-7 ratings. The reward model and PPO never see the
+gold labeler: only these noisy rankings.
+
+Noise models:
+- ``flip`` (default): each non-tied pair's gold order is flipped with probability ``--flip-prob`` (AlpacaFarm: 0.25);
+  the ranking is then the Copeland order of the noisy pairwise wins (equal wins are ties).
+- ``bt``: Bradley-Terry: rank by gold score + Gumbel noise of scale ``--bt-scale``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+from typing import Sequence
+
+
+def noisy_ranks(gold: Sequence[float], rng: random.Random, noise: str = "flip", flip_prob: float = 0.25,
+                bt_scale: float = 0.1) -> list[int]:
+    """Dense ranks (1 = best, equal = tie) of K responses from their gold scores under the given noise model."""
+    k = len(gold)
+    if noise == "bt":
+        util = [g + bt_scale * -math.log(-math.log(max(rng.random(), 1e-12))) for g in gold]
+    elif noise == "flip":
+        util = [0.0] * k
+        for i in range(k):
+            for j in range(i + 1, k):
+                if gold[i] == gold[j]:
+                    util[i] += 0.5
+                    util[j] += 0.5
+                    continue
+                i_wins = gold[i] > gold[j]
+                if rng.random() < flip_prob:
+                    i_wins = not i_wins
+                util[i if i_wins else j] += 1.0
+    else:
+        raise ValueError(f"unknown noise model '{noise}' (flip or bt)")
+    levels = sorted(set(util), reverse=True)
+    return [levels.index(u) + 1 for u in util]
+
+
+def rating_of(gold: float, rng: random.Random, flip_prob: float) -> int:
+    """A 1-7 Likert rating: the gold score on the 7-point scale, moved one step with the labeler's noise rate."""
+    r = 1 + round(6 * gold)
+    if rng.random() < flip_prob:
+        r += rng.choice((-1, 1))
+    return min(7, max(1, r))
+
+
+def main(argv: list[str]) -> int:
+    from instructgpt import tasks
+    from instructgpt.data import DataError, load_prompts, write_jsonl
+    from instructgpt.generation import SamplingParams, generate
+    from instructgpt.modeling import load_model
+    from instructgpt.prompting import render_prompt
+
+    p = argparse.ArgumentParser(prog="instructgpt label-sim", description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", required=True, help="the model whose samples are ranked (the SFT model)")
+    p.add_argument("--prompts", default="builtin:task-prompts?split=train&n=2000&seed=1")
+    p.add_argument("--out", required=True, help="rankings JSONL to write")
+    p.add_argument("--k", type=int, default=4, help="responses per prompt (the paper: 4..9)")
+    p.add_argument("--noise", choices=("flip", "bt"), default="flip")
+    p.add_argument("--flip-prob", type=float, default=0.25)
+    p.add_argument("--bt-scale", type=float, default=0.1)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+    if not 2 <= args.k <= 9:
+        print("instructgpt label-sim: error: --k must be in 2..9", file=sys.stderr)
+        return 2
+    try:
+        prompts = load_prompts(args.prompts)
+    except DataError as e:
+        print(f"instructgpt label-sim: error: {e}", file=sys.stderr)
+        return 2
+    model, tok = load_model(args.policy)
+    outs = generate(model, tok, [render_prompt(tok, r.messages) for r in prompts],
+                    SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.k,
+                                   seed=args.seed), batch_size=args.batch_size)
+    rng = random.Random(args.seed)
+    rows, skipped = [], 0
+    for rec, comps in zip(prompts, outs):
+        responses = [c.text.strip() for c in comps]
+        if any(not r for r in responses):
+            skipped += 1  # an empty response cannot be ranked (and is an error in the rankings format)
+            continue
+        gold = [tasks.gold_score(rec.text, r) for r in responses]
+        ranks = noisy_ranks(gold, rng, args.noise, args.flip_prob, args.bt_scale)
+        if len(set(ranks)) == 1:
+            skipped += 1  # all tied: nothing for the reward model to learn
+            continue
+        rows.append({"prompt": rec.text, "responses": responses, "ranks": ranks,
+                     "ratings": [rating_of(g, rng, args.flip_prob) for g in gold], "labeler": f"sim-{args.noise}"})
+    write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} rankings (K={args.k}) to {args.out}; skipped {skipped} (all tied or empty)",
+          file=sys.stderr)
+    return 0

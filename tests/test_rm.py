@@ -45,7 +45,7 @@ def test_head_init_std():
     head = torch.nn.Linear(256, 1, bias=True)
     torch.manual_seed(0)
     init_reward_head(head)
-    assert float(head.weight.detach().std()) == pytest.approx(1 / math.sqrt(257), rel=0.15) and float(head.bias.abs().sum()) == 0
+    assert float(head.weight.detach().std()) == pytest.approx(1 / math.sqrt(257), rel=0.15) and float(head.bias.detach().abs().sum()) == 0
 
 
 def _rankings(n, seed):

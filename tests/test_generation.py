@@ -1,6 +1,4 @@
-import math
 
-import pytest
 import torch
 
 from instructgpt.generation import SamplingParams, apply_penalties, filter_logits, generate, left_pad, sample

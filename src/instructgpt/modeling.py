@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from instructgpt.config import ModelConfig
 
@@ -124,12 +122,6 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per position. (B, T, V) -> (B, T)."""
-    logits = logits.float()
-    p = F.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
-
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits with position ids that ignore left padding. (B, T) -> (B, T, V)."""
@@ -146,21 +138,6 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return logprobs_from_logits(logits, input_ids[:, 1:])
 
 
-def unwrap(model):
-    """The bare module under DDP/accelerate wrappers (and torch.compile)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
-def count_parameters(model, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def set_seed(seed: int) -> None:
     import random
 
@@ -169,7 +146,3 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def maybe_str(x: Optional[str]) -> str:
-    return "" if x is None else x

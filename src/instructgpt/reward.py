@@ -89,6 +89,16 @@ class RewardNorm:
         return cls(float(d.get("bias", 0.0)), float(d.get("gain", 1.0)))
 
 
+@torch.no_grad()
+def raw_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str], device,
+                batch_size: int = 32) -> torch.Tensor:
+    """Unnormalised head values at the last token of each prompt + response, batched. -> (N,)."""
+    seqs = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    out = [last_token_rewards(model, *right_pad(seqs[s:s + batch_size], tokenizer.pad_token_id, device))
+           for s in range(0, len(seqs), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 class RewardModel:
     """A trained reward model, normalised, for scoring (prompt, response) pairs."""
 
@@ -109,9 +119,4 @@ class RewardModel:
     def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32) -> list[float]:
         """Normalised rewards for each (prompt, response); a prompt is a string or a list of messages."""
         device = next(self.model.parameters()).device
-        out: list[float] = []
-        seqs = [encode_pair(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
-        for s in range(0, len(seqs), batch_size):
-            ids, mask = right_pad(seqs[s:s + batch_size], self.tokenizer.pad_token_id, device)
-            out += self.norm.apply(last_token_rewards(self.model, ids, mask)).tolist()
-        return out
+        return self.norm.apply(raw_rewards(self.model, self.tokenizer, prompts, responses, device, batch_size)).tolist()

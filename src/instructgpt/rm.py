@@ -20,9 +20,11 @@ import torch
 from instructgpt.config import ConfigError, StageConfig, TrainConfig
 from instructgpt.data import Ranking, load_comparisons, load_demonstrations
 from instructgpt.losses import ranking_accuracy, ranking_loss
-from instructgpt.reward import (RewardNorm, encode_pair, init_reward_head, last_token_rewards, right_pad)
+from instructgpt.reward import (RewardNorm, encode_pair, init_reward_head, last_token_rewards, raw_rewards,
+                                right_pad)
 from instructgpt.runs import StageRun
-from instructgpt.sft import batch_indices, cosine_lr_factor, make_accelerator
+from instructgpt.sft import (batch_indices, checkpoint_or_stop, make_accelerator, make_optimizer,
+                             optimizer_step, resume_step)
 
 
 @dataclass
@@ -112,16 +114,6 @@ def evaluate(model, items: Sequence[Encoded], pad_token_id: int, device, batch_s
             "eval/reward_mean": float(t.mean()), "eval/reward_std": float(t.std()) if len(t) > 1 else 0.0}
 
 
-@torch.no_grad()
-def raw_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str], device, batch_size: int = 32) -> list[float]:
-    out: list[float] = []
-    seqs = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
-    for s in range(0, len(seqs), batch_size):
-        ids, mask = right_pad(seqs[s:s + batch_size], tokenizer.pad_token_id, device)
-        out += last_token_rewards(model, ids, mask).tolist()
-    return out
-
-
 def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence, device) -> RewardNorm:
     """Bias: mean raw reward of the demonstrations (-> 0). Gain (optional): 1 / std of SFT-policy samples."""
     norm = RewardNorm()
@@ -130,7 +122,7 @@ def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence,
         demos = list(load_demonstrations(cfg.demonstrations))[: cfg.max_demonstrations]
         ps = [d.messages[:-1] for d in demos if d.messages[-1]["role"] == "assistant"]
         rs = [d.messages[-1]["content"] for d in demos if d.messages[-1]["role"] == "assistant"]
-        norm.bias = float(torch.tensor(raw_rewards(model, tokenizer, ps, rs, device)).mean())
+        norm.bias = float(raw_rewards(model, tokenizer, ps, rs, device).mean())
     if cfg.policy:
         from instructgpt.generation import SamplingParams, generate
         from instructgpt.modeling import load_model
@@ -139,7 +131,7 @@ def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence,
         policy, ptok = load_model(cfg.policy)
         ps = list(prompts)[: cfg.policy_samples]
         outs = generate(policy, ptok, [render_prompt(ptok, p) for p in ps], SamplingParams(temperature=1.0, seed=0))
-        r = torch.tensor(raw_rewards(model, tokenizer, ps, [o[0].text for o in outs], device)) - norm.bias
+        r = raw_rewards(model, tokenizer, ps, [o[0].text for o in outs], device) - norm.bias
         norm.gain = float(1.0 / max(float(r.std()), 1e-6))
     return norm
 
@@ -170,21 +162,10 @@ def train(cfg: RMConfig) -> str:
     t = cfg.train
     steps = t.max_steps or math.ceil(cfg.epochs * len(items) / t.batch_size)
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
-                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr_factor(s, t.warmup_steps, steps,
-                                                                              t.min_lr_ratio))
-    model, opt = acc.prepare(model, opt)
-    acc.register_for_checkpointing(sched)
+    model, opt, sched = make_optimizer(acc, model, t, steps)
     world, rank = acc.num_processes, acc.process_index
     micro = max(1, t.batch_size // (world * t.grad_accum))
-    start = 0
-    state = run.load_checkpoint()
-    if state is not None:
-        start = state["step"]
-        run.truncate_metrics(start)
-    else:
-        run.truncate_metrics(0)
+    start = resume_step(run, acc, "rm")
     pad = tok.pad_token_id
     last_eval: dict = {}
     t0, comparisons = time.time(), 0
@@ -210,11 +191,7 @@ def train(cfg: RMConfig) -> str:
                     a, n = ranking_accuracy(r.detach().tolist(), it.ranks)
                     right, total = right + a, total + n
             comparisons += total * world
-            if t.max_grad_norm:
-                acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(acc, model, opt, sched, t.max_grad_norm)
             done = step + 1
             cps = comparisons / max(time.time() - t0, 1e-9)
             bar.update(done, loss=step_loss, acc=right / max(total, 1), cmp_s=cps)
@@ -227,11 +204,7 @@ def train(cfg: RMConfig) -> str:
                 metrics.update(last_eval)
             if metrics:
                 run.log(done, metrics)
-            if t.save_every and done % t.save_every == 0 and done < steps:
-                run.save_checkpoint({"step": done})
-            if t.stop_after is not None and done >= t.stop_after and done < steps:
-                run.save_checkpoint({"step": done})
-                acc.print(f"[rm] stopping after step {done} (train.stop_after); rerun to resume")
+            if checkpoint_or_stop(run, acc, t, done, steps, "rm"):
                 return cfg.out_dir
     # 4. normalise, save with the normalisation beside the model
     bare = acc.unwrap_model(model)

@@ -181,20 +181,58 @@ def eval_loss(model, examples: Sequence[Example], pad_token_id: int, batch_size:
     return total / max(count, 1)
 
 
+def make_optimizer(acc, model, t, total_steps: int):
+    """AdamW + warmup/cosine schedule, model and optimizer prepared by `accelerate`; returns (model, opt, sched).
+
+    The scheduler stays ours: accelerate's wrapper would step it once per process (it assumes a sharded
+    dataloader), while our global batch already spans all processes. It is registered so checkpoints hold it.
+    """
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
+                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_lr_factor(s, t.warmup_steps, total_steps, t.min_lr_ratio))
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)
+    return model, opt, sched
+
+
+def resume_step(run: StageRun, acc, desc: str) -> int:
+    """Load the last checkpoint if any (every registered state); metrics logged after it are dropped."""
+    state = run.load_checkpoint()
+    start = state["step"] if state is not None else 0
+    run.truncate_metrics(start)
+    if start:
+        acc.print(f"[{desc}] resuming from step {start}")
+    return start
+
+
+def optimizer_step(acc, model, opt, sched, max_grad_norm: float) -> None:
+    if max_grad_norm:
+        acc.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def checkpoint_or_stop(run: StageRun, acc, t, done: int, total_steps: int, desc: str) -> bool:
+    """Save every `train.save_every` steps; True when `train.stop_after` says to stop here (after saving)."""
+    if done >= total_steps:
+        return False
+    stop = t.stop_after is not None and done >= t.stop_after
+    if stop or (t.save_every and done % t.save_every == 0):
+        run.save_checkpoint({"step": done})
+    if stop:
+        acc.print(f"[{desc}] stopping after step {done} (train.stop_after); rerun to resume")
+    return stop
+
+
 def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[Example], eval_ex: list[Example],
         ptx_ex: Optional[list[Example]] = None, desc: str = "sft") -> FitResult:
     """Train `model` on `train_ex` for cfg.train.max_steps optimizer steps, resuming from `run`'s checkpoint."""
     from instructgpt.progress import StageProgress
 
     t = cfg.train
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
-                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
-    # the scheduler stays ours: accelerate's wrapper would step it once per process (it assumes a sharded
-    # dataloader), while our global batch already spans all processes
-    model, opt = acc.prepare(model, opt)
-    acc.register_for_checkpointing(sched)
+    model, opt, sched = make_optimizer(acc, model, t, t.max_steps)
     pad = tokenizer.pad_token_id
     world, rank = acc.num_processes, acc.process_index
     if t.batch_size % (world * t.grad_accum):
@@ -202,14 +240,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
                          f"({world} x {t.grad_accum})")
     micro = t.batch_size // (world * t.grad_accum)
 
-    start = 0
-    state = run.load_checkpoint()
-    if state is not None:
-        start = state["step"]
-        run.truncate_metrics(start)
-        acc.print(f"[{desc}] resuming from step {start}")
-    else:
-        run.truncate_metrics(0)
+    start = resume_step(run, acc, desc)
 
     model.train()
     result = FitResult(step=start)
@@ -247,11 +278,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
                 step_loss += float(loss_sum.detach()) / max(n_loss_tokens, 1) * world
                 tokens_seen += int(b["attention_mask"].sum()) * world
             # 4. clip, step, schedule
-            if t.max_grad_norm:
-                acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(acc, model, opt, sched, t.max_grad_norm)
             done = step + 1
             tps = tokens_seen / max(time.time() - t0, 1e-9)
             bar.update(done, loss=step_loss, tok_s=tps)
@@ -265,11 +292,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
                 run.log(done, metrics)
                 result.history.append({"step": done, **metrics})
             result.step, result.tokens_per_s = done, tps
-            if t.save_every and done % t.save_every == 0 and done < t.max_steps:
-                run.save_checkpoint({"step": done})
-            if t.stop_after is not None and done >= t.stop_after and done < t.max_steps:
-                run.save_checkpoint({"step": done})
-                acc.print(f"[{desc}] stopping after step {done} (train.stop_after); rerun to resume")
+            if checkpoint_or_stop(run, acc, t, done, t.max_steps, desc):
                 return result
     return result
 

@@ -36,7 +36,9 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = BASE_MODEL  # a Hugging Face model id, a local directory, a .gguf file, or builtin:base
+    # a Hugging Face model id, a local directory, a .gguf file (de-quantised once into a cached checkpoint, see
+    # gguf_checkpoint.py), or builtin:base
+    name_or_path: str = BASE_MODEL
     gguf_file: Optional[str] = None  # with a directory (or hub id) in name_or_path: the GGUF file inside it
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     dropout: Optional[float] = None  # None keeps the model's own; the paper's SFT used residual dropout 0.2
@@ -104,6 +106,9 @@ class StageConfig:
             raise ConfigError(f"data.max_length: must be >= 8, got {self.data.max_length}")
         if self.model.dropout is not None and not 0 <= self.model.dropout < 1:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.model.dropout}")
+        if self.model.gguf_file and self.model.name_or_path.lower().endswith(".gguf"):
+            raise ConfigError(f"model.gguf_file: model.name_or_path is already a GGUF file "
+                              f"({self.model.name_or_path}); give the file in one of the two")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -19,12 +19,18 @@ _DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "a
                  "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout")
 
 
-def resolve_path(name_or_path: str) -> str:
-    """``builtin:base`` -> the package's base model directory; anything else unchanged."""
+def resolve_path(name_or_path: str, gguf_file: str | None = None) -> str:
+    """``builtin:base`` -> the package's base model directory; a GGUF file (``x.gguf``, or a directory or hub id with
+    `gguf_file`) -> its de-quantised Hugging Face checkpoint (converted on first use, see gguf_checkpoint); anything
+    else unchanged."""
     if name_or_path.startswith("builtin:"):
         from instructgpt import builtin
 
         return builtin.model_path(name_or_path)
+    from instructgpt.gguf_checkpoint import dequantize_gguf, is_gguf_source
+
+    if is_gguf_source(name_or_path, gguf_file):
+        return dequantize_gguf(name_or_path, gguf_file)
     return name_or_path
 
 
@@ -54,10 +60,8 @@ def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, w
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     mcfg = name_or_path if isinstance(name_or_path, ModelConfig) else ModelConfig(name_or_path=name_or_path)
-    path = resolve_path(mcfg.name_or_path)
+    path = resolve_path(mcfg.name_or_path, mcfg.gguf_file)  # a GGUF file: its de-quantised copy, a plain checkpoint
     kwargs = {"trust_remote_code": mcfg.trust_remote_code}
-    if mcfg.gguf_file:
-        kwargs["gguf_file"] = mcfg.gguf_file
     config = AutoConfig.from_pretrained(path, **kwargs)
     if mcfg.dropout is not None:
         for k in _DROPOUT_KEYS:
@@ -87,8 +91,11 @@ def apply_lora(model, lora_cfg):
 
 def save_model(model, tokenizer, out: str) -> None:
     """Save a plain Hugging Face checkpoint (safetensors + tokenizer) atomically; LoRA adapters are merged first."""
+    from instructgpt.gguf_checkpoint import drop_gguf_quantizer
+
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    model = drop_gguf_quantizer(model)  # loaded by transformers straight from a GGUF: save_pretrained would refuse
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

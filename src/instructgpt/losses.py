@@ -29,3 +29,59 @@ def ranking_accuracy(rewards: list[float], ranks: list[int]) -> tuple[int, int]:
     """(pairs ordered as the ranks say, non-tied pairs); a reward tie counts as wrong."""
     pairs = ranking_pairs(ranks)
     return sum(rewards[w] > rewards[l] for w, l in pairs), len(pairs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# PPO (Schulman et al. 2017) as used for RLHF (Ziegler et al. 2019; Ouyang et al. 2022, Eq. 2)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over the positions where `mask` is true (response tokens)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, per response token (Schulman et al. 2017, Eq. 7), as a loss to minimise:
+
+        ratio = exp(log pi - log pi_old);  loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1-eps, 1+eps))
+
+    Also returns clipfrac (share of tokens where the clipped term is the larger) and approxkl = mean 0.5 (log ratio)^2.
+    All (B, R); mask marks response tokens.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg1, pg2), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((pg2 > pg1).float(), mask),
+                 "approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
+                 "ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss (baselines PPO2; the implementation-details checklist, policy item 10):
+
+        v_clip = v_old + clip(v - v_old, -eps_v, eps_v);  loss = 0.5 * mean_t max((v - R)^2, (v_clip - R)^2)
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    l1 = (values - returns) ** 2
+    l2 = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(l1, l2), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((l2 > l1).float(), mask)}
+    return loss, stats
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood over real tokens: -E_pretrain[log pi(x)] per token, the ptx term.
+
+    logits (B, T, V) at positions 0..T-1 predict tokens 1..T.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    return masked_mean(nll, attention_mask[:, 1:].bool())

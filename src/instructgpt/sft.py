@@ -135,13 +135,18 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 
     A pure function of the step, so resuming at step k reads exactly what an uninterrupted run would.
     """
+    return stream_indices(n, step * batch_size, batch_size, seed)
+
+
+def stream_indices(n: int, start: int, count: int, seed: int) -> list[int]:
+    """`count` indices from position `start` of an endless stream of seeded per-epoch permutations of range(n)."""
     out = []
-    pos = step * batch_size
-    while len(out) < batch_size:
+    pos = start
+    while len(out) < count:
         epoch, offset = divmod(pos, n)
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=g).tolist()
-        take = perm[offset: offset + batch_size - len(out)]
+        take = perm[offset: offset + count - len(out)]
         out += take
         pos += len(take)
     return out

@@ -1,0 +1,93 @@
+"""Per-token rewards, GAE and whitening for PPO on language models; small pure functions over (B, R) tensors.
+
+Shapes: B episodes, R response positions; `mask` (B, R) is true on the tokens each response actually has
+(its EOS included), false on the padding after it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from instructgpt.losses import masked_mean
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) on tokens sampled from pi (Schulman, "Approximating KL", 2020).
+
+    k1 = log pi - log pi_ref (unbiased, can be negative: the paper's penalty);
+    k3 = (r - 1) - log r with r = pi_ref / pi (unbiased, never negative, lower variance).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator '{estimator}' (k1 or k3)")
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float,
+                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's reward (Eq. 2) spread over tokens: -beta * KL_t at every response token, plus the reward model's
+    score at the last one. scores (B,), kl (B, R) -> (rewards (B, R), non_score_rewards (B, R))."""
+    non_score = -kl_coef * kl * mask
+    rewards = non_score.clone()
+    last = (mask.long().sum(-1) - 1).clamp(min=0)  # (B,) index of each response's last token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, non_score
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), vectorised over time:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t   (V after the last token = 0: the episode ends there)
+        A_t = sum_{l >= 0} (gamma * lam)^l * delta_{t+l};   returns R_t = A_t + V_t
+
+    One (R, R) matrix of discounts replaces the backward loop (`gae_loop` is the plain loop, for the tests).
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+    deltas = (rewards + gamma * next_values - values) * mask  # (B, R)
+    R = rewards.shape[1]
+    t = torch.arange(R, device=rewards.device)
+    power = (t[:, None] - t[None, :]).to(values.dtype)  # (R, R): j - t for row j, column t
+    discount = torch.where(power >= 0, (gamma * lam) ** power.clamp(min=0), torch.zeros_like(power))
+    advantages = deltas @ discount  # A[b, t] = sum_j delta[b, j] * (gamma lam)^(j - t), j >= t
+    return advantages * mask, (advantages + values) * mask
+
+
+def gae_loop(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+             lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as `gae`, as the usual backward loop (cleanrl / lm-human-preferences)."""
+    mask = mask.to(values.dtype)
+    values = values * mask
+    B, R = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(R)):
+        next_v = values[:, t + 1] if t + 1 < R else torch.zeros_like(last)
+        delta = (rewards[:, t] + gamma * next_v - values[:, t]) * mask[:, t]
+        last = delta + gamma * lam * last * mask[:, t]
+        adv[:, t] = last
+    return adv * mask, (adv + values) * mask
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked positions (biased variance, as lm-human-preferences); shift_mean=False keeps
+    the mean (its reward whitening)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[R - V] / Var[R] over response tokens (1: perfect value function, 0: no better than a constant)."""
+    r_mean = masked_mean(returns, mask)
+    var_r = masked_mean((returns - r_mean) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return float(1.0 - var_d / var_r.clamp(min=1e-8))

@@ -1,0 +1,259 @@
+"""PPO-ptx: the math against hand-computed values and loops, then the stage end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from instructgpt.advantages import gae, gae_loop, kl_per_token, token_rewards, whiten
+from instructgpt.config import ConfigError, load_config
+from instructgpt.kl_control import AdaptiveKLController
+from instructgpt.losses import lm_loss, policy_loss, value_loss
+from instructgpt.ppo import PPOConfig, gather_logprobs, load_models, policy_forward, response_logits, rollout, train
+from instructgpt.runs import read_metrics
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Math
+
+
+def test_gae_with_gamma_lambda_one_is_reward_to_go_minus_value():
+    torch.manual_seed(0)
+    r, v = torch.randn(4, 6), torch.randn(4, 6)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5, [1] * 5 + [0]], dtype=torch.bool)
+    adv, ret = gae(r, v, mask, gamma=1.0, lam=1.0)
+    rtg = torch.flip(torch.cumsum(torch.flip(r * mask, [1]), 1), [1])  # sum_{j >= t} r_j
+    torch.testing.assert_close(adv, (rtg - v) * mask)
+    torch.testing.assert_close(ret, rtg * mask)
+
+
+def test_vectorised_gae_equals_the_loop():
+    torch.manual_seed(1)
+    r, v = torch.randn(5, 9), torch.randn(5, 9)
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 4, 1, 7, 2])[:, None]
+    for gamma, lam in ((1.0, 0.95), (0.9, 0.8), (0.99, 0.0)):
+        a1, r1 = gae(r, v, mask, gamma, lam)
+        a2, r2 = gae_loop(r, v, mask, gamma, lam)
+        torch.testing.assert_close(a1, a2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r1, r2, atol=1e-5, rtol=1e-5)
+
+
+def test_same_policy_and_reference_give_zero_penalty_and_reward_equal_to_the_score():
+    lp = torch.randn(3, 5)
+    mask = torch.arange(5)[None, :] < torch.tensor([5, 2, 3])[:, None]
+    scores = torch.tensor([0.5, -1.0, 2.0])
+    for est in ("k1", "k3"):
+        kl = kl_per_token(lp, lp, est) * mask
+        assert float(kl.abs().max()) == 0.0
+        rewards, non_score = token_rewards(scores, kl, 0.02, mask)
+        assert float(non_score.abs().max()) == 0.0
+        torch.testing.assert_close(rewards.sum(-1), scores)
+        assert rewards[1, 1] == -1.0 and rewards[0, 4] == 0.5 and rewards[2, 2] == 2.0  # at the last token
+
+
+def test_kl_estimators_and_token_rewards_by_hand():
+    lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    torch.testing.assert_close(kl_per_token(lp, ref, "k1"), torch.tensor([[0.5, -1.0]]))
+    # k3 = (r - 1) - log r, r = pi_ref / pi
+    k3 = [(math.exp(-0.5) - 1) + 0.5, (math.exp(1.0) - 1) - 1.0]
+    torch.testing.assert_close(kl_per_token(lp, ref, "k3"), torch.tensor([k3]))
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    rewards, _ = token_rewards(torch.tensor([3.0]), torch.tensor([[0.5, -1.0]]), 0.1, mask)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1 + 3.0]]))
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, 1.0, -2.0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, st = policy_loss(new, old, adv, mask, cliprange=0.2)
+    # per token max(-A r, -A clip(r)): max(-1.5, -1.2) = -1.2 ; max(-0.5, -0.8) = -0.5 ; max(2.2, 2.2) = 2.2
+    assert float(loss) == pytest.approx((-1.2 - 0.5 + 2.2) / 3, abs=1e-6)
+    assert float(st["clipfrac"]) == pytest.approx(1 / 3)  # only the first token is clipped
+    lr = torch.log(torch.tensor([1.5, 0.5, 1.1]))
+    assert float(st["approxkl"]) == pytest.approx(float((0.5 * lr ** 2).mean()), abs=1e-6)
+    # masked tokens do not count
+    loss2, _ = policy_loss(new, old, adv, torch.tensor([[True, True, False]]), 0.2)
+    assert float(loss2) == pytest.approx((-1.2 - 0.5) / 2, abs=1e-6)
+
+
+def test_clipped_value_loss_by_hand():
+    old = torch.tensor([[0.0, 0.0]])
+    new = torch.tensor([[0.5, -0.1]])
+    ret = torch.tensor([[1.0, 1.0]])
+    loss, st = value_loss(new, old, ret, torch.ones(1, 2, dtype=torch.bool), cliprange_value=0.2)
+    # token 1: max((0.5-1)^2, (0.2-1)^2) = 0.64 ; token 2: max((-0.1-1)^2, (-0.1-1)^2) = 1.21
+    assert float(loss) == pytest.approx(0.5 * (0.64 + 1.21) / 2, abs=1e-6)
+    assert float(st["clipfrac"]) == pytest.approx(0.5)
+
+
+def test_whitening():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    m = torch.tensor([[True, True, True, False]])
+    w = whiten(x, m)
+    assert float(w[0, :3].mean()) == pytest.approx(0.0, abs=1e-6) and float(w[0, 3]) == 0.0
+    assert float(w[0, :3].pow(2).mean()) == pytest.approx(1.0, abs=1e-4)  # biased variance
+    w2 = whiten(x, m, shift_mean=False)
+    assert float(w2[0, :3].mean()) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_adaptive_kl_controller_follows_its_formula():
+    c = AdaptiveKLController(0.15, target=6.0, horizon=10000)
+    c.update(current_kl=9.0, n_steps=64)  # error = clip(9/6 - 1, -.2, .2) = 0.2
+    assert c.value == pytest.approx(0.15 * (1 + 0.2 * 64 / 10000))
+    c.update(current_kl=5.4, n_steps=64)  # error = -0.1
+    assert c.value == pytest.approx(0.15 * (1 + 0.2 * 64 / 10000) * (1 - 0.1 * 64 / 10000))
+
+
+def test_ptx_term_is_the_lm_loss_of_the_pretraining_batch(tiny):
+    model, tok = tiny
+    ids = torch.tensor([tok("the word apple is red and the cat is blue")["input_ids"]] * 2)
+    att = torch.ones_like(ids)
+    ours = lm_loss(policy_forward(model, ids, att)[0], ids, att)
+    theirs = model(input_ids=ids, attention_mask=att, labels=ids).loss  # Hugging Face's causal LM loss
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The stage on a tiny model
+
+
+def _rankings(n, seed):
+    """Responses with fruit words rank above animal words: a reward a tiny RM learns and a tiny policy can chase."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        good = [" ".join(rng.choice(["apple", "pear", "plum"]) for _ in range(2)) for _ in range(2)]
+        bad = [" ".join(rng.choice(["cat", "dog", "bird", "red", "two"]) for _ in range(2)) for _ in range(2)]
+        rows.append({"prompt": f"what is {i}", "responses": good + bad, "ranks": [1, 1, 2, 2]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def ppo_inputs(tiny_model_dir, tmp_path_factory):
+    from instructgpt.rm import RMConfig, train as rm_train
+    d = tmp_path_factory.mktemp("ppo")
+    tr = write_jsonl(d / "rank.jsonl", _rankings(200, 0))
+    rm_train(load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}",
+                                          f"out_dir={d / 'rm'}", "train.batch_size=8", "train.lr=3e-3",
+                                          "data.eval_size=0", "normalize.demonstrations=null"]))
+    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": f"what is {i}"} for i in range(64)])
+    ptx = d / "ptx.txt"
+    ptx.write_text("\n".join(f"the {w} is {c} and the cat is one." for w in ("apple", "pear", "plum", "dog")
+                             for c in ("red", "blue", "green")) * 20)
+    return {"policy": tiny_model_dir, "rm": str(d / "rm"), "prompts": prompts, "ptx": str(ptx)}
+
+
+def _args(inp, out, *extra):
+    return [f"model.name_or_path={inp['policy']}", f"reward_model.name_or_path={inp['rm']}",
+            f"data.train={inp['prompts']}", f"data.pretrain={inp['ptx']}", "data.max_length=32", "ppo.eval_prompts=0",
+            "ppo.response_length=8", "train.batch_size=16", "ppo.num_minibatches=2", "ppo.ppo_epochs=2",
+            "train.lr=1e-3", "train.warmup_steps=0", "ppo.ptx_coef=0.5", "ppo.ptx_token_ratio=1",
+            f"out_dir={out}", *extra]
+
+
+def test_policy_equal_to_reference_gives_zero_kl_and_first_ratio_one(ppo_inputs, tmp_path):
+    cfg = load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "x"))
+    models = load_models(cfg)
+    tok = models.tokenizer
+    from instructgpt.generation import eos_ids
+    from instructgpt.prompting import encode_prompt
+    prompts = [[{"role": "user", "content": f"what is {i}"}] for i in range(8)]
+    b = rollout(models, models.policy, models.value, None, [encode_prompt(tok, m) for m in prompts], prompts,
+                cfg.ppo, eos_ids(models.policy, tok), tok.pad_token_id, torch.Generator().manual_seed(0), "cpu")
+    assert float(kl_per_token(b.logprobs, b.ref_logprobs).abs().max()) == 0.0  # same weights: no penalty
+    # the first minibatch of the first epoch sees exactly the rollout's policy: ratio 1, nothing clipped
+    logits, _ = policy_forward(models.policy, b.input_ids, b.attention_mask)
+    new = gather_logprobs(response_logits(logits, b.query.shape[1], cfg.ppo.temperature), b.response)
+    adv = whiten(torch.randn_like(new), b.response_mask)
+    _, st = policy_loss(new, b.logprobs, adv, b.response_mask, 0.2)
+    assert float(st["ratio"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(st["clipfrac"]) == 0.0 and float(st["approxkl"]) == pytest.approx(0.0, abs=1e-10)
+    # responses stop at EOS and pad (distinct from EOS) after it
+    assert tok.pad_token_id not in tok.all_special_ids or tok.pad_token_id != tok.eos_token_id
+    for row, n in zip(b.response, b.response_mask.sum(-1)):
+        assert (row[int(n):] == tok.pad_token_id).all()
+
+
+def test_config_requires_reward_model_and_ptx_text():
+    with pytest.raises(ConfigError, match="reward_model.name_or_path"):
+        load_config(PPOConfig, None, [])
+    with pytest.raises(ConfigError, match="data.pretrain"):
+        load_config(PPOConfig, None, ["reward_model.name_or_path=x", "data.pretrain=null"])
+
+
+def test_short_run_raises_the_reward_and_logs_the_field_keys(ppo_inputs, tmp_path):
+    out = tmp_path / "ppo"
+    train(load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=24", "ppo.kl_coef=0.01",
+                                             "train.lr=3e-3", "ppo.missing_eos_penalty=null",
+                                             f"data.eval={ppo_inputs['prompts']}", "ppo.eval_prompts=16",
+                                             "train.eval_every=12")))
+    rows = [r for r in read_metrics(str(out)) if "objective/scores" in r]
+    assert len(rows) == 24
+    for k in ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy",
+              "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/var_explained", "ppo/val/clipfrac",
+              "ppo/loss/ptx", "ppo/mean_response_length", "ppo/eos_rate"):
+        assert k in rows[0], k
+    first = sum(r["objective/scores"] for r in rows[:4]) / 4
+    last = sum(r["objective/scores"] for r in rows[-4:]) / 4
+    assert last > first + 0.5, (first, last)
+    assert (out / "model" / "config.json").exists() and (out / "DONE.json").exists()
+    assert (out / "samples.jsonl").exists()
+    evals = [r for r in read_metrics(str(out)) if "eval/rm_score" in r]
+    assert [r["step"] for r in evals] == [0, 12, 24] and evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert evals[-1]["eval/rm_score"] > evals[0]["eval/rm_score"]
+
+
+def _weights(d):
+    from safetensors.torch import load_file
+    return load_file(str(d / "model" / "model.safetensors"))
+
+
+def test_resume_equals_uninterrupted(ppo_inputs, tmp_path):
+    train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "a", "train.max_steps=4")))
+    train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "b", "train.max_steps=4", "train.stop_after=2")))
+    assert not (tmp_path / "b" / "DONE.json").exists()
+    train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "b", "train.max_steps=4")))
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    ma = [r for r in read_metrics(str(tmp_path / "a")) if "objective/scores" in r]
+    mb = [r for r in read_metrics(str(tmp_path / "b")) if "objective/scores" in r]
+    assert [r["objective/scores"] for r in ma] == pytest.approx([r["objective/scores"] for r in mb], abs=1e-5)
+
+
+def test_sigkill_mid_update_then_rerun_matches_uninterrupted(ppo_inputs, tmp_path):
+    args = _args(ppo_inputs, "X", "train.max_steps=8", "train.save_every=2")
+    cli = [sys.executable, "-m", "instructgpt.cli", "ppo"]
+    ref = tmp_path / "ref"
+    subprocess.run(cli + [a if a != "out_dir=X" else f"out_dir={ref}" for a in args], check=True, capture_output=True)
+    out = tmp_path / "killed"
+    killed_args = [a if a != "out_dir=X" else f"out_dir={out}" for a in args]
+    proc = subprocess.Popen(cli + killed_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.load(open(state))["step"] >= 4:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    time.sleep(0.3)  # into the next update
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "DONE.json").exists()
+    subprocess.run(cli + killed_args, check=True, capture_output=True)
+    wa, wb = _weights(ref), _weights(out)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)

@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = None  # a file, a Hugging Face dataset name[:split], or builtin:NAME
+    train: Optional[str] = None  # a file, a Hugging Face dataset name[@config][:split], or builtin:NAME
     eval: Optional[str] = None
     pretrain: Optional[str] = None  # pretraining text ({"text"} rows or .txt files), for the ptx mix
     max_length: int = 256  # tokens per example; longer examples are an error (or skipped), never cut

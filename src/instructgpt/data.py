@@ -1,6 +1,6 @@
 """One data layer for every stage: demonstrations, prompts, pretraining text and comparisons.
 
-Sources are a file (``.jsonl``, ``.json``, ``.parquet``, ``.txt``), a Hugging Face dataset ``name[:split]``, or a
+Sources are a file (``.jsonl``, ``.json``, ``.parquet``, ``.txt``), a Hugging Face dataset ``name[@config][:split]``, or a
 built-in source ``builtin:NAME[?key=value&...]`` (the embedded default's data, see :mod:`instructgpt.builtin`).
 Every schema the field uses is parsed into one internal record per kind, so the stages never see the file format.
 Bad input raises :class:`DataError` naming the file, the line and the field; with ``skip_bad=True`` bad lines are
@@ -141,11 +141,12 @@ def iter_rows(source: str) -> Iterator[tuple[str, int, Any]]:
         raise DataError(source, None, None, f"unsupported file type '{ext}' (use .jsonl, .json, .parquet or .txt)")
     if os.path.sep in source or source.endswith((".jsonl", ".json", ".parquet", ".txt")):
         raise DataError(source, None, None, "no such file")
-    # A Hugging Face dataset: name[:split]
+    # A Hugging Face dataset: name[@config][:split], e.g. openai/summarize_from_feedback@comparisons:validation
     from datasets import load_dataset
 
     name, _, split = source.partition(":")
-    ds = load_dataset(name, split=split or "train")
+    name, _, subset = name.partition("@")
+    ds = load_dataset(name, subset or None, split=split or "train")
     for i, row in enumerate(ds, start=1):
         yield source, i, row
 
@@ -247,11 +248,19 @@ def parse_demonstration(file: str, line: int, row: dict) -> Demonstration:
         return Demonstration(_user(alpaca_prompt(instruction, inp)) + [{"role": "assistant", "content": output}],
                              file, line)
     if "prompt" in row or "response" in row:
+        # {"prompt", "response"}; TRL's prompt-completion rows and the TL;DR SFT data's "label" name it differently
+        key = next((k for k in ("response", "completion", "label") if k in row), "response")
         prompt = _str(file, line, row, "prompt")
-        response = _str(file, line, row, "response")
+        response = _str(file, line, row, key)
         return Demonstration(_user(prompt) + [{"role": "assistant", "content": response}], file, line)
-    raise DataError(file, line, None, "not a demonstration: expected 'prompt'+'response', 'messages', or "
-                                      "'instruction'+'output'")
+    if isinstance(row.get("chosen"), str) and "Assistant:" in row["chosen"]:
+        # an Anthropic HH-RLHF row: its chosen conversation is the demonstration (as in the usual HH SFT recipes)
+        msgs = hh_messages(row["chosen"])
+        if not msgs or msgs[-1]["role"] != "assistant" or not msgs[-1]["content"]:
+            raise DataError(file, line, "chosen", "transcript does not end with a non-empty Assistant turn")
+        return Demonstration(msgs, file, line)
+    raise DataError(file, line, None, "not a demonstration: expected 'prompt'+'response' (or 'completion'/'label'), "
+                                      "'messages', 'instruction'+'output', or an HH-RLHF 'chosen' transcript")
 
 
 def load_demonstrations(source: str, skip_bad: bool = False) -> Loaded:
@@ -266,6 +275,14 @@ def parse_prompt(file: str, line: int, row: dict) -> PromptRecord:
     if "instruction" in row and "prompt" not in row and "messages" not in row:
         instruction = _str(file, line, row, "instruction")
         return PromptRecord(_user(alpaca_prompt(instruction, row.get("input"))), file, line)
+    if "prompt" not in row and "messages" not in row and isinstance(row.get("chosen"), str):
+        # an Anthropic HH-RLHF row: the conversation up to its last Assistant turn is the prompt
+        msgs = hh_messages(row["chosen"])
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            raise DataError(file, line, "chosen", "not an HH-RLHF transcript ending with an Assistant turn")
+        return PromptRecord(msgs[:-1], file, line)
+    if "info" in row and "prompt" not in row and "messages" not in row:
+        return PromptRecord(_user(tldr_prompt(row["info"])), file, line)  # summarize-from-feedback rows
     return PromptRecord(_prompt_messages(file, line, row), file, line)
 
 

@@ -1,0 +1,85 @@
+"""The whole loop through its real entry point on a tiny model, and the shipped recipes validated with stand-ins."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import write_jsonl
+from instructgpt.cli import main as cli_main
+from instructgpt.config import ConfigError
+from instructgpt.pipeline import load_recipe, stage_configs
+
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "configs", "recipes")
+
+
+def _tiny_overrides(model_dir):
+    return [f"sft.model.name_or_path={model_dir}", "sft.train.max_steps=4", "sft.train.batch_size=8",
+            "sft.data.train=builtin:task-demos?n=64&seed=0", "sft.data.eval_size=0",
+            "label_sim.prompts=builtin:task-prompts?split=train&n=24&seed=1", "label_sim.k=3",
+            "label_sim.max_new_tokens=8", "rm.train.batch_size=8", "rm.data.eval_size=0",
+            "rm.normalize.max_demonstrations=16",
+            "ppo.train.max_steps=2", "ppo.train.batch_size=8", "ppo.ppo.num_minibatches=2", "ppo.ppo.ppo_epochs=1",
+            "ppo.ppo.response_length=8", "ppo.ppo.eval_prompts=8", "ppo.train.eval_every=2",
+            "ppo.data.pretrain=builtin:shakespeare?split=train", "ppo.data.skip_bad_lines=true", "eval.heldout=26", "eval.best_of=2",
+            "eval.max_new_tokens=8"]
+
+
+def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(["pipeline", "--out", str(out), *_tiny_overrides(tiny_model_dir)]) == 0
+    for stage in ("sft", "rm", "ppo", "ppo_noptx"):
+        assert (out / stage / "DONE.json").exists() and (out / stage / "model" / "config.json").exists(), stage
+    assert sum(1 for _ in open(out / "rankings.jsonl")) > 0
+    report = json.load(open(out / "report.json"))
+    for key in ("gold_score.base", "gold_score.sft", "gold_score.ppo", "win_rate.ppo_vs_sft",
+                "win_rate_ci95.ppo_vs_sft", "win_rate_no_ties.ppo_vs_sft", "rm_accuracy_gold", "kl.ppo",
+                "ptx_perplexity.sft", "ptx_perplexity.ppo", "seconds.total", "seconds.sft", "seconds.rm",
+                "seconds.ppo", "seconds.eval"):
+        assert key in report, key
+    lo, hi = report["win_rate_ci95.ppo_vs_sft"]
+    assert 0.0 <= lo <= report["win_rate.ppo_vs_sft"] <= hi <= 1.0
+    assert report["kl.sft"] == 0.0 and report["heldout_prompts"] == 26
+    assert (out / "report.md").exists() and any(p.suffix == ".png" for p in out.iterdir())
+    # rerun on the same directory: every stage is finished, only the evaluation runs again
+    before = {s: os.path.getmtime(out / s / "DONE.json") for s in ("sft", "rm", "ppo")}
+    assert cli_main(["pipeline", "--out", str(out), *_tiny_overrides(tiny_model_dir)]) == 0
+    assert before == {s: os.path.getmtime(out / s / "DONE.json") for s in ("sft", "rm", "ppo")}
+
+
+def test_unknown_recipe_section_and_key_are_errors(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("sft: {}\nppo_ptx: {}\n")
+    with pytest.raises(ConfigError, match="unknown section 'ppo_ptx'"):
+        load_recipe(str(bad), [])
+    with pytest.raises(ConfigError, match="label_sim.kk"):
+        load_recipe(None, ["label_sim.kk=3"])
+
+
+@pytest.mark.parametrize("name", ["gpt2-hh.yaml", "pythia-tldr.yaml"])
+def test_real_model_recipes_are_valid_with_tiny_stand_ins(name, tiny_model_dir, tmp_path):
+    """The hub is out of reach here: the recipe's stage configs are checked as written, then with the model and
+    data replaced by tiny local stand-ins of the same formats, which every stage's loader must read."""
+    from instructgpt.data import load_comparisons, load_demonstrations, load_prompts
+    path = os.path.join(RECIPES, name)
+    cfgs = stage_configs(load_recipe(path, []), str(tmp_path / "run"))
+    assert set(cfgs) == {"sft", "rm", "ppo", "ppo_noptx"} and cfgs["ppo_noptx"].ppo.ptx_coef == 0.0
+    assert cfgs["ppo"].model.name_or_path.endswith(os.path.join("sft", "model"))
+    if "hh" in name:
+        rows = [{"chosen": f"\n\nHuman: say {i}\n\nAssistant: {i} it is",
+                 "rejected": f"\n\nHuman: say {i}\n\nAssistant: no"} for i in range(8)]
+        sft_rows = rows
+    else:
+        rows = [{"info": {"post": f"post number {i}", "title": "t"}, "summaries": [{"text": "a"}, {"text": "b"}],
+                 "choice": i % 2} for i in range(8)]
+        sft_rows = [{"prompt": f"POST: post {i}\nTL;DR:", "label": f"summary {i}"} for i in range(8)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    assert len(load_demonstrations(sft_data)) == 8 and len(load_comparisons(data)) == 8 and len(load_prompts(data)) == 8
+    stand_in = [f"sft.model.name_or_path={tiny_model_dir}", f"sft.data.train={sft_data}", "sft.data.eval=null",
+                f"rm.data.train={data}", f"rm.data.eval={data}", f"rm.normalize.demonstrations={sft_data}",
+                f"ppo.data.train={data}", f"ppo.data.eval={data}", "ppo.data.pretrain=builtin:shakespeare"]
+    cfgs = stage_configs(load_recipe(path, stand_in), str(tmp_path / "run2"))
+    assert cfgs["rm"].data.train == data and cfgs["ppo"].reward_model.name_or_path.endswith(os.path.join("rm", "model"))

@@ -25,3 +25,16 @@ def test_label_sim_writes_rankings_rm_reads(tiny_model_dir, tmp_path):
     assert rc == 0
     recs = load_comparisons(str(out))
     assert len(recs) >= 1 and all(r.k == 4 and r.ratings and all(1 <= x <= 7 for x in r.ratings) for r in recs)
+
+
+def test_temperatures_cycle_over_the_k_responses(tiny_model_dir, tmp_path):
+    """--temperatures 0,1.5 with K=4: two greedy responses per prompt (identical) and two sampled ones."""
+    import json
+    out = tmp_path / "r.jsonl"
+    assert main(["--policy", tiny_model_dir, "--prompts", "builtin:task-prompts?split=train&n=12&seed=3",
+                 "--out", str(out), "--k", "4", "--max-new-tokens", "6", "--seed", "1",
+                 "--temperatures", "0,1.5", "--noise", "bt"]) == 0
+    rows = [json.loads(x) for x in open(out)]
+    assert rows and all(len(r["responses"]) == 4 for r in rows)
+    assert all(r["responses"][0] == r["responses"][1] for r in rows)  # both greedy
+    assert any(r["responses"][2] != r["responses"][3] for r in rows)  # sampled at 1.5

@@ -8,6 +8,10 @@ Noise models:
 - ``flip`` (default): each non-tied pair's gold order is flipped with probability ``--flip-prob`` (AlpacaFarm: 0.25);
   the ranking is then the Copeland order of the noisy pairwise wins (equal wins are ties).
 - ``bt``: Bradley-Terry: rank by gold score + Gumbel noise of scale ``--bt-scale``.
+
+``--temperatures 0.3,0.7,1.0,1.3`` samples the K responses at several temperatures (response i at temperature
+i mod len): the paper's labelers ranked outputs of several models, which differ in quality far more than K samples of
+one policy at one temperature do.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--flip-prob", type=float, default=0.25)
     p.add_argument("--bt-scale", type=float, default=0.1)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperatures", default=None,
+                   help="comma-separated sampling temperatures, cycled over the K responses (overrides --temperature)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
@@ -80,9 +86,13 @@ def main(argv: list[str]) -> int:
         print(f"instructgpt label-sim: error: {e}", file=sys.stderr)
         return 2
     model, tok = load_model(args.policy)
-    outs = generate(model, tok, [render_prompt(tok, r.messages) for r in prompts],
-                    SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.k,
-                                   seed=args.seed), batch_size=args.batch_size)
+    temps = [float(x) for x in args.temperatures.split(",")] if args.temperatures else [args.temperature]
+    texts = [render_prompt(tok, r.messages) for r in prompts]
+    counts = [sum(1 for i in range(args.k) if i % len(temps) == j) for j in range(len(temps))]
+    per_temp = [generate(model, tok, texts, SamplingParams(max_new_tokens=args.max_new_tokens, temperature=t, n=c,
+                                                           seed=args.seed + j), batch_size=args.batch_size)
+                for j, (t, c) in enumerate(zip(temps, counts)) if c]
+    outs = [[c for group in per_temp for c in group[i]] for i in range(len(texts))]  # K responses per prompt
     rng = random.Random(args.seed)
     rows, skipped = [], 0
     for rec, comps in zip(prompts, outs):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
 from instructgpt.data import DataError, load_prompts, write_jsonl
-from instructgpt.generation import SamplingParams, generate
+from instructgpt.generation import Completion, SamplingParams, generate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample this many per prompt and keep the n the reward model scores highest")
     p.add_argument("--reward-model", help="reward-model directory (an `instructgpt rm` out_dir or its model/)")
     return p
+
+
+def best_of_n(rm, messages: Sequence, results: Sequence[Sequence[Completion]], keep: int = 1,
+              batch_size: int = 32) -> tuple[list[list[Completion]], list[list[float]]]:
+    """Best-of-n: per prompt, the `keep` completions the reward model `rm` scores highest, best first, with their scores.
+
+    `results[i]` are the n samples for `messages[i]`; every (prompt, completion) pair is scored in one batched pass.
+    """
+    flat_prompts = [m for m, comps in zip(messages, results) for _ in comps]
+    flat_scores = rm.score(flat_prompts, [c.text for comps in results for c in comps], batch_size=batch_size)
+    kept, scores, start = [], [], 0
+    for comps in results:
+        s = flat_scores[start: start + len(comps)]
+        start += len(comps)
+        order = sorted(range(len(comps)), key=lambda i: -s[i])[:keep]
+        kept.append([comps[i] for i in order])
+        scores.append([s[i] for i in order])
+    return kept, scores
 
 
 def main(argv: list[str]) -> int:
@@ -61,14 +80,7 @@ def main(argv: list[str]) -> int:
     if args.best_of:
         from instructgpt.reward import RewardModel
 
-        rm = RewardModel.load(args.reward_model)
-        scores, kept = [], []
-        for msg, comps in zip(messages, results):
-            s = rm.score([msg] * len(comps), [c.text for c in comps])
-            order = sorted(range(len(comps)), key=lambda i: -s[i])[: args.n]
-            kept.append([comps[i] for i in order])
-            scores.append([s[i] for i in order])
-        results = kept
+        results, scores = best_of_n(RewardModel.load(args.reward_model), messages, results, keep=args.n)
     rows = []
     for i, (msg, comps) in enumerate(zip(messages, results)):
         row = {"prompt": msg} if isinstance(msg, str) else {"messages": msg}

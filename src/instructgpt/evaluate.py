@@ -1,0 +1,631 @@
+"""``instructgpt eval``: compare policies (base, SFT, PPO-ptx, PPO without ptx, best-of-n) on held-out prompts.
+
+What is measured, per policy, on prompts never seen in any training stage (``make_tasks("heldout", ...)``):
+
+- gold labeler (built-in task only): mean gold score, exact-answer accuracy, both per task family;
+- win rate against the SFT policy, per prompt (win 1, tie 1/2, loss 0): ties counted half, and ties left out,
+  each with a 95% bootstrap interval over prompts. Judged by the gold labeler when there is one, else by the
+  reward model (``--prompts`` with prompts outside the built-in task, the real-model recipes);
+- reward model: mean (normalised) RM score beside the gold score, so the gap between proxy and gold shows, and the
+  RM's accuracy against the gold order on the held-out pairs the policies' answers form;
+- KL of the policy to SFT (see :func:`sequence_kl`) and perplexity on held-out pretraining text (the alignment tax);
+- BLEU and ROUGE-L against the reference answers.
+
+Policies answer greedily by default (``temperature=0``): the gold judgement then measures each model's most likely
+answer rather than sampling noise. The KL needs the policy's own samples, so it is estimated on separate samples
+at temperature 1. Best-of-n (``best_of > 0``) is the SFT model sampled n times at temperature 1, the answer the
+reward model scores highest kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_PTX = "builtin:shakespeare?split=heldout"  # plays held out of every training stage (builtin.HELDOUT_PLAYS)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Math: pure functions of scores and log-probs
+
+
+def pairwise_outcomes(a: Sequence[float], b: Sequence[float], tol: float = 1e-9) -> np.ndarray:
+    """Per prompt, 1 where `a` scores higher than `b`, 0.5 on a tie (|a - b| <= tol), 0 where lower. -> (N,)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return np.where(d > tol, 1.0, np.where(d < -tol, 0.0, 0.5))
+
+
+def win_rate(outcomes: np.ndarray) -> np.ndarray:
+    """Win rate with ties counted half: mean outcome over the last axis ((N,) -> scalar, (R, N) -> (R,))."""
+    return np.mean(outcomes, axis=-1)
+
+
+def win_rate_no_ties(outcomes: np.ndarray) -> np.ndarray:
+    """Win rate with ties left out: wins / (wins + losses) over the last axis; NaN where every prompt is a tie."""
+    wins = np.sum(outcomes == 1.0, axis=-1)
+    decided = np.sum(outcomes != 0.5, axis=-1)
+    return np.where(decided > 0, wins / np.maximum(decided, 1), np.nan)
+
+
+def bootstrap_ci(values: Sequence[float], statistic: Callable[[np.ndarray], np.ndarray], n_resamples: int = 2000,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic` over the prompts: resample the N per-prompt values with replacement
+    `n_resamples` times. `statistic` maps (R, N) -> (R,); resamples where it is NaN are dropped."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return (math.nan, math.nan)
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_resamples, x.size))  # (R, N)
+    stats = statistic(x[idx])  # (R,)
+    stats = stats[~np.isnan(stats)]
+    if stats.size == 0:
+        return (math.nan, math.nan)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(stats, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def rm_accuracy(rm_scores: Sequence[Sequence[float]], gold_scores: Sequence[Sequence[float]],
+                tol: float = 1e-9) -> tuple[float | None, int]:
+    """The reward model's pairwise accuracy against the gold order: over every pair of responses to the same prompt
+    whose gold scores differ (gold ties carry no order), the fraction the RM orders the same way (an RM tie counts
+    half). `rm_scores[i][j]` and `gold_scores[i][j]` score response j to prompt i. -> (accuracy or None, pairs)."""
+    agree, pairs = 0.0, 0
+    for rm_i, gold_i in zip(rm_scores, gold_scores):
+        for j in range(len(gold_i)):
+            for k in range(j + 1, len(gold_i)):
+                g = gold_i[j] - gold_i[k]
+                if abs(g) <= tol:
+                    continue
+                r = rm_i[j] - rm_i[k]
+                pairs += 1
+                agree += 0.5 if abs(r) <= tol else float((r > 0) == (g > 0))
+    return (agree / pairs if pairs else None), pairs
+
+
+def sequence_kl(logprobs: Sequence[Sequence[float]], ref_logprobs: Sequence[Sequence[float]]) -> float:
+    """Monte-Carlo estimate of KL(pi || pi_sft) over whole responses, from responses y_i ~ pi(. | x_i):
+
+        KL ~= 1/N sum_i sum_t [log pi(y_it | x_i, y_i<t) - log pi_sft(y_it | x_i, y_i<t)]
+
+    (log-probs at temperature 1, EOS included). Unbiased for the sequence-level KL, though a single sample can be
+    negative; it is the `objective/kl` PPO logs (Ziegler et al. 2019, eq. 2), so the two compare."""
+    if not logprobs:
+        return math.nan
+    return float(np.mean([sum(a) - sum(b) for a, b in zip(logprobs, ref_logprobs)]))
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || pi) = log n - (n - 1) / n, the analytic value for best-of-n sampling (Stiennon et al. 2020,
+    appendix G.3; Gao et al. 2023, sec. 2.3): exact when the n samples' rewards are distinct."""
+    return math.log(n) - (n - 1) / n
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, 4-grams), 0..100."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+
+
+def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F-measure (rouge-score, no stemming), 0..1."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references)]
+    return float(np.mean(scores)) if scores else math.nan
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model passes: log-probs of given responses, perplexity
+
+
+def response_logprobs(model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                      pad_token_id: int, batch_size: int = 64) -> list[list[float]]:
+    """log p(response token | prompt, earlier response tokens) at temperature 1, per response token, in one forward
+    pass per batch of left-padded (prompt + response) rows.
+
+    Left padding puts every response at the end of its row, so the LM head is applied to the last positions only
+    (`logits_to_keep`, where the model supports it): the prompt positions would cost most of the pass for nothing.
+    """
+    import inspect
+
+    import torch
+
+    from instructgpt.generation import left_pad
+    from instructgpt.modeling import logprobs_from_logits, position_ids_from_mask
+
+    device = next(model.parameters()).device
+    can_slice = "logits_to_keep" in inspect.signature(model.forward).parameters
+    out: list[list[float]] = []
+    with torch.no_grad():
+        for s in range(0, len(prompt_ids), batch_size):
+            resp = response_ids[s:s + batch_size]
+            seqs = [list(p) + list(r) for p, r in zip(prompt_ids[s:s + batch_size], resp)]
+            ids, mask = left_pad(seqs, pad_token_id, device)  # (B, T): rows end at the last response token
+            keep = max(len(r) for r in resp) + 1  # positions whose logits predict a response token, plus the last
+            extra = {"logits_to_keep": keep} if can_slice else {}
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                           use_cache=False, **extra).logits[:, -keep:]  # (B, keep, V)
+            lp = logprobs_from_logits(logits[:, :-1], ids[:, ids.shape[1] - keep + 1:])  # (B, keep-1)
+            for row, r in zip(lp, resp):
+                out.append(row[lp.shape[1] - len(r):].tolist() if len(r) else [])
+    return out
+
+
+def kl_to_reference(model, ref_model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                    pad_token_id: int, batch_size: int = 64) -> float:
+    """:func:`sequence_kl` of `model` to `ref_model` on responses sampled from `model` (both scored the same way)."""
+    return sequence_kl(response_logprobs(model, prompt_ids, response_ids, pad_token_id, batch_size),
+                       response_logprobs(ref_model, prompt_ids, response_ids, pad_token_id, batch_size))
+
+
+def perplexity_blocks(tokenizer, texts: Sequence[str], block_size: int, n_blocks: int) -> list[list[int]]:
+    """`n_blocks` blocks of `block_size` tokens, evenly spaced through the documents (joined by EOS)."""
+    from instructgpt.sft import text_blocks
+
+    blocks = text_blocks(tokenizer, list(texts), block_size)
+    if not blocks:
+        raise ValueError(f"the perplexity text is shorter than one block of {block_size} tokens")
+    step = max(1, len(blocks) // n_blocks)
+    return [b.input_ids for b in blocks[::step][:n_blocks]]
+
+
+def perplexity(model, blocks: Sequence[Sequence[int]], batch_size: int = 16) -> float:
+    """Token-weighted perplexity exp(sum of NLL / number of predicted tokens) over the blocks (first token of each
+    block is context only)."""
+    import torch
+
+    from instructgpt.modeling import sequence_logprobs
+
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(blocks), batch_size):
+                chunk = blocks[s:s + batch_size]
+                width = max(len(b) for b in chunk)
+                ids = torch.zeros(len(chunk), width, dtype=torch.long)
+                mask = torch.zeros(len(chunk), width, dtype=torch.long)
+                for i, b in enumerate(chunk):  # right-padded; the mask keeps padding out of the sum
+                    ids[i, :len(b)] = torch.tensor(list(b))
+                    mask[i, :len(b)] = 1
+                ids, mask = ids.to(device), mask.to(device)
+                lp = sequence_logprobs(model, ids, mask)  # (B, T-1)
+                keep = mask[:, 1:].bool()
+                nll -= float(lp[keep].double().sum())
+                count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    return math.exp(nll / count)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass
+class EvalPrompt:
+    messages: list[dict]  # the conversation the policy answers
+    text: str  # the last user turn (what the gold labeler parses)
+    task: object = None  # tasks.Task when the prompt is one of the built-in task's (gold labeler available)
+    reference: str | None = None  # the reference answer for BLEU / ROUGE-L
+
+    @property
+    def family(self) -> str | None:
+        return getattr(self.task, "family", None)
+
+
+def heldout_prompts(n: int, seed: int = 0) -> list[EvalPrompt]:
+    """`n` held-out prompts of the built-in task, every family in turn; the reference is the canonical answer."""
+    from instructgpt import tasks
+
+    return [EvalPrompt([{"role": "user", "content": t.prompt}], t.prompt, t, t.answer)
+            for t in tasks.make_tasks("heldout", n, seed=seed)]
+
+
+_REFERENCE_KEYS = ("reference", "response", "answer", "output")
+
+
+def load_eval_prompts(source: str, n: int | None = None) -> list[EvalPrompt]:
+    """Prompts from any prompt source (the first `n`); a reference answer is taken from a row's "reference",
+    "response", "answer" or "output" field; the gold labeler applies to prompts of the built-in task."""
+    from instructgpt import tasks
+    from instructgpt.data import DataError, iter_rows, parse_prompt
+
+    out = []
+    for file, line, row in iter_rows(source):
+        if n is not None and len(out) >= n:
+            break
+        if not isinstance(row, dict):
+            raise DataError(file, line, None, "expected a JSON object")
+        rec = parse_prompt(file, line, row)
+        task = tasks.parse_task(rec.text)
+        ref = next((row[k] for k in _REFERENCE_KEYS if isinstance(row.get(k), str)), None)
+        out.append(EvalPrompt(rec.messages, rec.text, task, ref if ref is not None else getattr(task, "answer", None)))
+    if not out:
+        raise DataError(source, None, None, "no prompts")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Summaries: flat report keys from per-prompt scores (no model needed)
+
+
+def _finite(x) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def win_rate_keys(prefix: str, name: str, sft: str, outcomes: np.ndarray, n_resamples: int,
+                  seed: int) -> dict:
+    """`<prefix>.<name>_vs_<sft>` (ties half), `<prefix>_no_ties...`, and their 95% bootstrap intervals."""
+    key = f"{name}_vs_{sft}"
+    return {
+        f"{prefix}.{key}": _finite(win_rate(outcomes)),
+        f"{prefix}_ci95.{key}": [_finite(v) for v in bootstrap_ci(outcomes, win_rate, n_resamples, seed)],
+        f"{prefix}_no_ties.{key}": _finite(win_rate_no_ties(outcomes)),
+        f"{prefix}_no_ties_ci95.{key}": [_finite(v) for v in
+                                         bootstrap_ci(outcomes, win_rate_no_ties, n_resamples, seed)],
+    }
+
+
+def family_means(families: Sequence[str], values: Sequence[float]) -> dict[str, float]:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for f, v in zip(families, values):
+        groups[f].append(v)
+    return {f: float(np.mean(v)) for f, v in sorted(groups.items())}
+
+
+def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]], sft: str,
+              gold: dict[str, Sequence[float]] | None = None, rm: dict[str, Sequence[float]] | None = None,
+              rm_pool: Sequence[str] = (), n_resamples: int = 2000, seed: int = 0) -> dict:
+    """The flat report of everything computed from per-prompt responses and scores (KL and perplexity excluded).
+
+    Win rates against `sft` are judged by `gold` when given, else by `rm` (`judge` says which); `win_rate_rm.*`
+    adds the RM's verdict when both exist. `rm_accuracy_gold` uses the responses of the policies in `rm_pool`.
+    """
+    report: dict = {"heldout_prompts": len(prompts), "policies": list(responses), "sft_policy": sft}
+    judge = gold if gold is not None else rm
+    report["judge"] = "gold" if gold is not None else ("reward_model" if rm is not None else None)
+    families = [p.family for p in prompts]
+    for name, resp in responses.items():
+        if gold is not None:
+            g = np.asarray(gold[name])
+            exact = (g == 1.0).astype(float)
+            report[f"gold_score.{name}"] = float(g.mean())
+            report[f"accuracy.{name}"] = float(exact.mean())
+            report[f"per_family.{name}"] = family_means(families, g)
+            report[f"per_family_accuracy.{name}"] = family_means(families, exact)
+        if rm is not None:
+            report[f"rm_score.{name}"] = float(np.mean(rm[name]))
+        with_ref = [(r, p.reference) for r, p in zip(resp, prompts) if p.reference is not None]
+        if with_ref:
+            report[f"bleu.{name}"] = bleu([h for h, _ in with_ref], [r for _, r in with_ref])
+            report[f"rouge_l.{name}"] = rouge_l([h for h, _ in with_ref], [r for _, r in with_ref])
+        report[f"response_chars.{name}"] = float(np.mean([len(r) for r in resp]))
+        if name != sft and judge is not None:
+            report.update(win_rate_keys("win_rate", name, sft, pairwise_outcomes(judge[name], judge[sft]),
+                                        n_resamples, seed))
+            if gold is not None and rm is not None:
+                report.update(win_rate_keys("win_rate_rm", name, sft, pairwise_outcomes(rm[name], rm[sft]),
+                                            n_resamples, seed))
+    if gold is not None and rm is not None and rm_pool:
+        acc, pairs = rm_accuracy(list(zip(*[rm[n] for n in rm_pool])), list(zip(*[gold[n] for n in rm_pool])))
+        report["rm_accuracy_gold"] = acc
+        report["rm_accuracy_gold_pairs"] = pairs
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate_sorted(model, tokenizer, texts: Sequence[str], params, batch_size: int) -> list:
+    """`generation.generate` on prompts sorted by length (batches of similar prompts pad less and, on the task,
+    stop together), results in the original order; one list of `params.n` completions per prompt."""
+    from instructgpt.generation import generate
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    outs = generate(model, tokenizer, [texts[i] for i in order], params, batch_size=batch_size)
+    result: list = [None] * len(texts)
+    for i, o in zip(order, outs):
+        result[i] = o
+    return result
+
+
+def rm_scores(scorer, prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]],
+              batch_size: int) -> dict[str, list[float]]:
+    """Reward-model scores of every policy's responses; each distinct (prompt, response) is scored once (policies
+    often agree), in order of length so that batches pad little."""
+    unique = sorted({(i, r) for resp in responses.values() for i, r in enumerate(resp)},
+                    key=lambda ir: (len(prompts[ir[0]].text) + len(ir[1]), ir))
+    scores = scorer.score([prompts[i].messages for i, _ in unique], [r for _, r in unique], batch_size=batch_size)
+    by_pair = dict(zip(unique, scores))
+    return {name: [by_pair[(i, r)] for i, r in enumerate(resp)] for name, resp in responses.items()}
+
+
+def _canonical(path: str) -> str:
+    """A model path in one spelling (builtin names resolved, local directories made absolute), to spot the SFT model."""
+    from instructgpt.modeling import resolve_path
+
+    path = resolve_path(path)
+    return os.path.realpath(path) if os.path.exists(path) else path
+
+
+def _same_vocab(tok_a, tok_b) -> bool:
+    return tok_a is tok_b or tok_a.get_vocab() == tok_b.get_vocab()
+
+
+def _log(msg: str) -> None:
+    print(f"[eval] {msg}", file=sys.stderr, flush=True)
+
+
+def _write_samples(path: str, prompts: Sequence[EvalPrompt], responses: Sequence[str], finish: Sequence[str],
+                   gold: Sequence[float] | None, rm: Sequence[float] | None) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            row = {"index": i, "family": p.family, "prompt": p.text, "reference": p.reference, "response": r,
+                   "finish_reason": finish[i]}
+            if len(p.messages) > 1:
+                row["messages"] = p.messages
+            if gold is not None:
+                row["gold"] = round(gold[i], 4)
+            if rm is not None:
+                row["rm"] = round(rm[i], 4)
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | None = None, heldout: int = 500,
+             seed: int = 0, best_of: int = 0, ptx_text: str | None = DEFAULT_PTX, out_dir: str,
+             prompts: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+             batch_size: int = 64, kl_prompts: int | None = 256, ptx_blocks: int = 32, ptx_block_size: int = 256,
+             n_resamples: int = 2000) -> dict:
+    """Evaluate every policy (name -> model directory, hub id or builtin:base) against the SFT one (`policies[sft]`).
+
+    Prompts: `heldout` held-out prompts of the built-in task, or the first `heldout` of the prompt source `prompts`.
+    Writes `samples_<policy>.jsonl` in `out_dir`; returns the flat report (see the module docstring and
+    :func:`summarize`) with `kl.<policy>` (on the first `kl_prompts` prompts, every family among them; None: all) and
+    `ptx_perplexity.<policy>` (`ptx_blocks` blocks of `ptx_block_size` tokens of `ptx_text`; None skips it).
+    Greedy answers by default (`temperature` 0); the policies are loaded one at a time beside the SFT model.
+    """
+    from instructgpt import tasks
+    from instructgpt.generation import SamplingParams
+    from instructgpt.modeling import load_model
+    from instructgpt.prompting import encode_prompt, render_prompt
+
+    if sft not in policies:
+        raise ValueError(f"the SFT policy '{sft}' is not among the policies {list(policies)}")
+    if best_of and not reward_model:
+        raise ValueError("best-of-n needs a reward model")
+    t_start = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    # 1. prompts, never seen in training, and the models every policy is compared with
+    items = load_eval_prompts(prompts, heldout) if prompts else heldout_prompts(heldout, seed)
+    has_gold = all(p.task is not None for p in items)
+    _log(f"{len(items)} prompts ({'gold labeler' if has_gold else 'no gold labeler'}), policies: {list(policies)}"
+         + (f" + best_of_{best_of}" if best_of else ""))
+
+    sft_path = _canonical(policies[sft])
+    sft_model, sft_tok = load_model(sft_path)
+    scorer = None
+    if reward_model:
+        from instructgpt.reward import RewardModel
+
+        scorer = RewardModel.load(reward_model)
+    ptx_cache: dict[tuple, list[list[int]]] = {}
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + 1)
+    n_kl = len(items) if kl_prompts is None else min(kl_prompts, len(items))
+
+    responses: dict[str, list[str]] = {}
+    finish: dict[str, list[str]] = {}
+    report: dict = {}
+    seconds: dict[str, float] = {}
+    # 2. each policy: greedy answers, KL to SFT on its own samples, perplexity on held-out text
+    for name, path in policies.items():
+        t0 = time.time()
+        is_sft = _canonical(path) == sft_path
+        model, tok = (sft_model, sft_tok) if is_sft else load_model(path)
+        texts = [render_prompt(tok, p.messages) for p in items]
+        comps = [c[0] for c in generate_sorted(model, tok, texts, greedy, batch_size)]
+        responses[name] = [c.text for c in comps]
+        finish[name] = [c.finish_reason for c in comps]
+        # KL to SFT on the policy's own samples at temperature 1 (0 by definition for the SFT model itself)
+        if is_sft:
+            report[f"kl.{name}"] = 0.0
+        elif _same_vocab(tok, sft_tok):
+            samples = [c[0] for c in generate_sorted(model, tok, texts[:n_kl], sampled, batch_size)]
+            prompt_ids = [encode_prompt(tok, p.messages) for p in items[:n_kl]]
+            report[f"kl.{name}"] = kl_to_reference(model, sft_model, prompt_ids, [c.token_ids for c in samples],
+                                                   tok.pad_token_id, batch_size)
+        else:
+            _log(f"{name}: tokenizer differs from the SFT model's; no KL")
+        # perplexity on held-out pretraining text (the alignment tax)
+        if ptx_text:
+            report[f"ptx_perplexity.{name}"] = perplexity(model, _ptx(ptx_cache, tok, model, ptx_text, ptx_blocks,
+                                                                      ptx_block_size))
+        seconds[name] = time.time() - t0
+        _log(f"{name}: {seconds[name]:.1f}s")
+        if not is_sft:
+            del model
+
+    # 3. best-of-n: n samples of the SFT model at temperature 1, the one the RM prefers kept
+    if best_of:
+        t0 = time.time()
+        from instructgpt.generate_cli import best_of_n
+
+        name = f"best_of_{best_of}"
+        texts = [render_prompt(sft_tok, p.messages) for p in items]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=best_of, seed=seed + 2)
+        # every sample kept, best first: the best is the policy's answer; all n feed the RM accuracy below
+        ranked, ranked_rm = best_of_n(scorer, [p.messages for p in items],
+                                      generate_sorted(sft_model, sft_tok, texts, params, batch_size), keep=best_of,
+                                      batch_size=batch_size)
+        responses[name] = [k[0].text for k in ranked]
+        finish[name] = [k[0].finish_reason for k in ranked]
+        if has_gold:
+            acc, pairs = rm_accuracy(ranked_rm, [[tasks.gold_score(p.task, c.text) for c in comps]
+                                                 for p, comps in zip(items, ranked)])
+            report["rm_accuracy_gold_sft_samples"], report["rm_accuracy_gold_sft_samples_pairs"] = acc, pairs
+        report[f"kl.{name}"] = best_of_n_kl(best_of)  # analytic; the language model itself is the SFT model's
+        if f"ptx_perplexity.{sft}" in report:
+            report[f"ptx_perplexity.{name}"] = report[f"ptx_perplexity.{sft}"]
+        seconds[name] = time.time() - t0
+        _log(f"{name}: {seconds[name]:.1f}s")
+
+    # 4. judges: the gold labeler, the reward model
+    gold = rm = None
+    if has_gold:
+        gold = {n: [tasks.gold_score(p.task, r) for p, r in zip(items, resp)] for n, resp in responses.items()}
+    if scorer is not None:
+        t0 = time.time()
+        rm = rm_scores(scorer, items, responses, batch_size)
+        seconds["reward_model"] = time.time() - t0
+    # 5. the report. RM accuracy on the policies' own answers: best-of-n's were picked by the RM, which would bias it
+    report = {**summarize(items, responses, sft, gold, rm, list(policies), n_resamples, seed), **report}
+    report["decoding"] = {"temperature": temperature, "max_new_tokens": max_new_tokens, "kl_prompts": n_kl,
+                          "kl_temperature": 1.0}
+    for name, resp in responses.items():
+        _write_samples(os.path.join(out_dir, f"samples_{name}.jsonl"), items, resp, finish[name],
+                       gold[name] if gold else None, rm[name] if rm else None)
+    report["eval_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    report["seconds.eval"] = round(time.time() - t_start, 2)
+    return report
+
+
+def _ptx(cache: dict, tok, model, source: str, n_blocks: int, block_size: int) -> list[list[int]]:
+    """Held-out text blocks for this tokenizer and context length, tokenised once per (vocab, length)."""
+    from instructgpt.data import load_pretrain_text
+
+    limit = getattr(model.config, "max_position_embeddings", None) or block_size
+    size = min(block_size, limit)
+    key = (len(tok), tok.eos_token_id, size)
+    if key not in cache:
+        cache[key] = perplexity_blocks(tok, list(load_pretrain_text(source)), size, n_blocks)
+    return cache[key]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="instructgpt eval", description="Compare policies on held-out prompts.")
+    p.add_argument("--policy", action="append", default=[], metavar="NAME=DIR", required=True,
+                   help="a policy to evaluate (repeatable), e.g. sft=runs/x/sft/model or base=builtin:base")
+    p.add_argument("--sft", default="sft", help="name of the SFT policy: the reference of win rates and KL")
+    p.add_argument("--reward-model", help="reward-model directory (RM score, RM accuracy, judge without gold)")
+    p.add_argument("--best-of", type=int, default=0, help="add best-of-N of the SFT model reranked by the RM")
+    p.add_argument("--heldout", type=int, default=500, help="number of held-out prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ptx-text", default=DEFAULT_PTX, help="held-out pretraining text for perplexity ('none': skip)")
+    p.add_argument("--prompts", help="prompt source instead of the built-in held-out task (no gold labeler unless "
+                                     "its prompts are the task's; win rates are then judged by the RM)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="policy decoding (0 = greedy)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--kl-prompts", type=int, default=256, help="prompts for the KL estimate (0: all)")
+    p.add_argument("--stage", action="append", default=[], metavar="NAME=DIR",
+                   help="a training stage's out_dir for the curves (repeatable; found next to policies otherwise)")
+    p.add_argument("--out", help="output directory (default runs/eval-<timestamp>)")
+    return p
+
+
+def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{flag} expects NAME=DIR, got {v!r}")
+        out[name] = path
+    return out
+
+
+def stage_dirs_near(paths: Sequence[str]) -> dict[str, str]:
+    """Stage out_dirs next to model directories (`<out_dir>/model` with `<out_dir>/metrics.jsonl`), named by folder."""
+    found = {}
+    for p in paths:
+        for d in (p, os.path.dirname(os.path.normpath(p))):
+            if d and os.path.exists(os.path.join(d, "metrics.jsonl")):
+                found[os.path.basename(os.path.normpath(d))] = d
+                break
+    return found
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    sft = report.get("sft_policy", "sft")
+    cols = [("gold", "gold_score"), ("exact", "accuracy"), (f"win vs {sft}", "win_rate"),
+            ("95% CI", "win_rate_ci95"), ("win (no ties)", "win_rate_no_ties"), ("RM", "rm_score"), ("KL", "kl"),
+            ("ptx ppl", "ptx_perplexity"), ("BLEU", "bleu"), ("ROUGE-L", "rouge_l")]
+    names = report.get("policies", [])
+    table = Table(title=f"{report.get('heldout_prompts')} held-out prompts, judged by {report.get('judge')}")
+    table.add_column("policy")
+    shown = []
+    for label, key in cols:
+        if any(_lookup(report, key, n, sft) is not None for n in names):
+            table.add_column(label, justify="right")
+            shown.append(key)
+    for n in names:
+        table.add_row(n, *[_fmt(_lookup(report, k, n, sft)) for k in shown])
+    Console(file=sys.stdout, width=max(120, Console().width)).print(table)
+    if report.get("rm_accuracy_gold") is not None:
+        print(f"reward model accuracy against the gold order: {report['rm_accuracy_gold']:.3f} "
+              f"({report['rm_accuracy_gold_pairs']} held-out pairs)")
+    if report.get("rm_accuracy_gold_sft_samples") is not None:
+        print(f"... on pairs of SFT samples: {report['rm_accuracy_gold_sft_samples']:.3f} "
+              f"({report['rm_accuracy_gold_sft_samples_pairs']} pairs)")
+
+
+def _lookup(report: dict, key: str, name: str, sft: str):
+    if key.startswith("win_rate"):
+        return report.get(f"{key}.{name}_vs_{sft}")
+    return report.get(f"{key}.{name}")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+
+
+def main(argv: list[str]) -> int:
+    from instructgpt.data import DataError
+    from instructgpt.report import write_report
+
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    try:
+        policies = _pairs(args.policy, "--policy")
+        stages = _pairs(args.stage, "--stage")
+        out = args.out or os.path.join("runs", time.strftime("eval-%Y%m%d-%H%M%S"))
+        report = evaluate(policies, sft=args.sft, reward_model=args.reward_model, heldout=args.heldout,
+                          seed=args.seed, best_of=args.best_of,
+                          ptx_text=None if args.ptx_text.lower() == "none" else args.ptx_text, out_dir=out,
+                          prompts=args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          batch_size=args.batch_size, kl_prompts=args.kl_prompts or None)
+    except (ValueError, DataError, FileNotFoundError) as e:
+        print(f"instructgpt eval: error: {e}", file=sys.stderr)
+        return 2
+    report["seconds.total"] = round(time.time() - t0, 2)
+    near = stage_dirs_near(list(policies.values()) + ([args.reward_model] if args.reward_model else []))
+    write_report(out, report, {**near, **stages})
+    print_table(report)
+    print(f"report: {os.path.join(out, 'report.md')}")
+    return 0

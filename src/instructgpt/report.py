@@ -1,0 +1,401 @@
+"""The run report: ``report.json`` (flat dotted keys, merged across writers), ``report.md`` (tables, the issue's
+targets, sample outputs side by side) and PNG plots (training curves; gold and RM score against sqrt(KL), the
+over-optimisation picture of Gao et al. 2023; gold score per task family).
+
+Everything here reads what the stages left on disk (``metrics.jsonl``, ``samples_<policy>.jsonl``) and the report
+dict of :func:`instructgpt.evaluate.evaluate`; missing pieces are skipped quietly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from instructgpt.runs import read_metrics
+
+# --------------------------------------------------------------------------------------------------------------------
+# Targets: checked when their keys are present
+
+
+@dataclass(frozen=True)
+class Target:
+    description: str
+    key: str  # report key; "key[i]" takes element i of a list value
+    op: str  # ">", ">=", "<", "<="
+    threshold: str | float  # another report key, or a number
+
+
+# The issue's targets for the default run (issue 5); checked when their keys are in the report.
+TARGETS: tuple[Target, ...] = (
+    Target("held-out prompts (at least 500)", "heldout_prompts", ">=", 500),
+    Target("total wall time at most 10 minutes", "seconds.total", "<=", 600),
+    Target("PPO-ptx beats SFT, ties left out: win rate at least 0.75", "win_rate_no_ties.ppo_vs_sft", ">=", 0.75),
+    Target("... with its 95% interval above 0.5", "win_rate_no_ties_ci95.ppo_vs_sft[0]", ">", 0.5),
+    Target("PPO-ptx gold-score gain over SFT at least +0.15", "gold_gain.ppo_vs_sft", ">=", 0.15),
+    Target("reward-model accuracy against gold at least 0.80", "rm_accuracy_gold", ">=", 0.80),
+    Target("alignment tax: PPO-ptx held-out perplexity within 5% of SFT's", "ptx_perplexity_ratio.ppo_vs_sft", "<=",
+           1.05),
+    Target("SFT beats the base model on gold score", "gold_score.sft", ">", "gold_score.base"),
+)
+
+
+def derived_keys(report: dict) -> dict:
+    """Keys the targets read that are differences or ratios of others."""
+    out = {}
+    for name in ("ppo", "ppo_noptx"):
+        if f"gold_score.{name}" in report and "gold_score.sft" in report:
+            out[f"gold_gain.{name}_vs_sft"] = report[f"gold_score.{name}"] - report["gold_score.sft"]
+        sft_ppl, ppl = report.get("ptx_perplexity.sft"), report.get(f"ptx_perplexity.{name}")
+        if isinstance(sft_ppl, (int, float)) and isinstance(ppl, (int, float)) and sft_ppl > 0:
+            out[f"ptx_perplexity_ratio.{name}_vs_sft"] = ppl / sft_ppl
+    return out
+
+_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+
+def report_value(report: dict, key: str) -> float | None:
+    """`report[key]`, or element i of it for "key[i]"; None when absent or not a finite number."""
+    index = None
+    if key.endswith("]") and "[" in key:
+        key, _, i = key[:-1].rpartition("[")
+        index = int(i)
+    v = report.get(key)
+    if index is not None:
+        v = v[index] if isinstance(v, (list, tuple)) and len(v) > index else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def check_targets(report: dict, targets: Sequence[Target] = TARGETS) -> list[tuple[Target, float, float, bool]]:
+    """(target, value, threshold, passed) for every target whose keys are all in the report."""
+    out = []
+    for t in targets:
+        value = report_value(report, t.key)
+        threshold = report_value(report, t.threshold) if isinstance(t.threshold, str) else float(t.threshold)
+        if value is not None and threshold is not None:
+            out.append((t, value, threshold, bool(_OPS[t.op](value, threshold))))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# report.json
+
+
+def _jsonable(v):
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def merge_report_json(path: str, report: dict) -> dict:
+    """Update the JSON object at `path` with `report` (new keys win) and write it back atomically."""
+    merged: dict = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            merged = json.load(fh)
+    merged.update(report)
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(merged, fh, indent=2, default=_jsonable)
+    os.replace(path + ".tmp", path)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def stage_kind(rows: Sequence[dict]) -> str | None:
+    """'ppo', 'rm' or 'lm' (SFT / pretraining) from the keys a stage logged; None for no rows."""
+    keys = set().union(*rows) if rows else set()
+    if any(k.startswith(("objective/", "ppo/")) for k in keys):
+        return "ppo"
+    if "train/accuracy" in keys or "eval/accuracy" in keys:
+        return "rm"
+    if "train/loss" in keys:
+        return "lm"
+    return None
+
+
+def series(rows: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows that logged `key` with a finite number."""
+    pts = [(r["step"], r[key]) for r in rows
+           if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and "step" in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+# panel title -> (stage kind, metric keys)
+PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("SFT loss", "lm", ("train/loss", "eval/loss")),
+    ("RM accuracy", "rm", ("train/accuracy", "eval/accuracy")),
+    ("PPO reward", "ppo", ("objective/rlhf_reward", "objective/scores", "eval/rm_score")),
+    ("PPO KL to SFT", "ppo", ("objective/kl", "eval/kl")),
+    ("PPO gold score", "ppo", ("objective/gold_score", "eval/gold_score")),
+)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(metrics: dict[str, list[dict]], path: str) -> bool:
+    """One panel per PANELS entry that has data, a line per (stage, metric). Returns whether a file was written."""
+    panels = []
+    for title, kind, keys in PANELS:
+        lines = [(f"{stage} {k}", *series(rows, k)) for stage, rows in metrics.items() if stage_kind(rows) == kind
+                 for k in keys]
+        lines = [ln for ln in lines if ln[1]]
+        if lines:
+            panels.append((title, lines))
+    if not panels:
+        return False
+    plt = _pyplot()
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (title, lines) in zip(axes.flat, panels):
+        for label, x, y in lines:
+            ax.plot(x, y, marker="o" if len(x) < 15 else None, markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# Policies that are not optimisations of the SFT policy: their KL to SFT is off the over-optimisation axis.
+NOT_FROM_SFT = ("base",)
+
+
+def plot_overoptimisation(metrics: dict[str, list[dict]], report: dict, path: str) -> bool:
+    """Gold score and RM score against sqrt(KL to SFT): the PPO runs' held-out eval rows as lines, the evaluated
+    policies as labelled points. Returns whether a file was written."""
+    runs = []
+    for stage, rows in metrics.items():
+        pts = [r for r in rows if isinstance(r.get("eval/kl"), (int, float))]
+        if stage_kind(rows) == "ppo" and pts:
+            runs.append((stage, pts))
+    policies = [p for p in report.get("policies", [])
+                if report_value(report, f"kl.{p}") is not None and p not in NOT_FROM_SFT]
+    if not runs and not policies:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "gold_score", "gold score"), (axes[1], "rm_score", "RM score (proxy)")):
+        drawn = False
+        for stage, pts in runs:
+            xy = [(math.sqrt(max(r["eval/kl"], 0.0)), r[f"eval/{key}"]) for r in pts
+                  if isinstance(r.get(f"eval/{key}"), (int, float))]
+            if xy:
+                ax.plot([a for a, _ in xy], [b for _, b in xy], marker="o", markersize=3, label=stage)
+                drawn = True
+        for p in policies:
+            y = report_value(report, f"{key}.{p}")
+            if y is not None:
+                x = math.sqrt(max(report_value(report, f"kl.{p}"), 0.0))
+                ax.scatter([x], [y], marker="*", s=80, zorder=3)
+                ax.annotate(p, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                drawn = True
+        ax.set_xlabel("sqrt(KL to SFT)  [nats^0.5]")
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} vs sqrt(KL)" + ("" if drawn else " (no data)"))
+        ax.grid(alpha=0.3)
+        if runs:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_per_family(report: dict, path: str) -> bool:
+    """Grouped bars: mean gold score per task family, one bar per policy. Returns whether a file was written."""
+    per = {p: report[f"per_family.{p}"] for p in report.get("policies", [])
+           if isinstance(report.get(f"per_family.{p}"), dict)}
+    if not per:
+        return False
+    families = sorted(set().union(*per.values()))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(min(14, max(8, 0.4 * len(families) * len(per))), 4))
+    width = 0.8 / len(per)
+    for i, (p, vals) in enumerate(per.items()):
+        xs = [j + (i - (len(per) - 1) / 2) * width for j in range(len(families))]
+        ax.bar(xs, [vals.get(f, 0.0) for f in families], width=width, label=p)
+    ax.set_xticks(range(len(families)))
+    ax.set_xticklabels(families, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("mean gold score")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# report.md
+
+
+def _cell(v, pct: bool = False) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_cell(x, pct) for x in v) + "]"
+    if isinstance(v, str):
+        return _md(v)
+    if pct:
+        return f"{100 * v:.1f}%"
+    if isinstance(v, int) or (abs(v) >= 1 and float(v).is_integer()):
+        return str(int(v))
+    return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+
+
+def _md(text: str, limit: int = 160) -> str:
+    """Text safe inside a markdown table cell."""
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return text.replace("|", "\\|").replace("\n", "<br>") or "∅"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def policy_table(report: dict) -> list[str]:
+    sft = report.get("sft_policy", "sft")
+    # (column, key template, as percent); {p} is the policy, {vs} its pairing with the SFT policy
+    cols = [("gold score", "gold_score.{p}", False), ("exact", "accuracy.{p}", True),
+            (f"win vs {sft} (ties ½)", "win_rate.{vs}", True), ("95% CI", "win_rate_ci95.{vs}", True),
+            ("win, no ties", "win_rate_no_ties.{vs}", True), ("95% CI, no ties", "win_rate_no_ties_ci95.{vs}", True),
+            (f"RM-judged win vs {sft}", "win_rate_rm.{vs}", True), ("RM score", "rm_score.{p}", False),
+            ("KL to SFT", "kl.{p}", False), ("ptx perplexity", "ptx_perplexity.{p}", False),
+            ("BLEU", "bleu.{p}", False), ("ROUGE-L", "rouge_l.{p}", False)]
+    names = report.get("policies", [])
+
+    def get(tpl: str, p: str):
+        return report.get(tpl.format(p=p, vs=f"{p}_vs_{sft}"))
+
+    cols = [c for c in cols if any(get(c[1], p) is not None for p in names)]
+    rows = [[p] + [_cell(get(tpl, p), pct) for _, tpl, pct in cols] for p in names]
+    return _table(["policy"] + [c[0] for c in cols], rows)
+
+
+def family_table(report: dict) -> list[str]:
+    names = [p for p in report.get("policies", []) if isinstance(report.get(f"per_family.{p}"), dict)]
+    if not names:
+        return []
+    families = sorted(set().union(*(report[f"per_family.{p}"] for p in names)))
+    rows = []
+    for f in families:
+        cells = []
+        for p in names:
+            g = report[f"per_family.{p}"].get(f)
+            a = (report.get(f"per_family_accuracy.{p}") or {}).get(f)
+            cells.append(_cell(g) + ("" if a is None else f" ({100 * a:.0f}%)"))
+        rows.append([f] + cells)
+    return _table(["family"] + names, rows)
+
+
+def read_samples(run_dir: str, policy: str) -> list[dict]:
+    path = os.path.join(run_dir, f"samples_{policy}.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def sample_table(run_dir: str, policies: Sequence[str], k: int = 8) -> list[str]:
+    """The first prompt of each of the first `k` families (or the first k prompts), every policy's answer beside."""
+    samples = {p: read_samples(run_dir, p) for p in policies}
+    samples = {p: s for p, s in samples.items() if s}
+    if not samples:
+        return []
+    first = next(iter(samples.values()))
+    picked, seen = [], set()
+    for i, row in enumerate(first):
+        fam = row.get("family")
+        if fam is None or fam not in seen:
+            seen.add(fam)
+            picked.append(i)
+        if len(picked) >= k:
+            break
+    rows = []
+    for i in picked:
+        cells = []
+        for s in samples.values():
+            r = s[i] if i < len(s) else {}
+            score = f" ({r['gold']:.2f})" if "gold" in r else (f" (RM {r['rm']:.2f})" if "rm" in r else "")
+            cells.append(_md(r.get("response", "")) + score)
+        rows.append([_md(first[i].get("prompt", "")), _md(first[i].get("reference") or "")] + cells)
+    return _table(["prompt", "reference"] + list(samples), rows)
+
+
+def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
+    lines = ["# Evaluation report", ""]
+    dec = report.get("decoding") or {}
+    lines.append(f"{report.get('heldout_prompts', '?')} held-out prompts; win rates judged by "
+                 f"**{report.get('judge')}**; decoding: temperature {dec.get('temperature', '?')}, "
+                 f"{dec.get('max_new_tokens', '?')} new tokens at most. KL to SFT is estimated on "
+                 f"{dec.get('kl_prompts', '?')} samples per policy at temperature 1 (best-of-n: log n − (n−1)/n).")
+    lines += ["", "## Policies", ""] + policy_table(report)
+    if report.get("rm_accuracy_gold") is not None:
+        lines += ["", (f"Reward-model accuracy against the gold order: **{report['rm_accuracy_gold']:.3f}** on "
+                       f"{report.get('rm_accuracy_gold_pairs')} non-tied held-out pairs (the policies' answers).")]
+    if report.get("rm_accuracy_gold_sft_samples") is not None:
+        lines += ["", (f"On pairs of the SFT model's own samples (best-of-n's candidates): "
+                       f"**{report['rm_accuracy_gold_sft_samples']:.3f}** "
+                       f"({report.get('rm_accuracy_gold_sft_samples_pairs')} pairs).")]
+    checks = check_targets(report)
+    if checks:
+        rows = [[t.description, f"`{t.key}` {t.op} " + (f"`{t.threshold}`" if isinstance(t.threshold, str) else
+                                                         str(t.threshold)),
+                 _cell(v), _cell(th), "✅ pass" if ok else "❌ fail"] for t, v, th, ok in checks]
+        lines += ["", "## Targets", ""] + _table(["target", "check", "value", "threshold", "result"], rows)
+    fam = family_table(report)
+    if fam:
+        lines += ["", "## Gold score per task family (exact-answer rate)", ""] + fam
+    secs = {k.split(".", 1)[1]: v for k, v in report.items() if k.startswith("seconds.")}
+    if secs:
+        lines += ["", "## Time", ""] + _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in secs.items()])
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+    samples = sample_table(run_dir, report.get("policies", []))
+    if samples:
+        lines += ["", "## Samples", "", "Gold score in brackets.", ""] + samples
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str, report: dict, stage_dirs: dict[str, str]) -> dict:
+    """Write report.json (merged into an existing one), the PNG plots and report.md in `run_dir`.
+
+    `stage_dirs` maps a stage name (sft, rm, ppo, ppo_noptx, ...) to its out_dir; its metrics.jsonl feeds the
+    curves (the kind of stage is read from the keys it logged). Returns the merged report.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    merged = merge_report_json(os.path.join(run_dir, "report.json"), {**report, **derived_keys(report)})
+    metrics = {name: rows for name, d in stage_dirs.items() if (rows := read_metrics(d))}
+    written = {"training_curves.png": plot_training_curves(metrics, os.path.join(run_dir, "training_curves.png")),
+               "overoptimisation.png": plot_overoptimisation(metrics, merged,
+                                                             os.path.join(run_dir, "overoptimisation.png")),
+               "per_family.png": plot_per_family(merged, os.path.join(run_dir, "per_family.png"))}
+    plots = [name for name, ok in written.items() if ok]
+    with open(os.path.join(run_dir, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write(render_markdown(run_dir, merged, plots))
+    return merged

@@ -1,0 +1,245 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_corpus, write_jsonl
+
+from instructgpt import evaluate as ev
+from instructgpt.report import Target, check_targets, stage_kind
+
+
+# ------------------------------------------------------------------------------------------------ pure math
+def test_win_rates_by_hand():
+    policy = [1.0, 0.5, 0.2, 0.7, 0.3]
+    sft = [0.5, 0.5, 0.9, 0.7, 0.1]
+    o = ev.pairwise_outcomes(policy, sft)
+    assert o.tolist() == [1.0, 0.5, 0.0, 0.5, 1.0]
+    assert ev.win_rate(o) == pytest.approx(3 / 5)  # (1 + .5 + 0 + .5 + 1) / 5
+    assert ev.win_rate_no_ties(o) == pytest.approx(2 / 3)  # 2 wins, 1 loss, 2 ties left out
+    ties = ev.pairwise_outcomes([0.3, 0.3], [0.3, 0.3])
+    assert ev.win_rate(ties) == 0.5 and math.isnan(ev.win_rate_no_ties(ties))
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data():
+    small = np.array([1.0] * 35 + [0.0] * 15)  # win rate 0.7 on 50 prompts
+    large = np.tile(small, 100)  # the same rate on 5000
+    lo_s, hi_s = ev.bootstrap_ci(small, ev.win_rate, seed=0)
+    lo_l, hi_l = ev.bootstrap_ci(large, ev.win_rate, seed=0)
+    assert lo_s < 0.7 < hi_s and lo_l < 0.7 < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 5  # width ~ 1/sqrt(n): 10x smaller in theory
+    # the normal approximation: 2 * 1.96 * sqrt(p (1 - p) / n)
+    assert hi_l - lo_l == pytest.approx(2 * 1.96 * math.sqrt(0.7 * 0.3 / 5000), rel=0.15)
+    assert ev.bootstrap_ci(small, ev.win_rate, seed=0) == (lo_s, hi_s)  # seeded
+    lo, hi = ev.bootstrap_ci(np.array([1.0, 0.5, 0.5, 0.0, 1.0, 1.0]), ev.win_rate_no_ties, seed=0)
+    assert 0.0 <= lo <= 0.75 <= hi <= 1.0
+
+
+def test_rm_accuracy_against_gold_by_hand():
+    rm = [[3.0, 1.0, 2.0], [0.1, 0.5], [1.0, 1.0]]
+    gold = [[1.0, 0.0, 0.0], [0.9, 0.2], [0.0, 1.0]]
+    # prompt 0: (0,1) agree, (0,2) agree, (1,2) gold tie -> dropped; prompt 1: disagree; prompt 2: RM tie -> 1/2
+    acc, pairs = ev.rm_accuracy(rm, gold)
+    assert pairs == 4 and acc == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert ev.rm_accuracy([[1.0, 2.0]], [[0.5, 0.5]]) == (None, 0)
+
+
+def test_sequence_kl_and_best_of_n_kl_by_hand():
+    lp = [[-1.0, -2.0], [-0.5]]
+    ref = [[-1.5, -2.5], [-0.25]]
+    assert ev.sequence_kl(lp, ref) == pytest.approx(((0.5 + 0.5) + (-0.25)) / 2)
+    assert ev.best_of_n_kl(1) == 0.0
+    assert ev.best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+
+
+def test_bleu_and_rouge_l():
+    text = ["the small dog likes apples today", "three red apples and two pears"]
+    assert ev.bleu(text, text) == pytest.approx(100.0)
+    assert ev.rouge_l(text, text) == pytest.approx(1.0)
+    assert ev.rouge_l(["cat"], ["dog"]) == 0.0
+    # one word of two in common: P = R = 1/2
+    assert ev.rouge_l(["red dog"], ["red cat"]) == pytest.approx(0.5)
+
+
+def test_targets_are_checked_only_when_present():
+    report = {"gold_score.ppo": 0.4, "gold_score.sft": 0.3, "win_rate_ci95.ppo_vs_sft": [0.45, 0.6]}
+    targets = (Target("a", "gold_score.ppo", ">", "gold_score.sft"),
+               Target("b", "win_rate_ci95.ppo_vs_sft[0]", ">", 0.5),
+               Target("c", "rm_accuracy_gold", ">", 0.5))
+    res = [(t.description, v, th, ok) for t, v, th, ok in check_targets(report, targets)]
+    assert res == [("a", 0.4, 0.3, True), ("b", 0.45, 0.5, False)]
+
+
+def test_stage_kind_from_logged_keys():
+    assert stage_kind([{"step": 1, "train/loss": 2.0}]) == "lm"
+    assert stage_kind([{"step": 1, "train/loss": 0.6, "train/accuracy": 0.7}]) == "rm"
+    assert stage_kind([{"step": 1, "objective/kl": 0.1}]) == "ppo"
+    assert stage_kind([]) is None
+
+
+def test_summarize_by_hand():
+    from instructgpt import tasks
+
+    held = ev.heldout_prompts(4, seed=0)
+    gold = {"sft": [1.0, 0.5, 0.2, 0.0], "ppo": [1.0, 0.7, 0.1, 0.4]}
+    rm = {"sft": [0.0, 1.0, 0.0, 0.0], "ppo": [1.0, 0.0, 0.0, 2.0]}
+    responses = {"sft": [p.reference for p in held], "ppo": ["x"] * 4}
+    r = ev.summarize(held, responses, "sft", gold, rm, rm_pool=["sft", "ppo"], n_resamples=200)
+    assert r["gold_score.ppo"] == pytest.approx(2.2 / 4) and r["accuracy.sft"] == 0.25
+    assert r["win_rate.ppo_vs_sft"] == pytest.approx((0.5 + 1 + 0 + 1) / 4)
+    assert r["win_rate_no_ties.ppo_vs_sft"] == pytest.approx(2 / 3)
+    assert r["win_rate_rm.ppo_vs_sft"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    # gold pairs: prompt 0 tie (dropped); 1: gold sft < ppo, rm sft > ppo (wrong); 2: RM tie (1/2); 3: right
+    assert r["rm_accuracy_gold"] == pytest.approx(1.5 / 3) and r["rm_accuracy_gold_pairs"] == 3
+    assert r["bleu.sft"] == pytest.approx(100.0) and r["rouge_l.sft"] == pytest.approx(1.0)
+    fams = [t.family for t in tasks.make_tasks("heldout", 4, seed=0)]
+    assert r["per_family.ppo"] == {f: g for f, g in sorted(zip(fams, gold["ppo"]))}
+    assert r["judge"] == "gold" and len(r["win_rate_ci95.ppo_vs_sft"]) == 2
+
+
+# ------------------------------------------------------------------------------------------- model passes
+def test_kl_to_itself_is_zero_and_logprobs_match_the_sampler(tiny_model_dir):
+    from instructgpt.generation import SamplingParams, generate
+    from instructgpt.modeling import load_model
+    from instructgpt.prompting import encode_prompt, render_prompt
+
+    policy, tok = load_model(tiny_model_dir)
+    sft, _ = load_model(tiny_model_dir)  # the SFT model: the same directory, loaded apart
+    prompts = [f"add {i} plus {i + 3}" for i in range(6)]
+    comps = [c[0] for c in generate(policy, tok, [render_prompt(tok, p) for p in prompts],
+                                    SamplingParams(max_new_tokens=10, temperature=1.0, seed=0), batch_size=4)]
+    prompt_ids = [encode_prompt(tok, p) for p in prompts]
+    responses = [c.token_ids for c in comps]
+    assert ev.kl_to_reference(policy, sft, prompt_ids, responses, tok.pad_token_id, batch_size=4) == \
+        pytest.approx(0.0, abs=1e-6)
+    # the recomputed log-probs are the sampler's, token for token (so the response positions are read right)
+    lps = ev.response_logprobs(policy, prompt_ids, responses, tok.pad_token_id, batch_size=3)
+    for lp, c in zip(lps, comps):
+        assert lp == pytest.approx(c.logprobs, abs=1e-4)
+
+
+def test_perplexity_is_exp_of_mean_token_nll(tiny):
+    model, tok = tiny
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randint(2, 300, (n,), generator=g).tolist() for n in (20, 13, 31)]  # ragged: padding ignored
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in blocks:
+            logits = model(torch.tensor([b])).logits[0]  # (T, V)
+            nll += float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(b[1:]), reduction="sum"))
+            count += len(b) - 1
+    assert ev.perplexity(model, blocks, batch_size=2) == pytest.approx(math.exp(nll / count), rel=1e-5)
+    fixed = ev.perplexity_blocks(tok, tiny_corpus(200), block_size=64, n_blocks=5)
+    assert len(fixed) == 5 and all(len(b) == 64 for b in fixed)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def eval_models(tiny_model_dir, tmp_path_factory):
+    """A second policy (the tiny model with perturbed weights, same tokenizer) and a tiny untrained reward model."""
+    from instructgpt.modeling import load_model, save_model
+    from instructgpt.reward import RewardNorm, init_reward_head
+
+    root = tmp_path_factory.mktemp("eval_models")
+    model, tok = load_model(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(model, tok, str(root / "ppo"))
+    rm, rtok = load_model(tiny_model_dir, model_class="sequence_classification")
+    init_reward_head(rm.score)
+    save_model(rm, rtok, str(root / "rm"))
+    RewardNorm(bias=0.1, gain=2.0).save(str(root / "rm"))
+    return {"ppo": str(root / "ppo"), "rm": str(root / "rm")}
+
+
+def _read_jsonl(path):
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _fake_stage(path, rows):
+    os.makedirs(path, exist_ok=True)
+    write_jsonl(os.path.join(path, "metrics.jsonl"), rows)
+    return str(path)
+
+
+def test_eval_cli_end_to_end(tiny_model_dir, eval_models, tmp_path):
+    from instructgpt.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"seconds.sft": 12.5}))  # an earlier stage's keys survive
+    ptx = write_jsonl(tmp_path / "ptx.jsonl", [{"text": t} for t in tiny_corpus(150, seed=3)])
+    sft_dir = _fake_stage(tmp_path / "sft", [{"step": s, "train/loss": 3.0 / s} for s in range(1, 6)])
+    rm_dir = _fake_stage(tmp_path / "rmstage", [{"step": s, "train/loss": 0.6, "train/accuracy": 0.5 + s / 20}
+                                                for s in range(1, 6)])
+    ppo_dir = _fake_stage(tmp_path / "ppo", [{"step": s, "objective/kl": s / 10, "objective/scores": s / 5,
+                                              "objective/rlhf_reward": s / 6, "eval/kl": s / 10,
+                                              "eval/gold_score": 0.1 * s, "eval/rm_score": 0.3 * s}
+                                             for s in range(1, 6)])
+    rc = main(["eval", "--policy", f"base={tiny_model_dir}", "--policy", f"sft={tiny_model_dir}",
+               "--policy", f"ppo={eval_models['ppo']}", "--reward-model", eval_models["rm"], "--best-of", "2",
+               "--heldout", "26", "--max-new-tokens", "8", "--ptx-text", ptx, "--out", str(out),
+               "--stage", f"sft={sft_dir}", "--stage", f"rm={rm_dir}", "--stage", f"ppo={ppo_dir}"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    required = ["gold_score.base", "gold_score.sft", "gold_score.ppo", "win_rate.ppo_vs_sft",
+                "win_rate_ci95.ppo_vs_sft", "win_rate_no_ties.ppo_vs_sft", "rm_accuracy_gold", "kl.ppo",
+                "ptx_perplexity.sft", "ptx_perplexity.ppo", "seconds.total", "seconds.eval", "seconds.sft"]
+    assert [k for k in required if k not in report] == []
+    assert report["heldout_prompts"] == 26 and report["judge"] == "gold" and report["seconds.sft"] == 12.5
+    assert report["policies"] == ["base", "sft", "ppo", "best_of_2"]
+    # base and sft are the same model: identical greedy answers, every prompt a tie, KL 0
+    assert report["win_rate.base_vs_sft"] == 0.5 and report["win_rate_no_ties.base_vs_sft"] is None
+    assert report["kl.sft"] == 0.0 and report["kl.base"] == pytest.approx(0.0, abs=1e-6)
+    assert report["kl.best_of_2"] == pytest.approx(math.log(2) - 0.5)
+    assert report["ptx_perplexity.base"] == report["ptx_perplexity.sft"] != report["ptx_perplexity.ppo"]
+    lo, hi = report["win_rate_ci95.ppo_vs_sft"]
+    assert 0 <= lo <= report["win_rate.ppo_vs_sft"] <= hi <= 1
+    assert set(report["per_family.ppo"]) == set(report["per_family.sft"]) and len(report["per_family.sft"]) == 13
+    samples = _read_jsonl(out / "samples_ppo.jsonl")
+    assert len(samples) == 26 and all({"prompt", "reference", "response", "gold", "rm"} <= set(s) for s in samples)
+    assert report["gold_score.ppo"] == pytest.approx(sum(s["gold"] for s in samples) / 26, abs=1e-3)
+    assert report["rm_score.ppo"] == pytest.approx(sum(s["rm"] for s in samples) / 26, abs=1e-3)
+    best = _read_jsonl(out / "samples_best_of_2.jsonl")
+    assert len(best) == 26
+    for png in ("training_curves.png", "overoptimisation.png", "per_family.png"):
+        assert (out / png).stat().st_size > 5000
+    md = (out / "report.md").read_text()
+    for section in ("## Policies", "## Targets", "## Gold score per task family", "## Samples", "per_family.png"):
+        assert section in md
+
+
+def test_eval_without_gold_is_judged_by_the_reward_model(tiny_model_dir, eval_models, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"tell me about the {w}", "response": f"the {w} is red"}
+                                                 for w in ("cat", "dog", "bird", "pear", "plum")])
+    report = ev.evaluate({"sft": tiny_model_dir, "ppo": eval_models["ppo"]}, sft="sft",
+                         reward_model=eval_models["rm"], heldout=4, prompts=prompts, ptx_text=None,
+                         out_dir=str(tmp_path / "out"), max_new_tokens=6, n_resamples=100)
+    assert report["judge"] == "reward_model" and report["heldout_prompts"] == 4
+    assert "gold_score.sft" not in report and "rm_accuracy_gold" not in report
+    rm_sft, rm_ppo = ([r["rm"] for r in _read_jsonl(tmp_path / "out" / f"samples_{p}.jsonl")] for p in ("sft", "ppo"))
+    assert report["win_rate.ppo_vs_sft"] == pytest.approx(float(ev.win_rate(ev.pairwise_outcomes(rm_ppo, rm_sft))),
+                                                          abs=1e-3)
+    assert 0.0 <= report["rouge_l.ppo"] <= 1.0 and "bleu.sft" in report
+
+
+def test_rm_scores_score_each_distinct_answer_once():
+    class LengthScorer:  # a stand-in reward model: the response's length
+        def __init__(self):
+            self.calls = []
+
+        def score(self, prompts, responses, batch_size):
+            self.calls.append(list(responses))
+            return [float(len(r)) for r in responses]
+
+    held = ev.heldout_prompts(3, seed=0)
+    responses = {"sft": ["a", "bb", "ccc"], "ppo": ["a", "bbbb", "ccc"], "base": ["zz", "bb", "ccc"]}
+    scorer = LengthScorer()
+    out = ev.rm_scores(scorer, held, responses, batch_size=8)
+    assert out == {"sft": [1.0, 2.0, 3.0], "ppo": [1.0, 4.0, 3.0], "base": [2.0, 2.0, 3.0]}
+    assert len(scorer.calls) == 1 and sorted(scorer.calls[0]) == ["a", "bb", "bbbb", "ccc", "zz"]

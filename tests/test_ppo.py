@@ -257,3 +257,19 @@ def test_sigkill_mid_update_then_rerun_matches_uninterrupted(ppo_inputs, tmp_pat
     wa, wb = _weights(ref), _weights(out)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_lora_policy_shares_the_frozen_base_as_reference_and_lora_value(ppo_inputs, tmp_path):
+    """With LoRA the reference is the policy with its adapter off (no second copy); before any update they agree."""
+    args = _args(ppo_inputs, tmp_path / "lora", "train.max_steps=2", "model.lora.enabled=true",
+                 "model.lora.target_modules=[c_attn]", "ppo.value_lora=true")
+    cfg = load_config(PPOConfig, None, args)
+    models = load_models(cfg)
+    assert models.ref is None and hasattr(models.policy, "disable_adapter")
+    trainable = [n for n, p in models.value.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n or "score" in n for n in trainable)
+    train(cfg)
+    rows = [r for r in read_metrics(str(tmp_path / "lora")) if "objective/kl" in r]
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # adapter B starts at zero: policy == reference
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # merged: a plain checkpoint

@@ -100,3 +100,21 @@ def test_best_of_n_keeps_the_highest_reward(tiny_model_dir, tmp_path):
     for a, b in zip(alls, bests):
         scores = rm.score([a["messages"]] * 4, [c["text"] for c in a["completions"]])
         assert len(b["completions"]) == 1 and b["completions"][0]["reward"] == pytest.approx(max(scores), abs=1e-3)
+
+
+def test_rm_with_lora_trains_head_and_adapter_and_saves_merged(tiny_model_dir, tmp_path):
+    tr = write_jsonl(tmp_path / "train.jsonl", _rankings(64, 0))
+    ev = write_jsonl(tmp_path / "eval.jsonl", _rankings(32, 1))
+    cfg = load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}", f"data.eval={ev}",
+                                       f"out_dir={tmp_path / 'rm'}", "train.batch_size=8", "epochs=3",
+                                       "train.lr=1e-2", "model.lora.enabled=true", "model.lora.r=8",
+                                       "model.lora.target_modules=[c_attn]", "normalize.demonstrations=null"])
+    train(cfg)
+    done = json.load(open(tmp_path / "rm" / "DONE.json"))
+    assert done["eval_accuracy"] > 0.8
+    from transformers import AutoModelForSequenceClassification
+    m = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model")  # merged, plain
+    assert not any("lora" in k for k in m.state_dict())
+    rm = RewardModel.load(str(tmp_path / "rm"))
+    s = rm.score(["what is 1", "what is 1"], ["pear one", "dog two"])
+    assert s[0] > s[1]

@@ -80,12 +80,14 @@ def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, w
     return model, tokenizer
 
 
-def apply_lora(model, lora_cfg):
-    """Wrap `model` with a peft LoRA adapter (merged back into the weights on save)."""
+def apply_lora(model, lora_cfg, task: str = "causal_lm"):
+    """Wrap `model` with a peft LoRA adapter (merged back into the weights on save). task "seq_cls" (reward and value
+    models) also trains the scalar head in full."""
     from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
 
     pc = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=lora_cfg.target_modules, task_type=TaskType.CAUSAL_LM)
+                        target_modules=lora_cfg.target_modules,
+                        task_type=TaskType.SEQ_CLS if task == "seq_cls" else TaskType.CAUSAL_LM)
     return get_peft_model(model, pc)
 
 

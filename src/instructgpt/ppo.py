@@ -67,6 +67,7 @@ class PPOParams:
     response_length: int = 32  # max new tokens per response
     missing_eos_penalty: Optional[float] = -1.0  # score of a response that never emits EOS (None: the RM's score)
     value_model: Literal["reward_model", "policy"] = "reward_model"  # paper: a separate value model from the RM
+    value_lora: bool = False  # train the value model through LoRA (model.lora settings) instead of in full
     value_lr: Optional[float] = None  # value model's lr (None: train.lr); the paper: 9e-6, fixed
     ema_decay: Optional[float] = None  # EMA of the policy weights, saved as the final model (the paper: 0.992)
     eval_prompts: int = 128  # held-out prompts for the monitor (data.eval), every train.eval_every updates
@@ -231,6 +232,8 @@ def load_models(cfg: PPOConfig) -> Models:
         if os.path.exists(os.path.join(rm_dir, "model", "config.json")):
             rm_dir = os.path.join(rm_dir, "model")
         value, _ = load_model(rm_dir, for_training=True, with_tokenizer=False, model_class="sequence_classification")
+        if cfg.ppo.value_lora:
+            value = apply_lora(value, cfg.model.lora, task="seq_cls")
     else:
         head = ValueHead(policy.get_input_embeddings().weight.shape[1])
     # dropout off in every model (implementation-details checklist): eval mode, gradients still flow

@@ -31,6 +31,8 @@ def init_reward_head(head: torch.nn.Linear) -> None:
 
 def trunk_and_head(model):
     """(trunk, head) of a *ForSequenceClassification model: the base model and its `score` projection."""
+    if hasattr(model, "get_base_model"):  # a peft (LoRA) wrapper: its layers are injected in the inner model
+        model = model.get_base_model()
     return model.base_model, model.score
 
 

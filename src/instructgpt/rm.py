@@ -150,6 +150,10 @@ def train(cfg: RMConfig) -> str:
     # 1. backbone from the SFT model, a fresh scalar head
     model, tok = load_model(cfg.model, for_training=True, model_class="sequence_classification")
     init_reward_head(model.score)
+    if cfg.model.lora.enabled:
+        from instructgpt.modeling import apply_lora
+
+        model = apply_lora(model, cfg.model.lora, task="seq_cls")  # the head trains in full, the trunk through LoRA
     # 2. rankings -> (K responses, ranks) per prompt
     rankings = load_comparisons(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
     items, skipped = encode_rankings(tok, rankings, cfg.data.max_length, cfg.data.skip_bad_lines)

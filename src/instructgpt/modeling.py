@@ -26,7 +26,9 @@ def resolve_path(name_or_path: str, gguf_file: str | None = None) -> str:
     if name_or_path.startswith("builtin:"):
         from instructgpt import builtin
 
-        return builtin.model_path(name_or_path)
+        name_or_path = builtin.model_path(name_or_path)
+        if not name_or_path.endswith(".gguf"):
+            return name_or_path
     from instructgpt.gguf_checkpoint import dequantize_gguf, is_gguf_source
 
     if is_gguf_source(name_or_path, gguf_file):

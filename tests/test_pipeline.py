@@ -83,3 +83,12 @@ def test_real_model_recipes_are_valid_with_tiny_stand_ins(name, tiny_model_dir, 
                 f"ppo.data.train={data}", f"ppo.data.eval={data}", "ppo.data.pretrain=builtin:shakespeare"]
     cfgs = stage_configs(load_recipe(path, stand_in), str(tmp_path / "run2"))
     assert cfgs["rm"].data.train == data and cfgs["ppo"].reward_model.name_or_path.endswith(os.path.join("rm", "model"))
+
+
+def test_smollm2_recipe_is_valid_and_uses_lora_everywhere(tiny_model_dir, tmp_path):
+    path = os.path.join(RECIPES, "smollm2.yaml")
+    cfgs = stage_configs(load_recipe(path, [f"sft.model.name_or_path={tiny_model_dir}"]), str(tmp_path / "run"))
+    assert set(cfgs) == {"sft", "rm", "ppo"}
+    assert cfgs["sft"].model.lora.enabled and cfgs["rm"].model.lora.enabled and cfgs["ppo"].model.lora.enabled
+    assert cfgs["ppo"].ppo.value_lora and cfgs["ppo"].ppo.ptx_coef > 0
+    assert load_recipe(path, [])["sft"]["model"]["name_or_path"] == "builtin:smollm2"

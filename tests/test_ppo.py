@@ -173,8 +173,12 @@ def test_policy_equal_to_reference_gives_zero_kl_and_first_ratio_one(ppo_inputs,
                 cfg.ppo, eos_ids(models.policy, tok), tok.pad_token_id, torch.Generator().manual_seed(0), "cpu")
     assert float(kl_per_token(b.logprobs, b.ref_logprobs).abs().max()) == 0.0  # same weights: no penalty
     # the first minibatch of the first epoch sees exactly the rollout's policy: ratio 1, nothing clipped
-    logits, _ = policy_forward(models.policy, b.input_ids, b.attention_mask)
-    new = gather_logprobs(response_logits(logits, b.query.shape[1], cfg.ppo.temperature), b.response)
+    logits, _ = policy_forward(models.policy, b.input_ids, b.attention_mask, response_len=b.response.shape[1])
+    new = gather_logprobs(response_logits(logits, cfg.ppo.temperature), b.response)
+    # the same as slicing the full forward's logits at the response positions
+    full, _ = policy_forward(models.policy, b.input_ids, b.attention_mask)
+    P = b.query.shape[1]
+    torch.testing.assert_close(logits, full[:, P - 1:-1])
     adv = whiten(torch.randn_like(new), b.response_mask)
     _, st = policy_loss(new, b.logprobs, adv, b.response_mask, 0.2)
     assert float(st["ratio"]) == pytest.approx(1.0, abs=1e-6)

@@ -154,9 +154,9 @@ class Rollout:
         return Rollout(**pick)
 
 
-def response_logits(logits: torch.Tensor, query_len: int, temperature: float) -> torch.Tensor:
-    """The logits that predict the response tokens: positions P-1 .. P+R-2 of a (B, P+R, V) forward, / temperature."""
-    return logits[:, query_len - 1:-1].float() / temperature  # (B, R, V)
+def response_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits that predict the response tokens (see `policy_forward(response_len=R)`), divided by the temperature."""
+    return logits.float() / temperature  # (B, R, V)
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -182,15 +182,22 @@ class ValueHead(torch.nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
 
-def policy_forward(policy, input_ids, attention_mask, value_head: Optional[ValueHead] = None):
-    """(logits (B, T, V), values (B, T) or None) with position ids that ignore left padding."""
+def policy_forward(policy, input_ids, attention_mask, value_head: Optional[ValueHead] = None,
+                   response_len: Optional[int] = None):
+    """(logits, values (B, T) or None) with position ids that ignore left padding.
+
+    With `response_len` = R the logits are only those predicting the last R tokens, (B, R, V): positions
+    T-R-1 .. T-2, so the LM head never runs over the query (`logits_to_keep`). Otherwise (B, T, V).
+    """
     from instructgpt.modeling import position_ids_from_mask
 
+    kw = {"logits_to_keep": response_len + 1} if response_len is not None else {}
     out = policy(input_ids=input_ids, attention_mask=attention_mask,
                  position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                 output_hidden_states=value_head is not None)
+                 output_hidden_states=value_head is not None, **kw)
     values = value_head(out.hidden_states[-1]) if value_head is not None else None
-    return out.logits, values
+    logits = out.logits[:, :-1] if response_len is not None else out.logits
+    return logits, values
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -264,17 +271,17 @@ def rollout(models: Models, policy, value, value_head, queries: Sequence[Sequenc
     ids = torch.cat([q, response], 1)
     att = torch.cat([qm, rmask.long()], 1)
     # old log-probs from the same full forward the training step uses, so the first ratio is exactly 1
-    logits, values = policy_forward(policy, ids, att, value_head)
-    rl = response_logits(logits, P, p.temperature)
+    logits, values = policy_forward(policy, ids, att, value_head, response_len=R)
+    rl = response_logits(logits, p.temperature)
     logprobs = gather_logprobs(rl, response)
     entropy = entropy_from_logits(rl)
     del logits, rl
     if models.ref is not None:
-        ref_logits, _ = policy_forward(models.ref, ids, att)
+        ref_logits, _ = policy_forward(models.ref, ids, att, response_len=R)
     else:
         with policy.disable_adapter():
-            ref_logits, _ = policy_forward(policy, ids, att)
-    ref_logprobs = gather_logprobs(response_logits(ref_logits, P, p.temperature), response)
+            ref_logits, _ = policy_forward(policy, ids, att, response_len=R)
+    ref_logprobs = gather_logprobs(response_logits(ref_logits, p.temperature), response)
     del ref_logits
     if value is not None:
         values = token_values(value, ids, att)
@@ -326,13 +333,13 @@ def monitor(models: Models, policy, cfg: PPOConfig, eval_prompts: list, device) 
             r[i, :len(ids)] = torch.tensor(ids, device=device)
             rm_[i, :len(ids)] = True
         ids, att = torch.cat([q, r], 1), torch.cat([qm, rm_.long()], 1)
-        lp = gather_logprobs(response_logits(policy_forward(policy, ids, att)[0], q.shape[1], p.temperature), r)
+        lp = gather_logprobs(response_logits(policy_forward(policy, ids, att, response_len=R)[0], p.temperature), r)
         if models.ref is not None:
-            ref_logits = policy_forward(models.ref, ids, att)[0]
+            ref_logits = policy_forward(models.ref, ids, att, response_len=R)[0]
         else:
             with policy.disable_adapter():
-                ref_logits = policy_forward(policy, ids, att)[0]
-        rlp = gather_logprobs(response_logits(ref_logits, q.shape[1], p.temperature), r)
+                ref_logits = policy_forward(policy, ids, att, response_len=R)[0]
+        rlp = gather_logprobs(response_logits(ref_logits, p.temperature), r)
         kls += ((lp - rlp) * rm_).sum(-1).tolist()
     out["eval/kl"] = sum(kls) / len(kls)
     golds = [tasks.gold_score(u, c.text) if tasks.parse_task(u) else None for u, c in zip(user, sampled)]
@@ -522,8 +529,8 @@ def train(cfg: PPOConfig) -> str:
                     mb_mask, mb_adv, mb_ret = mask[mb_idx], advantages[mb_idx], returns[mb_idx]
                     P = mb.query.shape[1]
                     ids, att = mb.input_ids, mb.attention_mask
-                    logits, vals = policy_forward(policy, ids, att, value_head)
-                    new_logprobs = gather_logprobs(response_logits(logits, P, p.temperature), mb.response)
+                    logits, vals = policy_forward(policy, ids, att, value_head, response_len=mb.response.shape[1])
+                    new_logprobs = gather_logprobs(response_logits(logits, p.temperature), mb.response)
                     del logits
                     if value is not None:
                         from instructgpt.reward import token_values

@@ -6,8 +6,8 @@ import json
 import os
 
 import pytest
-
 from conftest import write_jsonl
+
 from instructgpt.cli import main as cli_main
 from instructgpt.config import ConfigError
 from instructgpt.pipeline import load_recipe, stage_configs

@@ -12,15 +12,22 @@ import time
 
 import pytest
 import torch
-
 from conftest import write_jsonl
+
 from instructgpt.advantages import gae, gae_loop, kl_per_token, token_rewards, whiten
 from instructgpt.config import ConfigError, load_config
 from instructgpt.kl_control import AdaptiveKLController
 from instructgpt.losses import lm_loss, policy_loss, value_loss
-from instructgpt.ppo import PPOConfig, gather_logprobs, load_models, policy_forward, response_logits, rollout, train
+from instructgpt.ppo import (
+    PPOConfig,
+    gather_logprobs,
+    load_models,
+    policy_forward,
+    response_logits,
+    rollout,
+    train,
+)
 from instructgpt.runs import read_metrics
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Math
@@ -141,7 +148,8 @@ def _rankings(n, seed):
 
 @pytest.fixture(scope="module")
 def ppo_inputs(tiny_model_dir, tmp_path_factory):
-    from instructgpt.rm import RMConfig, train as rm_train
+    from instructgpt.rm import RMConfig
+    from instructgpt.rm import train as rm_train
     d = tmp_path_factory.mktemp("ppo")
     tr = write_jsonl(d / "rank.jsonl", _rankings(200, 0))
     rm_train(load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}",

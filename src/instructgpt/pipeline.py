@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import time
-from typing import Optional
 
 import yaml
 
@@ -64,7 +63,7 @@ LABEL_SIM_KEYS = {"prompts", "k", "noise", "flip_prob", "bt_scale", "temperature
 EVAL_KEYS = {"heldout", "best_of", "prompts", "ptx_text", "max_new_tokens", "temperature", "batch_size", "reward_model"}
 
 
-def load_recipe(path: Optional[str], overrides: list[str]) -> dict:
+def load_recipe(path: str | None, overrides: list[str]) -> dict:
     """The embedded default <- the recipe file <- ``stage.key=value`` overrides; unknown sections are errors."""
     recipe = copy.deepcopy(DEFAULT_RECIPE)
     if path:

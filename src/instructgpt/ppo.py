@@ -24,12 +24,19 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 import torch
 
-from instructgpt.advantages import explained_variance, gae, kl_per_token, token_rewards, whiten
+from instructgpt.advantages import (
+    explained_variance,
+    gae,
+    kl_per_token,
+    token_rewards,
+    whiten,
+)
 from instructgpt.config import ConfigError, StageConfig, TrainConfig
 from instructgpt.kl_control import AdaptiveKLController, FixedKLController
 from instructgpt.losses import lm_loss, masked_mean, policy_loss, value_loss
@@ -42,7 +49,7 @@ DEFAULT_EVAL_PROMPTS = "builtin:task-prompts?split=heldout&n=128&seed=7"
 
 @dataclass
 class RewardModelConfig:
-    name_or_path: Optional[str] = None  # an `instructgpt rm` out_dir or its model/ directory
+    name_or_path: str | None = None  # an `instructgpt rm` out_dir or its model/ directory
 
 
 @dataclass
@@ -65,16 +72,16 @@ class PPOParams:
     whiten_advantages: bool = True  # over the whole rollout batch, response tokens only
     temperature: float = 1.0  # rollout sampling temperature (the paper: 1); log-probs use logits / temperature
     response_length: int = 32  # max new tokens per response
-    missing_eos_penalty: Optional[float] = -1.0  # score of a response that never emits EOS (None: the RM's score)
+    missing_eos_penalty: float | None = -1.0  # score of a response that never emits EOS (None: the RM's score)
     value_model: Literal["reward_model", "policy"] = "reward_model"  # paper: a separate value model from the RM
     value_lora: bool = False  # train the value model through LoRA (model.lora settings) instead of in full
-    value_lr: Optional[float] = None  # value model's lr (None: train.lr); the paper: 9e-6, fixed
-    ema_decay: Optional[float] = None  # EMA of the policy weights, saved as the final model (the paper: 0.992)
+    value_lr: float | None = None  # value model's lr (None: train.lr); the paper: 9e-6, fixed
+    ema_decay: float | None = None  # EMA of the policy weights, saved as the final model (the paper: 0.992)
     eval_prompts: int = 128  # held-out prompts for the monitor (data.eval), every train.eval_every updates
     sample_every: int = 10  # every N updates, write a few (query, response, score, kl) to samples.jsonl
     keep_best: Literal["none", "gold", "reward"] = "none"  # keep the checkpoint with the best held-out gold score,
     # or ("reward") the best held-out RM score whose KL is within kl_budget; "none" keeps the last
-    kl_budget: Optional[float] = None
+    kl_budget: float | None = None
 
 
 def _ppo_train() -> TrainConfig:
@@ -148,7 +155,7 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask.long(), self.response_mask.long()], 1)  # (B, P+R)
 
-    def rows(self, idx: torch.Tensor) -> "Rollout":
+    def rows(self, idx: torch.Tensor) -> Rollout:
         pick = {k: (v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()])
                 for k, v in self.__dict__.items()}
         return Rollout(**pick)
@@ -182,8 +189,8 @@ class ValueHead(torch.nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
 
-def policy_forward(policy, input_ids, attention_mask, value_head: Optional[ValueHead] = None,
-                   response_len: Optional[int] = None):
+def policy_forward(policy, input_ids, attention_mask, value_head: ValueHead | None = None,
+                   response_len: int | None = None):
     """(logits, values (B, T) or None) with position ids that ignore left padding.
 
     With `response_len` = R the logits are only those predicting the last R tokens, (B, R, V): positions
@@ -207,11 +214,11 @@ def policy_forward(policy, input_ids, attention_mask, value_head: Optional[Value
 @dataclass
 class Models:
     policy: torch.nn.Module
-    ref: Optional[torch.nn.Module]  # None with LoRA: the policy with its adapter disabled is the reference
-    value: Optional[torch.nn.Module]  # a *ForSequenceClassification model, or None with a value head on the policy
-    value_head: Optional[ValueHead]
-    reward: "object"  # instructgpt.reward.RewardModel
-    tokenizer: "object"
+    ref: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled is the reference
+    value: torch.nn.Module | None  # a *ForSequenceClassification model, or None with a value head on the policy
+    value_head: ValueHead | None
+    reward: object  # instructgpt.reward.RewardModel
+    tokenizer: object
 
 
 def load_models(cfg: PPOConfig) -> Models:
@@ -375,7 +382,7 @@ class EMA:
 # The loop
 
 
-def _prompt_ids(cfg: PPOConfig, tok, source: str, limit: Optional[int] = None,
+def _prompt_ids(cfg: PPOConfig, tok, source: str, limit: int | None = None,
                 skip_bad: bool = False) -> tuple[list, list[list[int]], int]:
     """Prompts and their token ids; too long or bad ones are an error, or counted skips with `skip_bad`."""
     from instructgpt.data import DataError, load_prompts
@@ -412,7 +419,12 @@ def train(cfg: PPOConfig) -> str:
     from instructgpt.generation import eos_ids
     from instructgpt.modeling import save_model, set_seed
     from instructgpt.progress import StageProgress
-    from instructgpt.sft import make_accelerator, resume_step, stream_indices, text_blocks
+    from instructgpt.sft import (
+        make_accelerator,
+        resume_step,
+        stream_indices,
+        text_blocks,
+    )
 
     cfg.validate()
     acc = make_accelerator(cfg)
@@ -434,7 +446,7 @@ def train(cfg: PPOConfig) -> str:
     trainable = [models.policy] + ([models.value] if models.value is not None else [models.value_head])
     params_pi = [q for q in models.policy.parameters() if q.requires_grad]
     params_v = [q for q in trainable[1].parameters() if q.requires_grad]
-    adam = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    adam = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps, "weight_decay": t.weight_decay}
     if models.value is not None:
         opt = torch.optim.AdamW(params_pi, lr=t.lr, **adam)
         vopt = torch.optim.AdamW(params_v, lr=p.value_lr or t.lr, **adam)
@@ -626,7 +638,7 @@ def train(cfg: PPOConfig) -> str:
     return cfg.out_dir
 
 
-def _gold_scores(prompts: list, tok, response: torch.Tensor, mask: torch.Tensor) -> Optional[float]:
+def _gold_scores(prompts: list, tok, response: torch.Tensor, mask: torch.Tensor) -> float | None:
     """Mean gold score of the rollouts when every prompt is from the built-in task (else None)."""
     from instructgpt import tasks
 
@@ -644,8 +656,7 @@ def _write_samples(run: StageRun, step: int, b: Rollout, kl: torch.Tensor, tok, 
         rows.append({"step": step, "query": b.prompts[i][-1]["content"], "response": text,
                      "score": round(float(b.scores[i]), 4), "kl": round(float(kl[i].sum()), 4)})
     with open(run.path("samples.jsonl"), "a", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""The server's typed configuration: what `instructgpt serve` flags become, with cross-field checks in `validate()`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from instructgpt.serving.security import is_loopback
+
+
+class ServeConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Limits:
+    """Bounds on what one request may ask for (each a 400 when exceeded; the body size a 413)."""
+
+    max_request_bytes: int = 1_000_000
+    max_tokens: int = 512  # per completion; also the chat default when max_tokens is not given (context permitting)
+    max_n: int = 16
+    max_best_of: int = 16
+    max_prompts: int = 32  # prompts in one /v1/completions request
+    max_rows: int = 64  # sequences one request may generate: prompts * max(n, best_of)
+    max_messages: int = 256
+    max_stop: int = 4  # OpenAI's limit
+    max_stop_chars: int = 256
+    max_completion_logprobs: int = 5  # OpenAI's limit for /v1/completions `logprobs`
+    max_top_logprobs: int = 20  # OpenAI's limit for chat `top_logprobs`
+
+
+@dataclass
+class ServeConfig:
+    model: str
+    model_name: Optional[str] = None  # the id clients send as `model`; default: the model directory's basename
+    reward_model: Optional[str] = None
+    engine: str = "ours"  # "ours" (generation.sample, CPU or GPU) or "vllm"
+    device: str = "auto"  # auto: cuda when available
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32  # rows (sequences) per generation batch
+    batch_wait_ms: float = 20.0  # the longest a request waits for others to batch with (see engine.py)
+    max_pending_rows: int = 1024  # queued rows beyond this: 503
+    rate_limit: float = 600.0  # requests per minute per key (bursts up to that many); 0 = off
+    audit_log: Optional[str] = "serve_audit.jsonl"  # None = off
+    log_prompts: bool = False  # also log (redacted) prompts and completions
+    ssl_certfile: Optional[str] = None
+    ssl_keyfile: Optional[str] = None
+    max_connections: int = 512  # uvicorn's limit_concurrency: beyond it new connections get 503
+    limits: Limits = field(default_factory=Limits)
+
+    def validate(self, have_keys: bool) -> None:
+        if self.engine not in ("ours", "vllm"):
+            raise ServeConfigError(f"--engine must be 'ours' or 'vllm', got {self.engine!r}")
+        if not have_keys and not is_loopback(self.host):
+            raise ServeConfigError(
+                f"refusing to serve on {self.host} without API keys: give --api-keys FILE or set "
+                "INSTRUCTGPT_API_KEYS, or bind to 127.0.0.1")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ServeConfigError("TLS needs both --ssl-certfile and --ssl-keyfile")
+        for p in (self.ssl_certfile, self.ssl_keyfile):
+            if p and not os.path.isfile(p):
+                raise ServeConfigError(f"{p}: no such file")
+        if self.max_batch_size < 1 or self.batch_wait_ms < 0 or self.rate_limit < 0:
+            raise ServeConfigError("--max-batch-size must be >= 1, --batch-wait-ms and --rate-limit >= 0")
+        if self.limits.max_rows < max(self.limits.max_n, self.limits.max_best_of):
+            raise ServeConfigError("limits: max_rows must be >= max_n and max_best_of")
+
+    def resolved_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        from instructgpt.modeling import resolve_path
+
+        path = resolve_path(self.model).rstrip("/\\")  # builtin:base -> .../assets/base
+        return os.path.basename(path) if os.path.isdir(path) else self.model
+
+
+def context_length(model_config, tokenizer=None, default: int = 2048) -> int:
+    """The longest prompt + completion a model takes (GPT-2: n_positions; most others: max_position_embeddings)."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+        v = getattr(model_config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    m = getattr(tokenizer, "model_max_length", None)
+    return m if isinstance(m, int) and 0 < m < 10**7 else default

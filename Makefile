@@ -32,6 +32,7 @@ test: install-dev
 	$(BIN)/python -m pytest -q -rs
 
 bench: install-dev
+	PIP=$(BIN)/pip bash benchmarks/setup_trl.sh
 	$(BIN)/python benchmarks/run.py
 
 clean:

@@ -1,0 +1,166 @@
+"""Our side of each benchmark, one measurement per process: `python benchmarks/ours.py TASK SPEC.json OUT.json`.
+
+TASK: sft | rm_k4 | rm_k9 | generate | ppo | ppo_scaling. Run by run.py, which alternates it with theirs.py /
+ppo_trl.py on the same workload (workload.py). Training goes through the real entry points
+(`instructgpt.sft.train`, `instructgpt.rm.train`) with nothing changed but two wrappers that only observe: one counts
+the work of each step (tokens, comparisons), one stamps the end of each optimizer step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import measure
+
+
+def run_dir(out: str) -> str:
+    d = out[: -len(".json")] + "_run"
+    shutil.rmtree(d, ignore_errors=True)
+    return d
+
+
+def train_section(s: dict, steps: int, batch: int, lr: float) -> dict:
+    o = s["optim"]
+    return {"max_steps": steps, "batch_size": batch, "grad_accum": 1, "lr": lr, "warmup_steps": 0,
+            "min_lr_ratio": o["min_lr_ratio"], "weight_decay": o["weight_decay"], "adam_beta1": o["beta1"],
+            "adam_beta2": o["beta2"], "adam_eps": o["eps"], "max_grad_norm": o["max_grad_norm"],
+            "mixed_precision": "no", "log_every": 10, "eval_every": 10**9, "save_every": 0}
+
+
+def sft(spec: dict, out: str) -> dict:
+    import instructgpt.sft as stage
+    from instructgpt.config import load_config
+
+    s = spec["settings"]
+    cfg = load_config(stage.SFTConfig, extra={
+        "model": {"name_or_path": "builtin:base", "dtype": "float32"},
+        "data": {"train": spec["sft"]["demos"], "eval_size": 0, "max_length": s["max_length"]},
+        "train": train_section(s, s["sft_steps"], s["sft_batch"], s["sft_lr"]),
+        "out_dir": run_dir(out), "seed": s["seed"]})
+    clock, tokens = measure.StepClock(), [0]
+    collate, optimizer_step = stage.collate, stage.optimizer_step
+
+    def counting_collate(examples, pad_token_id):  # the real collate; counts the (non-pad) tokens it batches
+        b = collate(examples, pad_token_id)
+        tokens[0] += int(b["attention_mask"].sum())
+        return b
+
+    def timed_optimizer_step(*args, **kwargs):  # the real step; stamps its end
+        optimizer_step(*args, **kwargs)
+        clock.step_done(tokens[0])
+        tokens[0] = 0
+
+    stage.collate, stage.optimizer_step = counting_collate, timed_optimizer_step
+    stage.train(cfg)
+    return {**clock.figures(s["sft_warmup"]), "unit": "tokens/s", "tokens_per_step": clock.amounts}
+
+
+def rm(spec: dict, out: str, k: int) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    import instructgpt.rm as stage
+    from instructgpt.config import load_config
+    from instructgpt.losses import ranking_pairs
+
+    s, r = spec["settings"], spec["rm"][str(k)]
+    out_dir = run_dir(out)
+    cfg = load_config(stage.RMConfig, extra={
+        "model": {"name_or_path": "builtin:base", "dtype": "float32"},
+        "data": {"train": r["rankings"], "eval_size": 0, "max_length": s["max_length"]},
+        "train": train_section(s, r["steps"], s["rm_prompts_per_step"], s["rm_lr"]),
+        "normalize": {"demonstrations": None, "policy": None},
+        "out_dir": out_dir, "seed": s["seed"]})
+    clock, comparisons = measure.StepClock(), [0]
+    forward_rankings, optimizer_step = stage.forward_rankings, stage.optimizer_step
+
+    def counting_forward(model, items, *args, **kwargs):  # the real forward; counts the comparisons it serves
+        comparisons[0] += sum(len(ranking_pairs(it.ranks)) for it in items)
+        return forward_rankings(model, items, *args, **kwargs)
+
+    def timed_optimizer_step(*args, **kwargs):
+        optimizer_step(*args, **kwargs)
+        clock.step_done(comparisons[0])
+        comparisons[0] = 0
+
+    stage.forward_rankings, stage.optimizer_step = counting_forward, timed_optimizer_step
+    stage.train(cfg)
+    model = AutoModelForSequenceClassification.from_pretrained(os.path.join(out_dir, "model"))
+    acc = measure.ranking_accuracy(model, measure.load_json(r["heldout"]), spec["pad_token_id"])
+    return {**clock.figures(s["rm_warmup"]), "unit": "comparisons/s", "comparisons_per_step": clock.amounts,
+            "heldout_accuracy": acc}
+
+
+def generate(spec: dict, out: str) -> dict:
+    import statistics
+    import time
+
+    import torch
+
+    from instructgpt.generation import SamplingParams, left_pad, sample
+    from instructgpt.modeling import load_model
+
+    s = spec["settings"]
+    model, tok = load_model("builtin:base")
+    model.eval()
+    prompts = measure.load_json(spec["prompts"])
+    n = s["gen_new_tokens"]
+    # fixed-length responses: the same work as model.generate without an EOS token
+    params = SamplingParams(max_new_tokens=n, temperature=1.0, top_p=1.0, top_k=0, stop_at_eos=False)
+    g = torch.Generator().manual_seed(s["seed"])
+    res = {}
+    for b in s["gen_batches"]:
+        ids, mask = left_pad(prompts[:b], tok.pad_token_id)
+        times, cpu = [], []
+        for call in range(1 + s["gen_calls"][str(b)]):  # call 0 is warm-up
+            t, c = time.perf_counter(), time.process_time()
+            batch = sample(model, ids, mask, params, tok.eos_token_id, tok.pad_token_id, generator=g)
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+            assert batch.tokens.shape == (b, n), batch.tokens.shape
+        res[str(b)] = {"throughput": b * n / statistics.median(times[1:]),
+                       "cpu_throughput": b * n / statistics.median(cpu[1:]),
+                       "call_seconds": [round(x, 4) for x in times]}
+    return {"unit": "new tokens/s", "batches": res}
+
+
+def ppo(spec: dict, out: str, configs: list[dict]) -> dict:
+    from run import ours_ppo_update
+
+    p, res = spec["ppo"], []
+    for c in configs:
+        r = ours_ppo_update(p["policy_dir"], p["reward_dir"], c["batch"], c["length"], p["epochs"],
+                            p["minibatches"], c["updates"])
+        if "skipped" in r:
+            return {"skipped": r["skipped"]}
+        res.append({**c, **r})
+    return {"unit": "episodes/s", "configs": res}
+
+
+def main() -> None:
+    task, spec, out = measure.read_spec()
+    measure.setup(spec["threads"])
+    if task == "sft":
+        result = sft(spec, out)
+    elif task in ("rm_k4", "rm_k9"):
+        result = rm(spec, out, int(task[-1]))
+    elif task == "generate":
+        result = generate(spec, out)
+    elif task == "ppo":
+        result = ppo(spec, out, spec["ppo"]["main"])
+    elif task == "ppo_scaling":
+        result = ppo(spec, out, spec["ppo"]["scaling"])
+    else:
+        raise SystemExit(f"unknown task {task}")
+    import torch
+    import transformers
+
+    import instructgpt
+
+    measure.write_result(out, {"side": "ours", "task": task, **result,
+                               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                            "instructgpt": getattr(instructgpt, "__version__", "0.1.0")}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""TRL's PPO (1.12.0, the last release that has it: `trl.experimental.ppo`), one process per call:
+`python benchmarks/ppo_trl.py ppo|ppo_scaling SPEC.json OUT.json` with benchmarks/.trl/ppo on PYTHONPATH.
+
+Each configuration (batch, response length, updates) builds a fresh PPOTrainer: policy and reference from
+`builtin:base`, reward and value models from the same seeded SequenceClassification checkpoint (num_labels=1) that
+our side loads. An update is TRL's whole loop body: rollout (sampling), scoring, reference/value forwards, GAE,
+`num_ppo_epochs` epochs over `num_mini_batches` minibatches, logging. Its time is the interval between consecutive
+`on_step_end` callbacks (the first, from `on_train_begin`, is warm-up and left out of episodes/s).
+
+Settings beyond TRL's defaults, each to make both sides do the same work: fp32 (`bf16=False`), no gradient
+checkpointing, temperature 1, `num_sample_generations=0` (no extra sample generation), the whole batch in one
+rollout forward (`local_rollout_forward_batch_size=batch`). TRL's default `stop_token=None` keeps every response
+exactly `response_length` tokens long, so the work per update does not depend on what the policy samples.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import measure
+
+
+def one_config(spec: dict, out: str, batch: int, length: int, updates: int) -> dict:
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    p, s = spec["ppo"], spec["settings"]
+    clock = measure.StepClock()
+
+    class UpdateClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.step_done(batch)
+
+    tok = AutoTokenizer.from_pretrained(p["policy_dir"], padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(p["policy_dir"])
+    ref = AutoModelForCausalLM.from_pretrained(p["policy_dir"])
+    value = AutoModelForSequenceClassification.from_pretrained(p["reward_dir"], num_labels=1)
+    reward = AutoModelForSequenceClassification.from_pretrained(p["reward_dir"], num_labels=1)
+    ds = Dataset.from_dict({"input_ids": measure.load_json(spec["prompts"])})
+    nmb = p["minibatches"]
+    # TRL 1.12: rollout batch = per_device_train_batch_size x gradient_accumulation_steps; minibatch = batch / nmb
+    args = PPOConfig(output_dir=os.path.join(out[: -len(".json")] + "_run", f"b{batch}_n{length}"),
+                     per_device_train_batch_size=batch // nmb, gradient_accumulation_steps=nmb,
+                     num_mini_batches=nmb, num_ppo_epochs=p["epochs"], total_episodes=batch * updates,
+                     response_length=length, local_rollout_forward_batch_size=batch, num_sample_generations=0,
+                     temperature=1.0, learning_rate=p["lr"], bf16=False, fp16=False, activation_checkpointing=False,
+                     use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=s["seed"])
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=ds, callbacks=[UpdateClock()])
+    trainer.train()
+    secs, cpu = clock.step_seconds(), clock.step_cpu_seconds()
+    timed, timed_cpu = secs[1:] or secs, cpu[1:] or cpu
+    del trainer, policy, ref, value, reward
+    gc.collect()
+    return {"batch": batch, "length": length, "updates": updates, "seconds_per_update": secs,
+            "cpu_seconds_per_update": cpu, "episodes_per_s": batch * len(timed) / sum(timed),
+            "episodes_per_cpu_s": batch * len(timed_cpu) / sum(timed_cpu)}
+
+
+def main() -> None:
+    task, spec, out = measure.read_spec()
+    measure.setup(spec["threads"])
+    configs = spec["ppo"]["main"] if task == "ppo" else spec["ppo"]["scaling"]
+    res = [one_config(spec, out, c["batch"], c["length"], c["updates"]) for c in configs]
+    import torch
+    import transformers
+    import trl
+
+    measure.write_result(out, {"side": "trl", "task": task, "unit": "episodes/s", "configs": res,
+                               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                            "trl": trl.__version__}})
+
+
+if __name__ == "__main__":
+    main()

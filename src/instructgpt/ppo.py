@@ -74,6 +74,7 @@ class PPOParams:
     response_length: int = 32  # max new tokens per response
     missing_eos_penalty: float | None = -1.0  # score of a response that never emits EOS (None: the RM's score)
     value_model: Literal["reward_model", "policy"] = "reward_model"  # paper: a separate value model from the RM
+    recompute_logprobs: bool = False  # old log-probs from a full forward after sampling instead of the sampler's
     value_lora: bool = False  # train the value model through LoRA (model.lora settings) instead of in full
     value_lr: float | None = None  # value model's lr (None: train.lr); the paper: 9e-6, fixed
     ema_decay: float | None = None  # EMA of the policy weights, saved as the final model (the paper: 0.992)
@@ -144,7 +145,6 @@ class Rollout:
     values: torch.Tensor  # (B, R) V(state before each response token)
     scores: torch.Tensor  # (B,) normalised RM score (or the missing-EOS penalty)
     ended: torch.Tensor  # (B,) bool: the response emitted EOS
-    entropy: torch.Tensor  # (B, R) entropy of pi_old at each response position
     prompts: list  # B prompts (messages), for logging and the gold monitor
 
     @property
@@ -277,12 +277,16 @@ def rollout(models: Models, policy, value, value_head, queries: Sequence[Sequenc
     rmask = torch.arange(R, device=device)[None, :] < out.lengths[:, None]  # (B, R)
     ids = torch.cat([q, response], 1)
     att = torch.cat([qm, rmask.long()], 1)
-    # old log-probs from the same full forward the training step uses, so the first ratio is exactly 1
-    logits, values = policy_forward(policy, ids, att, value_head, response_len=R)
-    rl = response_logits(logits, p.temperature)
-    logprobs = gather_logprobs(rl, response)
-    entropy = entropy_from_logits(rl)
-    del logits, rl
+    values = None
+    if p.recompute_logprobs or value_head is not None:
+        # old log-probs from the same full forward the training step uses: the first ratio is exactly 1
+        logits, values = policy_forward(policy, ids, att, value_head, response_len=R)
+        logprobs = gather_logprobs(response_logits(logits, p.temperature), response)
+        del logits
+    else:
+        # the sampler's own log-probs (logits / temperature, KV-cached forwards): equal to a full forward's up to
+        # float rounding (~1e-6), and one policy forward per rollout cheaper (TRL reuses them the same way)
+        logprobs = out.logprobs
     if models.ref is not None:
         ref_logits, _ = policy_forward(models.ref, ids, att, response_len=R)
     else:
@@ -299,7 +303,7 @@ def rollout(models: Models, policy, value, value_head, queries: Sequence[Sequenc
     if p.missing_eos_penalty is not None:
         scores = torch.where(out.ended, scores, torch.full_like(scores, p.missing_eos_penalty))
     return Rollout(q, qm, response, rmask, logprobs * rmask, ref_logprobs * rmask, values * rmask, scores,
-                   out.ended, entropy * rmask, list(prompts))
+                   out.ended, list(prompts))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -446,7 +450,10 @@ def train(cfg: PPOConfig) -> str:
     trainable = [models.policy] + ([models.value] if models.value is not None else [models.value_head])
     params_pi = [q for q in models.policy.parameters() if q.requires_grad]
     params_v = [q for q in trainable[1].parameters() if q.requires_grad]
-    adam = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps, "weight_decay": t.weight_decay}
+    from instructgpt.sft import fused_adam_ok
+
+    adam = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps, "weight_decay": t.weight_decay,
+            "fused": fused_adam_ok(models.policy)}
     if models.value is not None:
         opt = torch.optim.AdamW(params_pi, lr=t.lr, **adam)
         vopt = torch.optim.AdamW(params_v, lr=p.value_lr or t.lr, **adam)
@@ -542,8 +549,13 @@ def train(cfg: PPOConfig) -> str:
                     P = mb.query.shape[1]
                     ids, att = mb.input_ids, mb.attention_mask
                     logits, vals = policy_forward(policy, ids, att, value_head, response_len=mb.response.shape[1])
-                    new_logprobs = gather_logprobs(response_logits(logits, p.temperature), mb.response)
-                    del logits
+                    scaled = response_logits(logits, p.temperature)
+                    new_logprobs = gather_logprobs(scaled, mb.response)
+                    if epoch == 0:  # the policy's entropy on the rollouts, before (or barely after) this update
+                        with torch.no_grad():
+                            stats.setdefault("objective/entropy", []).append(
+                                float(masked_mean(entropy_from_logits(scaled), mb_mask)))
+                    del logits, scaled
                     if value is not None:
                         from instructgpt.reward import token_values
 
@@ -594,7 +606,6 @@ def train(cfg: PPOConfig) -> str:
                 "objective/scores": float(acc.reduce(scores.mean(), "mean")),
                 "objective/rlhf_reward": float(acc.reduce((scores + non_score.sum(-1)).mean(), "mean")),
                 "objective/non_score_reward": float(acc.reduce(non_score.sum(-1).mean(), "mean")),
-                "objective/entropy": float(masked_mean(b.entropy, mask)),
                 "ppo/val/var_explained": explained_variance(b.values, returns, mask),
                 "ppo/mean_response_length": float(mask.sum(-1).float().mean()),
                 "ppo/eos_rate": float(b.ended.float().mean()),

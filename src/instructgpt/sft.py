@@ -186,6 +186,12 @@ def eval_loss(model, examples: Sequence[Example], pad_token_id: int, batch_size:
     return total / max(count, 1)
 
 
+def fused_adam_ok(model) -> bool:
+    """torch's fused AdamW (one kernel for all parameters) where it runs: fp32/bf16/fp16 on CPU or CUDA."""
+    p = next(model.parameters())
+    return p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
 def make_optimizer(acc, model, t, total_steps: int):
     """AdamW + warmup/cosine schedule, model and optimizer prepared by `accelerate`; returns (model, opt, sched).
 
@@ -193,7 +199,8 @@ def make_optimizer(acc, model, t, total_steps: int):
     dataloader), while our global batch already spans all processes. It is registered so checkpoints hold it.
     """
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
-                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay,
+                            fused=fused_adam_ok(model))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_lr_factor(s, t.warmup_steps, total_steps, t.min_lr_ratio))
     model, opt = acc.prepare(model, opt)

@@ -201,6 +201,11 @@ def test_policy_equal_to_reference_gives_zero_kl_and_first_ratio_one(ppo_inputs,
     assert float(kl_per_token(b2.logprobs, b2.ref_logprobs).abs().max()) == 0.0  # exactly
     _, st = policy_loss(new, b2.logprobs, adv, b2.response_mask, 0.2)
     assert float(st["ratio"]) == 1.0 and float(st["approxkl"]) == 0.0
+    # the reward is the reward model's score of the decoded response, as every other consumer computes it
+    texts = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(b.response, b.response_mask)]
+    expected = torch.tensor(models.reward.score(prompts, texts))
+    expected = torch.where(b.ended, expected, torch.full_like(expected, cfg.ppo.missing_eos_penalty))
+    torch.testing.assert_close(b.scores, expected, atol=1e-5, rtol=1e-5)
     # responses stop at EOS and pad (distinct from EOS) after it
     assert tok.pad_token_id not in tok.all_special_ids or tok.pad_token_id != tok.eos_token_id
     for row, n in zip(b.response, b.response_mask.sum(-1)):

@@ -297,9 +297,11 @@ def rollout(models: Models, policy, value, value_head, queries: Sequence[Sequenc
     if value is not None:
         values = token_values(value, ids, att)
     values = values[:, P - 1:-1]  # (B, R): the value of the state before each response token
-    last = P + out.lengths - 1  # (B,) position of each response's last token
-    raw = token_values(models.reward.model, ids, att).gather(1, last[:, None]).squeeze(1)
-    scores = models.reward.norm.apply(raw)
+    # the reward model reads each response as it was trained: the decoded text after the prompt, ending the turn as
+    # the template does (a chat template may add tokens after EOS, e.g. "<|im_end|>\n"); reading the policy's own
+    # token ids at the EOS would score a position the RM never saw in training
+    texts = [models.tokenizer.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(response, rmask)]
+    scores = torch.tensor(models.reward.score(prompts, texts, batch_size=len(texts)), device=device)
     if p.missing_eos_penalty is not None:
         scores = torch.where(out.ended, scores, torch.full_like(scores, p.missing_eos_penalty))
     return Rollout(q, qm, response, rmask, logprobs * rmask, ref_logprobs * rmask, values * rmask, scores,

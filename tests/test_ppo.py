@@ -260,7 +260,7 @@ def test_resume_equals_uninterrupted(ppo_inputs, tmp_path):
 
 
 def test_sigkill_mid_update_then_rerun_matches_uninterrupted(ppo_inputs, tmp_path):
-    args = _args(ppo_inputs, "X", "train.max_steps=8", "train.save_every=2")
+    args = _args(ppo_inputs, "X", "train.max_steps=20", "train.save_every=2")
     cli = [sys.executable, "-m", "instructgpt.cli", "ppo"]
     ref = tmp_path / "ref"
     subprocess.run(cli + [a if a != "out_dir=X" else f"out_dir={ref}" for a in args], check=True, capture_output=True)
@@ -276,8 +276,7 @@ def test_sigkill_mid_update_then_rerun_matches_uninterrupted(ppo_inputs, tmp_pat
         except (OSError, ValueError):
             pass
         time.sleep(0.01)
-    time.sleep(0.3)  # into the next update
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # during update 5 (or later): far from the end
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / "DONE.json").exists()
     subprocess.run(cli + killed_args, check=True, capture_output=True)

@@ -233,21 +233,24 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def read_yaml_mapping(path: str, what: str = "config file") -> dict:
+    """A YAML file whose top level is a mapping; a missing file, bad YAML or another shape is a ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
 def load_config(cls: type, path: Optional[str] = None, overrides: Optional[list[str]] = None,
                 extra: Optional[dict] = None) -> Any:
     """Stage defaults <- YAML file <- `extra` <- dotted overrides, validated."""
-    d: dict = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        d = loaded
+    d: dict = read_yaml_mapping(path, "config file") if path else {}
     if extra:
         d = deep_merge(d, extra)
     if overrides:

@@ -26,7 +26,7 @@ import time
 
 import yaml
 
-from instructgpt.config import ConfigError, deep_merge, load_config, parse_overrides
+from instructgpt.config import ConfigError, deep_merge, load_config, parse_overrides, read_yaml_mapping
 
 # The embedded default: the shipped 4-layer base model and the built-in task, sized for a 2-core CPU.
 # Departures from the paper's settings, each for the CPU budget, are commented where they are made.
@@ -73,14 +73,7 @@ def load_recipe(path: str | None, overrides: list[str]) -> dict:
     """The embedded default <- the recipe file <- ``stage.key=value`` overrides; unknown sections are errors."""
     recipe = copy.deepcopy(DEFAULT_RECIPE)
     if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"recipe not found: {path}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of stage sections")
-        for k, v in loaded.items():
+        for k, v in read_yaml_mapping(path, "recipe").items():
             if k not in STAGE_KEYS:
                 raise ConfigError(f"{path}: unknown section '{k}' (known: {', '.join(STAGE_KEYS)})")
             # a section the recipe gives replaces the default's (a real-model recipe shares nothing with it)

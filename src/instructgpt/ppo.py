@@ -426,6 +426,8 @@ def train(cfg: PPOConfig) -> str:
     from instructgpt.modeling import save_model, set_seed
     from instructgpt.progress import StageProgress
     from instructgpt.sft import (
+        checkpoint_or_stop,
+        fused_adam_ok,
         make_accelerator,
         resume_step,
         stream_indices,
@@ -452,8 +454,6 @@ def train(cfg: PPOConfig) -> str:
     trainable = [models.policy] + ([models.value] if models.value is not None else [models.value_head])
     params_pi = [q for q in models.policy.parameters() if q.requires_grad]
     params_v = [q for q in trainable[1].parameters() if q.requires_grad]
-    from instructgpt.sft import fused_adam_ok
-
     adam = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps, "weight_decay": t.weight_decay,
             "fused": fused_adam_ok(models.policy)}
     if models.value is not None:
@@ -627,13 +627,8 @@ def train(cfg: PPOConfig) -> str:
             if p.sample_every and (done % p.sample_every == 0 or done == 1) and acc.is_main_process:
                 _write_samples(run, done, b, kl, tok)
             state["step"] = done
-            if done < t.max_steps:
-                stop = t.stop_after is not None and done >= t.stop_after
-                if stop or (t.save_every and done % t.save_every == 0):
-                    run.save_checkpoint(dict(state))
-                if stop:
-                    acc.print(f"[ppo] stopping after update {done} (train.stop_after); rerun to resume")
-                    return cfg.out_dir
+            if checkpoint_or_stop(run, acc, t, done, t.max_steps, "ppo", state):
+                return cfg.out_dir
 
     # final model: the best kept checkpoint, else the EMA weights, else the last policy
     if acc.is_main_process:

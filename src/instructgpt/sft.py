@@ -226,13 +226,15 @@ def optimizer_step(acc, model, opt, sched, max_grad_norm: float) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def checkpoint_or_stop(run: StageRun, acc, t, done: int, total_steps: int, desc: str) -> bool:
-    """Save every `train.save_every` steps; True when `train.stop_after` says to stop here (after saving)."""
+def checkpoint_or_stop(run: StageRun, acc, t, done: int, total_steps: int, desc: str,
+                       state: Optional[dict] = None) -> bool:
+    """Save every `train.save_every` steps (`state`, default {"step": done}, goes into trainer_state.json); True
+    when `train.stop_after` says to stop here (after saving)."""
     if done >= total_steps:
         return False
     stop = t.stop_after is not None and done >= t.stop_after
     if stop or (t.save_every and done % t.save_every == 0):
-        run.save_checkpoint({"step": done})
+        run.save_checkpoint(dict(state) if state is not None else {"step": done})
     if stop:
         acc.print(f"[{desc}] stopping after step {done} (train.stop_after); rerun to resume")
     return stop

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import ipaddress
 import sys
 from typing import Callable
 
 from instructgpt.data import DataError
+from instructgpt.serving.security import is_loopback
 from instructgpt.labeling.rubric import K_MAX, K_MIN
 
 DEFAULT_PORT = 8765
@@ -76,15 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="print progress per labeler and inter-labeler agreement")
     _db(s)
     return p
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -173,7 +164,7 @@ def _serve(store, args: argparse.Namespace, log: Callable[[str], None]) -> int:
         _import(store, args, log)
     elif args.model:
         raise ValueError("--model needs --prompts (the prompts to generate outputs for)")
-    loopback = _is_loopback(args.host)
+    loopback = is_loopback(args.host)
     if not loopback:
         log(f"WARNING: binding {args.host}, not loopback: anyone who can reach this address can try to log in. "
             "Serve it behind HTTPS (and pass --secure-cookies) on any shared network.")

@@ -207,6 +207,9 @@ def test_eval_cli_end_to_end(tiny_model_dir, eval_models, tmp_path):
     assert report["rm_score.ppo"] == pytest.approx(sum(s["rm"] for s in samples) / 26, abs=1e-3)
     best = _read_jsonl(out / "samples_best_of_2.jsonl")
     assert len(best) == 26
+    # the same candidates picked by gold (a perfect RM): never worse than the RM's pick or a random one
+    oracle, rnd = report["gold_score.best_of_2_oracle"], report["gold_score.best_of_2_random"]
+    assert oracle >= report["gold_score.best_of_2"] - 1e-9 and oracle >= rnd - 1e-9
     for png in ("training_curves.png", "overoptimisation.png", "per_family.png"):
         assert (out / png).stat().st_size > 5000
     md = (out / "report.md").read_text()

@@ -12,6 +12,15 @@ def test_no_noise_gives_the_gold_order_with_ties():
     assert noisy_ranks([0.2, 1.0, 0.5], rng, noise="bt", bt_scale=0.0) == [3, 1, 2]
 
 
+def test_rating_resolution_ties_answers_of_the_same_rating():
+    rng = random.Random(0)
+    # 0.13 and 0.16 are both rating 2 (round(6g) = 1): a person cannot tell them apart; 0.5 and 1.0 can be
+    assert noisy_ranks([0.13, 0.16, 0.5, 1.0], rng, flip_prob=0.0, resolution="rating") == [3, 3, 2, 1]
+    assert noisy_ranks([0.13, 0.16, 0.5, 1.0], rng, flip_prob=0.0) == [4, 3, 2, 1]
+    with pytest.raises(ValueError, match="resolution"):
+        noisy_ranks([0.1, 0.9], rng, resolution="stars")
+
+
 def test_pair_flip_rate():
     rng = random.Random(0)
     flips = sum(noisy_ranks([1.0, 0.0], rng, flip_prob=0.25) == [2, 1] for _ in range(4000))

@@ -221,6 +221,20 @@ def test_demonstrate_error_rate() -> None:
     assert all(T.gold_score(t, T.demonstrate(t, rng1, error_rate=1.0)) < 1.0 for t in tasks[:500])
 
 
+def test_demonstrate_chatty_rate() -> None:
+    """Right answers wrapped in filler at `chatty_rate`: still the right content (0.55-0.65), never exact."""
+    tasks = T.make_tasks("train", 2000, seed=3)
+    rng = random.Random(0)
+    scores = [T.gold_score(t, T.demonstrate(t, rng, error_rate=0.0, chatty_rate=0.5)) for t in tasks]
+    chatty = [s for s in scores if s < 1.0]
+    assert abs(len(chatty) / len(scores) - 0.5) <= 0.04
+    assert all(0.55 <= s <= 0.65 for s in chatty)
+    # chatty_rate = 0 draws nothing extra from the rng: the default demonstrations are unchanged
+    a = [T.demonstrate(t, random.Random(i), 0.3) for i, t in enumerate(tasks[:300])]
+    b = [T.demonstrate(t, random.Random(i), 0.3, chatty_rate=0.0) for i, t in enumerate(tasks[:300])]
+    assert a == b
+
+
 def test_demonstrate_is_deterministic() -> None:
     tasks = T.make_tasks("train", 200, seed=4)
     a = [T.demonstrate(t, random.Random(i), 0.5) for i, t in enumerate(tasks)]

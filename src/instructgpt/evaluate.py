@@ -476,9 +476,12 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
         responses[name] = [k[0].text for k in ranked]
         finish[name] = [k[0].finish_reason for k in ranked]
         if has_gold:
-            acc, pairs = rm_accuracy(ranked_rm, [[tasks.gold_score(p.task, c.text) for c in comps]
-                                                 for p, comps in zip(items, ranked)])
+            cand_gold = [[tasks.gold_score(p.task, c.text) for c in comps] for p, comps in zip(items, ranked)]
+            acc, pairs = rm_accuracy(ranked_rm, cand_gold)
             report["rm_accuracy_gold_sft_samples"], report["rm_accuracy_gold_sft_samples_pairs"] = acc, pairs
+            # the same n candidates picked by the gold labeler (the headroom a perfect RM would have) and at random
+            report[f"gold_score.{name}_oracle"] = float(np.mean([max(g) for g in cand_gold]))
+            report[f"gold_score.{name}_random"] = float(np.mean([np.mean(g) for g in cand_gold]))
         report[f"kl.{name}"] = best_of_n_kl(best_of)  # analytic; the language model itself is the SFT model's
         if f"ptx_perplexity.{sft}" in report:
             report[f"ptx_perplexity.{name}"] = report[f"ptx_perplexity.{sft}"]

@@ -9,6 +9,10 @@ Noise models:
   the ranking is then the Copeland order of the noisy pairwise wins (equal wins are ties).
 - ``bt``: Bradley-Terry: rank by gold score + Gumbel noise of scale ``--bt-scale``.
 
+``--resolution rating`` makes the labeler as coarse as a person: it sees the gold score only on the 1-7 scale of its
+ratings, so two answers of the same rating (say two wrong reversals, gold 0.13 and 0.16) are a tie rather than a
+coin-flip preference. ``score`` (the default) ranks by the exact gold score.
+
 ``--temperatures 0.3,0.7,1.0,1.3`` samples the K responses at several temperatures (response i at temperature
 i mod len): the paper's labelers ranked outputs of several models, which differ in quality far more than K samples of
 one policy at one temperature do.
@@ -23,10 +27,20 @@ import sys
 from typing import Sequence
 
 
+def perceived(gold: float, resolution: str = "score") -> float:
+    """The gold score as the labeler perceives it: exact ("score") or on the 7-point rating scale ("rating")."""
+    if resolution == "score":
+        return gold
+    if resolution == "rating":
+        return float(round(6 * gold))
+    raise ValueError(f"unknown resolution '{resolution}' (score or rating)")
+
+
 def noisy_ranks(gold: Sequence[float], rng: random.Random, noise: str = "flip", flip_prob: float = 0.25,
-                bt_scale: float = 0.1) -> list[int]:
+                bt_scale: float = 0.1, resolution: str = "score") -> list[int]:
     """Dense ranks (1 = best, equal = tie) of K responses from their gold scores under the given noise model."""
     k = len(gold)
+    gold = [perceived(g, resolution) for g in gold]
     if noise == "bt":
         util = [g + bt_scale * -math.log(-math.log(max(rng.random(), 1e-12))) for g in gold]
     elif noise == "flip":
@@ -70,6 +84,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--noise", choices=("flip", "bt"), default="flip")
     p.add_argument("--flip-prob", type=float, default=0.25)
     p.add_argument("--bt-scale", type=float, default=0.1)
+    p.add_argument("--resolution", choices=("score", "rating"), default="score",
+                   help="rank by the exact gold score, or by the 1-7 rating (equal ratings tie), as a person would")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--temperatures", default=None,
                    help="comma-separated sampling temperatures, cycled over the K responses (overrides --temperature)")
@@ -101,7 +117,7 @@ def main(argv: list[str]) -> int:
             skipped += 1  # an empty response cannot be ranked (and is an error in the rankings format)
             continue
         gold = [tasks.gold_score(rec.text, r) for r in responses]
-        ranks = noisy_ranks(gold, rng, args.noise, args.flip_prob, args.bt_scale)
+        ranks = noisy_ranks(gold, rng, args.noise, args.flip_prob, args.bt_scale, args.resolution)
         if len(set(ranks)) == 1:
             skipped += 1  # all tied: nothing for the reward model to learn
             continue

@@ -64,8 +64,8 @@ DEFAULT_RECIPE: dict = {
     "eval": {"heldout": 500, "best_of": 4, "prompts": None, "ptx_text": "builtin:shakespeare?split=heldout"},
 }
 STAGE_KEYS = ("sft", "label_sim", "rm", "ppo", "ppo_noptx", "eval", "seed")
-LABEL_SIM_KEYS = {"prompts", "k", "noise", "flip_prob", "bt_scale", "temperature", "temperatures", "max_new_tokens",
-                  "batch_size"}
+LABEL_SIM_KEYS = {"prompts", "k", "noise", "flip_prob", "bt_scale", "resolution", "temperature", "temperatures",
+                  "max_new_tokens", "batch_size"}
 EVAL_KEYS = {"heldout", "best_of", "prompts", "ptx_text", "max_new_tokens", "temperature", "batch_size", "reward_model"}
 
 

@@ -362,6 +362,12 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
         lines += ["", (f"On pairs of the SFT model's own samples (best-of-n's candidates): "
                        f"**{report['rm_accuracy_gold_sft_samples']:.3f}** "
                        f"({report.get('rm_accuracy_gold_sft_samples_pairs')} pairs).")]
+    oracle = [k for k in report if k.startswith("gold_score.") and k.endswith("_oracle")]
+    for k in oracle:
+        name = k[len("gold_score."):-len("_oracle")]
+        rnd, got = report.get(f"gold_score.{name}_random"), report.get(f"gold_score.{name}")
+        lines += ["", (f"{name}'s candidates, gold score when picked at random / by the RM / by the gold labeler "
+                       f"(a perfect RM): **{_cell(rnd)} / {_cell(got)} / {_cell(report[k])}**.")]
     checks = check_targets(report)
     if checks:
         rows = [[t.description, f"`{t.key}` {t.op} " + (f"`{t.threshold}`" if isinstance(t.threshold, str) else

@@ -866,13 +866,20 @@ def _content_error(ctx: _Ctx, rng: random.Random) -> str:
     return rng.choice((_typo(ans, rng), _typo(ans, rng), word, word[0] + word[1:][::-1]))
 
 
-def demonstrate(task: Task, rng: random.Random, error_rate: float = 0.2) -> str:
-    """Simulated human demonstration: the right answer with prob 1 - error_rate, else a plausible
-    imperfect one (typo, off-by-one, missing item, chatty words, wrong case...) that scores < 1."""
+def demonstrate(task: Task, rng: random.Random, error_rate: float = 0.2, chatty_rate: float = 0.0) -> str:
+    """Simulated human demonstration: with prob `error_rate` a plausible imperfect answer (typo, off-by-one,
+    missing item, chatty words, wrong case...) that scores < 1; otherwise the right answer, wrapped with prob
+    `chatty_rate` in chat filler ("Sure! ...", "The answer is ..."), which the gold labeler scores 0.55-0.65.
+
+    `chatty_rate` is the gap between what demonstrators write and what labelers prefer: SFT imitates the filler,
+    rankings of SFT samples penalise it (the paper's labelers, too, preferred answers to their own demonstrations).
+    """
     ctx = _ctx_of(task)
-    if rng.random() >= error_rate:
-        return ctx.answer
     chatty = _CHATTY_LINES if ctx.fam.kind == "lines" else _CHATTY
+    if rng.random() >= error_rate:
+        if chatty_rate > 0 and rng.random() < chatty_rate:
+            return rng.choice(chatty).format(a=ctx.answer)
+        return ctx.answer
     for _ in range(8):
         if rng.random() < 0.35:
             out = rng.choice(chatty).format(a=ctx.answer)

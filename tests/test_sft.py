@@ -142,6 +142,9 @@ def test_rerun_of_finished_stage_and_config_mismatch(tiny_model_dir, demos_file,
     assert os.path.getmtime(out / "model" / "model.safetensors") == mtime
     with pytest.raises(StageError, match=r"different config \(train.lr"):
         train(_cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 2, "train.lr": 1e-4}))
+    # the run's own config.yaml reruns it as --config: same config, so the finished stage is recognised
+    again = load_config(SFTConfig, str(out / "config.yaml"))
+    assert again == _cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 2})
 
 
 def test_config_errors_name_the_key(tmp_path):

@@ -251,6 +251,7 @@ def load_config(cls: type, path: Optional[str] = None, overrides: Optional[list[
                 extra: Optional[dict] = None) -> Any:
     """Stage defaults <- YAML file <- `extra` <- dotted overrides, validated."""
     d: dict = read_yaml_mapping(path, "config file") if path else {}
+    d.pop("_stage", None)  # a run's own config.yaml (out_dir/config.yaml) names its stage; it reruns as --config
     if extra:
         d = deep_merge(d, extra)
     if overrides:

@@ -299,3 +299,22 @@ def test_lora_policy_shares_the_frozen_base_as_reference_and_lora_value(ppo_inpu
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # adapter B starts at zero: policy == reference
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # merged: a plain checkpoint
+
+
+def test_gold_labeler_as_the_reward_oracle(ppo_inputs, tmp_path):
+    from instructgpt import tasks
+    from instructgpt.ppo import GoldReward
+    t = tasks.make_tasks("train", 1, seed=0)[0]
+    assert GoldReward().score([t.prompt, [{"role": "user", "content": t.prompt}]], [t.answer, ""]) == [1.0, -1.0]
+    with pytest.raises(ConfigError, match="ppo.value_model=policy"):
+        load_config(PPOConfig, None, ["reward_model.name_or_path=builtin:gold"])
+    out = tmp_path / "gold"
+    train(load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=2",
+                                             "reward_model.name_or_path=builtin:gold",
+                                             "ppo.value_model=policy", "ppo.missing_eos_penalty=null",
+                                             "data.train=builtin:task-prompts?split=train&n=64&seed=0",
+                                             "data.max_length=96")))
+    rows = [r for r in read_metrics(str(out)) if "objective/scores" in r]
+    assert len(rows) == 2
+    for r in rows:  # the reward is exactly the gold score of the rollouts, on [-1, 1]
+        assert r["objective/scores"] == pytest.approx(2 * r["objective/gold_score"] - 1, abs=1e-4)

@@ -1,5 +1,6 @@
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,8 +14,8 @@ from instructgpt.config import ConfigError, load_config
 from instructgpt.data import DataError, Demonstration, load_demonstrations
 from instructgpt.prompting import encode_conversation, encode_response, render_prompt, render_segments
 from instructgpt.runs import StageError
-from instructgpt.sft import (SFTConfig, batch_indices, build_examples, collate, cosine_lr_factor, eval_loss, pack,
-                             token_loss_sum, train)
+from instructgpt.sft import (SFTConfig, batch_indices, build_examples, collate, cosine_lr_factor, eval_loss,
+                             grouped_batch_indices, pack, token_loss_sum, train)
 
 
 def demo(prompt, response):
@@ -90,6 +91,23 @@ def test_cosine_schedule_and_batch_order():
     assert sorted(seen) == list(range(12))
     assert batch_indices(12, 4, 5, 0) == batch_indices(12, 4, 5, 0)
     assert batch_indices(10, 4, 2, 0)[:2] == batch_indices(10, 4, 2, 0)[:2] and len(batch_indices(10, 4, 2, 0)) == 4
+
+
+def test_group_by_length_keeps_the_examples_and_cuts_padding():
+    rng = random.Random(0)
+    lengths = [rng.choice((8, 12, 40, 70)) + rng.randrange(4) for _ in range(400)]
+    group, bs = 8, 16
+    for mega in range(3):  # each mega-batch holds exactly the ungrouped stream's examples of its steps
+        steps = range(mega * group, (mega + 1) * group)
+        grouped = [grouped_batch_indices(lengths, bs, s, 0, group) for s in steps]
+        assert sorted(sum(grouped, [])) == sorted(sum((batch_indices(400, bs, s, 0) for s in steps), []))
+        assert all(len(b) == bs for b in grouped)
+    assert grouped_batch_indices(lengths, bs, 11, 0, group) == grouped_batch_indices(lengths, bs, 11, 0, group)
+    assert grouped_batch_indices(lengths, bs, 5, 0, 0) == batch_indices(400, bs, 5, 0)
+
+    def padded(g):
+        return sum(max(lengths[i] for i in grouped_batch_indices(lengths, bs, s, 0, g)) * bs for s in range(48))
+    assert padded(group) < 0.75 * padded(0)
 
 
 def _cfg(model_dir, demos, out, **kw):

@@ -71,6 +71,10 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     pretrain_coef: float = 0.0  # SFT: L = L_CE + pretrain_coef * L_LM on data.pretrain (0 = off)
+    # SFT: batches of similar length, as HF's group_by_length: the example stream is cut into mega-batches of this
+    # many batches, each sorted by length and served batch by batch in a seeded random order (HF uses 50; 0 = off).
+    # Less padding (built-in demonstrations: padded tokens 1.56x the real ones at 0, 1.07x at 8), same examples per epoch.
+    group_by_length: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = 10
     eval_every: int = 100

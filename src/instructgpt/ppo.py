@@ -49,7 +49,9 @@ DEFAULT_EVAL_PROMPTS = "builtin:task-prompts?split=heldout&n=128&seed=7"
 
 @dataclass
 class RewardModelConfig:
-    name_or_path: str | None = None  # an `instructgpt rm` out_dir or its model/ directory
+    # an `instructgpt rm` out_dir or its model/ directory; or "builtin:gold": the built-in task's gold labeler itself
+    # as the reward (2 * gold - 1), an oracle run that shows what PPO gets from a perfect reward model (not RLHF)
+    name_or_path: str | None = None
 
 
 @dataclass
@@ -109,6 +111,9 @@ class PPOConfig(StageConfig):
         p = self.ppo
         if not self.reward_model.name_or_path:
             raise ConfigError("reward_model.name_or_path: required (an `instructgpt rm` out_dir or its model/)")
+        if self.reward_model.name_or_path == GOLD_REWARD and p.value_model != "policy":
+            raise ConfigError(f"reward_model.name_or_path={GOLD_REWARD} has no network to start a value model from: "
+                              "set ppo.value_model=policy")
         if self.train.batch_size % p.num_minibatches:
             raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be a multiple of "
                               f"ppo.num_minibatches ({p.num_minibatches})")
@@ -217,7 +222,7 @@ class Models:
     ref: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled is the reference
     value: torch.nn.Module | None  # a *ForSequenceClassification model, or None with a value head on the policy
     value_head: ValueHead | None
-    reward: object  # instructgpt.reward.RewardModel
+    reward: object  # instructgpt.reward.RewardModel, or GoldReward
     tokenizer: object
 
 
@@ -234,6 +239,8 @@ def load_models(cfg: PPOConfig) -> Models:
         ref.requires_grad_(False)
         if ref.get_input_embeddings().weight.shape[0] < len(tok):  # load_model added a pad token to the policy
             ref.resize_token_embeddings(len(tok))
+    if cfg.reward_model.name_or_path == GOLD_REWARD:
+        return Models(policy, ref, None, ValueHead(policy.get_input_embeddings().weight.shape[1]), GoldReward(), tok)
     rm = RewardModel.load(cfg.reward_model.name_or_path)
     rm.model.requires_grad_(False)
     if len(rm.tokenizer) != len(tok):
@@ -255,6 +262,22 @@ def load_models(cfg: PPOConfig) -> Models:
         if m is not None:
             m.eval()
     return Models(policy, ref, value, head, rm, tok)
+
+
+GOLD_REWARD = "builtin:gold"
+
+
+class GoldReward:
+    """The built-in task's gold labeler with a reward model's `score` interface: 2 * gold - 1, in [-1, 1]."""
+
+    model = None
+
+    def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32) -> list[float]:
+        from instructgpt import tasks
+        from instructgpt.prompting import as_messages
+
+        users = [as_messages(p)[-1]["content"] for p in prompts]
+        return [2.0 * tasks.gold_score(u, r) - 1.0 for u, r in zip(users, responses)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -470,7 +493,7 @@ def train(cfg: PPOConfig) -> str:
     vopt = prepared[3] if vopt is not None else None
     value = value_module if models.value is not None else None
     value_head = value_module if models.value is None else None
-    for m in (models.ref, models.reward.model):
+    for m in (models.ref, getattr(models.reward, "model", None)):
         if m is not None:
             m.to(acc.device)
     kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl

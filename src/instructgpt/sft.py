@@ -138,6 +138,22 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return stream_indices(n, step * batch_size, batch_size, seed)
 
 
+def grouped_batch_indices(lengths: Sequence[int], batch_size: int, step: int, seed: int, group: int) -> list[int]:
+    """`batch_indices` with batches of similar length (``train.group_by_length``, as HF's LengthGroupedSampler).
+
+    Mega-batch m holds the examples of steps [m * group, (m + 1) * group) of the ungrouped stream, sorted by length
+    and cut into `group` batches, which its steps take in a seeded random order. Still a pure function of the step.
+    """
+    if group <= 1:
+        return batch_indices(len(lengths), batch_size, step, seed)
+    mega, pos = divmod(step, group)
+    idx = sorted(stream_indices(len(lengths), mega * group * batch_size, group * batch_size, seed),
+                 key=lambda i: lengths[i])
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (mega + 1))
+    b = torch.randperm(group, generator=g).tolist()[pos]
+    return idx[b * batch_size:(b + 1) * batch_size]
+
+
 def stream_indices(n: int, start: int, count: int, seed: int) -> list[int]:
     """`count` indices from position `start` of an endless stream of seeded per-epoch permutations of range(n)."""
     out = []
@@ -255,6 +271,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
     micro = t.batch_size // (world * t.grad_accum)
 
     start = resume_step(run, acc, desc)
+    lengths = [len(e.input_ids) for e in train_ex]
 
     model.train()
     result = FitResult(step=start)
@@ -262,7 +279,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
     with StageProgress(desc, total=t.max_steps, start=start, enabled=acc.is_main_process) as bar:
         for step in range(start, t.max_steps):
             # 1. this step's examples: the same global batch on every rank, each rank takes its share
-            idx = batch_indices(len(train_ex), t.batch_size, step, cfg.seed)
+            idx = grouped_batch_indices(lengths, t.batch_size, step, cfg.seed, t.group_by_length)
             batch = [train_ex[i] for i in idx]
             # normalise by the loss tokens of the whole global batch, so N ranks x M micro-batches == 1 big batch
             n_loss_tokens = sum(sum(e.loss_mask[1:]) for e in batch)

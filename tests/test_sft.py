@@ -15,7 +15,7 @@ from instructgpt.data import DataError, Demonstration, load_demonstrations
 from instructgpt.prompting import encode_conversation, encode_response, render_prompt, render_segments
 from instructgpt.runs import StageError
 from instructgpt.sft import (SFTConfig, batch_indices, build_examples, collate, cosine_lr_factor, eval_loss,
-                             grouped_batch_indices, pack, token_loss_sum, train)
+                             grouped_batch_indices, pack, response_loss_sum, token_loss_sum, train)
 
 
 def demo(prompt, response):
@@ -71,6 +71,23 @@ def test_too_long_example_names_file_and_line(tiny, tmp_path):
         build_examples(tok, demos, 64)
     ok, skipped = build_examples(tok, demos, 64, skip_bad=True)
     assert len(ok) == 1 and skipped == 1
+
+
+def test_response_only_head_equals_the_full_forward(tiny):
+    """Left padding + the LM head over the response positions only gives the full forward's loss and gradients."""
+    model, tok = tiny
+    ex, _ = build_examples(tok, [demo("spell the word dog", "d o g"), demo("add one and then two more", "three"),
+                                 demo("hi", "a much longer answer than the others, with several words")], 256)
+    right, left = collate(ex, tok.pad_token_id), collate(ex, tok.pad_token_id, left=True)
+    full, n_full = token_loss_sum(model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits,
+                                  right["labels"])
+    g_full = torch.autograd.grad(full, list(model.parameters()))
+    part, n_part = response_loss_sum(model, left)
+    g_part = torch.autograd.grad(part, list(model.parameters()))
+    assert n_part == n_full == sum(sum(e.loss_mask[1:]) for e in ex)
+    torch.testing.assert_close(part, full, atol=1e-4, rtol=1e-5)
+    for a, b in zip(g_part, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_pack_keeps_masks_and_limits():

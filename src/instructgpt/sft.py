@@ -92,17 +92,18 @@ def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
     return rows
 
 
-def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded (B, T) input_ids, attention_mask and labels (-100 where no loss)."""
+def collate(examples: Sequence[Example], pad_token_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded (or `left`-padded) (B, T) input_ids, attention_mask and labels (-100 where no loss)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     att = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        att[i, :n] = 1
-        labels[i, :n] = torch.where(torch.tensor(e.loss_mask), ids[i, :n], torch.tensor(-100))
+        span = slice(width - n, width) if left else slice(0, n)
+        ids[i, span] = torch.tensor(e.input_ids)
+        att[i, span] = 1
+        labels[i, span] = torch.where(torch.tensor(e.loss_mask), ids[i, span], torch.tensor(-100))
     return {"input_ids": ids, "attention_mask": att, "labels": labels}
 
 
@@ -120,6 +121,22 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
                                              shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
     return loss, int((shift_labels != -100).sum())
+
+
+def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """`token_loss_sum` of a left-padded batch (`collate(..., left=True)`), with the LM head run only over the
+    trailing positions that predict a label (`logits_to_keep`): on instruction data most positions are prompt or
+    padding, and the head (vocabulary x width) is a large share of a small model's compute. Equals the loss of
+    the full forward (tested); position ids ignore the left padding."""
+    from instructgpt.modeling import position_ids_from_mask
+
+    labels, mask = batch["labels"], batch["attention_mask"]
+    has_label = (labels[:, 1:] != -100).any(0)  # (T-1,): position t+1 holds a label somewhere in the batch
+    first = int(has_label.nonzero()[0]) if bool(has_label.any()) else labels.shape[1] - 2
+    keep = labels.shape[1] - first  # logits at positions first .. T-1; the one at `first` predicts `first + 1`
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                   use_cache=False, logits_to_keep=keep).logits
+    return token_loss_sum(logits, labels[:, -keep:])
 
 
 def cosine_lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -194,9 +211,8 @@ def eval_loss(model, examples: Sequence[Example], pad_token_id: int, batch_size:
     model.eval()
     total, count = 0.0, 0
     for s in range(0, len(examples), batch_size):
-        b = {k: v.to(device) for k, v in collate(examples[s:s + batch_size], pad_token_id).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss, n = token_loss_sum(logits, b["labels"])
+        b = {k: v.to(device) for k, v in collate(examples[s:s + batch_size], pad_token_id, left=True).items()}
+        loss, n = response_loss_sum(model, b)
         total, count = total + float(loss), count + n
     model.train(was)
     return total / max(count, 1)
@@ -292,12 +308,11 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
             step_loss = 0.0
             for m in range(t.grad_accum):
                 mb = mine[m * micro:(m + 1) * micro]
-                b = {k: v.to(acc.device) for k, v in collate(mb, pad).items()}
+                b = {k: v.to(acc.device) for k, v in collate(mb, pad, left=True).items()}
                 sync = m == t.grad_accum - 1
                 with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
                     # 2. loss on response tokens only (labels are -100 elsewhere)
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    loss_sum, _ = token_loss_sum(logits, b["labels"])
+                    loss_sum, _ = response_loss_sum(model, b)
                     loss = loss_sum * world / max(n_loss_tokens, 1)
                     # 3. optional pretraining mix: + pretrain_coef * L_LM
                     if ptx_batch is not None:

@@ -25,3 +25,13 @@ def test_pretrain_config_rebuild_command_runs_a_few_steps(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "pt" / "model")
     assert m.config.n_layer == 1 and len(tok) == m.config.vocab_size == 300
     assert tok.pad_token_id != tok.eos_token_id
+    # the second phase (configs/pretrain-continue.yaml) continues that model: same tokenizer, loss keeps falling
+    cont = load_config(PretrainConfig, os.path.join(ROOT, "configs", "pretrain-continue.yaml"), [
+        f"model.name_or_path={tmp_path / 'pt' / 'model'}", f"data.train={text}", f"data.eval={text}",
+        "data.max_length=64", "train.max_steps=10", "train.batch_size=4", "train.warmup_steps=1", "train.lr=1e-3",
+        "train.log_every=1", "train.eval_every=10", f"out_dir={tmp_path / 'pt2'}"])
+    assert not cont.init.from_scratch
+    train(cont)
+    rows2 = [json.loads(l) for l in open(tmp_path / "pt2" / "metrics.jsonl")]
+    assert rows2[-1]["train/loss"] < rows[-1]["train/loss"] + 0.5  # started from the trained model, not from scratch
+    assert AutoTokenizer.from_pretrained(tmp_path / "pt2" / "model").get_vocab() == tok.get_vocab()

@@ -52,8 +52,9 @@ DEFAULT_RECIPE: dict = {
     "ppo": {
         "data": {"train": "builtin:task-prompts?split=train&n=4000&seed=2", "pretrain": "builtin:shakespeare?split=train",
                  "max_length": 128},  # prompt tokens at most; also the ptx block length
-        # CPU budget: 20 updates of 64 episodes (the paper: 500 of 512), lr for a 4M-parameter model
-        "train": {"max_steps": 20, "batch_size": 64, "lr": 1.0e-4, "warmup_steps": 2, "log_every": 1,
+        # CPU budget: 20 updates of 64 episodes (the paper: 500 of 512). lr 3e-5: at 1e-4 even the gold labeler as
+        # the reward (reward_model=builtin:gold) made the policy drift (KL 5 in 15 updates, greedy gold 0.24 -> 0.21)
+        "train": {"max_steps": 20, "batch_size": 64, "lr": 3.0e-5, "warmup_steps": 2, "log_every": 1,
                   "eval_every": 5, "save_every": 5},
         # ptx: the paper's gamma = 27.8 and 8x pretraining tokens cost 9x the update on a CPU; 1.0 and 1x here
         "ppo": {"kl_coef": 0.02, "ptx_coef": 1.0, "ptx_token_ratio": 1.0, "ppo_epochs": 2, "num_minibatches": 2,

@@ -15,6 +15,7 @@ good checkpoint intact (``checkpoint.old`` is picked up if the kill fell between
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -27,6 +28,17 @@ from instructgpt.config import config_differences, dump_yaml, to_dict
 
 class StageError(RuntimeError):
     pass
+
+
+class _DropTiedWeightsWarning(logging.Filter):
+    """accelerate warns at every checkpoint that a tied tensor (GPT-2's lm_head = wte) is stored once; that is
+    expected and reloads correctly (resume is tested), so this drops that one message and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+_DROP_TIED = _DropTiedWeightsWarning()
 
 
 class StageRun:
@@ -108,6 +120,7 @@ class StageRun:
             shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()
         if self.acc is not None:
+            logging.getLogger("accelerate.utils.other").addFilter(_DROP_TIED)  # added once: same object
             self.acc.save_state(tmp, safe_serialization=True)
         if self.is_main:
             os.makedirs(tmp, exist_ok=True)

@@ -177,6 +177,15 @@ def test_rerun_of_finished_stage_and_config_mismatch(tiny_model_dir, demos_file,
     assert os.path.getmtime(out / "model" / "model.safetensors") == mtime
     with pytest.raises(StageError, match=r"different config \(train.lr"):
         train(_cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 2, "train.lr": 1e-4}))
+    # a run from before a config key existed (here: no train.group_by_length) is the same run when the key is at
+    # its default, so it still resumes or reports finished
+    cfg_file = out / "config.yaml"
+    cfg_file.write_text("".join(ln for ln in cfg_file.read_text().splitlines(keepends=True)
+                                if "group_by_length" not in ln))
+    train(_cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 2}))
+    assert "already finished" in capsys.readouterr().out
+    with pytest.raises(StageError, match="group_by_length"):
+        train(_cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 2, "train.group_by_length": 4}))
     # the run's own config.yaml reruns it as --config: same config, so the finished stage is recognised
     again = load_config(SFTConfig, str(out / "config.yaml"))
     assert again == _cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 2})

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from instructgpt.config import config_differences, dump_yaml, to_dict
+from instructgpt.config import config_differences, deep_merge, dump_yaml, to_dict
 
 
 class StageError(RuntimeError):
@@ -75,6 +75,8 @@ class StageRun:
             old_stage = old.pop("_stage", self.stage)
             if old_stage != self.stage:
                 raise StageError(f"{self.out_dir} holds a '{old_stage}' run, not '{self.stage}'; use another out_dir")
+            # a key added to the stage after this run started has its default there (old runs stay resumable)
+            old = deep_merge(to_dict(type(self.cfg)()), old)
             diff = config_differences(old, to_dict(self.cfg))
             if diff:
                 a = {k: v for k, v in _flat(old).items() if k in diff}

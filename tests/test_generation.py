@@ -97,3 +97,19 @@ def test_logprobs_from_logits_matches_log_softmax():
     labels = torch.randint(0, 7, (2, 5), generator=g)
     want = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
     torch.testing.assert_close(logprobs_from_logits(logits, labels), want)
+
+
+def test_a_lora_model_uses_the_same_cache_argument_and_greedy_text(tiny):
+    """A peft model passes the KV cache through to the base model under the name the base model takes."""
+    import copy
+
+    from instructgpt.config import LoraConfig
+    from instructgpt.generation import cache_argument
+    from instructgpt.modeling import apply_lora
+    model, tok = tiny
+    lora = apply_lora(copy.deepcopy(model), LoraConfig(enabled=True, r=4, alpha=8))
+    assert cache_argument(lora) == cache_argument(model)
+    prompts = [render_prompt(tok, "add 2 and 3"), render_prompt(tok, "hi")]
+    p = SamplingParams(max_new_tokens=6, temperature=0.0)
+    # LoRA's B starts at zero: the adapted model is the base model, so greedy text is identical
+    assert [o[0].text for o in generate(lora, tok, prompts, p)] == [o[0].text for o in generate(model, tok, prompts, p)]

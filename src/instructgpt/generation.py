@@ -84,7 +84,8 @@ def cache_argument(model) -> str:
     """transformers >= 5 names the KV cache `cache`; earlier versions `past_key_values`."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it through
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def returned_cache(out):

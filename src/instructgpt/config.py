@@ -73,7 +73,9 @@ class TrainConfig:
     pretrain_coef: float = 0.0  # SFT: L = L_CE + pretrain_coef * L_LM on data.pretrain (0 = off)
     # SFT: batches of similar length, as HF's group_by_length: the example stream is cut into mega-batches of this
     # many batches, each sorted by length and served batch by batch in a seeded random order (HF uses 50; 0 = off).
-    # Less padding (built-in demonstrations: padded tokens 1.56x the real ones at 0, 1.07x at 8), same examples per epoch.
+    # Less padding (built-in demonstrations: padded tokens 1.56x the real ones at 0, 1.07x at 8), same examples per
+    # epoch; but there a batch of one length is mostly one task family, and 8 cost quality (eval loss 1.88 -> 2.00,
+    # greedy gold 0.236 -> 0.200), so the default pipeline leaves it off.
     group_by_length: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = 10

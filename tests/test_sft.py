@@ -230,3 +230,15 @@ def test_sigkill_midway_then_rerun_matches_uninterrupted(tiny_model_dir, demos_f
     wa, wb = _weights(ref), _weights(out)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_truncate_metrics_keeps_rows_up_to_the_checkpoint_and_none_without_one(tiny_model_dir, demos_file, tmp_path):
+    from instructgpt.runs import StageRun
+    run = StageRun(_cfg(tiny_model_dir, demos_file, tmp_path / "m"), "sft")
+    assert run.prepare() == "fresh"
+    for step in (0, 1, 2, 3):  # step 0: a log before the first update (PPO's first held-out evaluation)
+        run.log(step, {"x": step})
+    run.truncate_metrics(2)
+    assert [json.loads(l)["step"] for l in open(tmp_path / "m" / "metrics.jsonl")] == [0, 1, 2]
+    run.truncate_metrics(0)  # killed before the first checkpoint: the rerun logs everything again, step 0 included
+    assert open(tmp_path / "m" / "metrics.jsonl").read() == ""

@@ -104,12 +104,13 @@ class StageRun:
             fh.write(json.dumps(row) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint (they will be logged again)."""
+        """On resume, drop rows logged after the checkpoint (they will be logged again); with no checkpoint (step 0)
+        drop them all, the step-0 rows (PPO's first held-out evaluation) included."""
         p = self.path("metrics.jsonl")
         if not self.is_main or not os.path.exists(p):
             return
         with open(p, encoding="utf-8") as fh:
-            rows = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
+            rows = [line for line in fh if line.strip() and 0 < step and json.loads(line).get("step", 0) <= step]
         with open(p + ".tmp", "w", encoding="utf-8") as fh:
             fh.writelines(rows)
         os.replace(p + ".tmp", p)

@@ -47,6 +47,14 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tiny_model_dir,
     before = {s: os.path.getmtime(out / s / "DONE.json") for s in ("sft", "rm", "ppo")}
     assert cli_main(["pipeline", "--out", str(out), *_tiny_overrides(tiny_model_dir)]) == 0
     assert before == {s: os.path.getmtime(out / s / "DONE.json") for s in ("sft", "rm", "ppo")}
+    first = json.load(open(out / "report.json"))
+    assert first["seconds.sft"] == report["seconds.sft"] and first["seconds.ppo"] == report["seconds.ppo"]
+    # a pipeline killed before it recorded any time: finished stages take their DONE.json's seconds
+    os.remove(out / "seconds.json")
+    assert cli_main(["pipeline", "--out", str(out), *_tiny_overrides(tiny_model_dir)]) == 0
+    again = json.load(open(out / "report.json"))
+    for stage in ("sft", "rm", "ppo", "ppo_noptx"):
+        assert again[f"seconds.{stage}"] == round(json.load(open(out / stage / "DONE.json"))["seconds"], 1) > 0
 
 
 def test_unknown_recipe_section_and_key_are_errors(tmp_path):

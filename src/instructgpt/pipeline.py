@@ -172,11 +172,16 @@ def run(recipe: dict, out: str) -> int:
     seconds: dict[str, float] = _previous_seconds(out)
 
     def timed(name, fn, *a):
-        done_before = os.path.exists(os.path.join(out, name, "DONE.json"))
+        done_file = os.path.join(out, name, "DONE.json")
+        done_before = os.path.exists(done_file)
         t = time.time()
         fn(*a)
         if not done_before:  # a stage finished in an earlier invocation keeps its measured time
             seconds[name] = seconds.get(name, 0.0) + time.time() - t
+        elif name not in seconds:  # ... or, if that invocation was killed before recording it, its own DONE.json's
+            with open(done_file, encoding="utf-8") as fh:
+                seconds[name] = float(json.load(fh).get("seconds", 0.0))
+        _save_seconds(out, seconds)  # after every stage, so a killed pipeline keeps the times of what it finished
 
     try:
         timed("sft", sft.train, cfgs["sft"])
@@ -185,6 +190,7 @@ def run(recipe: dict, out: str) -> int:
                 t = time.time()
                 run_label_sim(recipe, out)
                 seconds["label_sim"] = time.time() - t
+                _save_seconds(out, seconds)
             timed("rm", rm.train, cfgs["rm"])
         for name in ("ppo", "ppo_noptx"):
             if name in cfgs:

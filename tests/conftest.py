@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from contextlib import contextmanager
 
 import pytest
 
@@ -63,3 +64,31 @@ def demos_file(tmp_path) -> str:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextmanager
+def live_server(app, **uvicorn_kwargs):
+    """Serve the ASGI `app` with uvicorn on 127.0.0.1 at a free port, in a thread; yields the base URL (https when
+    `ssl_certfile` is given)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **uvicorn_kwargs))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    scheme = "https" if uvicorn_kwargs.get("ssl_certfile") else "http"
+    try:
+        yield f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 
+from conftest import live_server
 from instructgpt.labeling.app import create_app
 from instructgpt.labeling.formats import import_prompts
 from instructgpt.labeling.store import Store, display_order
@@ -43,26 +39,6 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(CHROMIUM),
                        reason=f"chromium not found at {CHROMIUM} (apt-get install chromium)"),
 ]
-
-
-@contextmanager
-def live_server(app):
-    """Serve `app` with uvicorn on 127.0.0.1 at a free port, in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def test_label_rate_rank_submit_next_in_chromium(tmp_path):

@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import random
 import re
-import socket
 import threading
 import time
-from contextlib import contextmanager
 from html import escape
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
+from conftest import live_server
 from instructgpt import data
 from instructgpt.labeling.app import LOOPBACK_HOSTS, create_app
 from instructgpt.labeling.formats import export, import_prompts
@@ -252,26 +250,6 @@ def test_admin_sees_progress_and_agreement(setup):
 
 # ----------------------------------------------------------------------------------------------------------------
 # A real server, real threads
-
-
-@contextmanager
-def live_server(app):
-    """Serve `app` with uvicorn on 127.0.0.1 at a free port, in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def test_concurrent_labelers_lose_and_duplicate_nothing(tmp_path):

@@ -18,15 +18,14 @@ import sys
 import threading
 import time
 import types
-from contextlib import contextmanager
 from dataclasses import replace
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
+from conftest import live_server
 from instructgpt.generation import SamplingParams, generate
 from instructgpt.modeling import load_model, save_model, sequence_logprobs
 from instructgpt.prompting import encode_response, render_prompt
@@ -45,25 +44,9 @@ KEY_A = "sk-alice-" + "a1" * 12
 KEY_B = "sk-bob-" + "b2" * 12
 
 
-@contextmanager
 def live(server, **uvicorn_kwargs):
-    """Serve `server` with uvicorn on 127.0.0.1 at a free port, in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", lifespan="off", **uvicorn_kwargs))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    scheme = "https" if uvicorn_kwargs.get("ssl_certfile") else "http"
-    try:
-        yield f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    """Serve the model server's app live (see conftest.live_server); yields the base URL."""
+    return live_server(create_app(server), **uvicorn_kwargs)
 
 
 def client(url: str, key: str = "no-key-needed") -> openai.OpenAI:

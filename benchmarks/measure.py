@@ -90,6 +90,22 @@ def read_spec() -> tuple[str, dict, str]:
         return sys.argv[1], json.load(fh), sys.argv[3]
 
 
+def run_worker(side: str, tasks: dict, versions) -> None:
+    """A worker's main: read the command line, set threads, run `tasks[TASK](spec, out)`, write its result with the
+    library versions (torch and transformers, plus `versions(task)`: the side's own)."""
+    task, spec, out = read_spec()
+    setup(spec["threads"])
+    if task not in tasks:
+        raise SystemExit(f"unknown task {task}")
+    result = tasks[task](spec, out)
+    import torch
+    import transformers
+
+    write_result(out, {"side": side, "task": task, **result,
+                       "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                    **versions(task)}})
+
+
 def write_result(path: str, result: dict) -> None:
     result = {**result, "rss_mb": round(peak_rss_mb(), 1)}
     with open(path, "w", encoding="utf-8") as fh:

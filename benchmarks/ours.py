@@ -41,8 +41,8 @@ def sft(spec: dict, out: str) -> dict:
     clock, tokens = measure.StepClock(), [0]
     collate, optimizer_step = stage.collate, stage.optimizer_step
 
-    def counting_collate(examples, pad_token_id):  # the real collate; counts the (non-pad) tokens it batches
-        b = collate(examples, pad_token_id)
+    def counting_collate(examples, pad_token_id, **kwargs):  # the real collate; counts the (non-pad) tokens it batches
+        b = collate(examples, pad_token_id, **kwargs)
         tokens[0] += int(b["attention_mask"].sum())
         return b
 
@@ -137,29 +137,21 @@ def ppo(spec: dict, out: str, configs: list[dict]) -> dict:
     return {"unit": "episodes/s", "configs": res}
 
 
-def main() -> None:
-    task, spec, out = measure.read_spec()
-    measure.setup(spec["threads"])
-    if task == "sft":
-        result = sft(spec, out)
-    elif task in ("rm_k4", "rm_k9"):
-        result = rm(spec, out, int(task[-1]))
-    elif task == "generate":
-        result = generate(spec, out)
-    elif task == "ppo":
-        result = ppo(spec, out, spec["ppo"]["main"])
-    elif task == "ppo_scaling":
-        result = ppo(spec, out, spec["ppo"]["scaling"])
-    else:
-        raise SystemExit(f"unknown task {task}")
-    import torch
-    import transformers
-
+def versions(task: str) -> dict:
     import instructgpt
 
-    measure.write_result(out, {"side": "ours", "task": task, **result,
-                               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                            "instructgpt": getattr(instructgpt, "__version__", "0.1.0")}})
+    return {"instructgpt": getattr(instructgpt, "__version__", "0.1.0")}
+
+
+def main() -> None:
+    measure.run_worker("ours", {
+        "sft": sft,
+        "rm_k4": lambda spec, out: rm(spec, out, 4),
+        "rm_k9": lambda spec, out: rm(spec, out, 9),
+        "generate": generate,
+        "ppo": lambda spec, out: ppo(spec, out, spec["ppo"]["main"]),
+        "ppo_scaling": lambda spec, out: ppo(spec, out, spec["ppo"]["scaling"]),
+    }, versions)
 
 
 if __name__ == "__main__":

@@ -67,18 +67,21 @@ def one_config(spec: dict, out: str, batch: int, length: int, updates: int) -> d
             "episodes_per_cpu_s": batch * len(timed_cpu) / sum(timed_cpu)}
 
 
-def main() -> None:
-    task, spec, out = measure.read_spec()
-    measure.setup(spec["threads"])
-    configs = spec["ppo"]["main"] if task == "ppo" else spec["ppo"]["scaling"]
-    res = [one_config(spec, out, c["batch"], c["length"], c["updates"]) for c in configs]
-    import torch
-    import transformers
+def ppo(spec: dict, out: str, configs: list[dict]) -> dict:
+    return {"unit": "episodes/s",
+            "configs": [one_config(spec, out, c["batch"], c["length"], c["updates"]) for c in configs]}
+
+
+def trl_version(task: str) -> dict:
     import trl
 
-    measure.write_result(out, {"side": "trl", "task": task, "unit": "episodes/s", "configs": res,
-                               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                            "trl": trl.__version__}})
+    return {"trl": trl.__version__}
+
+
+def main() -> None:
+    measure.run_worker("trl", {"ppo": lambda spec, out: ppo(spec, out, spec["ppo"]["main"]),
+                               "ppo_scaling": lambda spec, out: ppo(spec, out, spec["ppo"]["scaling"])},
+                       trl_version)
 
 
 if __name__ == "__main__":

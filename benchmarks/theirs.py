@@ -114,26 +114,21 @@ def generate(spec: dict, out: str) -> dict:
     return {"unit": "new tokens/s", "batches": res}
 
 
+def versions(task: str) -> dict:
+    if task == "generate":  # plain transformers: TRL is not imported
+        return {}
+    import trl
+
+    return {"trl": trl.__version__}
+
+
 def main() -> None:
-    task, spec, out = measure.read_spec()
-    measure.setup(spec["threads"])
-    if task == "sft":
-        result = sft(spec, out)
-    elif task in ("rm_k4", "rm_k9"):
-        result = rm(spec, out, int(task[-1]))
-    elif task == "generate":
-        result = generate(spec, out)
-    else:
-        raise SystemExit(f"unknown task {task}")
-    import torch
-    import transformers
-
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    if task != "generate":
-        import trl
-
-        versions["trl"] = trl.__version__
-    measure.write_result(out, {"side": "trl", "task": task, **result, "versions": versions})
+    measure.run_worker("trl", {
+        "sft": sft,
+        "rm_k4": lambda spec, out: rm(spec, out, 4),
+        "rm_k9": lambda spec, out: rm(spec, out, 9),
+        "generate": generate,
+    }, versions)
 
 
 if __name__ == "__main__":

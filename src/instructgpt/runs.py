@@ -110,7 +110,7 @@ class StageRun:
         if not self.is_main or not os.path.exists(p):
             return
         with open(p, encoding="utf-8") as fh:
-            rows = [line for line in fh if line.strip() and 0 < step and json.loads(line).get("step", 0) <= step]
+            rows = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step] if step else []
         with open(p + ".tmp", "w", encoding="utf-8") as fh:
             fh.writelines(rows)
         os.replace(p + ".tmp", p)

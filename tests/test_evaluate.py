@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_corpus, write_jsonl
 
 from instructgpt import evaluate as ev
-from instructgpt.report import Target, check_targets, stage_kind
+from instructgpt.report import Target, check_targets, render_markdown, stage_kind
 
 
 # ------------------------------------------------------------------------------------------------ pure math
@@ -70,6 +70,20 @@ def test_targets_are_checked_only_when_present():
                Target("c", "rm_accuracy_gold", ">", 0.5))
     res = [(t.description, v, th, ok) for t, v, th, ok in check_targets(report, targets)]
     assert res == [("a", 0.4, 0.3, True), ("b", 0.45, 0.5, False)]
+
+
+def test_a_reports_own_targets_move_or_drop_the_defaults():
+    report = {"seconds.total": 3000.0, "win_rate_no_ties.ppo_vs_sft": 0.7, "gold_gain.ppo_vs_sft": 0.05}
+    default = {t.key: (th, ok) for t, v, th, ok in check_targets(report)}
+    assert default == {"seconds.total": (600.0, False), "win_rate_no_ties.ppo_vs_sft": (0.75, False),
+                       "gold_gain.ppo_vs_sft": (0.15, False)}
+    report["targets"] = {"seconds.total": 3600, "win_rate_no_ties.ppo_vs_sft": 0.65, "gold_gain.ppo_vs_sft": None}
+    moved = {t.key: (th, ok) for t, v, th, ok in check_targets(report)}
+    assert moved == {"seconds.total": (3600.0, True), "win_rate_no_ties.ppo_vs_sft": (0.65, True)}
+    md = render_markdown("/nonexistent", dict(report, policies=[]), [])
+    assert "| 3600 |" in md.replace("3600.0", "3600") and "gold_gain" not in md
+    with pytest.raises(ValueError, match="unknown key.*win_rate.ppo"):
+        check_targets({"targets": {"win_rate.ppo": 0.5}})
 
 
 def test_stage_kind_from_logged_keys():

@@ -45,7 +45,12 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tiny_model_dir,
     assert (out / "report.md").exists() and any(p.suffix == ".png" for p in out.iterdir())
     # rerun on the same directory: every stage is finished, only the evaluation runs again
     before = {s: os.path.getmtime(out / s / "DONE.json") for s in ("sft", "rm", "ppo")}
-    assert cli_main(["pipeline", "--out", str(out), *_tiny_overrides(tiny_model_dir)]) == 0
+    held = [x for x in open(out / "report.md") if x.startswith("| held-out prompts |")]
+    assert len(held) == 1 and "fail" in held[0]  # 26 of the default's 500
+    # ... with the recipe's own target for the report
+    assert cli_main(["pipeline", "--out", str(out), *_tiny_overrides(tiny_model_dir), "targets.heldout_prompts=20"]) == 0
+    held = [x for x in open(out / "report.md") if x.startswith("| held-out prompts |")]
+    assert len(held) == 1 and "`heldout_prompts` >= 20" in held[0] and "pass" in held[0]
     assert before == {s: os.path.getmtime(out / s / "DONE.json") for s in ("sft", "rm", "ppo")}
     first = json.load(open(out / "report.json"))
     assert first["seconds.sft"] == report["seconds.sft"] and first["seconds.ppo"] == report["seconds.ppo"]
@@ -64,6 +69,8 @@ def test_unknown_recipe_section_and_key_are_errors(tmp_path):
         load_recipe(str(bad), [])
     with pytest.raises(ConfigError, match="label_sim.kk"):
         load_recipe(None, ["label_sim.kk=3"])
+    with pytest.raises(ConfigError, match="unknown key.*seconds.ppo"):
+        load_recipe(None, ["targets.seconds.ppo=60"])
 
 
 @pytest.mark.parametrize("name", ["gpt2-hh.yaml", "pythia-tldr.yaml"])
@@ -99,4 +106,7 @@ def test_smollm2_recipe_is_valid_and_uses_lora_everywhere(tiny_model_dir, tmp_pa
     assert set(cfgs) == {"sft", "rm", "ppo"}
     assert cfgs["sft"].model.lora.enabled and cfgs["rm"].model.lora.enabled and cfgs["ppo"].model.lora.enabled
     assert cfgs["ppo"].ppo.value_lora and cfgs["ppo"].ppo.ptx_coef > 0
-    assert load_recipe(path, [])["sft"]["model"]["name_or_path"] == "builtin:smollm2"
+    recipe = load_recipe(path, [])
+    assert recipe["sft"]["model"]["name_or_path"] == "builtin:smollm2"
+    # issue 9's targets, not the tiny default's: an hour, and a 0.65 win rate over SFT with ties left out
+    assert recipe["targets"]["seconds.total"] == 3600 and recipe["targets"]["win_rate_no_ties.ppo_vs_sft"] == 0.65

@@ -64,7 +64,7 @@ DEFAULT_RECIPE: dict = {
     # best-of-16 on 500 prompts alone takes minutes on 2 cores; best-of-4 here
     "eval": {"heldout": 500, "best_of": 4, "prompts": None, "ptx_text": "builtin:shakespeare?split=heldout"},
 }
-STAGE_KEYS = ("sft", "label_sim", "rm", "ppo", "ppo_noptx", "eval", "seed")
+STAGE_KEYS = ("sft", "label_sim", "rm", "ppo", "ppo_noptx", "eval", "targets", "seed")
 LABEL_SIM_KEYS = {"prompts", "k", "noise", "flip_prob", "bt_scale", "resolution", "temperature", "temperatures",
                   "max_new_tokens", "batch_size"}
 EVAL_KEYS = {"heldout", "best_of", "prompts", "ptx_text", "max_new_tokens", "temperature", "batch_size", "reward_model"}
@@ -85,6 +85,12 @@ def load_recipe(path: str | None, overrides: list[str]) -> dict:
         for k in (recipe.get(section) or {}):
             if k not in keys:
                 raise ConfigError(f"{section}.{k}: unknown key (known: {', '.join(sorted(keys))})")
+    from instructgpt.report import targets_with
+
+    try:  # a recipe's targets for its report: {report key: threshold, or null to drop it}
+        targets_with(recipe.get("targets"))
+    except ValueError as e:
+        raise ConfigError(f"{path or 'recipe'}: {e}") from None
     return recipe
 
 
@@ -218,6 +224,8 @@ def run(recipe: dict, out: str) -> int:
     seconds["total"] = sum(v for k, v in seconds.items() if k != "total")
     report.update({f"seconds.{k}": round(v, 1) for k, v in seconds.items()})
     report["heldout_prompts"] = report.get("heldout_prompts", len(_read_jsonl(os.path.join(out, "samples_sft.jsonl"))))
+    if recipe.get("targets"):
+        report["targets"] = recipe["targets"]  # overrides of report.TARGETS, null drops one
     _save_seconds(out, seconds)
     stage_dirs = {k: cfgs[k].out_dir for k in cfgs}
     write_report(out, report, stage_dirs)

@@ -29,18 +29,48 @@ class Target:
     threshold: str | float  # another report key, or a number
 
 
-# The issue's targets for the default run (issue 5); checked when their keys are in the report.
+# The issue's targets for the default run (issue 5); checked when their keys are in the report. A recipe's
+# `targets:` section (e.g. the SmolLM2 recipe's: issue 9's hour and 0.65 win rate) moves a threshold or drops a
+# target; the pipeline stores those overrides in report.json under "targets".
 TARGETS: tuple[Target, ...] = (
-    Target("held-out prompts (at least 500)", "heldout_prompts", ">=", 500),
-    Target("total wall time at most 10 minutes", "seconds.total", "<=", 600),
-    Target("PPO-ptx beats SFT, ties left out: win rate at least 0.75", "win_rate_no_ties.ppo_vs_sft", ">=", 0.75),
+    Target("held-out prompts", "heldout_prompts", ">=", 500),
+    Target("total wall time (seconds)", "seconds.total", "<=", 600),
+    Target("PPO-ptx beats SFT: win rate, ties left out", "win_rate_no_ties.ppo_vs_sft", ">=", 0.75),
     Target("... with its 95% interval above 0.5", "win_rate_no_ties_ci95.ppo_vs_sft[0]", ">", 0.5),
-    Target("PPO-ptx gold-score gain over SFT at least +0.15", "gold_gain.ppo_vs_sft", ">=", 0.15),
-    Target("reward-model accuracy against gold at least 0.80", "rm_accuracy_gold", ">=", 0.80),
-    Target("alignment tax: PPO-ptx held-out perplexity within 5% of SFT's", "ptx_perplexity_ratio.ppo_vs_sft", "<=",
-           1.05),
+    Target("PPO-ptx gold-score gain over SFT", "gold_gain.ppo_vs_sft", ">=", 0.15),
+    Target("reward-model accuracy against gold", "rm_accuracy_gold", ">=", 0.80),
+    Target("alignment tax: PPO-ptx held-out perplexity over SFT's", "ptx_perplexity_ratio.ppo_vs_sft", "<=", 1.05),
     Target("SFT beats the base model on gold score", "gold_score.sft", ">", "gold_score.base"),
 )
+TARGET_KEYS = tuple(t.key for t in TARGETS)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def targets_with(overrides: dict | None) -> tuple[Target, ...]:
+    """TARGETS with a recipe's overrides applied: {key: new threshold (a number or a report key), or None to drop}."""
+    overrides = overrides or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"targets: a mapping of report key to threshold, got {type(overrides).__name__}")
+    overrides = _flatten(overrides)  # `targets.seconds.total=3600` on the command line nests at the dots
+    unknown = sorted(set(overrides) - set(TARGET_KEYS))
+    if unknown:
+        raise ValueError(f"targets: unknown key(s) {', '.join(unknown)} (known: {', '.join(TARGET_KEYS)})")
+    out = []
+    for t in TARGETS:
+        if t.key not in overrides:
+            out.append(t)
+        elif overrides[t.key] is not None:
+            th = overrides[t.key]
+            if isinstance(th, bool) or not isinstance(th, (int, float, str)):
+                raise ValueError(f"targets.{t.key}: a number, a report key or null, got {th!r}")
+            out.append(Target(t.description, t.key, t.op, th if isinstance(th, str) else float(th)))
+    return tuple(out)
 
 
 def derived_keys(report: dict) -> dict:
@@ -71,10 +101,11 @@ def report_value(report: dict, key: str) -> float | None:
     return float(v)
 
 
-def check_targets(report: dict, targets: Sequence[Target] = TARGETS) -> list[tuple[Target, float, float, bool]]:
-    """(target, value, threshold, passed) for every target whose keys are all in the report."""
+def check_targets(report: dict, targets: Sequence[Target] | None = None) -> list[tuple[Target, float, float, bool]]:
+    """(target, value, threshold, passed) for every target whose keys are all in the report; by default the
+    report's own targets (TARGETS with its "targets" overrides)."""
     out = []
-    for t in targets:
+    for t in targets if targets is not None else targets_with(report.get("targets")):
         value = report_value(report, t.key)
         threshold = report_value(report, t.threshold) if isinstance(t.threshold, str) else float(t.threshold)
         if value is not None and threshold is not None:

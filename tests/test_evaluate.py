@@ -113,6 +113,17 @@ def test_summarize_by_hand():
     assert r["judge"] == "gold" and len(r["win_rate_ci95.ppo_vs_sft"]) == 2
 
 
+def test_rm_accuracy_is_split_by_pair_of_policies_against_sft():
+    held = ev.heldout_prompts(2, seed=0)
+    gold = {"base": [0.0, 0.0], "sft": [0.5, 0.5], "ppo": [1.0, 0.2]}
+    rm = {"base": [-2.0, -2.0], "sft": [0.0, 0.0], "ppo": [-1.0, -1.0]}  # right about base, wrong on ppo's gain
+    r = ev.summarize(held, {n: ["x", "y"] for n in gold}, "sft", gold, rm, rm_pool=list(gold), n_resamples=50)
+    assert r["rm_accuracy_gold.base_vs_sft"] == 1.0 and r["rm_accuracy_gold_pairs.base_vs_sft"] == 2
+    assert r["rm_accuracy_gold.ppo_vs_sft"] == 0.5 and r["rm_accuracy_gold_pairs.ppo_vs_sft"] == 2
+    # pooled: base-sft 2/2, base-ppo 2/2 (ppo above base both times), sft-ppo 1/2
+    assert r["rm_accuracy_gold"] == pytest.approx(5 / 6) and "sft_vs_sft" not in str(r)
+
+
 # ------------------------------------------------------------------------------------------- model passes
 def test_kl_to_itself_is_zero_and_logprobs_match_the_sampler(tiny_model_dir):
     from instructgpt.generation import SamplingParams, generate

@@ -389,6 +389,11 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
     if report.get("rm_accuracy_gold") is not None:
         lines += ["", (f"Reward-model accuracy against the gold order: **{report['rm_accuracy_gold']:.3f}** on "
                        f"{report.get('rm_accuracy_gold_pairs')} non-tied held-out pairs (the policies' answers).")]
+        split = [(k[len("rm_accuracy_gold."):], v, report.get("rm_accuracy_gold_pairs." + k[len("rm_accuracy_gold."):]))
+                 for k, v in report.items() if k.startswith("rm_accuracy_gold.") and v is not None]
+        if split:
+            lines[-1] += " By pair of policies: " + ", ".join(f"{k.replace('_vs_', ' vs ')} {v:.3f} ({n} pairs)"
+                                                             for k, v, n in split) + "."
     if report.get("rm_accuracy_gold_sft_samples") is not None:
         lines += ["", (f"On pairs of the SFT model's own samples (best-of-n's candidates): "
                        f"**{report['rm_accuracy_gold_sft_samples']:.3f}** "

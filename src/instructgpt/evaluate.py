@@ -326,11 +326,10 @@ def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]]
         report["rm_accuracy_gold_pairs"] = pairs
         # ... split by the pair of policies against SFT: the untouched model's answers are easy to rank below SFT's,
         # a PPO policy's are what PPO needs the RM to judge (the pooled figure mixes the two)
-        for name in rm_pool:
-            if name != sft and sft in rm_pool:
-                acc, pairs = rm_accuracy(list(zip(rm[name], rm[sft])), list(zip(gold[name], gold[sft])))
-                report[f"rm_accuracy_gold.{name}_vs_{sft}"] = acc
-                report[f"rm_accuracy_gold_pairs.{name}_vs_{sft}"] = pairs
+        for name in (n for n in rm_pool if n != sft and sft in rm_pool):
+            acc, pairs = rm_accuracy(list(zip(rm[name], rm[sft])), list(zip(gold[name], gold[sft])))
+            report[f"rm_accuracy_gold.{name}_vs_{sft}"] = acc
+            report[f"rm_accuracy_gold_pairs.{name}_vs_{sft}"] = pairs
     return report
 
 

@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from instructgpt.config import flatten
 from instructgpt.runs import read_metrics
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -45,19 +46,12 @@ TARGETS: tuple[Target, ...] = (
 TARGET_KEYS = tuple(t.key for t in TARGETS)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def targets_with(overrides: dict | None) -> tuple[Target, ...]:
     """TARGETS with a recipe's overrides applied: {key: new threshold (a number or a report key), or None to drop}."""
     overrides = overrides or {}
     if not isinstance(overrides, dict):
         raise ValueError(f"targets: a mapping of report key to threshold, got {type(overrides).__name__}")
-    overrides = _flatten(overrides)  # `targets.seconds.total=3600` on the command line nests at the dots
+    overrides = flatten(overrides)  # `targets.seconds.total=3600` on the command line nests at the dots
     unknown = sorted(set(overrides) - set(TARGET_KEYS))
     if unknown:
         raise ValueError(f"targets: unknown key(s) {', '.join(unknown)} (known: {', '.join(TARGET_KEYS)})")
@@ -389,11 +383,12 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
     if report.get("rm_accuracy_gold") is not None:
         lines += ["", (f"Reward-model accuracy against the gold order: **{report['rm_accuracy_gold']:.3f}** on "
                        f"{report.get('rm_accuracy_gold_pairs')} non-tied held-out pairs (the policies' answers).")]
-        split = [(k[len("rm_accuracy_gold."):], v, report.get("rm_accuracy_gold_pairs." + k[len("rm_accuracy_gold."):]))
-                 for k, v in report.items() if k.startswith("rm_accuracy_gold.") and v is not None]
+        split = [(k.removeprefix("rm_accuracy_gold."), v) for k, v in report.items()
+                 if k.startswith("rm_accuracy_gold.") and v is not None]
         if split:
-            lines[-1] += " By pair of policies: " + ", ".join(f"{k.replace('_vs_', ' vs ')} {v:.3f} ({n} pairs)"
-                                                             for k, v, n in split) + "."
+            lines[-1] += " By pair of policies: " + ", ".join(
+                f"{pair.replace('_vs_', ' vs ')} {v:.3f} ({report.get('rm_accuracy_gold_pairs.' + pair)} pairs)"
+                for pair, v in split) + "."
     if report.get("rm_accuracy_gold_sft_samples") is not None:
         lines += ["", (f"On pairs of the SFT model's own samples (best-of-n's candidates): "
                        f"**{report['rm_accuracy_gold_sft_samples']:.3f}** "

@@ -204,6 +204,12 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(SFTConfig, str(y))
     cfg = load_config(SFTConfig, None, ["model.lora.enabled=true", "model.lora.target_modules=c_attn,c_proj"])
     assert cfg.model.lora.enabled and cfg.model.lora.target_modules == ["c_attn", "c_proj"]
+    # YAML 1.1 reads an unquoted `no` as false: the choice "no" is still meant, on the command line and in a file
+    assert load_config(SFTConfig, None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    y.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(SFTConfig, str(y)).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision: must be one of .* got True"):
+        load_config(SFTConfig, None, ["train.mixed_precision=yes"])
 
 
 def test_sigkill_midway_then_rerun_matches_uninterrupted(tiny_model_dir, demos_file, tmp_path):

@@ -3,7 +3,7 @@ import random
 import pytest
 
 from instructgpt.data import load_comparisons
-from instructgpt.label_sim import main, noisy_ranks
+from instructgpt.label_sim import label, main, noisy_ranks
 
 
 def test_no_noise_gives_the_gold_order_with_ties():
@@ -25,6 +25,18 @@ def test_pair_flip_rate():
     rng = random.Random(0)
     flips = sum(noisy_ranks([1.0, 0.0], rng, flip_prob=0.25) == [2, 1] for _ in range(4000))
     assert flips / 4000 == pytest.approx(0.25, abs=0.02)
+
+
+def test_identical_responses_tie_and_distinct_ones_keep_the_flip_rate():
+    rng = random.Random(0)
+    split, flips = 0, 0
+    for _ in range(2000):
+        ranks, ratings = label(["cat", "dog", "cat", "tac"], [0.2, 0.0, 0.2, 1.0], rng, flip_prob=0.25)
+        assert ranks[0] == ranks[2] and ratings[0] == ratings[2]  # the same text, judged once
+        flips += ranks[3] > ranks[1]  # "tac" (correct) ranked below "dog" (wrong)
+    # the three distinct texts are ranked by Copeland over their three noisy pairs: tac ends below dog in 7 of the
+    # 64 (flip 1/4) outcomes by exact enumeration, 0.109
+    assert abs(flips / 2000 - 0.109) < 0.03
 
 
 def test_label_sim_writes_rankings_rm_reads(tiny_model_dir, tmp_path):

@@ -8,6 +8,7 @@ Noise models:
 - ``flip`` (default): each non-tied pair's gold order is flipped with probability ``--flip-prob`` (AlpacaFarm: 0.25);
   the ranking is then the Copeland order of the noisy pairwise wins (equal wins are ties).
 - ``bt``: Bradley-Terry: rank by gold score + Gumbel noise of scale ``--bt-scale``.
+Identical responses are judged once, as a person shown two copies would: they tie and share a rating.
 
 ``--resolution rating`` makes the labeler as coarse as a person: it sees the gold score only on the 1-7 scale of its
 ratings, so two answers of the same rating (say two wrong reversals, gold 0.13 and 0.16) are a tie rather than a
@@ -59,6 +60,19 @@ def noisy_ranks(gold: Sequence[float], rng: random.Random, noise: str = "flip", 
         raise ValueError(f"unknown noise model '{noise}' (flip or bt)")
     levels = sorted(set(util), reverse=True)
     return [levels.index(u) + 1 for u in util]
+
+
+def label(responses: Sequence[str], gold: Sequence[float], rng: random.Random, noise: str = "flip",
+          flip_prob: float = 0.25, bt_scale: float = 0.1, resolution: str = "score") -> tuple[list[int], list[int]]:
+    """(ranks, ratings) of K responses as one labeler gives them: each distinct text is judged once, so identical
+    responses (frequent among near-greedy samples) tie and share a rating. Judged one by one, the noise on their pairs
+    with the other responses could rank a text above its own copy."""
+    distinct = list(dict.fromkeys(responses))
+    g = [gold[responses.index(t)] for t in distinct]
+    ranks = noisy_ranks(g, rng, noise, flip_prob, bt_scale, resolution)
+    ratings = [rating_of(x, rng, flip_prob) for x in g]
+    at = {t: i for i, t in enumerate(distinct)}
+    return [ranks[at[t]] for t in responses], [ratings[at[t]] for t in responses]
 
 
 def rating_of(gold: float, rng: random.Random, flip_prob: float) -> int:
@@ -117,12 +131,12 @@ def main(argv: list[str]) -> int:
             skipped += 1  # an empty response cannot be ranked (and is an error in the rankings format)
             continue
         gold = [tasks.gold_score(rec.text, r) for r in responses]
-        ranks = noisy_ranks(gold, rng, args.noise, args.flip_prob, args.bt_scale, args.resolution)
+        ranks, ratings = label(responses, gold, rng, args.noise, args.flip_prob, args.bt_scale, args.resolution)
         if len(set(ranks)) == 1:
             skipped += 1  # all tied: nothing for the reward model to learn
             continue
-        rows.append({"prompt": rec.text, "responses": responses, "ranks": ranks,
-                     "ratings": [rating_of(g, rng, args.flip_prob) for g in gold], "labeler": f"sim-{args.noise}"})
+        rows.append({"prompt": rec.text, "responses": responses, "ranks": ranks, "ratings": ratings,
+                     "labeler": f"sim-{args.noise}"})
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} rankings (K={args.k}) to {args.out}; skipped {skipped} (all tied or empty)",
           file=sys.stderr)

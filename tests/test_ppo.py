@@ -212,6 +212,23 @@ def test_policy_equal_to_reference_gives_zero_kl_and_first_ratio_one(ppo_inputs,
         assert (row[int(n):] == tok.pad_token_id).all()
 
 
+def test_bf16_mixed_precision_recomputes_old_logprobs_so_the_first_kl_is_zero(ppo_inputs, tmp_path):
+    from instructgpt.runs import read_metrics
+    with pytest.raises(ConfigError, match="needs ppo.recompute_logprobs=true"):
+        load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "x", "train.mixed_precision=bf16"))
+    cfg = load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "bf16", "train.mixed_precision=bf16",
+                                             "ppo.recompute_logprobs=true", "train.max_steps=2", "train.save_every=0"))
+    from accelerate import Accelerator
+    Accelerator(cpu=True, mixed_precision="no")  # an earlier fp32 stage in the same process, as in the pipeline
+    train(cfg)
+    rows = [r for r in read_metrics(str(tmp_path / "bf16")) if "objective/kl" in r]
+    # the reference is the policy before its first update, run in the same precision: no penalty, exactly; a
+    # reference left in fp32 against a bf16 policy reads bf16 rounding as KL (2.7e-4 per sequence here)
+    assert rows[0]["objective/kl"] == 0.0
+    assert rows[1]["objective/kl"] != 0.0 and all(math.isfinite(v) for r in rows for v in r.values()
+                                                   if isinstance(v, float))
+
+
 def test_config_requires_reward_model_and_ptx_text():
     with pytest.raises(ConfigError, match="reward_model.name_or_path"):
         load_config(PPOConfig, None, [])

@@ -131,6 +131,11 @@ class PPOConfig(StageConfig):
             raise ConfigError(f"ppo.ema_decay: must be in (0, 1), got {p.ema_decay}")
         if p.keep_best == "reward" and p.kl_budget is None:
             raise ConfigError("ppo.kl_budget: needed with ppo.keep_best=reward")
+        if self.train.mixed_precision != "no" and not p.recompute_logprobs:
+            # the KV-cached sampler's low-precision log-probs differ from a full forward's by ~1e-2 per token: the
+            # KL penalty and the first ratio would read that rounding as policy change
+            raise ConfigError(f"train.mixed_precision={self.train.mixed_precision} needs ppo.recompute_logprobs=true "
+                              "(old log-probs from the same full forward as the reference's and the update's)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -209,7 +214,7 @@ def policy_forward(policy, input_ids, attention_mask, value_head: ValueHead | No
                  output_hidden_states=value_head is not None, **kw)
     values = value_head(out.hidden_states[-1]) if value_head is not None else None
     logits = out.logits[:, :-1] if response_len is not None else out.logits
-    return logits, values
+    return logits.float(), values  # fp32 log-probs under train.mixed_precision (a no-op in fp32)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -530,7 +535,8 @@ def train(cfg: PPOConfig) -> str:
     def evaluate_and_keep(done: int) -> dict:
         if not eval_prompts:
             return {}
-        ev = monitor(models, unwrapped, cfg, eval_prompts, acc.device)
+        with acc.autocast():
+            ev = monitor(models, unwrapped, cfg, eval_prompts, acc.device)
         key = {"gold": "eval/gold_score_greedy", "reward": "eval/rm_score"}.get(p.keep_best)
         if key and key in ev and acc.is_main_process:
             ok = p.keep_best != "reward" or ev["eval/kl"] <= p.kl_budget
@@ -549,8 +555,9 @@ def train(cfg: PPOConfig) -> str:
             idx = stream_indices(len(queries), step * t.batch_size, t.batch_size, cfg.seed)[rank::world]
             gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step * 7919 + rank)
             policy.eval()
-            b = rollout(models, unwrapped, value, value_head, [queries[i] for i in idx], [prompts[i] for i in idx],
-                        p, eos, pad, gen, acc.device)
+            with acc.autocast():  # train.mixed_precision: the frozen models' forwards in the same precision
+                b = rollout(models, unwrapped, value, value_head, [queries[i] for i in idx],
+                            [prompts[i] for i in idx], p, eos, pad, gen, acc.device)
             mask = b.response_mask
             # 2. rewards: score at the last token - beta * KL per token (the paper's Eq. 2, per token)
             kl = kl_per_token(b.logprobs, b.ref_logprobs, p.kl_estimator) * mask
@@ -573,7 +580,8 @@ def train(cfg: PPOConfig) -> str:
                     mb_mask, mb_adv, mb_ret = mask[mb_idx], advantages[mb_idx], returns[mb_idx]
                     P = mb.query.shape[1]
                     ids, att = mb.input_ids, mb.attention_mask
-                    logits, vals = policy_forward(policy, ids, att, value_head, response_len=mb.response.shape[1])
+                    with acc.autocast():
+                        logits, vals = policy_forward(policy, ids, att, value_head, response_len=mb.response.shape[1])
                     scaled = response_logits(logits, p.temperature)
                     new_logprobs = gather_logprobs(scaled, mb.response)
                     if epoch == 0:  # the policy's entropy on the rollouts, before (or barely after) this update
@@ -584,7 +592,8 @@ def train(cfg: PPOConfig) -> str:
                     if value is not None:
                         from instructgpt.reward import token_values
 
-                        vals = token_values(value, ids, att)
+                        with acc.autocast():
+                            vals = token_values(value, ids, att)
                     new_values = vals[:, P - 1:-1]
                     pg_loss, pg_stats = policy_loss(new_logprobs, mb.logprobs, mb_adv, mb_mask, p.cliprange)
                     vf_loss, vf_stats = value_loss(new_values, mb.values, mb_ret, mb_mask, p.cliprange_value)
@@ -598,7 +607,8 @@ def train(cfg: PPOConfig) -> str:
                         state["ptx_pos"] += n_rows * world
                         px = torch.tensor([ptx_blocks[i].input_ids for i in rows], device=acc.device)
                         pm = torch.ones_like(px)
-                        ptx = lm_loss(policy_forward(policy, px, pm)[0], px, pm)
+                        with acc.autocast():
+                            ptx = lm_loss(policy_forward(policy, px, pm)[0], px, pm)
                         loss = loss + p.ptx_coef * ptx
                     acc.backward(loss)
                     if t.max_grad_norm:  # each network clipped on its own

@@ -199,7 +199,13 @@ class FitResult:
 
 def make_accelerator(cfg: StageConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, cfg.train.mixed_precision):
+        # one process runs several stages (the pipeline): accelerate keeps the first stage's precision process-wide
+        # and refuses a second stage's own. Reset that state only; the distributed one (PartialState) stays.
+        AcceleratorState._reset_state()
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
 
 

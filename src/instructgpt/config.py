@@ -143,7 +143,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off/yes/on as a bool: mixed_precision=no
-            value = next((w for w in (("yes", "on", "true") if value else ("no", "off", "false")) if w in choices), value)
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((w for w in words if w in choices), value)
         if value not in choices:
             raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
         return value

@@ -161,7 +161,7 @@ def test_bf16_mixed_precision_trains_close_to_fp32_and_saves_fp32_weights(tiny_m
         train(_cfg(tiny_model_dir, demos_file, tmp_path / mp, **{"train.max_steps": 4,
                                                                   "train.mixed_precision": mp}))
         losses[mp] = [json.loads(l)["train/loss"] for l in open(tmp_path / mp / "metrics.jsonl")]
-    # the same batches: bf16 matmuls round at ~3 significant digits; the losses agree closely (here to 1e-4), not exactly
+    # the same batches: bf16 matmuls round at ~3 significant digits; the losses agree closely (here 1e-4), not exactly
     assert losses["bf16"] != losses["no"]
     for a, b in zip(losses["no"], losses["bf16"]):
         assert abs(a - b) < 0.005 * a, losses

@@ -29,7 +29,7 @@ def test_pair_flip_rate():
 
 def test_identical_responses_tie_and_distinct_ones_keep_the_flip_rate():
     rng = random.Random(0)
-    split, flips = 0, 0
+    flips = 0
     for _ in range(2000):
         ranks, ratings = label(["cat", "dog", "cat", "tac"], [0.2, 0.0, 0.2, 1.0], rng, flip_prob=0.25)
         assert ranks[0] == ranks[2] and ratings[0] == ratings[2]  # the same text, judged once

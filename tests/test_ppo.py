@@ -213,7 +213,6 @@ def test_policy_equal_to_reference_gives_zero_kl_and_first_ratio_one(ppo_inputs,
 
 
 def test_bf16_mixed_precision_recomputes_old_logprobs_so_the_first_kl_is_zero(ppo_inputs, tmp_path):
-    from instructgpt.runs import read_metrics
     with pytest.raises(ConfigError, match="needs ppo.recompute_logprobs=true"):
         load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "x", "train.mixed_precision=bf16"))
     cfg = load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "bf16", "train.mixed_precision=bf16",

@@ -113,3 +113,27 @@ def test_a_lora_model_uses_the_same_cache_argument_and_greedy_text(tiny):
     p = SamplingParams(max_new_tokens=6, temperature=0.0)
     # LoRA's B starts at zero: the adapted model is the base model, so greedy text is identical
     assert [o[0].text for o in generate(lora, tok, prompts, p)] == [o[0].text for o in generate(model, tok, prompts, p)]
+
+
+def test_the_prefill_runs_the_lm_head_on_the_last_prompt_position_only(tiny):
+    """The sampler asks for one position's logits in the prefill, a plain or a LoRA model alike, and its first token's
+    log-prob still equals a full forward's (covered for every token by the fresh-forward test above)."""
+    import copy
+
+    from instructgpt.config import LoraConfig
+    from instructgpt.modeling import apply_lora
+    model, tok = tiny
+    lora = apply_lora(copy.deepcopy(model), LoraConfig(enabled=True, r=4, alpha=8))
+    x, m = left_pad([tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in ("add 1 plus 2", "hi")],
+                    tok.pad_token_id)
+    for mdl in (model, lora):
+        shapes = []
+        hook = (mdl.get_base_model() if hasattr(mdl, "get_base_model") else mdl).register_forward_hook(
+            lambda mod, args, out: shapes.append(tuple(out.logits.shape)))
+        try:
+            sample(mdl, x, m, SamplingParams(max_new_tokens=3, temperature=0.0, stop_at_eos=False),
+                   tok.eos_token_id, tok.pad_token_id)
+        finally:
+            hook.remove()
+        assert shapes[0] == (2, 1, model.config.vocab_size)  # not (2, P, V)
+        assert len(shapes) == 3  # the prefill and two single-token steps

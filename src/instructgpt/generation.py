@@ -88,6 +88,16 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
+def keeps_last_logits(model) -> dict:
+    """`{"logits_to_keep": 1}` where the model takes it (transformers' causal LMs do): the prefill then runs the LM
+    head over the last prompt position only. SmolLM2's head (49k tokens x 576) over a 56-token chat prompt cost about
+    a quarter of the prefill and an eighth of sampling 24 tokens at batch 32 on 2 cores, for logits never read."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+
+
 def returned_cache(out):
     return out["cache"] if "cache" in out else out["past_key_values"]
 
@@ -108,7 +118,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params:
     attention_mask = attention_mask.long()
     position_ids = position_ids_from_mask(attention_mask)
     cache_kw = cache_argument(model)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                **keeps_last_logits(model))
     past = returned_cache(out)
     logits = out.logits[:, -1, :].float()  # (B, V)
     next_pos = position_ids[:, -1] + 1  # (B,)
@@ -154,7 +165,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params:
                     if cut is not None:
                         stop_cut[b] = cut
                         done[b] = True
-        if bool(done.all()):
+        if bool(done.all()) or t == params.max_new_tokens - 1:  # no forward for a token that will not be sampled
             break
         attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype, device=device)], 1)
         out = model(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=next_pos[:, None],

@@ -271,3 +271,31 @@ def test_rm_scores_score_each_distinct_answer_once():
     out = ev.rm_scores(scorer, held, responses, batch_size=8)
     assert out == {"sft": [1.0, 2.0, 3.0], "ppo": [1.0, 4.0, 3.0], "base": [2.0, 2.0, 3.0]}
     assert len(scorer.calls) == 1 and sorted(scorer.calls[0]) == ["a", "bb", "bbbb", "ccc", "zz"]
+
+
+def test_bf16_evaluation_samples_under_autocast_and_scores_in_fp32(tiny_model_dir, eval_models, tmp_path, monkeypatch):
+    """mixed_precision="bf16": every sampling call (greedy answers, KL samples, best-of-n candidates) runs under bf16
+    autocast, the KL and reward-model passes do not, and the report says which precision sampled."""
+    import instructgpt.generation as generation
+    import instructgpt.reward as reward
+    from instructgpt.evaluate import evaluate
+
+    seen = {"generate": [], "rm": []}
+    real_generate, real_raw = generation.generate, reward.raw_rewards
+
+    def generate(*a, **k):
+        seen["generate"].append(torch.is_autocast_enabled("cpu"))
+        return real_generate(*a, **k)
+
+    def raw_rewards(*a, **k):
+        seen["rm"].append(torch.is_autocast_enabled("cpu"))
+        return real_raw(*a, **k)
+
+    monkeypatch.setattr(generation, "generate", generate)
+    monkeypatch.setattr(reward, "raw_rewards", raw_rewards)
+    report = evaluate({"sft": tiny_model_dir, "ppo": eval_models["ppo"]}, reward_model=eval_models["rm"], heldout=13,
+                      best_of=2, ptx_text=None, out_dir=str(tmp_path / "ev"), max_new_tokens=6, batch_size=8,
+                      mixed_precision="bf16")
+    # sft answers, ppo answers, ppo KL samples, best-of-2 candidates
+    assert seen["generate"] == [True] * 4 and seen["rm"] and not any(seen["rm"])
+    assert report["decoding"]["mixed_precision"] == "bf16" and 0 <= report["gold_score.ppo"] <= 1

@@ -1,4 +1,5 @@
 
+import pytest
 import torch
 
 from instructgpt.generation import SamplingParams, apply_penalties, filter_logits, generate, left_pad, sample
@@ -137,3 +138,32 @@ def test_the_prefill_runs_the_lm_head_on_the_last_prompt_position_only(tiny):
             hook.remove()
         assert shapes[0] == (2, 1, model.config.vocab_size)  # not (2, P, V)
         assert len(shapes) == 3  # the prefill and two single-token steps
+
+
+def test_bf16_autocast_samples_in_bf16_with_fp32_logprobs_close_to_fp32s(tiny):
+    """`autocast(model, "bf16")`: the matmuls run in bf16, the sampler still reports fp32 log-probs, and those are
+    the fp32 model's for the same tokens to within bf16's rounding; "no" leaves everything in fp32."""
+    from instructgpt.generation import autocast
+
+    model, tok = tiny
+    x, m = left_pad([tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in ("add 1 plus 2", "hi")],
+                    tok.pad_token_id)
+    dtypes = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    p = SamplingParams(max_new_tokens=8, temperature=0.7, stop_at_eos=False)
+    try:
+        with autocast(model, "bf16"):
+            out = sample(model, x, m, p, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(0))
+        assert set(dtypes) == {torch.bfloat16} and out.logprobs.dtype == torch.float32
+        dtypes.clear()
+        with autocast(model, "no"):
+            sample(model, x, m, p, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(0))
+        assert set(dtypes) == {torch.float32}
+    finally:
+        hook.remove()
+    full = torch.cat([x, out.tokens], 1)
+    lp = sequence_logprobs(model, full, torch.cat([m, torch.ones_like(out.tokens)], 1), temperature=0.7)
+    err = (lp[:, x.shape[1] - 1:] - out.logprobs).abs()
+    assert 0 < float(err.max()) < 0.15  # bf16 rounding, not another distribution (and not fp32: err > 0)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        autocast(model, "fp16")

@@ -59,3 +59,19 @@ def test_temperatures_cycle_over_the_k_responses(tiny_model_dir, tmp_path):
     assert rows and all(len(r["responses"]) == 4 for r in rows)
     assert all(r["responses"][0] == r["responses"][1] for r in rows)  # both greedy
     assert any(r["responses"][2] != r["responses"][3] for r in rows)  # sampled at 1.5
+
+
+def test_bf16_label_sim_samples_under_autocast(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    import instructgpt.generation as generation
+
+    seen, real = [], generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu"))
+                        or real(*a, **k))
+    out = tmp_path / "r.jsonl"
+    args = ["--policy", tiny_model_dir, "--prompts", "builtin:task-prompts?split=train&n=12&seed=3", "--k", "4",
+            "--max-new-tokens", "6", "--seed", "1", "--temperatures", "0.7,1.3"]
+    assert main(args + ["--out", str(out), "--mixed-precision", "bf16"]) == 0
+    assert seen == [True, True] and load_comparisons(str(out))  # one call per temperature, both in bf16
+    assert main(args + ["--out", str(tmp_path / "f.jsonl")]) == 0 and seen[2:] == [False, False]

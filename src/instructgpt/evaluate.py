@@ -397,7 +397,7 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
              seed: int = 0, best_of: int = 0, ptx_text: str | None = DEFAULT_PTX, out_dir: str,
              prompts: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
              batch_size: int = 64, kl_prompts: int | None = 256, ptx_blocks: int = 32, ptx_block_size: int = 256,
-             n_resamples: int = 2000) -> dict:
+             n_resamples: int = 2000, mixed_precision: str = "no") -> dict:
     """Evaluate every policy (name -> model directory, hub id or builtin:base) against the SFT one (`policies[sft]`).
 
     Prompts: `heldout` held-out prompts of the built-in task, or the first `heldout` of the prompt source `prompts`.
@@ -405,9 +405,11 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     :func:`summarize`) with `kl.<policy>` (on the first `kl_prompts` prompts, every family among them; None: all) and
     `ptx_perplexity.<policy>` (`ptx_blocks` blocks of `ptx_block_size` tokens of `ptx_text`; None skips it).
     Greedy answers by default (`temperature` 0); the policies are loaded one at a time beside the SFT model.
+    `mixed_precision` "bf16" samples (answers, KL samples, best-of-n candidates) under bf16 autocast; the KL,
+    perplexity and reward-model passes stay in the models' own precision.
     """
     from instructgpt import tasks
-    from instructgpt.generation import SamplingParams
+    from instructgpt.generation import SamplingParams, autocast
     from instructgpt.modeling import load_model
     from instructgpt.prompting import encode_prompt, render_prompt
 
@@ -445,14 +447,16 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
         is_sft = _canonical(path) == sft_path
         model, tok = (sft_model, sft_tok) if is_sft else load_model(path)
         texts = [render_prompt(tok, p.messages) for p in items]
-        comps = [c[0] for c in generate_sorted(model, tok, texts, greedy, batch_size)]
+        with autocast(model, mixed_precision):
+            comps = [c[0] for c in generate_sorted(model, tok, texts, greedy, batch_size)]
         responses[name] = [c.text for c in comps]
         finish[name] = [c.finish_reason for c in comps]
         # KL to SFT on the policy's own samples at temperature 1 (0 by definition for the SFT model itself)
         if is_sft:
             report[f"kl.{name}"] = 0.0
         elif _same_vocab(tok, sft_tok):
-            samples = [c[0] for c in generate_sorted(model, tok, texts[:n_kl], sampled, batch_size)]
+            with autocast(model, mixed_precision):
+                samples = [c[0] for c in generate_sorted(model, tok, texts[:n_kl], sampled, batch_size)]
             prompt_ids = [encode_prompt(tok, p.messages) for p in items[:n_kl]]
             report[f"kl.{name}"] = kl_to_reference(model, sft_model, prompt_ids, [c.token_ids for c in samples],
                                                    tok.pad_token_id, batch_size)
@@ -476,8 +480,9 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
         texts = [render_prompt(sft_tok, p.messages) for p in items]
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=best_of, seed=seed + 2)
         # every sample kept, best first: the best is the policy's answer; all n feed the RM accuracy below
-        ranked, ranked_rm = best_of_n(scorer, [p.messages for p in items],
-                                      generate_sorted(sft_model, sft_tok, texts, params, batch_size), keep=best_of,
+        with autocast(sft_model, mixed_precision):
+            candidates = generate_sorted(sft_model, sft_tok, texts, params, batch_size)
+        ranked, ranked_rm = best_of_n(scorer, [p.messages for p in items], candidates, keep=best_of,
                                       batch_size=batch_size)
         responses[name] = [k[0].text for k in ranked]
         finish[name] = [k[0].finish_reason for k in ranked]
@@ -505,7 +510,7 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     # 5. the report. RM accuracy on the policies' own answers: best-of-n's were picked by the RM, which would bias it
     report = {**summarize(items, responses, sft, gold, rm, list(policies), n_resamples, seed), **report}
     report["decoding"] = {"temperature": temperature, "max_new_tokens": max_new_tokens, "kl_prompts": n_kl,
-                          "kl_temperature": 1.0}
+                          "kl_temperature": 1.0, "mixed_precision": mixed_precision}
     for name, resp in responses.items():
         _write_samples(os.path.join(out_dir, f"samples_{name}.jsonl"), items, resp, finish[name],
                        gold[name] if gold else None, rm[name] if rm else None)
@@ -545,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="policy decoding (0 = greedy)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                   help="sample under bf16 autocast (answers, KL samples, best-of-n candidates)")
     p.add_argument("--kl-prompts", type=int, default=256, help="prompts for the KL estimate (0: all)")
     p.add_argument("--stage", action="append", default=[], metavar="NAME=DIR",
                    help="a training stage's out_dir for the curves (repeatable; found next to policies otherwise)")
@@ -628,7 +635,8 @@ def main(argv: list[str]) -> int:
                           seed=args.seed, best_of=args.best_of,
                           ptx_text=None if args.ptx_text.lower() == "none" else args.ptx_text, out_dir=out,
                           prompts=args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          batch_size=args.batch_size, kl_prompts=args.kl_prompts or None)
+                          batch_size=args.batch_size, kl_prompts=args.kl_prompts or None,
+                          mixed_precision=args.mixed_precision)
     except (ValueError, DataError, FileNotFoundError) as e:
         print(f"instructgpt eval: error: {e}", file=sys.stderr)
         return 2

@@ -86,7 +86,7 @@ def rating_of(gold: float, rng: random.Random, flip_prob: float) -> int:
 def main(argv: list[str]) -> int:
     from instructgpt import tasks
     from instructgpt.data import DataError, load_prompts, write_jsonl
-    from instructgpt.generation import SamplingParams, generate
+    from instructgpt.generation import SamplingParams, autocast, generate
     from instructgpt.modeling import load_model
     from instructgpt.prompting import render_prompt
 
@@ -106,6 +106,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="sample under bf16 autocast")
     args = p.parse_args(argv)
     if not 2 <= args.k <= 9:
         print("instructgpt label-sim: error: --k must be in 2..9", file=sys.stderr)
@@ -119,9 +120,10 @@ def main(argv: list[str]) -> int:
     temps = [float(x) for x in args.temperatures.split(",")] if args.temperatures else [args.temperature]
     texts = [render_prompt(tok, r.messages) for r in prompts]
     counts = [sum(1 for i in range(args.k) if i % len(temps) == j) for j in range(len(temps))]
-    per_temp = [generate(model, tok, texts, SamplingParams(max_new_tokens=args.max_new_tokens, temperature=t, n=c,
-                                                           seed=args.seed + j), batch_size=args.batch_size)
-                for j, (t, c) in enumerate(zip(temps, counts)) if c]
+    with autocast(model, args.mixed_precision):
+        per_temp = [generate(model, tok, texts, SamplingParams(max_new_tokens=args.max_new_tokens, temperature=t, n=c,
+                                                               seed=args.seed + j), batch_size=args.batch_size)
+                    for j, (t, c) in enumerate(zip(temps, counts)) if c]
     outs = [[c for group in per_temp for c in group[i]] for i in range(len(texts))]  # K responses per prompt
     rng = random.Random(args.seed)
     rows, skipped = [], 0

@@ -262,3 +262,25 @@ def test_truncate_metrics_keeps_rows_up_to_the_checkpoint_and_none_without_one(t
     assert [json.loads(l)["step"] for l in open(tmp_path / "m" / "metrics.jsonl")] == [0, 1, 2]
     run.truncate_metrics(0)  # killed before the first checkpoint: the rerun logs everything again, step 0 included
     assert open(tmp_path / "m" / "metrics.jsonl").read() == ""
+
+
+def test_a_chat_template_override_trains_and_travels_with_the_checkpoint(tiny_model_dir, demos_file, tmp_path):
+    """model.chat_template replaces the tokenizer's template: SFT's examples are rendered with it (the loss still
+    covers exactly the response), and the saved SFT model carries it, so RM, PPO and serving read prompts the same way."""
+    from instructgpt.modeling import load_model
+    from instructgpt.prompting import render_prompt
+
+    tpl = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+           "{% if add_generation_prompt %}<assistant>{% endif %}")
+    cfg = _cfg(tiny_model_dir, demos_file, tmp_path / "sft", **{"train.max_steps": 2, "model.chat_template": tpl})
+    _, tok = load_model(cfg.model)
+    assert render_prompt(tok, "add 1 and 2") == "<user>add 1 and 2\n<assistant>"
+    assert render_prompt(load_model(tiny_model_dir)[1], "add 1 and 2") != render_prompt(tok, "add 1 and 2")
+    d = demo("add 2 plus 3", "five")
+    ids, mask = encode_conversation(tok, d.messages)
+    prompt_ids = tok(render_prompt(tok, d.messages[:1]), add_special_tokens=False)["input_ids"]
+    assert ids[:len(prompt_ids)] == prompt_ids and not any(mask[:len(prompt_ids)])
+    assert tok.decode([t for t, m in zip(ids, mask) if m]).startswith("five")
+    train(cfg)
+    _, saved = load_model(str(tmp_path / "sft" / "model"))
+    assert saved.chat_template == tpl and render_prompt(saved, "hi") == "<user>hi\n<assistant>"

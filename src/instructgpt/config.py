@@ -44,6 +44,9 @@ class ModelConfig:
     dropout: Optional[float] = None  # None keeps the model's own; the paper's SFT used residual dropout 0.2
     lora: LoraConfig = field(default_factory=LoraConfig)
     trust_remote_code: bool = False
+    # a Jinja chat template that replaces the tokenizer's own; it is saved with every checkpoint trained from this
+    # model, so the stages after SFT, evaluation and serving read prompts the same way
+    chat_template: Optional[str] = None
 
 
 @dataclass
@@ -225,13 +228,18 @@ def _set_dotted(d: dict, dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["train.lr=3e-4", "model.lora.enabled=true"]`` -> nested dict; values are parsed as YAML scalars."""
+    """``["train.lr=3e-4", "model.lora.enabled=true"]`` -> nested dict; values are parsed as YAML scalars, and a
+    value that is not YAML (a Jinja template: ``model.chat_template={% for m in messages %}...``) is the string."""
     out: dict = {}
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key:
             raise ConfigError(f"override '{item}': expected key.sub=value")
-        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw  # the field's type check still applies
+        _set_dotted(out, key.strip(), value)
     return out
 
 

@@ -58,7 +58,8 @@ def ensure_pad_token(model, tokenizer) -> None:
 
 def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, with_tokenizer: bool = True,
                model_class: str = "causal_lm", num_labels: int = 1):
-    """Load (model, tokenizer). `name_or_path` may be a ModelConfig (dropout, dtype, GGUF file are then applied)."""
+    """Load (model, tokenizer). `name_or_path` may be a ModelConfig (dropout, dtype, GGUF file, chat template are
+    then applied)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     mcfg = name_or_path if isinstance(name_or_path, ModelConfig) else ModelConfig(name_or_path=name_or_path)
@@ -80,6 +81,8 @@ def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, w
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
     tokenizer = load_tokenizer(path, mcfg.trust_remote_code) if with_tokenizer else None
     if tokenizer is not None:
+        if mcfg.chat_template:
+            tokenizer.chat_template = mcfg.chat_template
         ensure_pad_token(model, tokenizer)
     model.train(for_training)
     return model, tokenizer

@@ -162,7 +162,8 @@ def test_bf16_autocast_samples_in_bf16_with_fp32_logprobs_close_to_fp32s(tiny):
     finally:
         hook.remove()
     full = torch.cat([x, out.tokens], 1)
-    lp = sequence_logprobs(model, full, torch.cat([m, torch.ones_like(out.tokens)], 1), temperature=0.7)
+    with torch.no_grad():
+        lp = sequence_logprobs(model, full, torch.cat([m, torch.ones_like(out.tokens)], 1), temperature=0.7)
     err = (lp[:, x.shape[1] - 1:] - out.logprobs).abs()
     assert 0 < float(err.max()) < 0.15  # bf16 rounding, not another distribution (and not fp32: err > 0)
     with pytest.raises(ValueError, match="mixed_precision"):

@@ -182,10 +182,11 @@ def test_policy_equal_to_reference_gives_zero_kl_and_first_ratio_one(ppo_inputs,
     # same weights: no penalty (to float rounding: the sampler's log-probs against a full forward's)
     assert float(kl_per_token(b.logprobs, b.ref_logprobs).abs().max()) < 1e-5
     # the first minibatch of the first epoch sees exactly the rollout's policy: ratio 1, nothing clipped
-    logits, _ = policy_forward(models.policy, b.input_ids, b.attention_mask, response_len=b.response.shape[1])
-    new = gather_logprobs(response_logits(logits, cfg.ppo.temperature), b.response)
-    # the same as slicing the full forward's logits at the response positions
-    full, _ = policy_forward(models.policy, b.input_ids, b.attention_mask)
+    with torch.no_grad():
+        logits, _ = policy_forward(models.policy, b.input_ids, b.attention_mask, response_len=b.response.shape[1])
+        new = gather_logprobs(response_logits(logits, cfg.ppo.temperature), b.response)
+        # the same as slicing the full forward's logits at the response positions
+        full, _ = policy_forward(models.policy, b.input_ids, b.attention_mask)
     P = b.query.shape[1]
     torch.testing.assert_close(logits, full[:, P - 1:-1])
     adv = whiten(torch.randn_like(new), b.response_mask)

@@ -120,6 +120,15 @@ def test_rm_accuracy_is_split_by_pair_of_policies_against_sft():
     r = ev.summarize(held, {n: ["x", "y"] for n in gold}, "sft", gold, rm, rm_pool=list(gold), n_resamples=50)
     assert r["rm_accuracy_gold.base_vs_sft"] == 1.0 and r["rm_accuracy_gold_pairs.base_vs_sft"] == 2
     assert r["rm_accuracy_gold.ppo_vs_sft"] == 0.5 and r["rm_accuracy_gold_pairs.ppo_vs_sft"] == 2
+    # by family (the two prompts are of different families): wrong on the first prompt's gain, right on the second
+    f0, f1 = (p.family for p in held)
+    assert f0 != f1
+    assert r["rm_accuracy_gold_per_family.ppo_vs_sft"] == {f0: {"accuracy": 0.0, "pairs": 1},
+                                                            f1: {"accuracy": 1.0, "pairs": 1}}
+    assert r["rm_accuracy_gold_per_family.base_vs_sft"] == {f0: {"accuracy": 1.0, "pairs": 1},
+                                                             f1: {"accuracy": 1.0, "pairs": 1}}
+    md = render_markdown("/nonexistent", r, [])
+    assert f"By task family, ppo vs sft: {min(f0, f1)} {float(f0 > f1):.2f} (1), {max(f0, f1)} " in md
     # pooled: base-sft 2/2, base-ppo 2/2 (ppo above base both times), sft-ppo 1/2
     assert r["rm_accuracy_gold"] == pytest.approx(5 / 6) and "sft_vs_sft" not in str(r)
 

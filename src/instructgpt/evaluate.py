@@ -330,6 +330,16 @@ def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]]
             acc, pairs = rm_accuracy(list(zip(rm[name], rm[sft])), list(zip(gold[name], gold[sft])))
             report[f"rm_accuracy_gold.{name}_vs_{sft}"] = acc
             report[f"rm_accuracy_gold_pairs.{name}_vs_{sft}"] = pairs
+            # ... and by task family: which kinds of answer the RM cannot judge (families without a gold-ordered
+            # pair are left out)
+            by_family: dict[str, list[int]] = defaultdict(list)
+            for i, f in enumerate(families):
+                by_family[f].append(i)
+            per_family = {f: rm_accuracy([(rm[name][i], rm[sft][i]) for i in idx],
+                                         [(gold[name][i], gold[sft][i]) for i in idx])
+                          for f, idx in sorted(by_family.items())}
+            report[f"rm_accuracy_gold_per_family.{name}_vs_{sft}"] = {
+                f: {"accuracy": acc, "pairs": n} for f, (acc, n) in per_family.items() if n}
     return report
 
 

@@ -389,6 +389,11 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
             lines[-1] += " By pair of policies: " + ", ".join(
                 f"{pair.replace('_vs_', ' vs ')} {v:.3f} ({report.get('rm_accuracy_gold_pairs.' + pair)} pairs)"
                 for pair, v in split) + "."
+        for key, fams in report.items():
+            if key.startswith("rm_accuracy_gold_per_family.") and fams:
+                pair = key.removeprefix("rm_accuracy_gold_per_family.").replace("_vs_", " vs ")
+                lines += ["", f"By task family, {pair}: " + ", ".join(
+                    f"{f} {v['accuracy']:.2f} ({v['pairs']})" for f, v in fams.items()) + "."]
     if report.get("rm_accuracy_gold_sft_samples") is not None:
         lines += ["", (f"On pairs of the SFT model's own samples (best-of-n's candidates): "
                        f"**{report['rm_accuracy_gold_sft_samples']:.3f}** "

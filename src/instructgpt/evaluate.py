@@ -325,21 +325,22 @@ def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]]
         report["rm_accuracy_gold"] = acc
         report["rm_accuracy_gold_pairs"] = pairs
         # ... split by the pair of policies against SFT: the untouched model's answers are easy to rank below SFT's,
-        # a PPO policy's are what PPO needs the RM to judge (the pooled figure mixes the two)
+        # a PPO policy's are what PPO needs the RM to judge (the pooled figure mixes the two); and by task family
+        # within each pair: which kinds of answer the RM cannot judge (families without a gold-ordered pair left out)
+        by_family: dict[str, list[int]] = defaultdict(list)
+        for i, f in enumerate(families):
+            by_family[f].append(i)
         for name in (n for n in rm_pool if n != sft and sft in rm_pool):
             acc, pairs = rm_accuracy(list(zip(rm[name], rm[sft])), list(zip(gold[name], gold[sft])))
             report[f"rm_accuracy_gold.{name}_vs_{sft}"] = acc
             report[f"rm_accuracy_gold_pairs.{name}_vs_{sft}"] = pairs
-            # ... and by task family: which kinds of answer the RM cannot judge (families without a gold-ordered
-            # pair are left out)
-            by_family: dict[str, list[int]] = defaultdict(list)
-            for i, f in enumerate(families):
-                by_family[f].append(i)
-            per_family = {f: rm_accuracy([(rm[name][i], rm[sft][i]) for i in idx],
-                                         [(gold[name][i], gold[sft][i]) for i in idx])
-                          for f, idx in sorted(by_family.items())}
-            report[f"rm_accuracy_gold_per_family.{name}_vs_{sft}"] = {
-                f: {"accuracy": acc, "pairs": n} for f, (acc, n) in per_family.items() if n}
+            per_family = {}
+            for f, idx in sorted(by_family.items()):
+                f_acc, f_pairs = rm_accuracy([(rm[name][i], rm[sft][i]) for i in idx],
+                                             [(gold[name][i], gold[sft][i]) for i in idx])
+                if f_pairs:
+                    per_family[f] = {"accuracy": f_acc, "pairs": f_pairs}
+            report[f"rm_accuracy_gold_per_family.{name}_vs_{sft}"] = per_family
     return report
 
 

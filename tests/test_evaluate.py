@@ -308,3 +308,19 @@ def test_bf16_evaluation_samples_under_autocast_and_scores_in_fp32(tiny_model_di
     # sft answers, ppo answers, ppo KL samples, best-of-2 candidates
     assert seen["generate"] == [True] * 4 and seen["rm"] and not any(seen["rm"])
     assert report["decoding"]["mixed_precision"] == "bf16" and 0 <= report["gold_score.ppo"] <= 1
+
+
+def test_best_of_candidates_are_sampled_at_best_of_temperature(tiny_model_dir, eval_models, tmp_path):
+    """At temperature 0 every candidate is the SFT model's greedy answer, so best-of-n answers as SFT does and a
+    perfect pick gains nothing; at the default temperature 1 the candidates differ and the pick matters."""
+    kw = dict(reward_model=eval_models["rm"], heldout=13, best_of=3, ptx_text=None, max_new_tokens=6, batch_size=8,
+              kl_prompts=4)
+    cold = ev.evaluate({"sft": tiny_model_dir}, best_of_temperature=0.0, out_dir=str(tmp_path / "cold"), **kw)
+    assert cold["decoding"]["best_of_temperature"] == 0.0
+    sft = [s["response"] for s in _read_jsonl(tmp_path / "cold" / "samples_sft.jsonl")]
+    assert [s["response"] for s in _read_jsonl(tmp_path / "cold" / "samples_best_of_3.jsonl")] == sft
+    assert cold["gold_score.best_of_3_oracle"] == pytest.approx(cold["gold_score.best_of_3_random"])
+    assert cold["gold_score.best_of_3"] == pytest.approx(cold["gold_score.sft"])
+    warm = ev.evaluate({"sft": tiny_model_dir}, out_dir=str(tmp_path / "warm"), **kw)
+    assert warm["decoding"]["best_of_temperature"] == 1.0
+    assert warm["gold_score.best_of_3_oracle"] > warm["gold_score.best_of_3_random"]

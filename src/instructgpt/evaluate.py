@@ -13,8 +13,9 @@ What is measured, per policy, on prompts never seen in any training stage (``mak
 
 Policies answer greedily by default (``temperature=0``): the gold judgement then measures each model's most likely
 answer rather than sampling noise. The KL needs the policy's own samples, so it is estimated on separate samples
-at temperature 1. Best-of-n (``best_of > 0``) is the SFT model sampled n times at temperature 1, the answer the
-reward model scores highest kept.
+at temperature 1. Best-of-n (``best_of > 0``) is the SFT model sampled n times at ``best_of_temperature`` (1 by
+default, as Stiennon et al. 2020 and the paper's samples), the answer the reward model scores highest kept: below 1
+its candidates are the SFT model's likelier answers, so it asks whether the RM can choose among them.
 """
 
 from __future__ import annotations
@@ -405,7 +406,7 @@ def _write_samples(path: str, prompts: Sequence[EvalPrompt], responses: Sequence
 
 
 def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | None = None, heldout: int = 500,
-             seed: int = 0, best_of: int = 0, ptx_text: str | None = DEFAULT_PTX, out_dir: str,
+             seed: int = 0, best_of: int = 0, best_of_temperature: float = 1.0, ptx_text: str | None = DEFAULT_PTX, out_dir: str,
              prompts: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
              batch_size: int = 64, kl_prompts: int | None = 256, ptx_blocks: int = 32, ptx_block_size: int = 256,
              n_resamples: int = 2000, mixed_precision: str = "no") -> dict:
@@ -482,14 +483,15 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
         if not is_sft:
             del model
 
-    # 3. best-of-n: n samples of the SFT model at temperature 1, the one the RM prefers kept
+    # 3. best-of-n: n samples of the SFT model (temperature 1 by default), the one the RM prefers kept
     if best_of:
         t0 = time.time()
         from instructgpt.generate_cli import best_of_n
 
         name = f"best_of_{best_of}"
         texts = [render_prompt(sft_tok, p.messages) for p in items]
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=best_of, seed=seed + 2)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=best_of_temperature, n=best_of,
+                                seed=seed + 2)
         # every sample kept, best first: the best is the policy's answer; all n feed the RM accuracy below
         with autocast(sft_model, mixed_precision):
             candidates = generate_sorted(sft_model, sft_tok, texts, params, batch_size)
@@ -522,6 +524,8 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     report = {**summarize(items, responses, sft, gold, rm, list(policies), n_resamples, seed), **report}
     report["decoding"] = {"temperature": temperature, "max_new_tokens": max_new_tokens, "kl_prompts": n_kl,
                           "kl_temperature": 1.0, "mixed_precision": mixed_precision}
+    if best_of:
+        report["decoding"]["best_of_temperature"] = best_of_temperature
     for name, resp in responses.items():
         _write_samples(os.path.join(out_dir, f"samples_{name}.jsonl"), items, resp, finish[name],
                        gold[name] if gold else None, rm[name] if rm else None)
@@ -553,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft", default="sft", help="name of the SFT policy: the reference of win rates and KL")
     p.add_argument("--reward-model", help="reward-model directory (RM score, RM accuracy, judge without gold)")
     p.add_argument("--best-of", type=int, default=0, help="add best-of-N of the SFT model reranked by the RM")
+    p.add_argument("--best-of-temperature", type=float, default=1.0,
+                   help="sampling temperature of the best-of-N candidates (default 1)")
     p.add_argument("--heldout", type=int, default=500, help="number of held-out prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ptx-text", default=DEFAULT_PTX, help="held-out pretraining text for perplexity ('none': skip)")
@@ -643,7 +649,7 @@ def main(argv: list[str]) -> int:
         stages = _pairs(args.stage, "--stage")
         out = args.out or os.path.join("runs", time.strftime("eval-%Y%m%d-%H%M%S"))
         report = evaluate(policies, sft=args.sft, reward_model=args.reward_model, heldout=args.heldout,
-                          seed=args.seed, best_of=args.best_of,
+                          seed=args.seed, best_of=args.best_of, best_of_temperature=args.best_of_temperature,
                           ptx_text=None if args.ptx_text.lower() == "none" else args.ptx_text, out_dir=out,
                           prompts=args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           batch_size=args.batch_size, kl_prompts=args.kl_prompts or None,

@@ -378,7 +378,9 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
     lines.append(f"{report.get('heldout_prompts', '?')} held-out prompts; win rates judged by "
                  f"**{report.get('judge')}**; decoding: temperature {dec.get('temperature', '?')}, "
                  f"{dec.get('max_new_tokens', '?')} new tokens at most. KL to SFT is estimated on "
-                 f"{dec.get('kl_prompts', '?')} samples per policy at temperature 1 (best-of-n: log n − (n−1)/n).")
+                 f"{dec.get('kl_prompts', '?')} samples per policy at temperature 1 (best-of-n: log n − (n−1)/n)."
+                 + (f" Best-of-n candidates sampled at temperature {dec['best_of_temperature']}."
+                    if "best_of_temperature" in dec else ""))
     lines += ["", "## Policies", ""] + policy_table(report)
     if report.get("rm_accuracy_gold") is not None:
         lines += ["", (f"Reward-model accuracy against the gold order: **{report['rm_accuracy_gold']:.3f}** on "

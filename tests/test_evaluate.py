@@ -324,3 +324,5 @@ def test_best_of_candidates_are_sampled_at_best_of_temperature(tiny_model_dir, e
     warm = ev.evaluate({"sft": tiny_model_dir}, out_dir=str(tmp_path / "warm"), **kw)
     assert warm["decoding"]["best_of_temperature"] == 1.0
     assert warm["gold_score.best_of_3_oracle"] > warm["gold_score.best_of_3_random"]
+    with pytest.raises(ValueError, match="best_of_temperature"):
+        ev.evaluate({"sft": tiny_model_dir}, best_of_temperature=-0.5, out_dir=str(tmp_path / "bad"), **kw)

@@ -14,8 +14,8 @@ What is measured, per policy, on prompts never seen in any training stage (``mak
 Policies answer greedily by default (``temperature=0``): the gold judgement then measures each model's most likely
 answer rather than sampling noise. The KL needs the policy's own samples, so it is estimated on separate samples
 at temperature 1. Best-of-n (``best_of > 0``) is the SFT model sampled n times at ``best_of_temperature`` (1 by
-default, as Stiennon et al. 2020 and the paper's samples), the answer the reward model scores highest kept: below 1
-its candidates are the SFT model's likelier answers, so it asks whether the RM can choose among them.
+default), the answer the reward model scores highest kept: below 1 its candidates are the SFT model's likelier
+answers, so it asks whether the RM can choose among them.
 """
 
 from __future__ import annotations
@@ -406,7 +406,8 @@ def _write_samples(path: str, prompts: Sequence[EvalPrompt], responses: Sequence
 
 
 def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | None = None, heldout: int = 500,
-             seed: int = 0, best_of: int = 0, best_of_temperature: float = 1.0, ptx_text: str | None = DEFAULT_PTX, out_dir: str,
+             seed: int = 0, best_of: int = 0, best_of_temperature: float = 1.0,
+             ptx_text: str | None = DEFAULT_PTX, out_dir: str,
              prompts: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
              batch_size: int = 64, kl_prompts: int | None = 256, ptx_blocks: int = 32, ptx_block_size: int = 256,
              n_resamples: int = 2000, mixed_precision: str = "no") -> dict:
@@ -429,6 +430,8 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
         raise ValueError(f"the SFT policy '{sft}' is not among the policies {list(policies)}")
     if best_of and not reward_model:
         raise ValueError("best-of-n needs a reward model")
+    if best_of_temperature < 0:
+        raise ValueError(f"best_of_temperature: must be >= 0 (0: greedy), got {best_of_temperature}")
     t_start = time.time()
     os.makedirs(out_dir, exist_ok=True)
     # 1. prompts, never seen in training, and the models every policy is compared with

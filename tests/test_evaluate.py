@@ -113,6 +113,35 @@ def test_summarize_by_hand():
     assert r["judge"] == "gold" and len(r["win_rate_ci95.ppo_vs_sft"]) == 2
 
 
+def test_right_answers_gained_and_lost_and_the_partial_credit_win_rate():
+    right = 0.5
+    sft = [1.0, 0.7, 0.2, 0.1, 0.3, 0.45, 0.6]
+    ppo = [0.3, 1.0, 0.6, 0.2, 0.1, 0.45, 0.0]  # lost, both right, gained, win, loss, tie, lost
+    gained, lost, wrong = ev.right_answer_changes(ppo, sft, right)
+    assert (gained, lost) == (1, 2)
+    assert wrong.tolist() == [1.0, 0.0, 0.5]  # prompts 3, 4, 5: the only ones where both answers are wrong
+    held = ev.heldout_prompts(len(sft), seed=0)
+    r = ev.summarize(held, {"sft": ["x"] * 7, "ppo": ["y"] * 7}, "sft", {"sft": sft, "ppo": ppo}, n_resamples=20)
+    assert (r["right_gained.ppo_vs_sft"], r["right_lost.ppo_vs_sft"]) == (1, 2)
+    assert r["win_rate_no_ties_both_wrong.ppo_vs_sft"] == 0.5 and r["win_rate_no_ties_both_wrong_pairs.ppo_vs_sft"] == 2
+    # pooled: wins on prompts 1 (both right, a better format), 2 and 3; losses on 0, 4 and 6
+    assert r["win_rate_no_ties.ppo_vs_sft"] == pytest.approx(3 / 6)
+    assert "ppo +1 / -2, 50.0% of 2" in render_markdown("/nonexistent", r, [])
+    # judged by the RM alone (no gold): nothing to split
+    r = ev.summarize(held, {"sft": ["x"] * 7, "ppo": ["y"] * 7}, "sft", None, {"sft": sft, "ppo": ppo}, n_resamples=20)
+    assert not any(k.startswith("right_") for k in r)
+
+
+def test_right_content_threshold_separates_right_answers_from_partial_credit():
+    from instructgpt import tasks
+
+    for t in tasks.make_tasks("heldout", 130, seed=3):  # ten of each family
+        assert tasks.gold_score(t, t.answer) == 1.0
+        assert tasks.gold_score(t, "The answer is " + t.answer + ".") >= tasks.RIGHT_CONTENT, t.prompt
+        if t.family in ("add", "subtract", "count_letter", "largest"):
+            assert tasks.gold_score(t, str(int(t.answer) + 1)) < tasks.RIGHT_CONTENT, t.prompt
+
+
 def test_rm_accuracy_is_split_by_pair_of_policies_against_sft():
     held = ev.heldout_prompts(2, seed=0)
     gold = {"base": [0.0, 0.0], "sft": [0.5, 0.5], "ppo": [1.0, 0.2]}

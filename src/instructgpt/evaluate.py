@@ -2,7 +2,8 @@
 
 What is measured, per policy, on prompts never seen in any training stage (``make_tasks("heldout", ...)``):
 
-- gold labeler (built-in task only): mean gold score, exact-answer accuracy, both per task family;
+- gold labeler (built-in task only): mean gold score, exact-answer accuracy, both per task family; against SFT, the
+  right answers gained and lost and the win rate where both answers are wrong (partial credit alone decides);
 - win rate against the SFT policy, per prompt (win 1, tie 1/2, loss 0): ties counted half, and ties left out,
   each with a 95% bootstrap interval over prompts. Judged by the gold labeler when there is one, else by the
   reward model (``--prompts`` with prompts outside the built-in task, the real-model recipes);
@@ -55,6 +56,16 @@ def win_rate_no_ties(outcomes: np.ndarray) -> np.ndarray:
     wins = np.sum(outcomes == 1.0, axis=-1)
     decided = np.sum(outcomes != 0.5, axis=-1)
     return np.where(decided > 0, wins / np.maximum(decided, 1), np.nan)
+
+
+def right_answer_changes(a: Sequence[float], b: Sequence[float], right: float) -> tuple[int, int, np.ndarray]:
+    """Gold scores `a` and `b` of two answers per prompt, an answer being right at `right` or above: the prompts `a`
+    answers right and `b` wrong (gained), the reverse (lost), and the outcomes (:func:`pairwise_outcomes`) on the
+    prompts both answer wrong, where only partial credit decides."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ra, rb = a >= right, b >= right
+    both_wrong = ~ra & ~rb
+    return int(np.sum(ra & ~rb)), int(np.sum(~ra & rb)), pairwise_outcomes(a[both_wrong], b[both_wrong])
 
 
 def bootstrap_ci(values: Sequence[float], statistic: Callable[[np.ndarray], np.ndarray], n_resamples: int = 2000,
@@ -318,6 +329,16 @@ def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]]
         if name != sft and judge is not None:
             report.update(win_rate_keys("win_rate", name, sft, pairwise_outcomes(judge[name], judge[sft]),
                                         n_resamples, seed))
+            if gold is not None:
+                # A won prompt is either a right answer gained or a wrong answer closer than another (partial
+                # credit): the split shows which of the two a win rate is made of
+                from instructgpt.tasks import RIGHT_CONTENT
+
+                vs = f"{name}_vs_{sft}"
+                gained, lost, wrong = right_answer_changes(gold[name], gold[sft], RIGHT_CONTENT)
+                report[f"right_gained.{vs}"], report[f"right_lost.{vs}"] = gained, lost
+                report[f"win_rate_no_ties_both_wrong.{vs}"] = _finite(win_rate_no_ties(wrong))
+                report[f"win_rate_no_ties_both_wrong_pairs.{vs}"] = int(np.sum(wrong != 0.5))
             if gold is not None and rm is not None:
                 report.update(win_rate_keys("win_rate_rm", name, sft, pairwise_outcomes(rm[name], rm[sft]),
                                             n_resamples, seed))

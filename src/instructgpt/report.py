@@ -382,6 +382,20 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
                  + (f" Best-of-n candidates sampled at temperature {dec['best_of_temperature']}."
                     if "best_of_temperature" in dec else ""))
     lines += ["", "## Policies", ""] + policy_table(report)
+    sft = report.get("sft_policy", "sft")
+    changes = [p for p in report.get("policies", []) if f"right_gained.{p}_vs_{sft}" in report]
+    if changes:
+        from instructgpt.tasks import RIGHT_CONTENT
+
+        def split(p: str) -> str:
+            vs = f"{p}_vs_{sft}"
+            return (f"{p} +{report[f'right_gained.{vs}']} / -{report[f'right_lost.{vs}']}, "
+                    f"{_cell(report.get(f'win_rate_no_ties_both_wrong.{vs}'), True)} of "
+                    f"{report.get(f'win_rate_no_ties_both_wrong_pairs.{vs}')}")
+
+        lines += ["", (f"Right answers (gold >= {RIGHT_CONTENT}) gained / lost against {sft}, and the win rate without "
+                       "ties where both answers are wrong (partial credit alone decides): "
+                       + "; ".join(split(p) for p in changes) + ".")]
     if report.get("rm_accuracy_gold") is not None:
         lines += ["", (f"Reward-model accuracy against the gold order: **{report['rm_accuracy_gold']:.3f}** on "
                        f"{report.get('rm_accuracy_gold_pairs')} non-tied held-out pairs (the policies' answers).")]

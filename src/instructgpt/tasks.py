@@ -29,6 +29,7 @@ __all__ = [
     "make_tasks",
     "parse_task",
     "gold_score",
+    "RIGHT_CONTENT",
     "demonstrate",
     "pretraining_text",
     "instance_key",
@@ -613,6 +614,10 @@ def make_tasks(split: str, n: int, seed: int = 0, families: Sequence[str] | None
 _SCORE_FORMAT = 0.7  # right content, slightly wrong format, nothing else
 _SCORE_EXTRA = (0.55, 0.1)  # right answer inside extra text: base + span * (answer share of the response)
 _PARTIAL_MAX = 0.45  # wrong answers: closeness scaled into [0, 0.45]
+# A gold score at or above this is an answer with the right content (exact 1.0, wrong format 0.7, inside extra text
+# 0.55-0.65); below it the answer is wrong and the score is partial credit (at most _PARTIAL_MAX)
+RIGHT_CONTENT = 0.5
+assert _PARTIAL_MAX < RIGHT_CONTENT <= min(_SCORE_EXTRA[0], _SCORE_FORMAT)
 _MAX_CHARS = 2000  # bounds the cost of similarity on runaway generations
 
 _NUM_RE = re.compile(r"(?<![A-Za-z0-9])-?\d+(?![0-9])")

@@ -132,6 +132,23 @@ def test_right_answers_gained_and_lost_and_the_partial_credit_win_rate():
     assert not any(k.startswith("right_") for k in r)
 
 
+def test_length_bias_of_the_rm_and_of_gold():
+    held = ev.heldout_prompts(5, seed=0)
+    responses = {"sft": ["ab", "abc", "a", "abcd", "xy"], "ppo": ["abcdef", "a", "abc", "abcd", "zw"]}  # 3 differ
+    rm = {"sft": [0.0, 0.0, 0.0, 0.0, 0.0], "ppo": [1.0, 1.0, 0.0, 5.0, 5.0]}  # the RM favours: longer, shorter, tie
+    gold = {"sft": [0.5, 0.1, 0.1, 0.1, 0.1], "ppo": [0.1, 0.1, 0.6, 0.1, 0.1]}  # gold: shorter, tie, longer
+    lens = [len(r) for r in responses["ppo"]], [len(r) for r in responses["sft"]]
+    a, n = ev.prefers_longer(rm["ppo"], rm["sft"], *lens)
+    assert (a, n) == (pytest.approx(1.5 / 3), 3)  # prompts 3 and 4 (same length) left out whatever the scores
+    r = ev.summarize(held, responses, "sft", gold, rm, n_resamples=20)
+    assert r["rm_prefers_longer.ppo_vs_sft"] == pytest.approx(0.5) and r["prefers_longer_pairs.ppo_vs_sft"] == 3
+    assert r["gold_prefers_longer.ppo_vs_sft"] == pytest.approx(1.5 / 3)
+    rm["ppo"] = [1.0, -1.0, 1.0, 0.0, 0.0]  # now always the longer (sft's on prompt 1)
+    r = ev.summarize(held, responses, "sft", None, rm, n_resamples=20)
+    assert r["rm_prefers_longer.ppo_vs_sft"] == 1.0 and "gold_prefers_longer.ppo_vs_sft" not in r
+    assert "the RM prefers the longer one 100.0% of 3 (ppo vs sft)." in render_markdown("/nonexistent", r, [])
+
+
 def test_right_content_threshold_separates_right_answers_from_partial_credit():
     from instructgpt import tasks
 

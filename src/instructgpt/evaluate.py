@@ -7,8 +7,9 @@ What is measured, per policy, on prompts never seen in any training stage (``mak
 - win rate against the SFT policy, per prompt (win 1, tie 1/2, loss 0): ties counted half, and ties left out,
   each with a 95% bootstrap interval over prompts. Judged by the gold labeler when there is one, else by the
   reward model (``--prompts`` with prompts outside the built-in task, the real-model recipes);
-- reward model: mean (normalised) RM score beside the gold score, so the gap between proxy and gold shows, and the
-  RM's accuracy against the gold order on the held-out pairs the policies' answers form;
+- reward model: mean (normalised) RM score beside the gold score, so the gap between proxy and gold shows, the
+  RM's accuracy against the gold order on the held-out pairs the policies' answers form, and how often it prefers
+  the longer of a policy's and SFT's answers (beside how often gold does);
 - KL of the policy to SFT (see :func:`sequence_kl`) and perplexity on held-out pretraining text (the alignment tax);
 - BLEU and ROUGE-L against the reference answers.
 
@@ -101,6 +102,13 @@ def rm_accuracy(rm_scores: Sequence[Sequence[float]], gold_scores: Sequence[Sequ
                 pairs += 1
                 agree += 0.5 if abs(r) <= tol else float((r > 0) == (g > 0))
     return (agree / pairs if pairs else None), pairs
+
+
+def prefers_longer(a: Sequence[float], b: Sequence[float], len_a: Sequence[int], len_b: Sequence[int]
+                   ) -> tuple[float | None, int]:
+    """A judge's length bias: over the prompts whose two answers differ in length, the fraction where the judge's
+    scores `a`, `b` favour the longer answer (a tie counts half). -> (fraction or None, pairs)."""
+    return rm_accuracy(list(zip(a, b)), list(zip(len_a, len_b)))
 
 
 def sequence_kl(logprobs: Sequence[Sequence[float]], ref_logprobs: Sequence[Sequence[float]]) -> float:
@@ -342,6 +350,13 @@ def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]]
             if gold is not None and rm is not None:
                 report.update(win_rate_keys("win_rate_rm", name, sft, pairwise_outcomes(rm[name], rm[sft]),
                                             n_resamples, seed))
+        if name != sft and rm is not None:
+            # Length bias (Singhal et al. 2023): does the RM favour the longer answer more often than gold does?
+            vs, lens = f"{name}_vs_{sft}", ([len(r) for r in resp], [len(r) for r in responses[sft]])
+            report[f"rm_prefers_longer.{vs}"], report[f"prefers_longer_pairs.{vs}"] = prefers_longer(
+                rm[name], rm[sft], *lens)
+            if gold is not None:
+                report[f"gold_prefers_longer.{vs}"] = prefers_longer(gold[name], gold[sft], *lens)[0]
     if gold is not None and rm is not None and rm_pool:
         acc, pairs = rm_accuracy(list(zip(*[rm[n] for n in rm_pool])), list(zip(*[gold[n] for n in rm_pool])))
         report["rm_accuracy_gold"] = acc

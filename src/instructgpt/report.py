@@ -410,6 +410,16 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
                 pair = key.removeprefix("rm_accuracy_gold_per_family.").replace("_vs_", " vs ")
                 lines += ["", f"By task family, {pair}: " + ", ".join(
                     f"{f} {v['accuracy']:.2f} ({v['pairs']})" for f, v in fams.items()) + "."]
+    longer = [k.removeprefix("rm_prefers_longer.") for k, v in report.items()
+              if k.startswith("rm_prefers_longer.") and v is not None]
+    if longer:
+        def bias(vs: str) -> str:
+            gold = report.get(f"gold_prefers_longer.{vs}")
+            return (f"{_cell(report[f'rm_prefers_longer.{vs}'], True)} of {report.get(f'prefers_longer_pairs.{vs}')} "
+                    f"({vs.replace('_vs_', ' vs ')}" + ("" if gold is None else f"; gold {_cell(gold, True)}") + ")")
+
+        lines += ["", ("Length bias, where a policy's answer and SFT's differ in length: the RM prefers the longer one "
+                       + ", ".join(bias(vs) for vs in longer) + ".")]
     if report.get("rm_accuracy_gold_sft_samples") is not None:
         lines += ["", (f"On pairs of the SFT model's own samples (best-of-n's candidates): "
                        f"**{report['rm_accuracy_gold_sft_samples']:.3f}** "

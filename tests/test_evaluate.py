@@ -372,3 +372,6 @@ def test_best_of_candidates_are_sampled_at_best_of_temperature(tiny_model_dir, e
     assert warm["gold_score.best_of_3_oracle"] > warm["gold_score.best_of_3_random"]
     with pytest.raises(ValueError, match="best_of_temperature"):
         ev.evaluate({"sft": tiny_model_dir}, best_of_temperature=-0.5, out_dir=str(tmp_path / "bad"), **kw)
+    with pytest.raises(ValueError, match="^temperature: must be >= 0"):
+        ev.evaluate({"sft": tiny_model_dir}, temperature=-1.0, out_dir=str(tmp_path / "bad"), **kw)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written

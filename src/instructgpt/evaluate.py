@@ -466,8 +466,9 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
         raise ValueError(f"the SFT policy '{sft}' is not among the policies {list(policies)}")
     if best_of and not reward_model:
         raise ValueError("best-of-n needs a reward model")
-    if best_of_temperature < 0:
-        raise ValueError(f"best_of_temperature: must be >= 0 (0: greedy), got {best_of_temperature}")
+    for name, t in (("temperature", temperature), ("best_of_temperature", best_of_temperature)):
+        if not t >= 0:  # NaN too
+            raise ValueError(f"{name}: must be >= 0 (0: greedy), got {t}")
     t_start = time.time()
     os.makedirs(out_dir, exist_ok=True)
     # 1. prompts, never seen in training, and the models every policy is compared with

@@ -374,4 +374,8 @@ def test_best_of_candidates_are_sampled_at_best_of_temperature(tiny_model_dir, e
         ev.evaluate({"sft": tiny_model_dir}, best_of_temperature=-0.5, out_dir=str(tmp_path / "bad"), **kw)
     with pytest.raises(ValueError, match="^temperature: must be >= 0"):
         ev.evaluate({"sft": tiny_model_dir}, temperature=-1.0, out_dir=str(tmp_path / "bad"), **kw)
+    with pytest.raises(ValueError, match="^device: "):
+        ev.evaluate({"sft": tiny_model_dir}, device="gpu0", out_dir=str(tmp_path / "bad"), **kw)
     assert not (tmp_path / "bad").exists()  # refused before anything is written
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert cold["decoding"]["device"] == warm["decoding"]["device"] == expected  # "auto"

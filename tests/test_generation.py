@@ -168,3 +168,14 @@ def test_bf16_autocast_samples_in_bf16_with_fp32_logprobs_close_to_fp32s(tiny):
     assert 0 < float(err.max()) < 0.15  # bf16 rounding, not another distribution (and not fp32: err > 0)
     with pytest.raises(ValueError, match="mixed_precision"):
         autocast(model, "fp16")
+
+
+def test_pick_device(monkeypatch):
+    from instructgpt.modeling import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == "cuda" and pick_device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu" and pick_device("cpu") == "cpu" and pick_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match="^device: "):
+        pick_device("gpu0")

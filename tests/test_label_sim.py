@@ -46,6 +46,8 @@ def test_label_sim_writes_rankings_rm_reads(tiny_model_dir, tmp_path):
     assert rc == 0
     recs = load_comparisons(str(out))
     assert len(recs) >= 1 and all(r.k == 4 and r.ratings and all(1 <= x <= 7 for x in r.ratings) for r in recs)
+    bad = tmp_path / "bad.jsonl"
+    assert main(["--policy", tiny_model_dir, "--out", str(bad), "--device", "gpu0"]) == 2 and not bad.exists()
 
 
 def test_temperatures_cycle_over_the_k_responses(tiny_model_dir, tmp_path):

@@ -446,7 +446,7 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
              ptx_text: str | None = DEFAULT_PTX, out_dir: str,
              prompts: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
              batch_size: int = 64, kl_prompts: int | None = 256, ptx_blocks: int = 32, ptx_block_size: int = 256,
-             n_resamples: int = 2000, mixed_precision: str = "no") -> dict:
+             n_resamples: int = 2000, mixed_precision: str = "no", device: str = "auto") -> dict:
     """Evaluate every policy (name -> model directory, hub id or builtin:base) against the SFT one (`policies[sft]`).
 
     Prompts: `heldout` held-out prompts of the built-in task, or the first `heldout` of the prompt source `prompts`.
@@ -459,7 +459,7 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     """
     from instructgpt import tasks
     from instructgpt.generation import SamplingParams, autocast
-    from instructgpt.modeling import load_model
+    from instructgpt.modeling import load_model, pick_device
     from instructgpt.prompting import encode_prompt, render_prompt
 
     if sft not in policies:
@@ -469,6 +469,7 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     for name, t in (("temperature", temperature), ("best_of_temperature", best_of_temperature)):
         if not t >= 0:  # NaN too
             raise ValueError(f"{name}: must be >= 0 (0: greedy), got {t}")
+    device = pick_device(device)  # before anything is written: a bad name is refused here
     t_start = time.time()
     os.makedirs(out_dir, exist_ok=True)
     # 1. prompts, never seen in training, and the models every policy is compared with
@@ -479,11 +480,13 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
 
     sft_path = _canonical(policies[sft])
     sft_model, sft_tok = load_model(sft_path)
+    sft_model.to(device)
     scorer = None
     if reward_model:
         from instructgpt.reward import RewardModel
 
         scorer = RewardModel.load(reward_model)
+        scorer.model.to(device)
     ptx_cache: dict[tuple, list[list[int]]] = {}
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + 1)
@@ -498,6 +501,7 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
         t0 = time.time()
         is_sft = _canonical(path) == sft_path
         model, tok = (sft_model, sft_tok) if is_sft else load_model(path)
+        model.to(device)
         texts = [render_prompt(tok, p.messages) for p in items]
         with autocast(model, mixed_precision):
             comps = [c[0] for c in generate_sorted(model, tok, texts, greedy, batch_size)]
@@ -563,7 +567,7 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     # 5. the report. RM accuracy on the policies' own answers: best-of-n's were picked by the RM, which would bias it
     report = {**summarize(items, responses, sft, gold, rm, list(policies), n_resamples, seed), **report}
     report["decoding"] = {"temperature": temperature, "max_new_tokens": max_new_tokens, "kl_prompts": n_kl,
-                          "kl_temperature": 1.0, "mixed_precision": mixed_precision}
+                          "kl_temperature": 1.0, "mixed_precision": mixed_precision, "device": device}
     if best_of:
         report["decoding"]["best_of_temperature"] = best_of_temperature
     for name, resp in responses.items():
@@ -606,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "its prompts are the task's; win rates are then judged by the RM)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="policy decoding (0 = greedy)")
+    p.add_argument("--device", default="auto", help="where the models run: auto (cuda when available), cpu, cuda:1 ...")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
                    help="sample under bf16 autocast (answers, KL samples, best-of-n candidates)")
@@ -693,7 +698,7 @@ def main(argv: list[str]) -> int:
                           ptx_text=None if args.ptx_text.lower() == "none" else args.ptx_text, out_dir=out,
                           prompts=args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           batch_size=args.batch_size, kl_prompts=args.kl_prompts or None,
-                          mixed_precision=args.mixed_precision)
+                          mixed_precision=args.mixed_precision, device=args.device)
     except (ValueError, DataError, FileNotFoundError) as e:
         print(f"instructgpt eval: error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best-of", type=int, default=0,
                    help="sample this many per prompt and keep the n the reward model scores highest")
     p.add_argument("--reward-model", help="reward-model directory (an `instructgpt rm` out_dir or its model/)")
+    p.add_argument("--device", default="auto", help="where the models run: auto (cuda when available), cpu, cuda:1 ...")
     return p
 
 
@@ -55,7 +56,7 @@ def best_of_n(rm, messages: Sequence, results: Sequence[Sequence[Completion]], k
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from instructgpt.modeling import load_model
+    from instructgpt.modeling import load_model, pick_device
     from instructgpt.prompting import render_prompt
 
     if args.best_of and not args.reward_model:
@@ -65,11 +66,13 @@ def main(argv: list[str]) -> int:
         print("instructgpt generate: error: --best-of must be >= --n", file=sys.stderr)
         return 2
     try:
+        device = pick_device(args.device)
         messages = [args.prompt] if args.prompt is not None else [r.messages for r in load_prompts(args.prompts)]
-    except DataError as e:
+    except (DataError, ValueError) as e:
         print(f"instructgpt generate: error: {e}", file=sys.stderr)
         return 2
     model, tok = load_model(args.model)
+    model.to(device)
     texts = [m if args.raw and isinstance(m, str) else render_prompt(tok, m) for m in messages]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, n=args.best_of or args.n, stop=tuple(args.stop),
@@ -80,7 +83,9 @@ def main(argv: list[str]) -> int:
     if args.best_of:
         from instructgpt.reward import RewardModel
 
-        results, scores = best_of_n(RewardModel.load(args.reward_model), messages, results, keep=args.n)
+        rm = RewardModel.load(args.reward_model)
+        rm.model.to(device)
+        results, scores = best_of_n(rm, messages, results, keep=args.n)
     rows = []
     for i, (msg, comps) in enumerate(zip(messages, results)):
         row = {"prompt": msg} if isinstance(msg, str) else {"messages": msg}

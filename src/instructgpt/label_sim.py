@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     from instructgpt import tasks
     from instructgpt.data import DataError, load_prompts, write_jsonl
     from instructgpt.generation import SamplingParams, autocast, generate
-    from instructgpt.modeling import load_model
+    from instructgpt.modeling import load_model, pick_device
     from instructgpt.prompting import render_prompt
 
     p = argparse.ArgumentParser(prog="instructgpt label-sim", description=__doc__.split("\n\n")[0])
@@ -107,16 +107,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="sample under bf16 autocast")
+    p.add_argument("--device", default="auto", help="where the policy samples: auto (cuda when available), cpu, ...")
     args = p.parse_args(argv)
     if not 2 <= args.k <= 9:
         print("instructgpt label-sim: error: --k must be in 2..9", file=sys.stderr)
         return 2
     try:
+        device = pick_device(args.device)
         prompts = load_prompts(args.prompts)
-    except DataError as e:
+    except (DataError, ValueError) as e:
         print(f"instructgpt label-sim: error: {e}", file=sys.stderr)
         return 2
     model, tok = load_model(args.policy)
+    model.to(device)
     temps = [float(x) for x in args.temperatures.split(",")] if args.temperatures else [args.temperature]
     texts = [render_prompt(tok, r.messages) for r in prompts]
     counts = [sum(1 for i in range(args.k) if i % len(temps) == j) for j in range(len(temps))]

@@ -19,6 +19,18 @@ _DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "a
                  "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout")
 
 
+def pick_device(name: str = "auto") -> str:
+    """The device inference runs on: "auto" is cuda when a GPU is visible, else cpu; anything else ("cpu", "cuda:1")
+    is checked and returned as is. Training stages place their models through accelerate instead."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device: {e}") from None
+    return name
+
+
 def resolve_path(name_or_path: str, gguf_file: str | None = None) -> str:
     """``builtin:base`` -> the package's base model directory; a GGUF file (``x.gguf``, or a directory or hub id with
     `gguf_file`) -> its de-quantised Hugging Face checkpoint (converted on first use, see gguf_checkpoint); anything

@@ -79,15 +79,11 @@ class Server:
             self.audit.close()
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def load_server(cfg: ServeConfig, keys: Optional[KeyStore] = None) -> Server:
     """Load the model (and reward model), start the engine, open the audit log."""
     cfg.validate(have_keys=keys is not None)
+    from instructgpt.modeling import pick_device
+
     device = pick_device(cfg.device)
     if cfg.engine == "vllm":
         from transformers import AutoConfig

@@ -337,13 +337,14 @@ def test_bf16_evaluation_samples_under_autocast_and_scores_in_fp32(tiny_model_di
 
     seen = {"generate": [], "rm": []}
     real_generate, real_raw = generation.generate, reward.raw_rewards
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # where device="auto" puts the models
 
     def generate(*a, **k):
-        seen["generate"].append(torch.is_autocast_enabled("cpu"))
+        seen["generate"].append(torch.is_autocast_enabled(dev))
         return real_generate(*a, **k)
 
     def raw_rewards(*a, **k):
-        seen["rm"].append(torch.is_autocast_enabled("cpu"))
+        seen["rm"].append(torch.is_autocast_enabled(dev))
         return real_raw(*a, **k)
 
     monkeypatch.setattr(generation, "generate", generate)

@@ -69,7 +69,8 @@ def test_bf16_label_sim_samples_under_autocast(tiny_model_dir, tmp_path, monkeyp
     import instructgpt.generation as generation
 
     seen, real = [], generation.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu"))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # where --device auto puts the policy
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: seen.append(torch.is_autocast_enabled(dev))
                         or real(*a, **k))
     out = tmp_path / "r.jsonl"
     args = ["--policy", tiny_model_dir, "--prompts", "builtin:task-prompts?split=train&n=12&seed=3", "--k", "4",

@@ -118,3 +118,24 @@ def test_rm_with_lora_trains_head_and_adapter_and_saves_merged(tiny_model_dir, t
     rm = RewardModel.load(str(tmp_path / "rm"))
     s = rm.score(["what is 1", "what is 1"], ["pear one", "dog two"])
     assert s[0] > s[1]
+
+
+def test_policy_normalization_scales_rewards_of_the_policy_samples_to_std_one(tiny_model_dir):
+    """normalize.policy: the gain makes the RM's rewards on that policy's own samples (temperature 1) have std 1."""
+    from instructgpt.generation import SamplingParams, generate
+    from instructgpt.prompting import render_prompt
+    from instructgpt.reward import raw_rewards
+    from instructgpt.rm import NormalizeConfig, fit_normalization
+
+    model, tok = load_model(tiny_model_dir, model_class="sequence_classification")
+    torch.manual_seed(0)
+    init_reward_head(model.score)
+    prompts = [[{"role": "user", "content": f"what is {i}"}] for i in range(24)]
+    cfg = NormalizeConfig(demonstrations=None, policy=tiny_model_dir, policy_samples=16)
+    norm = fit_normalization(model, tok, cfg, prompts, torch.device("cpu"))
+    assert norm.bias == 0.0 and norm.gain != 1.0
+    policy, ptok = load_model(tiny_model_dir)
+    texts = [render_prompt(ptok, p) for p in prompts[:16]]
+    outs = generate(policy, ptok, texts, SamplingParams(temperature=1.0, seed=0))  # the samples fit_normalization drew
+    r = raw_rewards(model, tok, prompts[:16], [o[0].text for o in outs], torch.device("cpu"))
+    assert float((r * norm.gain).std()) == pytest.approx(1.0, rel=1e-3)

@@ -129,6 +129,7 @@ def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence,
         from instructgpt.prompting import render_prompt
 
         policy, ptok = load_model(cfg.policy)
+        policy.to(device)  # sampled where the reward model is
         ps = list(prompts)[: cfg.policy_samples]
         outs = generate(policy, ptok, [render_prompt(ptok, p) for p in ps], SamplingParams(temperature=1.0, seed=0))
         r = raw_rewards(model, tokenizer, ps, [o[0].text for o in outs], device) - norm.bias

@@ -593,6 +593,8 @@ def test_cli_refuses_unsafe_setups_before_loading_anything(capsys, monkeypatch, 
     monkeypatch.setenv("INSTRUCTGPT_API_KEYS", KEY_A)
     assert cli.main(["--model", MODEL, "--ssl-certfile", str(tmp_path / "cert.pem")]) == 2
     assert "TLS needs both" in capsys.readouterr().err
+    assert cli.main(["--model", MODEL, "--device", "gpu0"]) == 2
+    assert "--device: " in capsys.readouterr().err
     real = cli.importlib.util.find_spec
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "vllm" else real(name))
     assert cli.main(["--model", MODEL, "--engine", "vllm"]) == 2

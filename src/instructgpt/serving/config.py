@@ -66,6 +66,12 @@ class ServeConfig:
             raise ServeConfigError("--max-batch-size must be >= 1, --batch-wait-ms and --rate-limit >= 0")
         if self.limits.max_rows < max(self.limits.max_n, self.limits.max_best_of):
             raise ServeConfigError("limits: max_rows must be >= max_n and max_best_of")
+        from instructgpt.modeling import pick_device
+
+        try:
+            pick_device(self.device)
+        except ValueError as e:
+            raise ServeConfigError(f"--{e}") from None
 
     def resolved_model_name(self) -> str:
         if self.model_name:

@@ -320,6 +320,7 @@ def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]]
     report["judge"] = "gold" if gold is not None else ("reward_model" if rm is not None else None)
     families = [p.family for p in prompts]
     for name, resp in responses.items():
+        vs = f"{name}_vs_{sft}"  # the key suffix of everything measured against SFT
         if gold is not None:
             g = np.asarray(gold[name])
             exact = (g == 1.0).astype(float)
@@ -342,7 +343,6 @@ def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]]
                 # credit): the split shows which of the two a win rate is made of
                 from instructgpt.tasks import RIGHT_CONTENT
 
-                vs = f"{name}_vs_{sft}"
                 gained, lost, wrong = right_answer_changes(gold[name], gold[sft], RIGHT_CONTENT)
                 report[f"right_gained.{vs}"], report[f"right_lost.{vs}"] = gained, lost
                 report[f"win_rate_no_ties_both_wrong.{vs}"] = _finite(win_rate_no_ties(wrong))
@@ -352,7 +352,7 @@ def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]]
                                             n_resamples, seed))
         if name != sft and rm is not None:
             # Length bias (Singhal et al. 2023): does the RM favour the longer answer more often than gold does?
-            vs, lens = f"{name}_vs_{sft}", ([len(r) for r in resp], [len(r) for r in responses[sft]])
+            lens = [len(r) for r in resp], [len(r) for r in responses[sft]]
             report[f"rm_prefers_longer.{vs}"], report[f"prefers_longer_pairs.{vs}"] = prefers_longer(
                 rm[name], rm[sft], *lens)
             if gold is not None:

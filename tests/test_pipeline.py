@@ -10,7 +10,8 @@ from conftest import write_jsonl
 
 from instructgpt.cli import main as cli_main
 from instructgpt.config import ConfigError
-from instructgpt.pipeline import load_recipe, stage_configs
+from instructgpt.pipeline import load_recipe, memory_report, peak_memory_gib, stage_configs
+from instructgpt.report import time_and_memory_table
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "configs", "recipes")
 
@@ -41,6 +42,11 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tiny_model_dir,
         assert key in report, key
     lo, hi = report["win_rate_ci95.ppo_vs_sft"]
     assert 0.0 <= lo <= report["win_rate.ppo_vs_sft"] <= hi <= 1.0
+    # peak resident memory at the end of each stage: one process, so it never falls from stage to stage
+    order = ("sft", "label_sim", "rm", "ppo", "ppo_noptx", "eval")
+    rss = [report[f"peak_rss_gib.{s}"] for s in order]
+    assert 0.1 < rss[0] and rss == sorted(rss) and report["peak_rss_gib.total"] == rss[-1] < 24
+    assert "## Time and memory" in open(out / "report.md").read()
     assert report["kl.sft"] == 0.0 and report["heldout_prompts"] == 26
     assert (out / "report.md").exists() and any(p.suffix == ".png" for p in out.iterdir())
     # rerun on the same directory: every stage is finished, only the evaluation runs again
@@ -54,6 +60,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tiny_model_dir,
     assert before == {s: os.path.getmtime(out / s / "DONE.json") for s in ("sft", "rm", "ppo")}
     first = json.load(open(out / "report.json"))
     assert first["seconds.sft"] == report["seconds.sft"] and first["seconds.ppo"] == report["seconds.ppo"]
+    assert first["peak_rss_gib.ppo"] == report["peak_rss_gib.ppo"]  # kept from memory.json, like the seconds
     # a pipeline killed before it recorded any time: finished stages take their DONE.json's seconds
     os.remove(out / "seconds.json")
     assert cli_main(["pipeline", "--out", str(out), *_tiny_overrides(tiny_model_dir)]) == 0
@@ -110,3 +117,26 @@ def test_smollm2_recipe_is_valid_and_uses_lora_everywhere(tiny_model_dir, tmp_pa
     assert recipe["sft"]["model"]["name_or_path"] == "builtin:smollm2"
     # issue 9's targets, not the tiny default's: an hour, and a 0.65 win rate over SFT with ties left out
     assert recipe["targets"]["seconds.total"] == 3600 and recipe["targets"]["win_rate_no_ties.ppo_vs_sft"] == 0.65
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_peak_memory_is_the_kernels_high_water_mark_in_gib():
+    import numpy as np
+
+    block = np.ones(300 * 2**20, dtype=np.uint8)  # 300 MiB, touched: resident
+    peak = peak_memory_gib()["rss"]
+    hwm_kib = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    assert abs(peak - hwm_kib / 2**20) < 0.01 and peak > block.nbytes / 2**30
+
+
+def test_memory_report_keys_totals_and_table():
+    memory = {"sft": {"rss": 1.234}, "rm": {"rss": 2.0, "cuda": 3.456}, "eval": {"rss": 1.5}}
+    rep = memory_report(memory)
+    assert rep == {"peak_rss_gib.sft": 1.23, "peak_rss_gib.rm": 2.0, "peak_rss_gib.eval": 1.5,
+                   "peak_rss_gib.total": 2.0, "peak_cuda_gib.rm": 3.46, "peak_cuda_gib.total": 3.46}
+    assert memory_report({}) == {}
+    rows = time_and_memory_table({"seconds.sft": 10.0, "seconds.rm": 5.0, **rep})
+    assert rows[0] == "| stage | seconds | peak resident memory so far (GiB) | peak GPU memory of the stage (GiB) |"
+    assert rows[2:] == ["| sft | 10.0 | 1.23 | - |", "| rm | 5.0 | 2.00 | 3.46 |", "| eval | - | 1.50 | - |",
+                        "| total | - | 2.00 | 3.46 |"]
+    assert time_and_memory_table({"seconds.sft": 1.0})[0] == "| stage | seconds |"

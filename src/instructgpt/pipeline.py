@@ -176,28 +176,37 @@ def run(recipe: dict, out: str) -> int:
     with open(os.path.join(out, "recipe.yaml"), "w", encoding="utf-8") as fh:
         yaml.safe_dump(recipe, fh, sort_keys=False)
     cfgs = stage_configs(recipe, out)
-    seconds: dict[str, float] = _previous_seconds(out)
+    seconds: dict[str, float] = _read_json(os.path.join(out, "seconds.json"))
+    memory: dict[str, dict] = _read_json(os.path.join(out, "memory.json"))  # stage -> peak_memory_gib()
+
+    def measured(name: str) -> None:
+        memory[name] = peak_memory_gib()
+        _save(out, seconds, memory)  # after every stage, so a killed pipeline keeps the figures of what it finished
 
     def timed(name, fn, *a):
         done_file = os.path.join(out, name, "DONE.json")
         done_before = os.path.exists(done_file)
+        reset_peak_cuda_memory()
         t = time.time()
         fn(*a)
-        if not done_before:  # a stage finished in an earlier invocation keeps its measured time
+        if not done_before:  # a stage finished in an earlier invocation keeps its measured time and memory
             seconds[name] = seconds.get(name, 0.0) + time.time() - t
-        elif name not in seconds:  # ... or, if that invocation was killed before recording it, its own DONE.json's
+            measured(name)
+            return
+        if name not in seconds:  # ... or, if that invocation was killed before recording it, its own DONE.json's
             with open(done_file, encoding="utf-8") as fh:
                 seconds[name] = float(json.load(fh).get("seconds", 0.0))
-        _save_seconds(out, seconds)  # after every stage, so a killed pipeline keeps the times of what it finished
+        _save(out, seconds, memory)
 
     try:
         timed("sft", sft.train, cfgs["sft"])
         if "rm" in cfgs:
             if recipe.get("label_sim") and not os.path.exists(os.path.join(out, "rankings.jsonl")):
+                reset_peak_cuda_memory()
                 t = time.time()
                 run_label_sim(recipe, out)
                 seconds["label_sim"] = time.time() - t
-                _save_seconds(out, seconds)
+                measured("label_sim")
             timed("rm", rm.train, cfgs["rm"])
         for name in ("ppo", "ppo_noptx"):
             if name in cfgs:
@@ -216,18 +225,21 @@ def run(recipe: dict, out: str) -> int:
         if name in cfgs:
             policies[name] = os.path.join(out, name, "model")
     rm_dir = ev.pop("reward_model", None) or (os.path.join(out, "rm", "model") if "rm" in cfgs else None)
+    reset_peak_cuda_memory()
     t = time.time()
     report = evaluate(policies, sft="sft", reward_model=rm_dir, out_dir=out, seed=recipe.get("seed", 0),
                       heldout=ev.pop("heldout", 500), best_of=ev.pop("best_of", 0) if rm_dir else 0, **ev)
     seconds["eval"] = time.time() - t
+    memory["eval"] = peak_memory_gib()
     # each stage's time is measured when it runs (a resumed run keeps the earlier stages' times): their sum is the
     # wall time of an uninterrupted run
     seconds["total"] = sum(v for k, v in seconds.items() if k != "total")
     report.update({f"seconds.{k}": round(v, 1) for k, v in seconds.items()})
+    report.update(memory_report(memory))
     report["heldout_prompts"] = report.get("heldout_prompts", len(_read_jsonl(os.path.join(out, "samples_sft.jsonl"))))
     if recipe.get("targets"):
         report["targets"] = recipe["targets"]  # overrides of report.TARGETS, null drops one
-    _save_seconds(out, seconds)
+    _save(out, seconds, memory)
     stage_dirs = {k: cfgs[k].out_dir for k in cfgs}
     write_report(out, report, stage_dirs)
     print(f"\nrun directory: {out}  (report.md, report.json)")
@@ -242,17 +254,52 @@ def _read_jsonl(path: str) -> list:
         return [json.loads(x) for x in fh if x.strip()]
 
 
-def _previous_seconds(out: str) -> dict:
-    p = os.path.join(out, "seconds.json")
-    if os.path.exists(p):
-        with open(p, encoding="utf-8") as fh:
+def peak_memory_gib() -> dict[str, float]:
+    """This process's peak memory so far, GiB: resident ("rss", the kernel's ru_maxrss: KiB on Linux, bytes on macOS)
+    and, on a GPU, what torch allocated since the last :func:`reset_peak_cuda_memory` ("cuda")."""
+    import resource
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"rss": rss / (2**30 if sys.platform == "darwin" else 2**20)}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def reset_peak_cuda_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory_report(memory: dict[str, dict]) -> dict[str, float]:
+    """Report keys from {stage: peak_memory_gib()}: `peak_rss_gib.<stage>` and `peak_cuda_gib.<stage>`, and their
+    largest as `.total`. The stages run in one process and the kernel keeps one resident peak per process, so a
+    stage's RSS figure is the pipeline's peak up to the end of that stage (the largest of them is the run's peak); the
+    GPU figure is the stage's own (torch resets its peak before each stage)."""
+    out = {}
+    for kind in ("rss", "cuda"):
+        per_stage = {k: v[kind] for k, v in memory.items() if kind in v}
+        if per_stage:
+            out.update({f"peak_{kind}_gib.{k}": round(v, 2) for k, v in per_stage.items()})
+            out[f"peak_{kind}_gib.total"] = round(max(per_stage.values()), 2)
+    return out
+
+
+def _read_json(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     return {}
 
 
-def _save_seconds(out: str, seconds: dict) -> None:
-    with open(os.path.join(out, "seconds.json"), "w", encoding="utf-8") as fh:
-        json.dump(seconds, fh, indent=2)
+def _save(out: str, seconds: dict, memory: dict) -> None:
+    for name, value in (("seconds.json", seconds), ("memory.json", memory)):
+        with open(os.path.join(out, name), "w", encoding="utf-8") as fh:
+            json.dump(value, fh, indent=2)
 
 
 def _print_summary(report: dict) -> None:
@@ -273,6 +320,8 @@ def _print_summary(report: dict) -> None:
     Console().print(table)
     secs = {k.split(".", 1)[1]: v for k, v in report.items() if k.startswith("seconds.")}
     print("seconds:", json.dumps(secs))
+    if "peak_rss_gib.total" in report:
+        print(f"peak resident memory: {report['peak_rss_gib.total']:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ TARGETS: tuple[Target, ...] = (
     Target("reward-model accuracy against gold", "rm_accuracy_gold", ">=", 0.80),
     Target("alignment tax: PPO-ptx held-out perplexity over SFT's", "ptx_perplexity_ratio.ppo_vs_sft", "<=", 1.05),
     Target("SFT beats the base model on gold score", "gold_score.sft", ">", "gold_score.base"),
+    Target("fits this 24 GiB machine: peak resident memory (GiB)", "peak_rss_gib.total", "<=", 24),
 )
 TARGET_KEYS = tuple(t.key for t in TARGETS)
 
@@ -298,6 +299,21 @@ def _md(text: str, limit: int = 160) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>") or "∅"
 
 
+def time_and_memory_table(report: dict) -> list[str]:
+    """Seconds per stage, with the pipeline's peak resident memory at the end of each stage (and the stage's own GPU
+    peak) where the report has them."""
+    stages = [k.split(".", 1)[1] for k in report if k.startswith("seconds.")]
+    stages += [k.split(".", 1)[1] for k in report if k.startswith("peak_rss_gib.") and k.split(".", 1)[1] not in stages]
+    if not stages:
+        return []
+    cols = [("seconds", "seconds", ".1f"), ("peak_rss_gib", "peak resident memory so far (GiB)", ".2f"),
+            ("peak_cuda_gib", "peak GPU memory of the stage (GiB)", ".2f")]
+    cols = [c for c in cols if any(f"{c[0]}.{s}" in report for s in stages)]
+    rows = [[s] + [format(report[f"{key}.{s}"], fmt) if f"{key}.{s}" in report else "-" for key, _, fmt in cols]
+            for s in stages]
+    return _table(["stage"] + [title for _, title, _ in cols], rows)
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *["| " + " | ".join(r) + " |" for r in rows]]
@@ -439,9 +455,9 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
     fam = family_table(report)
     if fam:
         lines += ["", "## Gold score per task family (exact-answer rate)", ""] + fam
-    secs = {k.split(".", 1)[1]: v for k, v in report.items() if k.startswith("seconds.")}
-    if secs:
-        lines += ["", "## Time", ""] + _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in secs.items()])
+    time_rows = time_and_memory_table(report)
+    if time_rows:
+        lines += ["", "## Time and memory", ""] + time_rows
     if plots:
         lines += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
     samples = sample_table(run_dir, report.get("policies", []))

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from conftest import write_jsonl
-from instructgpt.data import (DataError, Demonstration, Ranking, load_comparisons, load_demonstrations,
-                              load_pretrain_text, load_prompts)
+from instructgpt.data import (DataError, Demonstration, Ranking, iter_pretrain_text, load_comparisons,
+                              load_demonstrations, load_pretrain_text, load_prompts)
 
 
 def test_demonstration_schemas_give_the_same_record(tmp_path):
@@ -78,9 +78,98 @@ def test_prompts_and_pretraining_text(tmp_path):
     assert list(load_pretrain_text(str(tmp_path / "t.txt"))) == list(load_pretrain_text(t))
 
 
+def test_pretraining_text_read_lazily_blank_documents_passed_over(tmp_path):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"text": "one"}, {"text": ""}, {"text": " \n"}, {"text": "two"},
+                                           {"title": "no text"}, {"text": "three"}])
+    docs = iter_pretrain_text(p)
+    assert next(docs) == "one" and next(docs) == "two"  # read as consumed: line 5 not reached yet
+    with pytest.raises(DataError, match=r"t.jsonl.*line 5.*text.*missing"):
+        next(docs)
+    assert list(iter_pretrain_text(p, skip_bad=True)) == ["one", "two", "three"]
+
+
+def test_a_hub_pretraining_corpus_is_streamed_when_read_only_so_far(tmp_path, monkeypatch):
+    """The hub is out of reach: load_dataset is replaced by one that records its arguments and counts the rows read."""
+    import datasets
+
+    from instructgpt.config import DataConfig
+    from instructgpt.sft import pretrain_blocks, text_blocks
+    from instructgpt.modeling import load_tokenizer
+
+    calls, read = [], [0]
+
+    def fake_load_dataset(name, subset=None, split=None, streaming=False):
+        calls.append((name, subset, split, streaming))
+
+        def rows():
+            for i in range(10_000):
+                read[0] += 1
+                yield {"text": f"document {i} says the cat sat on the mat."}
+        return rows()
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    tok = load_tokenizer("builtin:base")
+    capped = pretrain_blocks(tok, DataConfig(pretrain="org/corpus:train", pretrain_max_tokens=64, max_length=16))
+    assert calls == [("org/corpus", None, "train", True)] and len(capped) == 4 and read[0] < 20
+    whole = text_blocks(tok, iter_pretrain_text("org/corpus:train"), 16)
+    assert calls[-1][3] is False and read[0] > 10_000  # uncapped: every row, the dataset downloaded whole
+    assert [b.input_ids for b in capped] == [b.input_ids for b in whole[:4]]
+    short = write_jsonl(tmp_path / "short.jsonl", [{"text": "too short"}])
+    with pytest.raises(DataError, match="short.jsonl.*less than one block of data.max_length=64"):
+        pretrain_blocks(tok, DataConfig(pretrain=short, max_length=64))
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_demonstrations(str(tmp_path / "nope.jsonl"))
+    for missing in ("nope.jsonl", "runs/x/rankings", "./data", "a/b/c", "data/train.JSON"):
+        with pytest.raises(DataError, match="no such file"):
+            load_demonstrations(missing)
+
+
+def _fake_hub(monkeypatch, rows=({"prompt": "hi"},), fail=None):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, subset=None, split=None, streaming=False):
+        calls.append((name, subset, split))
+        if fail:
+            raise fail
+        return list(rows)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_hub_dataset_ids_go_to_the_hub(monkeypatch):
+    """Every dataset the shipped recipes name is read from the hub (an owner/name id was once taken for a missing
+    local path); the hub is out of reach here, so load_dataset is replaced by one that records its arguments."""
+    import os
+
+    import yaml
+
+    from instructgpt.config import flatten
+
+    calls = _fake_hub(monkeypatch)
+    recipes = os.path.join(os.path.dirname(__file__), "..", "configs", "recipes")
+    sources = set()
+    for f in ("gpt2-hh.yaml", "pythia-tldr.yaml"):
+        flat = flatten(yaml.safe_load(open(os.path.join(recipes, f))))
+        sources |= {v for k, v in flat.items() if k.split(".")[-1] in ("train", "eval", "pretrain", "prompts",
+                                                                         "ptx_text", "demonstrations") and v}
+    assert "openai/summarize_from_feedback@comparisons:validation" in sources and len(sources) >= 8
+    for src in sorted(sources):
+        assert list(load_prompts(src)) and calls[-1][0] == src.partition("@")[0].partition(":")[0], src
+    assert ("openai/summarize_from_feedback", "comparisons", "validation") in calls
+    assert ("Salesforce/wikitext", "wikitext-103-raw-v1", "test") in calls
+    load_prompts("imdb")
+    assert calls[-1] == ("imdb", None, "train")
+
+
+def test_hub_failure_is_a_data_error_naming_the_source(monkeypatch):
+    _fake_hub(monkeypatch, fail=ConnectionError("Couldn't reach 'someone/data' on the Hub (LocalEntryNotFoundError)"))
+    with pytest.raises(DataError, match=r"someone/data:test: not a local file, and the Hugging Face hub could not "
+                                        r"load it: ConnectionError: Couldn't reach"):
+        load_prompts("someone/data:test")
 
 
 # ---- comparisons (the reward-model issue's formats, in the same data layer)

@@ -9,6 +9,7 @@ from conftest import tiny_corpus, write_jsonl
 
 from instructgpt import evaluate as ev
 from instructgpt.report import Target, check_targets, render_markdown, stage_kind
+from instructgpt.sft import text_blocks
 
 
 # ------------------------------------------------------------------------------------------------ pure math
@@ -213,6 +214,13 @@ def test_perplexity_is_exp_of_mean_token_nll(tiny):
     assert ev.perplexity(model, blocks, batch_size=2) == pytest.approx(math.exp(nll / count), rel=1e-5)
     fixed = ev.perplexity_blocks(tok, tiny_corpus(200), block_size=64, n_blocks=5)
     assert len(fixed) == 5 and all(len(b) == 64 for b in fixed)
+    # spread through the first max_tokens tokens only, reading no further (a generator that fails past 40 documents)
+    def forty_then_stop():
+        for i, t in enumerate(tiny_corpus(200)):
+            assert i < 40, "read past the tokens it needs"
+            yield t
+    first = [b.input_ids for b in text_blocks(tok, tiny_corpus(200), 64)][:4]
+    assert ev.perplexity_blocks(tok, forty_then_stop(), block_size=64, n_blocks=2, max_tokens=256) == first[::2]
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -377,6 +385,8 @@ def test_best_of_candidates_are_sampled_at_best_of_temperature(tiny_model_dir, e
         ev.evaluate({"sft": tiny_model_dir}, temperature=-1.0, out_dir=str(tmp_path / "bad"), **kw)
     with pytest.raises(ValueError, match="^device: "):
         ev.evaluate({"sft": tiny_model_dir}, device="gpu0", out_dir=str(tmp_path / "bad"), **kw)
+    with pytest.raises(ValueError, match="^ptx_max_tokens: must be at least one block of 256 tokens, got 100"):
+        ev.evaluate({"sft": tiny_model_dir}, ptx_max_tokens=100, out_dir=str(tmp_path / "bad"), **kw)
     assert not (tmp_path / "bad").exists()  # refused before anything is written
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert cold["decoding"]["device"] == warm["decoding"]["device"] == expected  # "auto"

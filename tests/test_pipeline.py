@@ -107,6 +107,26 @@ def test_real_model_recipes_are_valid_with_tiny_stand_ins(name, tiny_model_dir, 
     assert cfgs["rm"].data.train == data and cfgs["ppo"].reward_model.name_or_path.endswith(os.path.join("rm", "model"))
 
 
+@pytest.mark.parametrize("name", [None, "smollm2.yaml", "gpt2-hh.yaml", "pythia-tldr.yaml"])
+def test_recipes_measure_the_alignment_tax_on_text_ppo_does_not_train_on(name, tmp_path):
+    recipe = load_recipe(name and os.path.join(RECIPES, name), [])
+    ppo_text = recipe["ppo"]["data"]["pretrain"]
+    from instructgpt.evaluate import DEFAULT_PTX
+
+    eval_text = recipe["eval"].get("ptx_text", DEFAULT_PTX)  # a recipe's eval section replaces the default's
+    assert eval_text and eval_text != ppo_text
+    if not ppo_text.startswith("builtin:"):  # a hub corpus is read only as far as PPO needs, never whole
+        assert 0 < stage_configs(recipe, str(tmp_path))["ppo"].data.pretrain_max_tokens <= 64_000_000
+
+
+def test_pretrain_max_tokens_below_one_block_is_refused():
+    from instructgpt.config import StageConfig, load_config
+
+    with pytest.raises(ConfigError, match="data.pretrain_max_tokens: must be at least one block of "
+                                          "data.max_length=128 tokens, got 100"):
+        load_config(StageConfig, None, ["data.max_length=128", "data.pretrain_max_tokens=100"])
+
+
 def test_smollm2_recipe_is_valid_and_uses_lora_everywhere(tiny_model_dir, tmp_path):
     path = os.path.join(RECIPES, "smollm2.yaml")
     cfgs = stage_configs(load_recipe(path, [f"sft.model.name_or_path={tiny_model_dir}"]), str(tmp_path / "run"))

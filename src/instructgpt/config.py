@@ -54,6 +54,9 @@ class DataConfig:
     train: Optional[str] = None  # a file, a Hugging Face dataset name[@config][:split], or builtin:NAME
     eval: Optional[str] = None
     pretrain: Optional[str] = None  # pretraining text ({"text"} rows or .txt files), for the ptx mix
+    # read at most this many tokens of `pretrain`, its documents in order (a Hugging Face dataset is then streamed,
+    # not downloaded whole); None reads all of it, which suits a corpus of a few million tokens, not OpenWebText
+    pretrain_max_tokens: Optional[int] = None
     max_length: int = 256  # tokens per example; longer examples are an error (or skipped), never cut
     skip_bad_lines: bool = False  # skip and count bad records instead of stopping at the first
     packing: bool = False  # concatenate examples into full rows (SFT); the loss mask still covers responses only
@@ -113,6 +116,9 @@ class StageConfig:
             raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
         if self.data.max_length < 8:
             raise ConfigError(f"data.max_length: must be >= 8, got {self.data.max_length}")
+        if self.data.pretrain_max_tokens is not None and self.data.pretrain_max_tokens < self.data.max_length:
+            raise ConfigError(f"data.pretrain_max_tokens: must be at least one block of data.max_length="
+                              f"{self.data.max_length} tokens, got {self.data.pretrain_max_tokens}")
         if self.model.dropout is not None and not 0 <= self.model.dropout < 1:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.model.dropout}")
         if self.model.gguf_file and self.model.name_or_path.lower().endswith(".gguf"):

@@ -90,8 +90,9 @@ class Loaded(list):
 # Reading raw rows: (file, line, dict)
 
 
-def iter_rows(source: str) -> Iterator[tuple[str, int, Any]]:
-    """Yield (file, 1-based line or row number, raw object) from any supported source."""
+def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, Any]]:
+    """Yield (file, 1-based line or row number, raw object) from any supported source. `streaming`: read a Hugging
+    Face dataset as it downloads (for a reader that stops early) instead of downloading it whole first."""
     if source.startswith("builtin:"):
         from instructgpt import builtin
 
@@ -101,7 +102,7 @@ def iter_rows(source: str) -> Iterator[tuple[str, int, Any]]:
     if os.path.isdir(source):
         files = sorted(os.path.join(source, f) for f in os.listdir(source) if not f.startswith("."))
         for f in files:
-            yield from iter_rows(f)
+            yield from iter_rows(f, streaming)
         return
     if os.path.isfile(source):
         ext = os.path.splitext(source)[1].lower()
@@ -139,16 +140,26 @@ def iter_rows(source: str) -> Iterator[tuple[str, int, Any]]:
                 yield source, 1, {"text": fh.read()}
             return
         raise DataError(source, None, None, f"unsupported file type '{ext}' (use .jsonl, .json, .parquet or .txt)")
-    if os.path.sep in source or source.endswith((".jsonl", ".json", ".parquet", ".txt")):
+    if source.lower().endswith(_FILE_TYPES) or not _HUB_ID.match(source):
         raise DataError(source, None, None, "no such file")
-    # A Hugging Face dataset: name[@config][:split], e.g. openai/summarize_from_feedback@comparisons:validation
+    # A Hugging Face dataset: [owner/]name[@config][:split], e.g. openai/summarize_from_feedback@comparisons:validation
     from datasets import load_dataset
 
     name, _, split = source.partition(":")
     name, _, subset = name.partition("@")
-    ds = load_dataset(name, subset or None, split=split or "train")
+    try:
+        ds = load_dataset(name, subset or None, split=split or "train", streaming=streaming)
+    except Exception as e:  # offline, no such dataset, config or split: datasets raises many kinds
+        raise DataError(source, None, None, f"not a local file, and the Hugging Face hub could not load it: "
+                                            f"{type(e).__name__}: {e}") from e
     for i, row in enumerate(ds, start=1):
         yield source, i, row
+
+
+# what a hub dataset id looks like: at most one "/" (owner/name), then @config and :split; a missing local path
+# (./x, /abs/x, a/b/c, x.jsonl) is "no such file" instead
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w.-]+)?(:[\w.%\[\]+-]+)?$")
+_FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet", ".txt")
 
 
 @dataclass
@@ -159,22 +170,32 @@ class _Malformed:
 T = TypeVar("T")
 
 
-def _load(source: str, parse: Callable[[str, int, Any], T], skip_bad: bool) -> Loaded:
-    out, skipped = [], 0
-    for file, line, row in iter_rows(source):
+def _parsed(source: str, parse: Callable[[str, int, Any], T], skip_bad: bool, skipped: list[int],
+            streaming: bool = False) -> Iterator[T]:
+    """The source's records through `parse`, lazily; a bad one raises DataError or, with `skip_bad`, counts in
+    skipped[0]."""
+    for file, line, row in iter_rows(source, streaming):
         try:
             if isinstance(row, _Malformed):
                 raise DataError(file, line, None, row.message)
             if not isinstance(row, dict):
                 raise DataError(file, line, None, f"expected a JSON object, got {type(row).__name__}")
-            out.append(parse(file, line, row))
+            item = parse(file, line, row)
         except DataError:
             if not skip_bad:
                 raise
-            skipped += 1
+            skipped[0] += 1
+            continue
+        yield item
+
+
+def _load(source: str, parse: Callable[[str, int, Any], T], skip_bad: bool) -> Loaded:
+    skipped = [0]
+    out = list(_parsed(source, parse, skip_bad, skipped))
     if not out:
-        raise DataError(source, None, None, "no usable records" + (f" ({skipped} bad lines skipped)" if skipped else ""))
-    return Loaded(out, skipped)
+        raise DataError(source, None, None,
+                        "no usable records" + (f" ({skipped[0]} bad lines skipped)" if skipped[0] else ""))
+    return Loaded(out, skipped[0])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -300,6 +321,17 @@ def parse_text(file: str, line: int, row: dict) -> str:
 
 def load_pretrain_text(source: str, skip_bad: bool = False) -> Loaded:
     return _load(source, parse_text, skip_bad)
+
+
+def iter_pretrain_text(source: str, skip_bad: bool = False, streaming: bool = False) -> Iterator[str]:
+    """The documents of `source`, read as they are consumed (for a reader that needs only the first tokens). Blank
+    documents are passed over (WikiText's test split is a third blank lines): joined into a token stream they would
+    add nothing but an EOS."""
+    return (t for t in _parsed(source, _document, skip_bad, [0], streaming) if t.strip())
+
+
+def _document(file: str, line: int, row: dict) -> str:
+    return _str(file, line, row, "text", nonempty=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,11 +189,13 @@ def kl_to_reference(model, ref_model, prompt_ids: Sequence[Sequence[int]], respo
                        response_logprobs(ref_model, prompt_ids, response_ids, pad_token_id, batch_size))
 
 
-def perplexity_blocks(tokenizer, texts: Sequence[str], block_size: int, n_blocks: int) -> list[list[int]]:
-    """`n_blocks` blocks of `block_size` tokens, evenly spaced through the documents (joined by EOS)."""
+def perplexity_blocks(tokenizer, texts: Iterable[str], block_size: int, n_blocks: int,
+                      max_tokens: int | None = None) -> list[list[int]]:
+    """`n_blocks` blocks of `block_size` tokens, evenly spaced through the documents (joined by EOS), or through their
+    first `max_tokens` tokens."""
     from instructgpt.sft import text_blocks
 
-    blocks = text_blocks(tokenizer, list(texts), block_size)
+    blocks = text_blocks(tokenizer, texts, block_size, max_tokens)
     if not blocks:
         raise ValueError(f"the perplexity text is shorter than one block of {block_size} tokens")
     step = max(1, len(blocks) // n_blocks)
@@ -446,13 +448,14 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
              ptx_text: str | None = DEFAULT_PTX, out_dir: str,
              prompts: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
              batch_size: int = 64, kl_prompts: int | None = 256, ptx_blocks: int = 32, ptx_block_size: int = 256,
-             n_resamples: int = 2000, mixed_precision: str = "no", device: str = "auto") -> dict:
+             ptx_max_tokens: int | None = None, n_resamples: int = 2000, mixed_precision: str = "no", device: str = "auto") -> dict:
     """Evaluate every policy (name -> model directory, hub id or builtin:base) against the SFT one (`policies[sft]`).
 
     Prompts: `heldout` held-out prompts of the built-in task, or the first `heldout` of the prompt source `prompts`.
     Writes `samples_<policy>.jsonl` in `out_dir`; returns the flat report (see the module docstring and
     :func:`summarize`) with `kl.<policy>` (on the first `kl_prompts` prompts, every family among them; None: all) and
-    `ptx_perplexity.<policy>` (`ptx_blocks` blocks of `ptx_block_size` tokens of `ptx_text`; None skips it).
+    `ptx_perplexity.<policy>` (`ptx_blocks` blocks of `ptx_block_size` tokens spread evenly through `ptx_text`, or
+    through its first `ptx_max_tokens` tokens, a Hugging Face dataset then streamed; None skips it).
     Greedy answers by default (`temperature` 0); the policies are loaded one at a time beside the SFT model.
     `mixed_precision` "bf16" samples (answers, KL samples, best-of-n candidates) under bf16 autocast; the KL,
     perplexity and reward-model passes stay in the models' own precision.
@@ -469,6 +472,8 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     for name, t in (("temperature", temperature), ("best_of_temperature", best_of_temperature)):
         if not t >= 0:  # NaN too
             raise ValueError(f"{name}: must be >= 0 (0: greedy), got {t}")
+    if ptx_max_tokens is not None and ptx_max_tokens < ptx_block_size:
+        raise ValueError(f"ptx_max_tokens: must be at least one block of {ptx_block_size} tokens, got {ptx_max_tokens}")
     device = pick_device(device)  # before anything is written: a bad name is refused here
     t_start = time.time()
     os.makedirs(out_dir, exist_ok=True)
@@ -521,7 +526,7 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
         # perplexity on held-out pretraining text (the alignment tax)
         if ptx_text:
             report[f"ptx_perplexity.{name}"] = perplexity(model, _ptx(ptx_cache, tok, model, ptx_text, ptx_blocks,
-                                                                      ptx_block_size))
+                                                                      ptx_block_size, ptx_max_tokens))
         seconds[name] = time.time() - t0
         _log(f"{name}: {seconds[name]:.1f}s")
         if not is_sft:
@@ -578,15 +583,17 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     return report
 
 
-def _ptx(cache: dict, tok, model, source: str, n_blocks: int, block_size: int) -> list[list[int]]:
+def _ptx(cache: dict, tok, model, source: str, n_blocks: int, block_size: int,
+         max_tokens: int | None = None) -> list[list[int]]:
     """Held-out text blocks for this tokenizer and context length, tokenised once per (vocab, length)."""
-    from instructgpt.data import load_pretrain_text
+    from instructgpt.data import iter_pretrain_text
 
     limit = getattr(model.config, "max_position_embeddings", None) or block_size
     size = min(block_size, limit)
     key = (len(tok), tok.eos_token_id, size)
     if key not in cache:
-        cache[key] = perplexity_blocks(tok, list(load_pretrain_text(source)), size, n_blocks)
+        texts = iter_pretrain_text(source, streaming=max_tokens is not None)
+        cache[key] = perplexity_blocks(tok, texts, size, n_blocks, max_tokens)
     return cache[key]
 
 
@@ -606,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=int, default=500, help="number of held-out prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ptx-text", default=DEFAULT_PTX, help="held-out pretraining text for perplexity ('none': skip)")
+    p.add_argument("--ptx-max-tokens", type=int, default=None,
+                   help="read only the first N tokens of --ptx-text (a hub dataset is then streamed, not downloaded)")
     p.add_argument("--prompts", help="prompt source instead of the built-in held-out task (no gold labeler unless "
                                      "its prompts are the task's; win rates are then judged by the RM)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -698,7 +707,8 @@ def main(argv: list[str]) -> int:
                           ptx_text=None if args.ptx_text.lower() == "none" else args.ptx_text, out_dir=out,
                           prompts=args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           batch_size=args.batch_size, kl_prompts=args.kl_prompts or None,
-                          mixed_precision=args.mixed_precision, device=args.device)
+                          ptx_max_tokens=args.ptx_max_tokens, mixed_precision=args.mixed_precision,
+                          device=args.device)
     except (ValueError, DataError, FileNotFoundError) as e:
         print(f"instructgpt eval: error: {e}", file=sys.stderr)
         return 2

@@ -67,8 +67,8 @@ DEFAULT_RECIPE: dict = {
 STAGE_KEYS = ("sft", "label_sim", "rm", "ppo", "ppo_noptx", "eval", "targets", "seed")
 LABEL_SIM_KEYS = {"prompts", "k", "noise", "flip_prob", "bt_scale", "resolution", "temperature", "temperatures",
                   "max_new_tokens", "batch_size", "mixed_precision"}
-EVAL_KEYS = {"heldout", "best_of", "best_of_temperature", "prompts", "ptx_text", "max_new_tokens", "temperature",
-             "batch_size", "reward_model", "mixed_precision"}
+EVAL_KEYS = {"heldout", "best_of", "best_of_temperature", "prompts", "ptx_text", "ptx_max_tokens", "max_new_tokens",
+             "temperature", "batch_size", "reward_model", "mixed_precision"}
 
 
 def load_recipe(path: str | None, overrides: list[str]) -> dict:

@@ -457,9 +457,9 @@ def train(cfg: PPOConfig) -> str:
         checkpoint_or_stop,
         fused_adam_ok,
         make_accelerator,
+        pretrain_blocks,
         resume_step,
         stream_indices,
-        text_blocks,
     )
 
     cfg.validate()
@@ -516,12 +516,7 @@ def train(cfg: PPOConfig) -> str:
     eval_prompts = _prompt_ids(cfg, tok, cfg.data.eval, p.eval_prompts, skip_bad=True)[0] if p.eval_prompts else []
     ptx_blocks = []
     if p.ptx_coef > 0:
-        from instructgpt.data import load_pretrain_text
-
-        ptx_blocks = text_blocks(tok, list(load_pretrain_text(cfg.data.pretrain)), cfg.data.max_length)
-        if not ptx_blocks:
-            raise ConfigError(f"data.pretrain: {cfg.data.pretrain} has less than one block of "
-                              f"data.max_length={cfg.data.max_length} tokens")
+        ptx_blocks = pretrain_blocks(tok, cfg.data)
 
     state = {"step": 0, "ptx_pos": 0, "episodes": 0, "best": None, "best_step": None}
     start = resume_step(run, acc, "ppo")

@@ -14,12 +14,12 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
-from instructgpt.config import StageConfig
-from instructgpt.data import DataError, Demonstration, load_demonstrations, load_pretrain_text
+from instructgpt.config import DataConfig, StageConfig
+from instructgpt.data import DataError, Demonstration, iter_pretrain_text, load_demonstrations
 from instructgpt.prompting import encode_conversation
 from instructgpt.runs import StageRun
 
@@ -69,14 +69,29 @@ def build_examples(tokenizer, demos: Sequence[Demonstration], max_length: int,
     return out, skipped
 
 
-def text_blocks(tokenizer, texts: Sequence[str], block_size: int) -> list[Example]:
-    """Pretraining text -> documents joined by EOS, cut into full blocks (every token trainable)."""
+def text_blocks(tokenizer, texts: Iterable[str], block_size: int, max_tokens: int | None = None) -> list[Example]:
+    """Pretraining text -> documents joined by EOS, cut into full blocks (every token trainable). With `max_tokens`,
+    the blocks of the first max_tokens tokens: documents are read (and tokenised) only until there are that many."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for t in texts:
         stream += tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        if max_tokens is not None and len(stream) >= max_tokens:
+            del stream[max_tokens:]
+            break
     n = len(stream) // block_size
     return [Example(stream[i * block_size:(i + 1) * block_size], [True] * block_size) for i in range(n)]
+
+
+def pretrain_blocks(tokenizer, data: DataConfig) -> list[Example]:
+    """`data.pretrain` in blocks of `data.max_length` tokens, of its first `data.pretrain_max_tokens` tokens where
+    that is set (a Hugging Face dataset is then streamed, so a corpus like OpenWebText is read only that far)."""
+    capped = data.pretrain_max_tokens is not None
+    blocks = text_blocks(tokenizer, iter_pretrain_text(data.pretrain, streaming=capped), data.max_length,
+                         data.pretrain_max_tokens)
+    if not blocks:
+        raise DataError(data.pretrain, None, None, f"less than one block of data.max_length={data.max_length} tokens")
+    return blocks
 
 
 def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
@@ -389,7 +404,7 @@ def train(cfg: SFTConfig) -> str:
         train_ex = pack(train_ex, cfg.data.max_length)
     ptx_ex = None
     if cfg.data.pretrain and cfg.train.pretrain_coef > 0:
-        ptx_ex = text_blocks(tokenizer, load_pretrain_text(cfg.data.pretrain), cfg.data.max_length)
+        ptx_ex = pretrain_blocks(tokenizer, cfg.data)
 
     res = fit(cfg, run, acc, model, tokenizer, train_ex, eval_ex, ptx_ex, desc="sft")
     if res.step < cfg.train.max_steps:

@@ -163,6 +163,8 @@ def test_hub_dataset_ids_go_to_the_hub(monkeypatch):
     assert ("Salesforce/wikitext", "wikitext-103-raw-v1", "test") in calls
     load_prompts("imdb")
     assert calls[-1] == ("imdb", None, "train")
+    load_prompts("stanfordnlp/imdb:train[:10%]")  # datasets' split slicing
+    assert calls[-1] == ("stanfordnlp/imdb", None, "train[:10%]")
 
 
 def test_hub_failure_is_a_data_error_naming_the_source(monkeypatch):

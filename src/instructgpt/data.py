@@ -158,7 +158,7 @@ def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, 
 
 # what a hub dataset id looks like: at most one "/" (owner/name), then @config and :split; a missing local path
 # (./x, /abs/x, a/b/c, x.jsonl) is "no such file" instead
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w.-]+)?(:[\w.%\[\]+-]+)?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w.-]+)?(:[\w.%:\[\]+-]+)?$")  # train[:10%]
 _FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet", ".txt")
 
 

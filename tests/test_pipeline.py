@@ -155,8 +155,8 @@ def test_memory_report_keys_totals_and_table():
     assert rep == {"peak_rss_gib.sft": 1.23, "peak_rss_gib.rm": 2.0, "peak_rss_gib.eval": 1.5,
                    "peak_rss_gib.total": 2.0, "peak_cuda_gib.rm": 3.46, "peak_cuda_gib.total": 3.46}
     assert memory_report({}) == {}
-    rows = time_and_memory_table({"seconds.sft": 10.0, "seconds.rm": 5.0, **rep})
+    rows = time_and_memory_table({"seconds.total": 15.0, "seconds.rm": 5.0, "seconds.sft": 10.0, **rep})
     assert rows[0] == "| stage | seconds | peak resident memory so far (GiB) | peak GPU memory of the stage (GiB) |"
     assert rows[2:] == ["| sft | 10.0 | 1.23 | - |", "| rm | 5.0 | 2.00 | 3.46 |", "| eval | - | 1.50 | - |",
-                        "| total | - | 2.00 | 3.46 |"]
+                        "| total | 15.0 | 2.00 | 3.46 |"]  # the pipeline's order, whatever the report's
     assert time_and_memory_table({"seconds.sft": 1.0})[0] == "| stage | seconds |"

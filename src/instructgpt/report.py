@@ -306,6 +306,8 @@ def time_and_memory_table(report: dict) -> list[str]:
     stages += [k.split(".", 1)[1] for k in report if k.startswith("peak_rss_gib.") and k.split(".", 1)[1] not in stages]
     if not stages:
         return []
+    order = ("pretrain", "sft", "label_sim", "rm", "ppo", "ppo_noptx", "eval")  # the pipeline's; then others, total
+    stages.sort(key=lambda s: (s == "total", order.index(s) if s in order else len(order)))
     cols = [("seconds", "seconds", ".1f"), ("peak_rss_gib", "peak resident memory so far (GiB)", ".2f"),
             ("peak_cuda_gib", "peak GPU memory of the stage (GiB)", ".2f")]
     cols = [c for c in cols if any(f"{c[0]}.{s}" in report for s in stages)]

@@ -160,3 +160,57 @@ def test_memory_report_keys_totals_and_table():
     assert rows[2:] == ["| sft | 10.0 | 1.23 | - |", "| rm | 5.0 | 2.00 | 3.46 |", "| eval | - | 1.50 | - |",
                         "| total | 15.0 | 2.00 | 3.46 |"]  # the pipeline's order, whatever the report's
     assert time_and_memory_table({"seconds.sft": 1.0})[0] == "| stage | seconds |"
+
+
+@pytest.mark.parametrize("name", ["gpt2-hh.yaml", "pythia-tldr.yaml"])
+def test_hub_recipe_runs_end_to_end_on_a_fake_hub(name, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The recipe's own data sources, through the real loaders, from a stand-in hub (load_dataset replaced; the hub is
+    out of reach here) and the tiny model in the real one's place: every stage runs and the report is written."""
+    import datasets
+
+    words = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle"]
+    pairs = [(f"{w} {i}", f"{w} {i}, as asked.") for i in range(6) for w in words]
+    rows = {"hh-rlhf": [{"chosen": f"\n\nHuman: say {p}\n\nAssistant: {r}",
+                         "rejected": f"\n\nHuman: say {p}\n\nAssistant: no"} for p, r in pairs],
+            "openai_summarize_tldr": [{"prompt": f"POST: say {p}\nTL;DR:", "label": r} for p, r in pairs],
+            "summarize_from_feedback": [{"info": {"post": f"say {p}", "title": p}, "choice": 0,
+                                         "summaries": [{"text": r}, {"text": "no"}]} for p, r in pairs]}
+    text = [{"text": " ".join(words[(i + j) % 8] for j in range(40)) + "."} for i in range(400)]
+    calls, read = [], {"text": 0}
+
+    def load_dataset(name, subset=None, split=None, streaming=False):
+        calls.append((name, subset, split, streaming))
+        for key, shaped in rows.items():
+            if key in name:
+                return list(shaped)
+
+        def docs():
+            for i, r in enumerate(text):
+                read["text"] += streaming
+                yield {"text": ""} if i % 3 == 0 else r  # WikiText-like blank lines
+        return docs() if streaming else list(docs())
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    out = tmp_path / "run"
+    overrides = [f"sft.model.name_or_path={tiny_model_dir}", "sft.train.max_steps=2", "sft.train.batch_size=8",
+                 "sft.train.warmup_steps=0", "sft.data.eval_size=8", "rm.train.batch_size=8", "rm.train.warmup_steps=0",
+                 "rm.normalize.max_demonstrations=8", "rm.epochs=0.2", "ppo.train.max_steps=1",
+                 "ppo.train.batch_size=8", "ppo.ppo.response_length=8", "ppo.ppo.num_minibatches=2",
+                 "ppo.ppo.eval_prompts=4", "ppo.data.pretrain_max_tokens=2048", "eval.heldout=6", "eval.best_of=2",
+                 "eval.max_new_tokens=8"]
+    # the tiny model has 256 positions, the Pythia recipe's PPO blocks 512 tokens: a clear error; the stage had not
+    # checkpointed, so the fixed config runs in the same directory
+    if name.startswith("pythia"):
+        assert cli_main(["pipeline", "--config", os.path.join(RECIPES, name), "--out", str(out), *overrides]) == 2
+        assert "data.max_length=512 is longer than the policy's context (256 positions)" in capsys.readouterr().err
+        overrides.append("ppo.data.max_length=256")
+    assert cli_main(["pipeline", "--config", os.path.join(RECIPES, name), "--out", str(out), *overrides]) == 0
+    report = json.load(open(out / "report.json"))
+    assert report["heldout_prompts"] == 6 and report["judge"] == "reward_model" and "win_rate.ppo_vs_sft" in report
+    assert report["ptx_perplexity.sft"] > 1 and report["peak_rss_gib.total"] > 0.1
+    recipe = load_recipe(os.path.join(RECIPES, name), [])
+    for src in (recipe["sft"]["data"]["train"], recipe["rm"]["data"]["train"], recipe["ppo"]["data"]["train"]):
+        assert any(c[0] == src.partition("@")[0].partition(":")[0] for c in calls), src
+    # PPO's ptx text streamed and read only as far as its 2,048 tokens; the perplexity text read whole
+    ptx = recipe["ppo"]["data"]["pretrain"].partition(":")[0]
+    assert (ptx, None, "train", True) in calls and 0 < read["text"] < len(text) / 2
+    assert ("Salesforce/wikitext", "wikitext-103-raw-v1", "test", False) in calls

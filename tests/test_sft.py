@@ -191,6 +191,14 @@ def test_rerun_of_finished_stage_and_config_mismatch(tiny_model_dir, demos_file,
     assert os.path.getmtime(out / "model" / "model.safetensors") == mtime
     with pytest.raises(StageError, match=r"different config \(train.lr"):
         train(_cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 2, "train.lr": 1e-4}))
+    # ... but a run that stopped before its first checkpoint has nothing to resume: a new config takes its place
+    early = tmp_path / "early"
+    with pytest.raises(DataError, match="no such file"):  # a typo in the data path
+        train(_cfg(tiny_model_dir, demos_file, early, **{"train.max_steps": 2, "data.train": "demoz.jsonl"}))
+    assert (early / "config.yaml").exists() and not (early / "checkpoint").exists()
+    train(_cfg(tiny_model_dir, demos_file, early, **{"train.max_steps": 2}))
+    assert "starting afresh" in capsys.readouterr().out and (early / "DONE.json").exists()
+    assert [json.loads(x)["step"] for x in open(early / "metrics.jsonl") if "train/loss" in x] == [1, 2]
     # a run from before a config key existed (here: no train.group_by_length) is the same run when the key is at
     # its default, so it still resumes or reports finished
     cfg_file = out / "config.yaml"

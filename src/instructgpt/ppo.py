@@ -478,6 +478,10 @@ def train(cfg: PPOConfig) -> str:
     # models: policy, reference, value, reward; the frozen ones only move to the device
     models = load_models(cfg)
     tok = models.tokenizer
+    context = getattr(models.policy.config, "max_position_embeddings", None)
+    if context and cfg.data.max_length > context:  # every ptx block is data.max_length tokens long
+        raise ConfigError(f"data.max_length={cfg.data.max_length} is longer than the policy's context ({context} "
+                          f"positions)")
     eos, pad = eos_ids(models.policy, tok), tok.pad_token_id
     trainable = [models.policy] + ([models.value] if models.value is not None else [models.value_head])
     params_pi = [q for q in models.policy.parameters() if q.requires_grad]

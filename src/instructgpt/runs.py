@@ -78,14 +78,25 @@ class StageRun:
             # a key added to the stage after this run started has its default there (old runs stay resumable)
             old = deep_merge(to_dict(type(self.cfg)()), old)
             diff = config_differences(old, to_dict(self.cfg))
-            if diff:
+            if diff and (self.done or self.checkpoint_dir()):
                 a = {k: v for k, v in _flat(old).items() if k in diff}
                 b = {k: v for k, v in _flat(to_dict(self.cfg)).items() if k in diff}
                 raise StageError(f"{self.out_dir} was started with a different config ({', '.join(diff)}: "
                                  f"{a} there, {b} now). Use a new out_dir, or the same config to resume.")
             if self.done:
                 return "done"
-            return "resume" if self.checkpoint_dir() else "fresh"
+            if self.checkpoint_dir():
+                return "resume"
+            if not diff:
+                return "fresh"
+            # a run that stopped before its first checkpoint (a bad setting, say) left nothing to resume: the new
+            # config starts afresh in its place, and its metrics with it
+            self._barrier()
+            if self.is_main:
+                print(f"[{self.stage}] {self.out_dir}: no checkpoint of the earlier config ({', '.join(diff)}); "
+                      f"starting afresh with this one")
+                if os.path.exists(self.path("metrics.jsonl")):
+                    os.remove(self.path("metrics.jsonl"))
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             tmp = cfg_path + ".tmp"

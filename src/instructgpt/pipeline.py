@@ -256,13 +256,18 @@ def _read_jsonl(path: str) -> list:
 
 def peak_memory_gib() -> dict[str, float]:
     """This process's peak memory so far, GiB: resident ("rss", the kernel's ru_maxrss: KiB on Linux, bytes on macOS)
-    and, on a GPU, what torch allocated since the last :func:`reset_peak_cuda_memory` ("cuda")."""
-    import resource
-
+    and, on a GPU, what torch allocated since the last :func:`reset_peak_cuda_memory` ("cuda"). No "rss" on Windows,
+    which has no `resource` module."""
     import torch
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"rss": rss / (2**30 if sys.platform == "darwin" else 2**20)}
+    out = {}
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    if resource is not None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["rss"] = rss / (2**30 if sys.platform == "darwin" else 2**20)
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.max_memory_allocated() / 2**30
     return out

@@ -149,6 +149,14 @@ def test_peak_memory_is_the_kernels_high_water_mark_in_gib():
     assert abs(peak - hwm_kib / 2**20) < 0.01 and peak > block.nbytes / 2**30
 
 
+def test_peak_memory_without_the_resource_module(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "resource", None)  # as on Windows: `import resource` raises ImportError
+    assert "rss" not in peak_memory_gib() and not any(k.startswith("peak_rss") for k in
+                                                      memory_report({"sft": peak_memory_gib()}))
+
+
 def test_memory_report_keys_totals_and_table():
     memory = {"sft": {"rss": 1.234}, "rm": {"rss": 2.0, "cuda": 3.456}, "eval": {"rss": 1.5}}
     rep = memory_report(memory)

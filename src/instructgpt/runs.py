@@ -90,13 +90,14 @@ class StageRun:
             if not diff:
                 return "fresh"
             # a run that stopped before its first checkpoint (a bad setting, say) left nothing to resume: the new
-            # config starts afresh in its place, and its metrics with it
+            # config starts afresh in its place, and so do its logs
             self._barrier()
             if self.is_main:
                 print(f"[{self.stage}] {self.out_dir}: no checkpoint of the earlier config ({', '.join(diff)}); "
                       f"starting afresh with this one")
-                if os.path.exists(self.path("metrics.jsonl")):
-                    os.remove(self.path("metrics.jsonl"))
+                for log in ("metrics.jsonl", "samples.jsonl"):
+                    if os.path.exists(self.path(log)):
+                        os.remove(self.path(log))
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             tmp = cfg_path + ".tmp"

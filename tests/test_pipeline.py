@@ -205,12 +205,13 @@ def test_hub_recipe_runs_end_to_end_on_a_fake_hub(name, tiny_model_dir, tmp_path
                  "ppo.train.batch_size=8", "ppo.ppo.response_length=8", "ppo.ppo.num_minibatches=2",
                  "ppo.ppo.eval_prompts=4", "ppo.data.pretrain_max_tokens=2048", "eval.heldout=6", "eval.best_of=2",
                  "eval.max_new_tokens=8"]
-    # the tiny model has 256 positions, the Pythia recipe's PPO blocks 512 tokens: a clear error; the stage had not
-    # checkpointed, so the fixed config runs in the same directory
-    if name.startswith("pythia"):
-        assert cli_main(["pipeline", "--config", os.path.join(RECIPES, name), "--out", str(out), *overrides]) == 2
-        assert "data.max_length=512 is longer than the policy's context (256 positions)" in capsys.readouterr().err
-        overrides.append("ppo.data.max_length=256")
+    # the tiny model has 256 positions, the recipes' SFT 512 or 640 tokens: a clear error before any step; the stage
+    # had not checkpointed, so the corrected config runs in the same directory
+    assert cli_main(["pipeline", "--config", os.path.join(RECIPES, name), "--out", str(out), *overrides]) == 2
+    sft_length = load_recipe(os.path.join(RECIPES, name), [])["sft"]["data"]["max_length"]
+    assert (f"data.max_length={sft_length} is longer than the model's context (256 positions)"
+            in capsys.readouterr().err)
+    overrides += [f"{stage}.data.max_length=256" for stage in ("sft", "rm", "ppo")]
     assert cli_main(["pipeline", "--config", os.path.join(RECIPES, name), "--out", str(out), *overrides]) == 0
     report = json.load(open(out / "report.json"))
     assert report["heldout_prompts"] == 6 and report["judge"] == "reward_model" and "win_rate.ppo_vs_sft" in report

@@ -191,6 +191,10 @@ def test_rerun_of_finished_stage_and_config_mismatch(tiny_model_dir, demos_file,
     assert os.path.getmtime(out / "model" / "model.safetensors") == mtime
     with pytest.raises(StageError, match=r"different config \(train.lr"):
         train(_cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 2, "train.lr": 1e-4}))
+    # a max_length beyond the model's positions (the tiny model has 256) is refused before any step
+    with pytest.raises(ConfigError, match=r"data.max_length=512 is longer than the model's context \(256 positions\)"):
+        train(_cfg(tiny_model_dir, demos_file, tmp_path / "long", **{"train.max_steps": 2, "data.max_length": 512}))
+    assert not (tmp_path / "long" / "metrics.jsonl").exists()
     # ... but a run that stopped before its first checkpoint has nothing to resume: a new config takes its place
     early = tmp_path / "early"
     with pytest.raises(DataError, match="no such file"):  # a typo in the data path

@@ -100,6 +100,16 @@ def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, w
     return model, tokenizer
 
 
+def check_context(model, max_length: int) -> None:
+    """Refuse a data.max_length beyond the model's positions: the first example that long would fail with an
+    IndexError inside the position embedding, mid-run."""
+    from instructgpt.config import ConfigError
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and max_length > context:
+        raise ConfigError(f"data.max_length={max_length} is longer than the model's context ({context} positions)")
+
+
 def apply_lora(model, lora_cfg, task: str = "causal_lm"):
     """Wrap `model` with a peft LoRA adapter (merged back into the weights on save). task "seq_cls" (reward and value
     models) also trains the scalar head in full."""

@@ -451,7 +451,7 @@ def _lr_lambda(t: TrainConfig):
 def train(cfg: PPOConfig) -> str:
     """Run PPO(-ptx); returns the out_dir. Rerun on the same out_dir to resume."""
     from instructgpt.generation import eos_ids
-    from instructgpt.modeling import save_model, set_seed
+    from instructgpt.modeling import check_context, save_model, set_seed
     from instructgpt.progress import StageProgress
     from instructgpt.sft import (
         checkpoint_or_stop,
@@ -478,10 +478,7 @@ def train(cfg: PPOConfig) -> str:
     # models: policy, reference, value, reward; the frozen ones only move to the device
     models = load_models(cfg)
     tok = models.tokenizer
-    context = getattr(models.policy.config, "max_position_embeddings", None)
-    if context and cfg.data.max_length > context:  # every ptx block is data.max_length tokens long
-        raise ConfigError(f"data.max_length={cfg.data.max_length} is longer than the policy's context ({context} "
-                          f"positions)")
+    check_context(models.policy, cfg.data.max_length)  # every ptx block is data.max_length tokens long
     eos, pad = eos_ids(models.policy, tok), tok.pad_token_id
     trainable = [models.policy] + ([models.value] if models.value is not None else [models.value_head])
     params_pi = [q for q in models.policy.parameters() if q.requires_grad]

@@ -138,7 +138,7 @@ def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence,
 
 
 def train(cfg: RMConfig) -> str:
-    from instructgpt.modeling import load_model, save_model, set_seed
+    from instructgpt.modeling import check_context, load_model, save_model, set_seed
     from instructgpt.progress import StageProgress
     from instructgpt.sft import split_eval
 
@@ -150,6 +150,7 @@ def train(cfg: RMConfig) -> str:
     set_seed(cfg.seed)
     # 1. backbone from the SFT model, a fresh scalar head
     model, tok = load_model(cfg.model, for_training=True, model_class="sequence_classification")
+    check_context(model, cfg.data.max_length)
     init_reward_head(model.score)
     if cfg.model.lora.enabled:
         from instructgpt.modeling import apply_lora

@@ -376,7 +376,7 @@ def split_eval(examples: list[Example], eval_size: int, seed: int) -> tuple[list
 
 def train(cfg: SFTConfig) -> str:
     """Run SFT; returns the out_dir. Rerun on the same out_dir to resume; a finished run says so and exits."""
-    from instructgpt.modeling import apply_lora, load_model, save_model, set_seed
+    from instructgpt.modeling import apply_lora, check_context, load_model, save_model, set_seed
 
     acc = make_accelerator(cfg)
     run = StageRun(cfg, "sft", acc)
@@ -387,6 +387,7 @@ def train(cfg: SFTConfig) -> str:
     set_seed(cfg.seed)
 
     model, tokenizer = load_model(cfg.model, for_training=True)
+    check_context(model, cfg.data.max_length)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
 

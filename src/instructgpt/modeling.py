@@ -101,8 +101,9 @@ def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, w
 
 
 def check_context(model, max_length: int) -> None:
-    """Refuse a data.max_length beyond the model's positions: the first example that long would fail with an
-    IndexError inside the position embedding, mid-run."""
+    """Refuse a data.max_length beyond the model's positions (`max_position_embeddings`): with learned positions
+    (GPT-2) the first example that long fails with an IndexError mid-run, with rotary ones (Llama, Pythia) it runs on
+    positions the model never saw."""
     from instructgpt.config import ConfigError
 
     context = getattr(model.config, "max_position_embeddings", None)

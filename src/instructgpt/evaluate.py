@@ -448,7 +448,8 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
              ptx_text: str | None = DEFAULT_PTX, out_dir: str,
              prompts: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
              batch_size: int = 64, kl_prompts: int | None = 256, ptx_blocks: int = 32, ptx_block_size: int = 256,
-             ptx_max_tokens: int | None = None, n_resamples: int = 2000, mixed_precision: str = "no", device: str = "auto") -> dict:
+             ptx_max_tokens: int | None = None, n_resamples: int = 2000, mixed_precision: str = "no",
+             device: str = "auto") -> dict:
     """Evaluate every policy (name -> model directory, hub id or builtin:base) against the SFT one (`policies[sft]`).
 
     Prompts: `heldout` held-out prompts of the built-in task, or the first `heldout` of the prompt source `prompts`.

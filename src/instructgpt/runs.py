@@ -78,14 +78,15 @@ class StageRun:
             # a key added to the stage after this run started has its default there (old runs stay resumable)
             old = deep_merge(to_dict(type(self.cfg)()), old)
             diff = config_differences(old, to_dict(self.cfg))
-            if diff and (self.done or self.checkpoint_dir()):
+            finished, checkpoint = self.done, self.checkpoint_dir()
+            if diff and (finished or checkpoint):
                 a = {k: v for k, v in _flat(old).items() if k in diff}
                 b = {k: v for k, v in _flat(to_dict(self.cfg)).items() if k in diff}
                 raise StageError(f"{self.out_dir} was started with a different config ({', '.join(diff)}: "
                                  f"{a} there, {b} now). Use a new out_dir, or the same config to resume.")
-            if self.done:
+            if finished:
                 return "done"
-            if self.checkpoint_dir():
+            if checkpoint:
                 return "resume"
             if not diff:
                 return "fresh"

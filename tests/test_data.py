@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import write_jsonl
 from instructgpt.data import (DataError, Demonstration, Ranking, iter_pretrain_text, load_comparisons,
@@ -116,6 +117,38 @@ def test_a_hub_pretraining_corpus_is_streamed_when_read_only_so_far(tmp_path, mo
     short = write_jsonl(tmp_path / "short.jsonl", [{"text": "too short"}])
     with pytest.raises(DataError, match="short.jsonl.*less than one block of data.max_length=64"):
         pretrain_blocks(tok, DataConfig(pretrain=short, max_length=64))
+
+
+def test_text_blocks_are_the_joined_documents_as_int32_read_at_most_twice_as_far_as_needed():
+    """The blocks are the documents' own token ids joined by EOS (each document tokenised alone, as a reference), held
+    in one int32 tensor; with max_tokens, fewer than twice the documents needed are read."""
+    from instructgpt.modeling import load_tokenizer
+    from instructgpt.sft import TokenBlocks, text_blocks
+
+    tok = load_tokenizer("builtin:base")
+    docs = [f"document {i} says" + " the cat sat" * (i % 13) + "." for i in range(600)]
+    stream, reached = [], []
+    for d in docs:
+        stream += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        reached.append(len(stream))
+    whole = text_blocks(tok, docs, 16)
+    assert isinstance(whole, TokenBlocks) and whole.ids.dtype == torch.int32
+    assert whole.ids.shape == (len(stream) // 16, 16)
+    assert whole.ids.tolist() == [stream[i:i + 16] for i in range(0, len(stream) - 15, 16)]
+    assert whole[3].input_ids == stream[48:64] and whole[3].loss_mask == [True] * 16
+    assert isinstance(whole[2:5], TokenBlocks) and [b.input_ids for b in whole[2:5]] == whole.ids[2:5].tolist()
+    for max_tokens in (16, 100, 1000, 5000, len(stream) - 5, len(stream) + 100):
+        read = [0]
+
+        def counted():
+            for d in docs:
+                read[0] += 1
+                yield d
+        capped = text_blocks(tok, counted(), 16, max_tokens)
+        head = stream[:max_tokens]
+        assert capped.ids.tolist() == [head[i:i + 16] for i in range(0, len(head) - 15, 16)], max_tokens
+        needed = next((i + 1 for i, n in enumerate(reached) if n >= max_tokens), len(docs))
+        assert read[0] < 2 * needed or read[0] == len(docs) == needed, (max_tokens, needed, read[0])
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

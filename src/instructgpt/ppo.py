@@ -515,7 +515,7 @@ def train(cfg: PPOConfig) -> str:
     prompts, queries, skipped = _prompt_ids(cfg, tok, cfg.data.train)
     # the monitor's prompts: optional, so too-long ones are skipped rather than stopping the run
     eval_prompts = _prompt_ids(cfg, tok, cfg.data.eval, p.eval_prompts, skip_bad=True)[0] if p.eval_prompts else []
-    ptx_blocks = []
+    ptx_blocks = None
     if p.ptx_coef > 0:
         ptx_blocks = pretrain_blocks(tok, cfg.data)
 
@@ -595,13 +595,13 @@ def train(cfg: PPOConfig) -> str:
                     vf_loss, vf_stats = value_loss(new_values, mb.values, mb_ret, mb_mask, p.cliprange_value)
                     loss = pg_loss + p.vf_coef * vf_loss
                     ptx = torch.zeros(())
-                    if ptx_blocks:
+                    if ptx_blocks is not None:
                         # gamma * E_pretrain[log pi(x)] in the same objective, ptx_token_ratio x the episode tokens
                         n_tokens = float(att.sum())
                         n_rows = max(1, math.ceil(p.ptx_token_ratio * n_tokens / cfg.data.max_length))
                         rows = stream_indices(len(ptx_blocks), state["ptx_pos"] + n_rows * rank, n_rows, cfg.seed + 1)
                         state["ptx_pos"] += n_rows * world
-                        px = torch.tensor([ptx_blocks[i].input_ids for i in rows], device=acc.device)
+                        px = ptx_blocks.ids[rows].long().to(acc.device)
                         pm = torch.ones_like(px)
                         with acc.autocast():
                             ptx = lm_loss(policy_forward(policy, px, pm)[0], px, pm)

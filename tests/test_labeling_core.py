@@ -22,7 +22,7 @@ from instructgpt.labeling.cli import main as label_main
 from instructgpt.labeling.formats import export, import_prompts, read_prompts
 from instructgpt.labeling.outputs import generate_outputs
 from instructgpt.labeling.rubric import FLAGS, SubmissionError, check_demonstration, check_ranking
-from instructgpt.labeling.store import CLAIM_LEASE_SECONDS, Store, StoreError, display_order
+from instructgpt.labeling.store import CLAIM_LEASE_SECONDS, Store, StoreError, User, display_order
 
 PASSWORD = "correct horse battery"
 
@@ -158,6 +158,51 @@ def test_store_uses_wal_and_users(store):
     store.add_user("alice", "a new password", update=True)  # a password reset ends old sessions
     assert store.session(token) is None
     assert store.authenticate("alice", "a new password") is not None
+
+
+def test_a_disabled_user_loses_sessions_and_open_claims_but_not_submissions(store):
+    store.add_tasks(_tasks(3, overlap=1))
+    ann, bob = store.add_user("ann", PASSWORD), store.add_user("bob", PASSWORD)
+    sub = check_ranking(3, [1, 2, 3], [5, 4, 3], [[], [], []])
+    assert store.claim_next(ann.id) == 1 and store.submit_ranking(1, ann.id, sub).status == "ok"
+    assert store.claim_next(ann.id) == 2  # an open claim: the slot is hers
+    assert store.claim_next(bob.id) == 3
+    token, _ = store.create_session(ann.id)
+    user, released = store.set_disabled("ann", True)
+    assert user.disabled and released == 1
+    assert store.session(token) is None and store.authenticate("ann", PASSWORD) is None
+    assert [u.disabled for u in store.users()] == [True, False]
+    assert store.submit_ranking(3, bob.id, sub).status == "ok"
+    assert store.claim_next(bob.id) == 2  # ann's open claim went back to the pool
+    assert [(s["labeler"], s["task_id"]) for s in store.iter_submissions()] == [("ann", 1), ("bob", 3)]
+    store.add_user("ann", "a new password", update=True)  # a password reset does not enable
+    assert store.authenticate("ann", "a new password") is None
+    assert store.set_disabled("ann", False) == (User(ann.id, "ann", False, False), 0)
+    assert store.authenticate("ann", "a new password") == ann
+    with pytest.raises(StoreError, match="no user 'nobody'"):
+        store.set_disabled("nobody", True)
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    """A database made before users.disabled opens, keeps its users and sessions, and gains the column."""
+    path = str(tmp_path / "v1.sqlite")
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT NOT NULL UNIQUE, password_hash TEXT NOT NULL,
+                            is_admin INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL);""")
+    con.execute("INSERT INTO users (username, password_hash, is_admin, created_at) VALUES ('ann', ?, 0, 0)",
+                (security.hash_password(PASSWORD),))
+    con.commit()
+    con.close()
+    store = Store(path)
+    ann = store.authenticate("ann", PASSWORD)
+    assert ann is not None and not ann.disabled
+    with store.connect() as c:
+        assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    store.set_disabled("ann", True)
+    assert Store(path).authenticate("ann", PASSWORD) is None  # reopening migrates nothing twice
 
 
 def _tasks(n: int, overlap: int, kind: str = "ranking") -> list[dict]:
@@ -371,7 +416,15 @@ def test_cli_add_user_import_stats_export(tmp_path, capsys):
     rank_all(store, ann.id, ranks_for=lambda t: [2, 1])
     assert label_main(["stats", "--db", db]) == 0
     out = capsys.readouterr().out
-    assert "submissions: 2 of 4 slots" in out and "ann" in out
+    assert "submissions: 2 of 4 slots" in out and "ann" in out and "(disabled)" not in out
+    assert label_main(["disable-user", "--db", db, "ann"]) == 0
+    assert capsys.readouterr().out.strip() == "disabled ann; 0 open claims given back"
+    assert Store(db).authenticate("ann", PASSWORD) is None
+    assert label_main(["stats", "--db", db]) == 0
+    assert "ann (disabled)" in capsys.readouterr().out
+    assert label_main(["enable-user", "--db", db, "ann"]) == 0 and Store(db).authenticate("ann", PASSWORD) == ann
+    assert label_main(["disable-user", "--db", db, "nobody"]) == 2
+    assert "no user 'nobody'" in capsys.readouterr().err
     assert label_main(["export", "--db", db, "--out-dir", str(tmp_path / "out")]) == 0
     assert "1 demonstrations" in capsys.readouterr().out
     assert len(data.load_comparisons(str(tmp_path / "out" / "rankings.jsonl"))) == 1

@@ -133,6 +133,19 @@ def test_logout_ends_the_session(setup):
     assert c.get("/next", follow_redirects=False).headers["location"] == "/login"
 
 
+def test_a_disabled_labeler_is_logged_out_at_once_and_cannot_log_in(setup):
+    c = client_for(setup, "ann")
+    assert c.get("/next").url.path == "/task/1"
+    setup.set_disabled("ann", True)
+    assert c.get("/next", follow_redirects=False).headers["location"] == "/login"  # the live cookie no longer works
+    r = login(client_for(setup), "ann")
+    assert r.status_code == 401 and "igpt_session" not in r.cookies
+    admin = client_for(setup, "root")
+    assert "(disabled)" in admin.get("/admin").text
+    setup.set_disabled("ann", False)
+    assert login(client_for(setup), "ann").status_code == 303
+
+
 def test_host_header_is_checked_when_bound_to_loopback(setup):
     c = TestClient(create_app(setup, allowed_hosts=LOOPBACK_HOSTS), base_url="http://127.0.0.1:8765")
     assert c.get("/login").status_code == 200

@@ -1,6 +1,7 @@
 """``instructgpt label <command>``: run the labeling web app and manage its database.
 
     instructgpt label add-user  --db labels.sqlite alice [--admin] [--password P | --password-stdin]
+    instructgpt label disable-user --db labels.sqlite alice      (enable-user to undo)
     instructgpt label import    --db labels.sqlite --prompts FILE.jsonl [--model DIR] [--k 4] [--overlap 2]
     instructgpt label serve     --db labels.sqlite [--prompts FILE.jsonl [--model DIR] [--k 4]] [--port 8765]
     instructgpt label stats     --db labels.sqlite
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the password from the first line of stdin (the default when stdin is not a terminal)")
     s.add_argument("--update", action="store_true", help="reset the password (and admin flag) of an existing user")
 
+    for name, verb in (("disable-user", "end a user's sessions and give back their open claims; they may not log in "
+                                        "until enabled again (their submissions stay)"),
+                       ("enable-user", "let a disabled user log in again")):
+        s = sub.add_parser(name, help=verb)
+        _db(s)
+        s.add_argument("username")
+
     s = sub.add_parser("import", help="add tasks from a prompts file")
     _db(s)
     _import_args(s, required=True)
@@ -120,7 +128,8 @@ def _stats(store, out: Callable[[str], None]) -> None:
     out(f"{'labeler':<20} {'demos':>6} {'ranks':>6} {'skipped':>8} {'open':>5} {'agreement':>10}")
     for r in store.labeler_rows():
         la = report.per_labeler.get(r["username"])
-        out(f"{r['username']:<20} {r['demonstrations']:>6} {r['rankings']:>6} {r['skipped']:>8} {r['claimed']:>5} "
+        name = r["username"] + (" (disabled)" if r["disabled"] else "")
+        out(f"{name:<20} {r['demonstrations']:>6} {r['rankings']:>6} {r['skipped']:>8} {r['claimed']:>5} "
             f"{format_rate(la.rate if la else None):>10}")
 
 
@@ -137,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             user = store.add_user(args.username, _read_password(args), is_admin=args.admin, update=args.update)
             print(f"{'updated' if args.update else 'created'} {'admin' if user.is_admin else 'labeler'} "
                   f"{user.username}")
+        elif args.command in ("disable-user", "enable-user"):
+            user, released = store.set_disabled(args.username, args.command == "disable-user")
+            print(f"{'disabled' if user.disabled else 'enabled'} {user.username}"
+                  + (f"; {released} open claims given back" if user.disabled else ""))
         elif args.command == "import":
             _import(store, args, log)
         elif args.command == "export":

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 from instructgpt.labeling import security
 from instructgpt.labeling.rubric import RankingSubmission
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: users.disabled
 # A claimed task that is neither submitted nor skipped holds its slot this long; after that another labeler may take
 # the slot (the first may still submit: one extra judgement, never a lost one).
 CLAIM_LEASE_SECONDS = 2 * 3600
@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS users (
     username TEXT NOT NULL UNIQUE,
     password_hash TEXT NOT NULL,
     is_admin INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0  -- may not log in; what they submitted stays
 );
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY,
@@ -97,6 +98,7 @@ class User:
     id: int
     username: str
     is_admin: bool
+    disabled: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,15 @@ class Store:
                 raise StoreError(f"{self.path}: could not switch SQLite to WAL mode (got {mode!r})")
             con.executescript(_SCHEMA)
             con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self._migrate(con)
+
+    @staticmethod
+    def _migrate(con: sqlite3.Connection) -> None:
+        """Bring a database made by an earlier version up to SCHEMA_VERSION (CREATE IF NOT EXISTS leaves an existing
+        table as it was)."""
+        if "disabled" not in {r["name"] for r in con.execute("PRAGMA table_info(users)")}:  # version 1
+            con.execute("ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     # ---------------------------------------------------------------------------------------------------------------
     # Connections
@@ -212,17 +223,34 @@ class Store:
         return User(uid, username, is_admin)
 
     def authenticate(self, username: str, password: str) -> User | None:
-        """The user when the password matches, else None (same cost whether or not the user exists)."""
+        """The user when the password matches and the user is not disabled, else None (same cost whether or not the
+        user exists)."""
         with self.connect() as con:
-            row = con.execute("SELECT id, username, password_hash, is_admin FROM users WHERE username = ?",
+            row = con.execute("SELECT id, username, password_hash, is_admin, disabled FROM users WHERE username = ?",
                               (username,)).fetchone()
         ok = security.verify_password(password, row["password_hash"] if row else None)
-        return User(row["id"], row["username"], bool(row["is_admin"])) if ok and row else None
+        return User(row["id"], row["username"], bool(row["is_admin"])) if ok and row and not row["disabled"] else None
 
     def users(self) -> list[User]:
         with self.connect() as con:
-            rows = con.execute("SELECT id, username, is_admin FROM users ORDER BY username").fetchall()
-        return [User(r["id"], r["username"], bool(r["is_admin"])) for r in rows]
+            rows = con.execute("SELECT id, username, is_admin, disabled FROM users ORDER BY username").fetchall()
+        return [User(r["id"], r["username"], bool(r["is_admin"]), bool(r["disabled"])) for r in rows]
+
+    def set_disabled(self, username: str, disabled: bool) -> tuple[User, int]:
+        """Disable (or enable again) a user. Disabling ends their sessions at once and gives their open claims back,
+        so other labelers get those slots; their submissions stay in the data and in the exports. -> (user, claims
+        given back)."""
+        with self.transaction() as con:
+            row = con.execute("SELECT id, is_admin FROM users WHERE username = ?", (username,)).fetchone()
+            if row is None:
+                raise StoreError(f"no user {username!r}")
+            con.execute("UPDATE users SET disabled = ? WHERE id = ?", (int(disabled), row["id"]))
+            released = 0
+            if disabled:
+                con.execute("DELETE FROM sessions WHERE user_id = ?", (row["id"],))
+                released = con.execute("DELETE FROM assignments WHERE user_id = ? AND submitted_at IS NULL "
+                                       "AND skipped_at IS NULL", (row["id"],)).rowcount
+        return User(row["id"], username, bool(row["is_admin"]), disabled), released
 
     def create_session(self, user_id: int) -> tuple[str, str]:
         """A new session for `user_id`: (token for the cookie, CSRF token for its forms)."""
@@ -242,7 +270,7 @@ class Store:
         with self.connect() as con:
             row = con.execute(
                 "SELECT s.csrf_token, s.last_seen, u.id, u.username, u.is_admin FROM sessions s "
-                "JOIN users u ON u.id = s.user_id WHERE s.token_hash = ?", (digest,)).fetchone()
+                "JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND u.disabled = 0", (digest,)).fetchone()
             if row is None or row["last_seen"] < now - SESSION_IDLE_SECONDS:
                 return None
             if row["last_seen"] < now - SESSION_TOUCH_SECONDS:
@@ -400,10 +428,10 @@ class Store:
         return dict(row)
 
     def labeler_rows(self) -> list[dict]:
-        """Per user: submissions by kind, skips, open claims, median seconds per task, last activity."""
+        """Per user: submissions by kind, skips, open claims, median seconds per task, last activity, disabled."""
         with self.connect() as con:
             rows = con.execute("""
-                SELECT u.id, u.username, u.is_admin,
+                SELECT u.id, u.username, u.is_admin, u.disabled,
                        (SELECT COUNT(*) FROM submissions s JOIN tasks t ON t.id = s.task_id
                         WHERE s.user_id = u.id AND t.kind = 'demonstration') AS demonstrations,
                        (SELECT COUNT(*) FROM submissions s JOIN tasks t ON t.id = s.task_id

@@ -138,6 +138,29 @@ def test_passwords_are_salted_slow_hashes():
 # Store
 
 
+def test_login_throttle_counts_failures_in_a_sliding_window():
+    now = [1000.0]
+    t = security.LoginThrottle({"user": 3, "addr": 5}, window=600, clock=lambda: now[0])
+    ann, bob, addr = "user:ann", "user:bob", "addr:10.0.0.7"
+    for i in range(3):
+        assert t.wait([ann, addr]) == 0
+        t.failed([ann, addr])
+        now[0] += 10
+    assert t.wait([ann, addr]) == pytest.approx(600 - 30)  # until the first failure leaves the window
+    assert t.wait([bob, addr]) == 0  # another account from the same address: 3 of its 5
+    t.failed([bob, addr])
+    t.failed([bob, addr])
+    assert t.wait([bob, addr]) == pytest.approx(600 - 30)  # now the address is at its limit
+    assert t.wait([bob, "addr:10.0.0.8"]) == 0  # bob (2 of 3) from elsewhere
+    now[0] += 600 - 30
+    assert t.wait([ann, addr]) == 0  # the oldest failures have left the window
+    t.failed([bob, "addr:10.0.0.8"])
+    t.succeeded(bob)  # a good login forgets the account's failures, not the address's
+    assert t.wait([bob]) == 0 and len(t._recent("addr:10.0.0.8", now[0])) == 1
+    now[0] += 10_000
+    assert t.wait([ann, bob, addr, "addr:10.0.0.8"]) == 0 and t._failures == {}  # idle keys are forgotten
+
+
 def test_store_uses_wal_and_users(store):
     with store.connect() as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -98,6 +98,24 @@ def test_wrong_password_and_unknown_user_are_refused(setup):
     assert c.get("/next").url.path == "/task/1"
 
 
+def test_failed_logins_lock_the_account_for_a_while(setup):
+    from instructgpt.labeling.security import LoginThrottle
+
+    now = [0.0]
+    c = TestClient(create_app(setup, login_throttle=LoginThrottle({"user": 5, "addr": 20}, window=900,
+                                                                  clock=lambda: now[0])))
+    for _ in range(5):
+        assert login(c, "ann", "not the password").status_code == 401
+    r = login(c, "ann")  # the right password, but locked: refused before it is checked
+    assert r.status_code == 429 and "Too many failed logins: try again in 15 minutes." in r.text
+    assert r.headers["retry-after"] == "900" and "igpt_session" not in r.cookies
+    assert login(c, "ANN").status_code == 429  # the same account whatever the case typed
+    assert login(c, "bob").status_code == 303  # other accounts from the same client still log in
+    c.cookies.clear()  # bob's session out of the way
+    now[0] += 901
+    assert login(c, "ann").status_code == 303
+
+
 def test_login_needs_its_csrf_token(setup):
     c = client_for(setup)
     c.get("/login")  # sets the login CSRF cookie

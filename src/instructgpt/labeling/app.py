@@ -13,6 +13,7 @@ Security model, in one place:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -67,13 +68,14 @@ def _host_of(host_header: str) -> str:
 
 
 def create_app(store: Store | str, *, allowed_hosts: Sequence[str] | None = None, title: str = "instructgpt labeling",
-               secure_cookies: bool = False) -> FastAPI:
+               secure_cookies: bool = False, login_throttle: security.LoginThrottle | None = None) -> FastAPI:
     """The app over `store` (a :class:`Store` or a database path).
 
     `allowed_hosts`: Host header values accepted (None accepts any); the CLI passes the loopback names when it binds
     to loopback, which stops DNS-rebinding pages from talking to the app. `secure_cookies` adds the Secure flag (set
-    it behind HTTPS).
+    it behind HTTPS). `login_throttle`: failed-login limits (default :class:`security.LoginThrottle`'s).
     """
+    throttle = login_throttle or security.LoginThrottle()
     store = store if isinstance(store, Store) else Store(store)
     env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=select_autoescape(default=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -192,9 +194,19 @@ def create_app(store: Store | str, *, allowed_hosts: Sequence[str] | None = None
         if not security.tokens_equal(first(data, "csrf_token"), request.cookies.get(LOGIN_CSRF_COOKIE)):
             raise HTTPException(403, "invalid or missing CSRF token: reload the login page and try again")
         username, password = (first(data, "username") or "").strip(), first(data, "password") or ""
+        keys = [f"user:{username.lower()}", f"addr:{request.client.host if request.client else '-'}"]
+        wait = throttle.wait(keys)
+        if wait > 0:  # refused before the password is checked, so guesses in the lockout learn nothing
+            minutes = max(1, math.ceil(wait / 60))
+            response = _login_page(f"Too many failed logins: try again in {minutes} minute"
+                                   f"{'s' if minutes > 1 else ''}.", 429, username=username)
+            response.headers["Retry-After"] = str(math.ceil(wait))
+            return response
         user = store.authenticate(username, password)
         if user is None:
+            throttle.failed(keys)
             return _login_page("Wrong username or password.", 401, username=username)
+        throttle.succeeded(keys[0])
         token, _ = store.create_session(user.id)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookies, path="/")

@@ -1,4 +1,5 @@
-"""Passwords and tokens: scrypt with a per-user salt, constant-time comparisons, random session/CSRF tokens.
+"""Passwords and tokens: scrypt with a per-user salt, constant-time comparisons, random session/CSRF tokens, and a
+throttle on failed logins.
 
 Only standard-library primitives: ``hashlib.scrypt`` is a memory-hard "slow hash" (RFC 7914), so a stolen database
 does not give away passwords cheaply. Session tokens are stored hashed, so the database does not give away live
@@ -11,6 +12,10 @@ import base64
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from collections import deque
+from typing import Callable
 
 # scrypt cost: N=2^14, r=8 takes ~16 MiB and tens of milliseconds per check, the common interactive-login setting.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -64,3 +69,54 @@ def tokens_equal(a: str | None, b: str | None) -> bool:
     if not a or not b:
         return False
     return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+
+
+# Failed logins allowed per account, and per client address, within LOGIN_WINDOW_SECONDS; past that, logins for that
+# account (or from that address) are refused, without checking the password, until the oldest failure leaves the
+# window. scrypt makes each guess cost tens of milliseconds; this caps an online guesser at a few a minute.
+LOGIN_FAILURES_PER_ACCOUNT = 5
+LOGIN_FAILURES_PER_ADDRESS = 20
+LOGIN_WINDOW_SECONDS = 15 * 60
+
+
+class LoginThrottle:
+    """Failed logins in a sliding window, per key ("user:alice", "addr:10.0.0.7"). In memory: the app is one process.
+
+    `wait(keys)` is the seconds until every key is under its limit (0: go ahead); `failed(keys)` records a failure;
+    `succeeded(key)` forgets an account's failures. `clock` is injectable for tests.
+    """
+
+    def __init__(self, limits: dict[str, int] | None = None, window: float = LOGIN_WINDOW_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.limits = limits or {"user": LOGIN_FAILURES_PER_ACCOUNT, "addr": LOGIN_FAILURES_PER_ADDRESS}
+        self.window, self.clock = window, clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        q = self._failures.get(key, deque())
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        if not q:
+            self._failures.pop(key, None)  # forget idle keys: memory stays bounded by recent failures
+        return q
+
+    def wait(self, keys: list[str]) -> float:
+        with self._lock:
+            now, out = self.clock(), 0.0
+            for key in keys:
+                q = self._recent(key, now)
+                if len(q) >= self.limits[key.split(":", 1)[0]]:
+                    out = max(out, q[0] + self.window - now)
+            return out
+
+    def failed(self, keys: list[str]) -> None:
+        with self._lock:
+            now = self.clock()
+            for key in keys:
+                self._recent(key, now)
+                self._failures.setdefault(key, deque()).append(now)
+
+    def succeeded(self, key: str) -> None:
+        with self._lock:
+            self._failures.pop(key, None)

@@ -163,10 +163,16 @@ class Store:
     @staticmethod
     def _migrate(con: sqlite3.Connection) -> None:
         """Bring a database made by an earlier version up to SCHEMA_VERSION (CREATE IF NOT EXISTS leaves an existing
-        table as it was)."""
-        if "disabled" not in {r["name"] for r in con.execute("PRAGMA table_info(users)")}:  # version 1
-            con.execute("ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
-        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        table as it was), under the write lock: two processes opening an old file do not both alter it."""
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            if "disabled" not in {r["name"] for r in con.execute("PRAGMA table_info(users)")}:  # version 1
+                con.execute("ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
+            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
 
     # ---------------------------------------------------------------------------------------------------------------
     # Connections

@@ -35,7 +35,7 @@ from instructgpt.serving.app import create_app, load_server
 from instructgpt.serving.config import Limits, ServeConfig
 from instructgpt.serving.engine import (BatchingEngine, Job, JobCancelled, TorchRunner, emittable_length,
                                         select_batch)
-from instructgpt.serving.security import KeySourceError, RateLimiter, load_api_keys, redact
+from instructgpt.serving.security import KeySourceError, RateLimiter, ReloadingKeys, api_keys, load_api_keys, redact
 from instructgpt.tasks import make_tasks
 
 MODEL = "builtin:base"
@@ -164,6 +164,33 @@ def test_api_keys_are_hashed_named_and_validated(tmp_path):
     f.write_text(f"alice:{KEY_A}\nalice:{KEY_B}\n")
     with pytest.raises(KeySourceError, match="line 2: duplicate key name 'alice'"):
         load_api_keys(str(f), None)
+
+
+def test_a_key_file_is_read_again_when_it_changes_and_kept_when_it_breaks(tmp_path):
+    f, logs = tmp_path / "keys.txt", []
+    key_c = "c" * 20
+    f.write_text(f"alice:{KEY_A}\n{KEY_B}\n")
+    keys = ReloadingKeys(str(f), f"env:{'e' * 20}", log=logs.append)
+    assert keys.identify(KEY_A) == "alice" and len(keys) == 3 and logs == []
+
+    def rewrite(text: str | None, tick: int) -> None:  # a distinct mtime each time, as a real edit a moment later has
+        if text is None:
+            f.unlink()
+            return
+        f.write_text(text)
+        os.utime(f, ns=(tick * 10**9, tick * 10**9))
+    rewrite(f"{KEY_B}\ncarol:{key_c}\n", 1)  # alice revoked, carol added
+    assert keys.identify(KEY_A) is None and keys.identify(key_c) == "carol" and keys.identify("e" * 20) == "env"
+    assert logs == [f"{f} changed: 3 API key(s) now"]
+    rewrite(f"{KEY_B}\ncarol:short\n", 2)  # half-edited: a bad line keeps the keys as they were
+    assert keys.identify(key_c) == "carol" and "line 2: key too short" in logs[-1] and "keeping the 3" in logs[-1]
+    rewrite(None, 3)  # gone: kept too
+    assert keys.identify(key_c) == "carol" and "cannot read the API key file" in logs[-1] and len(logs) == 3
+    assert keys.identify(KEY_B) and len(logs) == 3  # one message per change, not per request
+    rewrite(f"{KEY_A}\n", 4)
+    assert keys.identify(key_c) is None and keys.identify(KEY_A) and len(keys) == 2
+    assert isinstance(api_keys(str(f), None), ReloadingKeys) and api_keys(None, None) is None
+    assert not isinstance(api_keys(None, f"{'e' * 20}"), ReloadingKeys)  # the environment cannot change underfoot
 
 
 def test_rate_limiter_is_a_token_bucket_per_key():
@@ -450,6 +477,19 @@ def test_api_keys_missing_wrong_and_right(keyed_server):
     bob = "key-" + hashlib.sha256(KEY_B.encode()).hexdigest()[:8]
     assert rows[-1]["key_id"] == bob and rows[-2]["key_id"] == "alice"
     assert KEY_A not in open(server.cfg.audit_log).read()
+
+
+def test_a_key_removed_from_the_file_is_refused_at_the_next_request(keyed_server, tmp_path):
+    server, _ = keyed_server
+    f = tmp_path / "keys.txt"
+    f.write_text(f"alice:{KEY_A}\nbob:{KEY_B}\n")
+    watched = replace(server, keys=ReloadingKeys(str(f), log=lambda msg: None), audit=None)
+    with live(watched) as url:
+        assert client(url, KEY_A).models.list().data[0].id == NAME
+        f.write_text(f"bob:{KEY_B}\n")  # alice's key revoked while the server runs
+        with pytest.raises(openai.AuthenticationError):
+            client(url, KEY_A).models.list()
+        assert client(url, KEY_B).models.list().data[0].id == NAME
 
 
 def test_rate_limit_per_key(keyed_server):

@@ -30,7 +30,7 @@ from instructgpt.serving.best_of import best_indices, mean_logprob, reward_score
 from instructgpt.serving.config import Limits, ServeConfig, context_length
 from instructgpt.serving.engine import (BatchingEngine, EngineBusy, EngineClosed, Job, JobCancelled, TorchRunner,
                                         batch_key)
-from instructgpt.serving.security import AuditLog, KeyStore, RateLimiter, bearer_token
+from instructgpt.serving.security import AuditLog, KeyStore, RateLimiter, ReloadingKeys, bearer_token
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MIN_TOP_P = 1e-6  # top_p=0 keeps only the most likely token (filter_logits would otherwise drop every token)
@@ -62,7 +62,7 @@ class Server:
     model_name: str
     context_length: int
     vocab_size: int
-    keys: Optional[KeyStore] = None
+    keys: Optional[KeyStore | ReloadingKeys] = None  # a key file is re-read when it changes
     limiter: Optional[RateLimiter] = None
     audit: Optional[AuditLog] = None
     reward: Optional[object] = None  # instructgpt.reward.RewardModel
@@ -79,7 +79,7 @@ class Server:
             self.audit.close()
 
 
-def load_server(cfg: ServeConfig, keys: Optional[KeyStore] = None) -> Server:
+def load_server(cfg: ServeConfig, keys: Optional[KeyStore | ReloadingKeys] = None) -> Server:
     """Load the model (and reward model), start the engine, open the audit log."""
     cfg.validate(have_keys=keys is not None)
     from instructgpt.modeling import pick_device

@@ -1,8 +1,9 @@
 """``instructgpt serve --model DIR [--reward-model DIR] [--host 127.0.0.1] [--port 8000] [--api-keys FILE]``.
 
 An OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions, /health). API keys come from
-``--api-keys FILE`` (one per line, optionally ``name:key``) and/or ``INSTRUCTGPT_API_KEYS`` (comma-separated);
-with neither, requests need no key and the server only binds to a loopback address.
+``--api-keys FILE`` (one per line, optionally ``name:key``; re-read when it changes, so keys are added and revoked
+without a restart) and/or ``INSTRUCTGPT_API_KEYS`` (comma-separated); with neither, requests need no key and the
+server only binds to a loopback address.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 
 from instructgpt.serving.config import Limits, ServeConfig, ServeConfigError
-from instructgpt.serving.security import ENV_KEYS, KeySourceError, load_api_keys
+from instructgpt.serving.security import ENV_KEYS, KeySourceError, api_keys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     cfg = config_from_args(args)
     try:
-        keys = load_api_keys(args.api_keys, os.environ.get(ENV_KEYS))
+        keys = api_keys(args.api_keys, os.environ.get(ENV_KEYS))
         cfg.validate(have_keys=keys is not None)
         if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             from instructgpt.serving.vllm_engine import INSTALL_HINT

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -99,6 +100,53 @@ def load_api_keys(path: Optional[str], env_value: Optional[str]) -> Optional[Key
     if not len(store):
         raise KeySourceError("an API key source was given but holds no keys")
     return store
+
+
+class ReloadingKeys:
+    """The keys of ``--api-keys FILE`` (with the environment's), read again whenever the file changes (its mtime, size
+    or inode, checked on every request: one ``stat``). A key deleted from the file stops working at the next request
+    and a key added starts, with no restart. A file that no longer reads (missing, a bad line, no keys) leaves the
+    keys as they were, with one message on stderr per change: a half-written file never opens or closes the server.
+    """
+
+    def __init__(self, path: str, env_value: Optional[str] = None, log: Callable[[str], None] | None = None):
+        self.path, self.env_value = path, env_value
+        self.log = log or (lambda msg: print(f"instructgpt serve: {msg}", file=sys.stderr, flush=True))
+        self._signature = self._stat()
+        self.keys: KeyStore = load_api_keys(path, env_value)  # a bad file at start-up is an error, as before
+        self._lock = threading.Lock()
+
+    def _stat(self) -> Optional[tuple[int, int, int]]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def current(self) -> KeyStore:
+        signature = self._stat()
+        if signature != self._signature:
+            with self._lock:
+                if signature != self._signature:
+                    self._signature = signature
+                    try:
+                        self.keys = load_api_keys(self.path, self.env_value)
+                        self.log(f"{self.path} changed: {len(self.keys)} API key(s) now")
+                    except KeySourceError as e:
+                        self.log(f"error: {e}; keeping the {len(self.keys)} API key(s) loaded before")
+        return self.keys
+
+    def identify(self, presented: Optional[str]) -> Optional[str]:
+        return self.current().identify(presented)
+
+    def __len__(self) -> int:
+        return len(self.current())
+
+
+def api_keys(path: Optional[str], env_value: Optional[str]) -> KeyStore | ReloadingKeys | None:
+    """The server's key source: a key file is watched for changes (:class:`ReloadingKeys`); keys from the
+    environment alone are fixed for the process's life; None when neither is given."""
+    return ReloadingKeys(path, env_value) if path else load_api_keys(None, env_value)
 
 
 def bearer_token(authorization: Optional[str]) -> Optional[str]:

@@ -14,13 +14,26 @@ def test_demonstration_schemas_give_the_same_record(tmp_path):
         {"messages": [{"role": "user", "content": "Reverse 'cat'."}, {"role": "assistant", "content": "tac"}]},
         {"instruction": "Reverse 'cat'.", "output": "tac"},
         {"instruction": "Reverse 'cat'.", "input": "", "output": "tac"},
+        {"conversations": [{"from": "human", "value": "Reverse 'cat'."}, {"from": "gpt", "value": "tac"}]},
     ])
     recs = load_demonstrations(p)
-    assert len(recs) == 4
+    assert len(recs) == 5
     assert all(r == recs[0] for r in recs)
     assert recs[0] == Demonstration([{"role": "user", "content": "Reverse 'cat'."},
                                      {"role": "assistant", "content": "tac"}])
-    assert [r.line for r in recs] == [1, 2, 3, 4] and recs[2].file == p
+    assert [r.line for r in recs] == [1, 2, 3, 4, 5] and recs[2].file == p
+
+
+def test_sharegpt_conversations_keep_every_turn_and_serve_as_prompts(tmp_path):
+    conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Reverse 'cat'."},
+            {"from": "gpt", "value": "tac"}]
+    d = load_demonstrations(write_jsonl(tmp_path / "d.jsonl", [{"conversations": conv}]))[0]
+    assert [(m["role"], m["content"]) for m in d.messages] == [
+        ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Reverse 'cat'."),
+        ("assistant", "tac")]
+    prompts = load_prompts(write_jsonl(tmp_path / "p.jsonl", [{"conversations": conv[:4]}]))
+    assert prompts[0].messages == d.messages[:4]
 
 
 def test_alpaca_input_is_joined_to_the_instruction(tmp_path):
@@ -35,6 +48,9 @@ def test_alpaca_input_is_joined_to_the_instruction(tmp_path):
     ({"prompt": "x", "response": "   "}, "response"),             # empty response
     ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": "x"}]}, "messages"),  # no assistant turn
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "bot", "value": "y"}]}, "conversations[1].from"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": 3}]}, "conversations[1].value"),
+    ({"conversations": [{"from": "human", "value": "x"}]}, "conversations"),  # no assistant turn
     ({"foo": 1}, None),
 ])
 def test_bad_demonstrations_name_file_line_and_field(tmp_path, row, line_field):

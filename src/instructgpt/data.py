@@ -13,6 +13,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 ROLES = ("system", "user", "assistant")
@@ -213,18 +214,28 @@ def _str(file: str, line: int, row: dict, key: str, *, nonempty: bool = True, pr
     return v
 
 
+# ShareGPT's speaker names ({"conversations": [{"from", "value"}]}, the layout of many open SFT sets) -> our roles
+SHAREGPT_ROLES = MappingProxyType({"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                                   "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"})
+
+
 def _messages(file: str, line: int, row: dict) -> list[dict[str, str]]:
-    msgs = row.get("messages")
+    """{"messages": [{"role", "content"}]}, or ShareGPT's {"conversations": [{"from", "value"}]}, as messages."""
+    key, role_key, text_key, roles = "messages", "role", "content", {r: r for r in ROLES}
+    if "messages" not in row and "conversations" in row:
+        key, role_key, text_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
+    msgs = row.get(key)
     if not isinstance(msgs, list) or not msgs:
-        raise DataError(file, line, "messages", "expected a nonempty list of {'role', 'content'} objects")
+        raise DataError(file, line, key, f"expected a nonempty list of {{'{role_key}', '{text_key}'}} objects")
     out = []
     for j, m in enumerate(msgs):
         if not isinstance(m, dict):
-            raise DataError(file, line, f"messages[{j}]", "expected an object with 'role' and 'content'")
-        role = m.get("role")
-        if role not in ROLES:
-            raise DataError(file, line, f"messages[{j}].role", f"expected one of {ROLES}, got {role!r}")
-        content = _str(file, line, m, "content", nonempty=role != "system", prefix=f"messages[{j}].")
+            raise DataError(file, line, f"{key}[{j}]", f"expected an object with '{role_key}' and '{text_key}'")
+        role = roles.get(m.get(role_key)) if isinstance(m.get(role_key), str) else None
+        if role is None:
+            raise DataError(file, line, f"{key}[{j}].{role_key}",
+                            f"expected one of {tuple(roles)}, got {m.get(role_key)!r}")
+        content = _str(file, line, m, text_key, nonempty=role != "system", prefix=f"{key}[{j}].")
         out.append({"role": role, "content": content})
     return out
 
@@ -234,11 +245,12 @@ def _user(text: str) -> list[dict[str, str]]:
 
 
 def _prompt_messages(file: str, line: int, row: dict) -> list[dict[str, str]]:
-    """The prompt as messages, from "prompt" or "messages"."""
-    if "messages" in row and row["messages"] is not None:
+    """The prompt as messages, from "prompt" or "messages" (or ShareGPT's "conversations")."""
+    key = "messages" if "messages" in row else "conversations"
+    if row.get(key) is not None:
         msgs = _messages(file, line, row)
         if msgs[-1]["role"] == "assistant":
-            raise DataError(file, line, "messages", "a prompt must not end with an assistant turn")
+            raise DataError(file, line, key, "a prompt must not end with an assistant turn")
         return msgs
     if "prompt" not in row:
         raise DataError(file, line, "prompt", "missing (give 'prompt' or 'messages')")
@@ -246,7 +258,8 @@ def _prompt_messages(file: str, line: int, row: dict) -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Demonstrations: {"prompt", "response"} | {"messages"} | Alpaca {"instruction", "input"?, "output"}
+# Demonstrations: {"prompt", "response"} | {"messages"} | ShareGPT {"conversations"} |
+# Alpaca {"instruction", "input"?, "output"}
 
 
 def alpaca_prompt(instruction: str, inp: str | None) -> str:
@@ -255,10 +268,11 @@ def alpaca_prompt(instruction: str, inp: str | None) -> str:
 
 
 def parse_demonstration(file: str, line: int, row: dict) -> Demonstration:
-    if "messages" in row:
+    if "messages" in row or "conversations" in row:
         msgs = _messages(file, line, row)
         if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(file, line, "messages", "no assistant turn to learn from")
+            raise DataError(file, line, "messages" if "messages" in row else "conversations",
+                            "no assistant turn to learn from")
         return Demonstration(msgs, file, line)
     if "instruction" in row:
         instruction = _str(file, line, row, "instruction")
@@ -281,7 +295,8 @@ def parse_demonstration(file: str, line: int, row: dict) -> Demonstration:
             raise DataError(file, line, "chosen", "transcript does not end with a non-empty Assistant turn")
         return Demonstration(msgs, file, line)
     raise DataError(file, line, None, "not a demonstration: expected 'prompt'+'response' (or 'completion'/'label'), "
-                                      "'messages', 'instruction'+'output', or an HH-RLHF 'chosen' transcript")
+                                      "'messages' (or ShareGPT 'conversations'), 'instruction'+'output', or an "
+                                      "HH-RLHF 'chosen' transcript")
 
 
 def load_demonstrations(source: str, skip_bad: bool = False) -> Loaded:

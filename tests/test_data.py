@@ -225,6 +225,9 @@ def test_hub_failure_is_a_data_error_naming_the_source(monkeypatch):
 
 # ---- comparisons (the reward-model issue's formats, in the same data layer)
 
+USER = {"role": "user", "content": "What is 2 plus 2?"}
+
+
 def test_comparison_schemas_give_the_same_record(tmp_path):
     hh_prefix = "\n\nHuman: What is 2 plus 2?"
     p = write_jsonl(tmp_path / "c.jsonl", [
@@ -232,10 +235,18 @@ def test_comparison_schemas_give_the_same_record(tmp_path):
         {"prompt": "What is 2 plus 2?", "chosen": "4", "rejected": "5"},
         {"chosen": hh_prefix + "\n\nAssistant: 4", "rejected": hh_prefix + "\n\nAssistant: 5"},
         {"messages": [{"role": "user", "content": "What is 2 plus 2?"}], "responses": ["5", "4"], "ranks": [2, 1]},
+        # TRL's conversational forms: whole conversations (UltraFeedback-binarized, with its string prompt too),
+        # implicit (no prompt), and an explicit prompt with the replies alone
+        {"prompt": "What is 2 plus 2?", "chosen": [USER, {"role": "assistant", "content": "4"}],
+         "rejected": [USER, {"role": "assistant", "content": "5"}]},
+        {"chosen": [USER, {"role": "assistant", "content": "4"}],
+         "rejected": [USER, {"role": "assistant", "content": "5"}]},
+        {"prompt": [USER], "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}]},
     ])
     recs = load_comparisons(p)
     want = Ranking([{"role": "user", "content": "What is 2 plus 2?"}], ["4", "5"], [1, 2])
-    assert recs[0] == recs[1] == recs[2] == want
+    assert recs[0] == recs[1] == recs[2] == recs[4] == recs[5] == recs[6] == want
     assert sorted(zip(recs[3].ranks, recs[3].responses)) == sorted(zip(want.ranks, want.responses))
 
 
@@ -265,6 +276,13 @@ def test_hh_multi_turn_prompt(tmp_path):
     ({"prompt": "x", "responses": ["a", ""], "ranks": [1, 2]}, "responses[1]"),
     ({"prompt": "x", "responses": ["a", "b"], "ranks": [1, 2], "ratings": [8, 1]}, "ratings[0]"),
     ({"prompt": "x", "responses": [str(i) for i in range(10)], "ranks": list(range(1, 11))}, "responses"),
+    ({"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "y"}, {"role": "assistant", "content": "b"}]}, "rejected"),
+    ({"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "assistant", "content": "b"}]}, "chosen"),
+    ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+     "chosen"),  # no prompt anywhere
+    ({"prompt": "x", "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "bot", "content": "b"}]},
+     "rejected[0].role"),
 ])
 def test_bad_rankings(tmp_path, row, fld):
     p = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "ok", "chosen": "a", "rejected": "b"}, row])

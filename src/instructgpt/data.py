@@ -219,10 +219,11 @@ SHAREGPT_ROLES = MappingProxyType({"system": "system", "human": "user", "user": 
                                    "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"})
 
 
-def _messages(file: str, line: int, row: dict) -> list[dict[str, str]]:
-    """{"messages": [{"role", "content"}]}, or ShareGPT's {"conversations": [{"from", "value"}]}, as messages."""
-    key, role_key, text_key, roles = "messages", "role", "content", {r: r for r in ROLES}
-    if "messages" not in row and "conversations" in row:
+def _messages(file: str, line: int, row: dict, key: str = "messages") -> list[dict[str, str]]:
+    """row[key] as [{"role", "content"}] messages; for "messages" missing, ShareGPT's {"conversations": [{"from",
+    "value"}]}."""
+    role_key, text_key, roles = "role", "content", {r: r for r in ROLES}
+    if key == "messages" and "messages" not in row and "conversations" in row:
         key, role_key, text_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
     msgs = row.get(key)
     if not isinstance(msgs, list) or not msgs:
@@ -399,6 +400,8 @@ def parse_comparison(file: str, line: int, row: dict) -> Ranking:
             raise DataError(file, line, "choice", f"expected 0 or 1, got {choice!r}")
         chosen, rejected = texts[choice], texts[1 - choice]
         return Ranking(_user(tldr_prompt(info)), [chosen, rejected], [1, 2], file=file, line=line)
+    if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
+        return _conversational_pair(file, line, row)
     if "chosen" in row and "rejected" in row:
         chosen = _str(file, line, row, "chosen")
         rejected = _str(file, line, row, "rejected")
@@ -423,6 +426,25 @@ def parse_comparison(file: str, line: int, row: dict) -> Ranking:
         return Ranking(prompt, [resp_c, resp_r], [1, 2], file=file, line=line)
     raise DataError(file, line, None, "not a comparison: expected 'responses'+'ranks', 'chosen'+'rejected', "
                                       "or 'summaries'+'choice'")
+
+
+def _conversational_pair(file: str, line: int, row: dict) -> Ranking:
+    """TRL's conversational preference rows: "chosen" and "rejected" as message lists ending with the assistant's reply,
+    either whole conversations (the prompt is the turns they share before it: UltraFeedback-binarized, whose string
+    "prompt" is its first user turn) or, with "prompt" given as messages or a string, the reply alone."""
+    convs = [_messages(file, line, row, key) for key in ("chosen", "rejected")]
+    if row.get("prompt") is not None:
+        prompt = _messages(file, line, row, "prompt") if isinstance(row["prompt"], list) else \
+            _user(_str(file, line, row, "prompt"))
+        convs = [c if c[:len(prompt)] == prompt else prompt + c for c in convs]
+    for key, c in zip(("chosen", "rejected"), convs):
+        if c[-1]["role"] != "assistant":
+            raise DataError(file, line, key, "the conversation must end with the assistant's reply")
+    if convs[0][:-1] != convs[1][:-1]:
+        raise DataError(file, line, "rejected", "chosen and rejected differ before their last (assistant) turn")
+    if not convs[0][:-1]:
+        raise DataError(file, line, "chosen", "no prompt: give the user's turn in the conversation or as 'prompt'")
+    return Ranking(convs[0][:-1], [convs[0][-1]["content"], convs[1][-1]["content"]], [1, 2], file=file, line=line)
 
 
 def _parse_ranking(file: str, line: int, row: dict) -> Ranking:

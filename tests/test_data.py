@@ -226,6 +226,7 @@ def test_hub_failure_is_a_data_error_naming_the_source(monkeypatch):
 # ---- comparisons (the reward-model issue's formats, in the same data layer)
 
 USER = {"role": "user", "content": "What is 2 plus 2?"}
+SYSTEM = {"role": "system", "content": "Answer with a number."}
 
 
 def test_comparison_schemas_give_the_same_record(tmp_path):
@@ -243,10 +244,13 @@ def test_comparison_schemas_give_the_same_record(tmp_path):
          "rejected": [USER, {"role": "assistant", "content": "5"}]},
         {"prompt": [USER], "chosen": [{"role": "assistant", "content": "4"}],
          "rejected": [{"role": "assistant", "content": "5"}]},
+        {"prompt": "What is 2 plus 2?", "chosen": [SYSTEM, USER, {"role": "assistant", "content": "4"}],
+         "rejected": [SYSTEM, USER, {"role": "assistant", "content": "5"}]},  # a string prompt is not repeated
     ])
     recs = load_comparisons(p)
     want = Ranking([{"role": "user", "content": "What is 2 plus 2?"}], ["4", "5"], [1, 2])
     assert recs[0] == recs[1] == recs[2] == recs[4] == recs[5] == recs[6] == want
+    assert recs[7] == Ranking([SYSTEM, USER], ["4", "5"], [1, 2])
     assert sorted(zip(recs[3].ranks, recs[3].responses)) == sorted(zip(want.ranks, want.responses))
 
 

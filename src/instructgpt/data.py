@@ -431,12 +431,12 @@ def parse_comparison(file: str, line: int, row: dict) -> Ranking:
 def _conversational_pair(file: str, line: int, row: dict) -> Ranking:
     """TRL's conversational preference rows: "chosen" and "rejected" as message lists ending with the assistant's reply,
     either whole conversations (the prompt is the turns they share before it: UltraFeedback-binarized, whose string
-    "prompt" is its first user turn) or, with "prompt" given as messages or a string, the reply alone."""
+    "prompt" is its first user turn, then ignored) or, with "prompt" given as messages or a string, the reply alone."""
     convs = [_messages(file, line, row, key) for key in ("chosen", "rejected")]
-    if row.get("prompt") is not None:
+    if row.get("prompt") is not None and any(all(m["role"] == "assistant" for m in c) for c in convs):
         prompt = _messages(file, line, row, "prompt") if isinstance(row["prompt"], list) else \
             _user(_str(file, line, row, "prompt"))
-        convs = [c if c[:len(prompt)] == prompt else prompt + c for c in convs]
+        convs = [prompt + c if all(m["role"] == "assistant" for m in c) else c for c in convs]
     for key, c in zip(("chosen", "rejected"), convs):
         if c[-1]["role"] != "assistant":
             raise DataError(file, line, key, "the conversation must end with the assistant's reply")

@@ -17,6 +17,7 @@ STAGES = {
     "sft": ("instructgpt.sft", "SFTConfig"),
     "rm": ("instructgpt.rm", "RMConfig"),
     "ppo": ("instructgpt.ppo", "PPOConfig"),
+    "dpo": ("instructgpt.dpo", "DPOConfig"),
 }
 # commands with their own arguments -> module with main(argv) -> int
 COMMANDS = {
@@ -35,6 +36,7 @@ training stages (instructgpt <stage> [--config FILE.yaml] [key.sub=value ...]):
   sft         supervised fine-tuning on demonstrations
   rm          reward model from K-way rankings
   ppo         PPO-ptx against the reward model
+  dpo         direct preference optimisation on the rankings (a baseline beside RM + PPO; not InstructGPT)
 
 other commands (instructgpt <command> --help):
   generate    sample from a model (batched; best-of-n with a reward model)

@@ -1,0 +1,213 @@
+"""``instructgpt dpo``: direct preference optimisation (Rafailov et al. 2023) on K-way rankings, the critic-free
+baseline users compare RLHF against. Not part of InstructGPT (the paper trains a reward model and runs PPO-ptx).
+
+The policy starts from the SFT model; the reference is that same model, frozen. A response's implicit reward is
+beta * (log pi(y | x) - log pi_ref(y | x)), summed over its tokens, and the loss is the reward model's (Ouyang et al.
+Eq. 1) over those rewards: every non-tied pair of a prompt's ranking in one batch element, weighted 1/C, each of the K
+responses forwarded once. For K = 2 this is DPO's sigmoid loss exactly. The reference log-probs are computed once,
+before the first step, from a fresh load of the starting model (so a resumed run gets the same ones); dropout is off
+(as TRL's DPOTrainer by default), so policy and reference are compared on the same forward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from instructgpt.config import ConfigError, StageConfig, TrainConfig
+from instructgpt.data import DataError, Ranking, load_comparisons
+from instructgpt.losses import ranking_accuracy, ranking_loss
+from instructgpt.modeling import sequence_logprobs
+from instructgpt.prompting import encode_prompt, encode_response
+from instructgpt.reward import right_pad
+from instructgpt.runs import StageRun
+from instructgpt.sft import (batch_indices, checkpoint_or_stop, make_accelerator, make_optimizer, optimizer_step,
+                             resume_step)
+
+
+def _dpo_train() -> TrainConfig:
+    return TrainConfig(max_steps=0, batch_size=16, lr=5e-6, log_every=10, eval_every=50, save_every=100)
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    train: TrainConfig = field(default_factory=_dpo_train)
+    epochs: float = 1.0  # with train.max_steps=0 (default): steps = ceil(epochs * prompts / batch_size)
+    beta: float = 0.1  # the implicit reward's scale, i.e. the strength of the pull back to the reference
+
+    def validate(self) -> None:
+        max_steps = self.train.max_steps
+        self.train.max_steps = max(1, max_steps)
+        try:
+            super().validate()
+        finally:
+            self.train.max_steps = max_steps
+        if max_steps < 0:
+            raise ConfigError("train.max_steps: must be >= 0 (0: derived from epochs)")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs: must be > 0, got {self.epochs}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta: must be > 0, got {self.beta}")
+        if self.data.train is None:
+            raise ConfigError("data.train: a comparisons file (rankings, pairs, HH-RLHF or summarize-from-feedback) "
+                              "is required")
+
+
+@dataclass
+class Item:
+    """One prompt's K responses as prompt + response token ids, where each response starts, and their ranks."""
+
+    seqs: list[list[int]]
+    starts: list[int]
+    ranks: list[int]
+    ref: torch.Tensor | None = None  # (K,) the reference's log-probs of the responses, filled before training
+
+
+def encode_items(tokenizer, rankings: Sequence[Ranking], max_length: int, skip_bad: bool) -> tuple[list[Item], int]:
+    out, skipped = [], 0
+    for r in rankings:
+        prompt = encode_prompt(tokenizer, r.messages)
+        seqs = [prompt + encode_response(tokenizer, resp) for resp in r.responses]
+        longest = max(len(s) for s in seqs)
+        if longest > max_length:
+            if skip_bad:
+                skipped += 1
+                continue
+            raise DataError(r.file, r.line, "responses",
+                            f"prompt + response is {longest} tokens, longer than data.max_length={max_length}")
+        out.append(Item(seqs, [len(prompt)] * len(seqs), r.ranks))
+    return out, skipped
+
+
+def response_logprobs(model, items: Sequence[Item], pad_token_id: int, device) -> list[torch.Tensor]:
+    """log p(response | prompt), summed over the response's tokens (its end-of-turn included), for every response of
+    every item in one forward. -> [(K_i,)]."""
+    rows = [s for it in items for s in it.seqs]
+    starts = torch.tensor([st for it in items for st in it.starts], device=device)
+    ids, mask = right_pad(rows, pad_token_id, device)
+    logp = sequence_logprobs(model, ids, mask)  # (N, T-1): position t predicts token t+1
+    target = torch.arange(1, ids.shape[1], device=device)[None, :]  # (1, T-1) the predicted token's index
+    in_response = (target >= starts[:, None]) & mask[:, 1:].bool()
+    sums = (logp * in_response).sum(-1)
+    return list(torch.split(sums, [len(it.seqs) for it in items]))
+
+
+def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: list[int], beta: float) -> torch.Tensor:
+    """-(1/C) sum over non-tied pairs (w, l) of log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]): the RM's
+    ranking loss over the implicit rewards beta * (log pi - log pi_ref). (K,), (K,) -> ()."""
+    return ranking_loss(beta * (policy_logps - ref_logps), ranks)
+
+
+@torch.no_grad()
+def evaluate(model, items: Sequence[Item], pad_token_id: int, device, beta: float, batch_size: int = 16) -> dict:
+    """Held-out rankings: how often the implicit rewards order a pair as the labelers did, the loss, and the mean
+    implicit reward of the best- and worst-ranked responses."""
+    right = total = 0
+    loss_sum, best, worst = 0.0, [], []
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        for it, lp in zip(chunk, response_logprobs(model, chunk, pad_token_id, device)):
+            rewards = beta * (lp.float() - it.ref)
+            a, n = ranking_accuracy(rewards.tolist(), it.ranks)
+            right, total = right + a, total + n
+            loss_sum += float(dpo_loss(lp.float(), it.ref, it.ranks, beta))
+            ranks = torch.tensor(it.ranks)
+            best.append(float(rewards[ranks == ranks.min()].mean()))
+            worst.append(float(rewards[ranks == ranks.max()].mean()))
+    n = max(len(items), 1)
+    return {"eval/accuracy": right / max(total, 1), "eval/loss": loss_sum / n,
+            "eval/reward_best": sum(best) / n, "eval/reward_worst": sum(worst) / n}
+
+
+def train(cfg: DPOConfig) -> str:
+    from instructgpt.modeling import apply_lora, check_context, load_model, save_model, set_seed
+    from instructgpt.progress import StageProgress
+    from instructgpt.sft import split_eval
+
+    acc = make_accelerator(cfg)
+    run = StageRun(cfg, "dpo", acc)
+    if run.prepare() == "done":
+        acc.print(f"[dpo] {cfg.out_dir} is already finished (DONE.json); nothing to do")
+        return cfg.out_dir
+    set_seed(cfg.seed)
+    # 1. rankings -> items; the reference's log-probs from a fresh load of the starting model, once
+    model, tok = load_model(cfg.model, for_training=True)
+    check_context(model, cfg.data.max_length)
+    rankings = load_comparisons(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
+    items, skipped = encode_items(tok, rankings, cfg.data.max_length, cfg.data.skip_bad_lines)
+    skipped += rankings.skipped
+    if cfg.data.eval:
+        eval_items, _ = encode_items(tok, load_comparisons(cfg.data.eval, cfg.data.skip_bad_lines),
+                                     cfg.data.max_length, True)
+    else:
+        items, eval_items = split_eval(items, cfg.data.eval_size, cfg.seed)
+    pad = tok.pad_token_id
+    model.eval()  # dropout off for good: the policy's log-probs and the reference's come from the same forward
+    model.to(acc.device)
+    everything = items + eval_items
+    with torch.no_grad(), acc.autocast():
+        for s in range(0, len(everything), 16):
+            chunk = everything[s:s + 16]
+            for it, lp in zip(chunk, response_logprobs(model, chunk, pad, acc.device)):
+                it.ref = lp.float()
+    # 2. the policy: the same weights, trained (through LoRA where configured)
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model.lora)
+        model.eval()
+    t = cfg.train
+    steps = t.max_steps or math.ceil(cfg.epochs * len(items) / t.batch_size)
+    model, opt, sched = make_optimizer(acc, model, t, steps)
+    world, rank = acc.num_processes, acc.process_index
+    micro = max(1, t.batch_size // (world * t.grad_accum))
+    start = resume_step(run, acc, "dpo")
+    last_eval: dict = {}
+    t0, comparisons = time.time(), 0
+    with StageProgress("dpo", total=steps, start=start, enabled=acc.is_main_process) as bar:
+        for step in range(start, steps):
+            # 3. a batch of prompts; each prompt's C(K,2) comparisons form one element
+            batch = [items[i] for i in batch_indices(len(items), t.batch_size, step, cfg.seed)]
+            mine = batch[rank::world]
+            step_loss, right, total = 0.0, 0, 0
+            for m in range(t.grad_accum):
+                mb = mine[m * micro:(m + 1) * micro]
+                if not mb:
+                    continue
+                sync = m == t.grad_accum - 1
+                with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
+                    logps = response_logprobs(model, mb, pad, acc.device)
+                    losses = torch.stack([dpo_loss(lp.float(), it.ref, it.ranks, cfg.beta)
+                                          for lp, it in zip(logps, mb)])
+                    loss = losses.sum() * world / len(batch)  # the mean over the global batch of prompts
+                    acc.backward(loss)
+                step_loss += float(losses.detach().sum()) / len(batch) * world
+                for lp, it in zip(logps, mb):
+                    a, n = ranking_accuracy((lp.detach().float() - it.ref).tolist(), it.ranks)
+                    right, total = right + a, total + n
+            comparisons += total * world
+            optimizer_step(acc, model, opt, sched, t.max_grad_norm)
+            done = step + 1
+            cps = comparisons / max(time.time() - t0, 1e-9)
+            bar.update(done, loss=step_loss, acc=right / max(total, 1), cmp_s=cps)
+            metrics = {}
+            if done % t.log_every == 0 or done == steps:
+                metrics.update({"train/loss": step_loss, "train/accuracy": right / max(total, 1),
+                                "train/lr": sched.get_last_lr()[0], "train/comparisons_per_s": cps})
+            if eval_items and (done % t.eval_every == 0 or done == steps):
+                with acc.autocast():
+                    last_eval = evaluate(model, eval_items, pad, acc.device, cfg.beta)
+                metrics.update(last_eval)
+            if metrics:
+                run.log(done, metrics)
+            if checkpoint_or_stop(run, acc, t, done, steps, "dpo"):
+                return cfg.out_dir
+    # 4. save the policy (LoRA merged)
+    if acc.is_main_process:
+        save_model(acc.unwrap_model(model), tok, run.path("model"))
+    run.finish({"steps": steps, "prompts": len(items), "skipped": skipped, "beta": cfg.beta,
+                **{k.replace("eval/", "eval_"): v for k, v in last_eval.items()}})
+    return cfg.out_dir

@@ -69,6 +69,27 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tiny_model_dir,
         assert again[f"seconds.{stage}"] == round(json.load(open(out / stage / "DONE.json"))["seconds"], 1) > 0
 
 
+def test_a_dpo_section_adds_dpo_on_the_same_rankings_beside_ppo(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    overrides = [*_tiny_overrides(tiny_model_dir), "ppo_noptx=false", "eval.best_of=0", "dpo.train.batch_size=8",
+                 "dpo.train.lr=1e-3", "dpo.data.eval_size=0"]
+    cfgs = stage_configs(load_recipe(None, overrides), str(out))
+    assert cfgs["dpo"].data.train == cfgs["rm"].data.train == str(out / "rankings.jsonl")
+    assert cfgs["dpo"].model.name_or_path == str(out / "sft" / "model") and cfgs["dpo"].beta == 0.1
+    assert "dpo" not in stage_configs(load_recipe(None, []), str(out))  # off by default
+    assert cli_main(["pipeline", "--out", str(out), *overrides]) == 0
+    done = json.load(open(out / "dpo" / "DONE.json"))
+    assert done["prompts"] == sum(1 for _ in open(out / "rankings.jsonl"))  # every ranking (no held-out split)
+    report = json.load(open(out / "report.json"))
+    keys = {"gold_score.dpo", "win_rate_no_ties.dpo_vs_sft", "kl.dpo", "seconds.dpo", "peak_rss_gib.dpo"}
+    assert keys <= set(report)
+    assert report["kl.dpo"] > 0  # a policy that moved, evaluated like PPO's
+    md = open(out / "report.md").read()
+    table = md[md.index("## Time and memory"):].split("\n\n")[1]
+    stages = [ln.split("|")[1].strip() for ln in table.splitlines()[2:]]
+    assert stages == ["sft", "label_sim", "rm", "ppo", "dpo", "eval", "total"]  # the run's order
+
+
 def test_unknown_recipe_section_and_key_are_errors(tmp_path):
     bad = tmp_path / "r.yaml"
     bad.write_text("sft: {}\nppo_ptx: {}\n")

@@ -6,6 +6,7 @@
     rm/           3. reward model from the K-way rankings
     ppo/          4. PPO-ptx from the SFT model against the reward model
     ppo_noptx/       and plain PPO (ptx_coef = 0), to show what the pretraining mix buys
+    dpo/             optional (a `dpo` section): DPO on the same rankings, the critic-free baseline
     report.json, report.md, *.png, samples_<policy>.jsonl   5. evaluation on held-out prompts
 
 A recipe (``--config FILE.yaml``) has one section per stage, each a stage config (see ``instructgpt <stage>``),
@@ -61,10 +62,11 @@ DEFAULT_RECIPE: dict = {
                 "response_length": 32, "eval_prompts": 128},
     },
     "ppo_noptx": True,  # also train plain PPO (ptx_coef = 0) for the alignment-tax comparison
+    "dpo": None,  # a DPO config (even {}) adds DPO on the same rankings, evaluated beside PPO; not InstructGPT
     # best-of-16 on 500 prompts alone takes minutes on 2 cores; best-of-4 here
     "eval": {"heldout": 500, "best_of": 4, "prompts": None, "ptx_text": "builtin:shakespeare?split=heldout"},
 }
-STAGE_KEYS = ("sft", "label_sim", "rm", "ppo", "ppo_noptx", "eval", "targets", "seed")
+STAGE_KEYS = ("sft", "label_sim", "rm", "ppo", "ppo_noptx", "dpo", "eval", "targets", "seed")
 LABEL_SIM_KEYS = {"prompts", "k", "noise", "flip_prob", "bt_scale", "resolution", "temperature", "temperatures",
                   "max_new_tokens", "batch_size", "mixed_precision"}
 EVAL_KEYS = {"heldout", "best_of", "best_of_temperature", "prompts", "ptx_text", "ptx_max_tokens", "max_new_tokens",
@@ -97,7 +99,7 @@ def load_recipe(path: str | None, overrides: list[str]) -> dict:
 
 def stage_configs(recipe: dict, out: str) -> dict:
     """Every stage's typed config, with the links between stages filled in where the recipe leaves them out."""
-    from instructgpt import ppo, rm, sft
+    from instructgpt import dpo, ppo, rm, sft
 
     seed = recipe.get("seed", 0)
     sft_d = deep_merge({"seed": seed}, recipe["sft"])
@@ -120,6 +122,15 @@ def stage_configs(recipe: dict, out: str) -> dict:
         if recipe.get("ppo_noptx"):
             plain = deep_merge(ppo_d, {"ppo": {"ptx_coef": 0.0}, "out_dir": os.path.join(out, "ppo_noptx")})
             cfgs["ppo_noptx"] = load_config(ppo.PPOConfig, None, None, plain)
+    if recipe.get("dpo") not in (None, False):
+        dpo_d = deep_merge({"seed": seed, "model": {"name_or_path": sft_model}},
+                           recipe["dpo"] if isinstance(recipe["dpo"], dict) else {})
+        if not (dpo_d.get("data") or {}).get("train"):  # the rankings the RM learns from
+            rankings = os.path.join(out, "rankings.jsonl") if recipe.get("label_sim") else \
+                (cfgs["rm"].data.train if "rm" in cfgs else None)
+            dpo_d = deep_merge(dpo_d, {"data": {"train": rankings}})
+        dpo_d["out_dir"] = os.path.join(out, "dpo")
+        cfgs["dpo"] = load_config(dpo.DPOConfig, None, None, dpo_d)
     return cfgs
 
 
@@ -169,7 +180,7 @@ def main(argv: list[str]) -> int:
 
 
 def run(recipe: dict, out: str) -> int:
-    from instructgpt import ppo, rm, sft
+    from instructgpt import dpo, ppo, rm, sft
     from instructgpt.data import DataError
     from instructgpt.runs import StageError
 
@@ -200,17 +211,20 @@ def run(recipe: dict, out: str) -> int:
 
     try:
         timed("sft", sft.train, cfgs["sft"])
+        if ("rm" in cfgs or "dpo" in cfgs) and recipe.get("label_sim") \
+                and not os.path.exists(os.path.join(out, "rankings.jsonl")):
+            reset_peak_cuda_memory()
+            t = time.time()
+            run_label_sim(recipe, out)
+            seconds["label_sim"] = time.time() - t
+            measured("label_sim")
         if "rm" in cfgs:
-            if recipe.get("label_sim") and not os.path.exists(os.path.join(out, "rankings.jsonl")):
-                reset_peak_cuda_memory()
-                t = time.time()
-                run_label_sim(recipe, out)
-                seconds["label_sim"] = time.time() - t
-                measured("label_sim")
             timed("rm", rm.train, cfgs["rm"])
         for name in ("ppo", "ppo_noptx"):
             if name in cfgs:
                 timed(name, ppo.train, cfgs[name])
+        if "dpo" in cfgs:
+            timed("dpo", dpo.train, cfgs["dpo"])
     except (DataError, StageError) as e:
         print(f"instructgpt pipeline: error: {e}", file=sys.stderr)
         return 2
@@ -221,7 +235,7 @@ def run(recipe: dict, out: str) -> int:
 
     ev = dict(recipe.get("eval") or {})
     policies = {"base": cfgs["sft"].model.name_or_path, "sft": os.path.join(out, "sft", "model")}
-    for name in ("ppo", "ppo_noptx"):
+    for name in ("ppo", "ppo_noptx", "dpo"):
         if name in cfgs:
             policies[name] = os.path.join(out, name, "model")
     rm_dir = ev.pop("reward_model", None) or (os.path.join(out, "rm", "model") if "rm" in cfgs else None)

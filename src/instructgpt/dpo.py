@@ -12,22 +12,20 @@ before the first step, from a fresh load of the starting model (so a resumed run
 from __future__ import annotations
 
 import math
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from instructgpt.config import ConfigError, StageConfig, TrainConfig
+from instructgpt.config import ConfigError, TrainConfig
 from instructgpt.data import DataError, Ranking, load_comparisons
 from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.modeling import sequence_logprobs
 from instructgpt.prompting import encode_prompt, encode_response
 from instructgpt.reward import right_pad
+from instructgpt.rm import RankingStageConfig, fit_rankings
 from instructgpt.runs import StageRun
-from instructgpt.sft import (batch_indices, checkpoint_or_stop, make_accelerator, make_optimizer, optimizer_step,
-                             resume_step)
+from instructgpt.sft import make_accelerator
 
 
 def _dpo_train() -> TrainConfig:
@@ -35,27 +33,14 @@ def _dpo_train() -> TrainConfig:
 
 
 @dataclass
-class DPOConfig(StageConfig):
+class DPOConfig(RankingStageConfig):
     train: TrainConfig = field(default_factory=_dpo_train)
-    epochs: float = 1.0  # with train.max_steps=0 (default): steps = ceil(epochs * prompts / batch_size)
     beta: float = 0.1  # the implicit reward's scale, i.e. the strength of the pull back to the reference
 
     def validate(self) -> None:
-        max_steps = self.train.max_steps
-        self.train.max_steps = max(1, max_steps)
-        try:
-            super().validate()
-        finally:
-            self.train.max_steps = max_steps
-        if max_steps < 0:
-            raise ConfigError("train.max_steps: must be >= 0 (0: derived from epochs)")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs: must be > 0, got {self.epochs}")
+        super().validate()
         if self.beta <= 0:
             raise ConfigError(f"beta: must be > 0, got {self.beta}")
-        if self.data.train is None:
-            raise ConfigError("data.train: a comparisons file (rankings, pairs, HH-RLHF or summarize-from-feedback) "
-                              "is required")
 
 
 @dataclass
@@ -126,7 +111,6 @@ def evaluate(model, items: Sequence[Item], pad_token_id: int, device, beta: floa
 
 def train(cfg: DPOConfig) -> str:
     from instructgpt.modeling import apply_lora, check_context, load_model, save_model, set_seed
-    from instructgpt.progress import StageProgress
     from instructgpt.sft import split_eval
 
     acc = make_accelerator(cfg)
@@ -159,52 +143,19 @@ def train(cfg: DPOConfig) -> str:
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
         model.eval()
-    t = cfg.train
-    steps = t.max_steps or math.ceil(cfg.epochs * len(items) / t.batch_size)
-    model, opt, sched = make_optimizer(acc, model, t, steps)
-    world, rank = acc.num_processes, acc.process_index
-    micro = max(1, t.batch_size // (world * t.grad_accum))
-    start = resume_step(run, acc, "dpo")
-    last_eval: dict = {}
-    t0, comparisons = time.time(), 0
-    with StageProgress("dpo", total=steps, start=start, enabled=acc.is_main_process) as bar:
-        for step in range(start, steps):
-            # 3. a batch of prompts; each prompt's C(K,2) comparisons form one element
-            batch = [items[i] for i in batch_indices(len(items), t.batch_size, step, cfg.seed)]
-            mine = batch[rank::world]
-            step_loss, right, total = 0.0, 0, 0
-            for m in range(t.grad_accum):
-                mb = mine[m * micro:(m + 1) * micro]
-                if not mb:
-                    continue
-                sync = m == t.grad_accum - 1
-                with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                    logps = response_logprobs(model, mb, pad, acc.device)
-                    losses = torch.stack([dpo_loss(lp.float(), it.ref, it.ranks, cfg.beta)
-                                          for lp, it in zip(logps, mb)])
-                    loss = losses.sum() * world / len(batch)  # the mean over the global batch of prompts
-                    acc.backward(loss)
-                step_loss += float(losses.detach().sum()) / len(batch) * world
-                for lp, it in zip(logps, mb):
-                    a, n = ranking_accuracy((lp.detach().float() - it.ref).tolist(), it.ranks)
-                    right, total = right + a, total + n
-            comparisons += total * world
-            optimizer_step(acc, model, opt, sched, t.max_grad_norm)
-            done = step + 1
-            cps = comparisons / max(time.time() - t0, 1e-9)
-            bar.update(done, loss=step_loss, acc=right / max(total, 1), cmp_s=cps)
-            metrics = {}
-            if done % t.log_every == 0 or done == steps:
-                metrics.update({"train/loss": step_loss, "train/accuracy": right / max(total, 1),
-                                "train/lr": sched.get_last_lr()[0], "train/comparisons_per_s": cps})
-            if eval_items and (done % t.eval_every == 0 or done == steps):
-                with acc.autocast():
-                    last_eval = evaluate(model, eval_items, pad, acc.device, cfg.beta)
-                metrics.update(last_eval)
-            if metrics:
-                run.log(done, metrics)
-            if checkpoint_or_stop(run, acc, t, done, steps, "dpo"):
-                return cfg.out_dir
+    # 3. train: the RM's loop, the implicit rewards in place of the reward head's
+    steps = cfg.train.max_steps or math.ceil(cfg.epochs * len(items) / cfg.train.batch_size)
+
+    def rewards(m, mb: Sequence[Item]) -> list[torch.Tensor]:
+        return [cfg.beta * (lp.float() - it.ref) for lp, it in zip(response_logprobs(m, mb, pad, acc.device), mb)]
+
+    def held_out(m) -> dict:
+        with acc.autocast():  # as the reference's log-probs were computed
+            return evaluate(m, eval_items, pad, acc.device, cfg.beta)
+
+    model, last_eval = fit_rankings(cfg, run, acc, model, items, eval_items, steps, "dpo", rewards, held_out)
+    if last_eval is None:  # stopped early (train.stop_after): rerun to resume
+        return cfg.out_dir
     # 4. save the policy (LoRA merged)
     if acc.is_main_process:
         save_model(acc.unwrap_model(model), tok, run.path("model"))

@@ -13,7 +13,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -40,10 +40,10 @@ def _rm_train() -> TrainConfig:
 
 
 @dataclass
-class RMConfig(StageConfig):
-    train: TrainConfig = field(default_factory=_rm_train)
+class RankingStageConfig(StageConfig):
+    """A stage that trains on comparisons, an epoch at a time: the reward model, and DPO."""
+
     epochs: float = 1.0  # with train.max_steps=0 (default): steps = ceil(epochs * prompts / batch_size)
-    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
     def validate(self) -> None:
         max_steps = self.train.max_steps
@@ -59,6 +59,12 @@ class RMConfig(StageConfig):
         if self.data.train is None:
             raise ConfigError("data.train: a comparisons file (rankings, pairs, HH-RLHF or summarize-from-feedback) "
                               "is required")
+
+
+@dataclass
+class RMConfig(RankingStageConfig):
+    train: TrainConfig = field(default_factory=_rm_train)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
 
 @dataclass
@@ -139,7 +145,6 @@ def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence,
 
 def train(cfg: RMConfig) -> str:
     from instructgpt.modeling import check_context, load_model, save_model, set_seed
-    from instructgpt.progress import StageProgress
     from instructgpt.sft import split_eval
 
     acc = make_accelerator(cfg)
@@ -165,20 +170,43 @@ def train(cfg: RMConfig) -> str:
                                         cfg.data.max_length, True)
     else:
         items, eval_items = split_eval(items, cfg.data.eval_size, cfg.seed)
-    t = cfg.train
-    steps = t.max_steps or math.ceil(cfg.epochs * len(items) / t.batch_size)
+    steps = cfg.train.max_steps or math.ceil(cfg.epochs * len(items) / cfg.train.batch_size)
+    # 3. train: a batch of prompts a step, each prompt's C(K,2) comparisons one element, each response forwarded once
+    model.train()
+    model, last_eval = fit_rankings(cfg, run, acc, model, items, eval_items, steps, "rm",
+                                    lambda m, mb: forward_rankings(m, mb, tok.pad_token_id, acc.device),
+                                    lambda m: evaluate(m, eval_items, tok.pad_token_id, acc.device))
+    if last_eval is None:  # stopped early (train.stop_after): rerun to resume
+        return cfg.out_dir
+    # 4. normalise, save with the normalisation beside the model
+    bare = acc.unwrap_model(model)
+    norm = fit_normalization(bare, tok, cfg.normalize, [r.messages for r in rankings], acc.device)
+    if acc.is_main_process:
+        save_model(bare, tok, run.path("model"))
+        norm.save(run.path("model"))
+    run.finish({"steps": steps, "prompts": len(items), "skipped": skipped, "bias": norm.bias, "gain": norm.gain,
+                **{k.replace("eval/", "eval_"): v for k, v in last_eval.items()}})
+    return cfg.out_dir
 
+
+def fit_rankings(cfg: RankingStageConfig, run: StageRun, acc, model, items: Sequence, eval_items: Sequence,
+                 steps: int, desc: str, rewards_fn: Callable, eval_fn: Callable):
+    """The loop of a stage that trains on rankings: `steps` optimizer steps of `train.batch_size` prompts, each
+    prompt's C(K,2) comparisons one element, scored by `rewards_fn(model, items) -> [(K_i,)]` (each response once)
+    and the ranking loss; resumes from `run`'s checkpoint. -> (the prepared model, the last `eval_fn(model)` metrics
+    ({} without held-out items), or None when train.stop_after stopped it)."""
+    from instructgpt.progress import StageProgress
+
+    t = cfg.train
     model, opt, sched = make_optimizer(acc, model, t, steps)
     world, rank = acc.num_processes, acc.process_index
     micro = max(1, t.batch_size // (world * t.grad_accum))
-    start = resume_step(run, acc, "rm")
-    pad = tok.pad_token_id
+    start = resume_step(run, acc, desc)
     last_eval: dict = {}
     t0, comparisons = time.time(), 0
-    model.train()
-    with StageProgress("rm", total=steps, start=start, enabled=acc.is_main_process) as bar:
+    with StageProgress(desc, total=steps, start=start, enabled=acc.is_main_process) as bar:
         for step in range(start, steps):
-            # 3. a batch of prompts; each prompt's C(K,2) comparisons form one element
+            # a batch of prompts; each prompt's C(K,2) comparisons form one element
             batch = [items[i] for i in batch_indices(len(items), t.batch_size, step, cfg.seed)]
             mine = batch[rank::world]
             step_loss, right, total = 0.0, 0, 0
@@ -188,7 +216,7 @@ def train(cfg: RMConfig) -> str:
                     continue
                 sync = m == t.grad_accum - 1
                 with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                    rewards = forward_rankings(model, mb, pad, acc.device)
+                    rewards = rewards_fn(model, mb)
                     losses = torch.stack([ranking_loss(r, it.ranks) for r, it in zip(rewards, mb)])
                     loss = losses.sum() * world / len(batch)  # the mean over the global batch of prompts
                     acc.backward(loss)
@@ -206,18 +234,10 @@ def train(cfg: RMConfig) -> str:
                 metrics.update({"train/loss": step_loss, "train/accuracy": right / max(total, 1),
                                 "train/lr": sched.get_last_lr()[0], "train/comparisons_per_s": cps})
             if eval_items and (done % t.eval_every == 0 or done == steps):
-                last_eval = evaluate(model, eval_items, pad, acc.device)
+                last_eval = eval_fn(model)
                 metrics.update(last_eval)
             if metrics:
                 run.log(done, metrics)
-            if checkpoint_or_stop(run, acc, t, done, steps, "rm"):
-                return cfg.out_dir
-    # 4. normalise, save with the normalisation beside the model
-    bare = acc.unwrap_model(model)
-    norm = fit_normalization(bare, tok, cfg.normalize, [r.messages for r in rankings], acc.device)
-    if acc.is_main_process:
-        save_model(bare, tok, run.path("model"))
-        norm.save(run.path("model"))
-    run.finish({"steps": steps, "prompts": len(items), "skipped": skipped, "bias": norm.bias, "gain": norm.gain,
-                **{k.replace("eval/", "eval_"): v for k, v in last_eval.items()}})
-    return cfg.out_dir
+            if checkpoint_or_stop(run, acc, t, done, steps, desc):
+                return model, None
+    return model, last_eval

@@ -1,7 +1,7 @@
 """Run SFT's loop under real DDP and write each rank's final weights checksum (used by test_ddp.py).
 
 Launched by torchrun with 2 CPU processes (gloo); also run with 1 process for the single-process reference.
-usage: ddp_worker.py MODEL_DIR DEMOS OUT_DIR
+usage: ddp_worker.py MODEL_DIR DEMOS OUT_DIR, or ddp_worker.py dpo MODEL_DIR RANKINGS OUT_DIR (DPO's whole stage)
 """
 
 import json
@@ -15,6 +15,15 @@ from instructgpt.data import load_demonstrations
 from instructgpt.modeling import load_model, set_seed
 from instructgpt.runs import StageRun
 from instructgpt.sft import SFTConfig, build_examples, fit, make_accelerator
+
+if sys.argv[1] == "dpo":  # usage: ddp_worker.py dpo MODEL_DIR RANKINGS OUT_DIR: the ranking loop (RM and DPO share it)
+    from instructgpt.dpo import DPOConfig, train
+
+    model_dir, rankings, out = sys.argv[2:5]
+    train(load_config(DPOConfig, None, [f"model.name_or_path={model_dir}", f"data.train={rankings}", f"out_dir={out}",
+                                        "train.batch_size=8", "train.max_steps=4", "train.lr=3e-3", "beta=0.5",
+                                        "data.eval_size=0", "train.save_every=0"]))
+    sys.exit(0)
 
 model_dir, demos, out = sys.argv[1:4]
 cfg = load_config(SFTConfig, None, [f"model.name_or_path={model_dir}", f"data.train={demos}", f"out_dir={out}",

@@ -18,13 +18,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(nproc, model_dir, demos, out):
+def _launch(nproc, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           os.path.join(HERE, "ddp_worker.py"), model_dir, demos, str(out)]
+           os.path.join(HERE, "ddp_worker.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _run(nproc, model_dir, demos, out):
+    _launch(nproc, model_dir, demos, str(out))
     return [json.load(open(out / f"rank{i}-of-{nproc}.json")) for i in range(nproc)]
 
 
@@ -34,3 +38,22 @@ def test_two_rank_ddp_matches_and_equals_single_process(tiny_model_dir, demos_fi
     (single,) = _run(1, tiny_model_dir, demos_file, tmp_path / "one")
     assert single["head"] == pytest.approx(r0["head"], abs=1e-5)
     assert single["abs"] == pytest.approx(r0["abs"], rel=1e-5)
+
+
+def test_two_rank_dpo_equals_one_process_on_the_same_global_batches(tiny_model_dir, tmp_path):
+    """The ranking loop (DPO's, and the reward model's) under DDP: each rank takes half of a step's prompts, the loss
+    is scaled so the averaged gradient is the global batch's, and the saved policy equals one process's."""
+    from safetensors.torch import load_file
+
+    from conftest import write_jsonl
+    from test_rm import _rankings
+
+    rankings = write_jsonl(tmp_path / "r.jsonl", _rankings(32, 0))
+    _launch(2, "dpo", tiny_model_dir, rankings, str(tmp_path / "two"))
+    _launch(1, "dpo", tiny_model_dir, rankings, str(tmp_path / "one"))
+    two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any(not (one[k] == start[k]).all() for k in one)  # it trained
+    for k in one:
+        assert (one[k] - two[k]).abs().max() < 1e-5, k

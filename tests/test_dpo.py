@@ -33,8 +33,8 @@ def test_dpo_loss_is_the_sigmoid_loss_on_every_pair():
 
 def test_response_logprobs_sum_the_response_tokens_in_one_forward(tiny_model_dir):
     model, tok = load_model(tiny_model_dir)
-    items = [Item([[5, 6, 7, 8, 9], [5, 6, 7, 10]], [3, 3], [1, 2]), Item([[11, 12, 13], [11, 12, 14, 15, 16, 17]],
-                                                                         [1, 1], [2, 1])]
+    items = [Item([[5, 6, 7, 8, 9], [5, 6, 7, 10]], [1, 2], 3), Item([[11, 12, 13], [11, 12, 14, 15, 16, 17]],
+                                                                    [2, 1], 1)]
     rows_seen = []
     h = model.register_forward_hook(lambda m, args, kwargs, out: rows_seen.append(kwargs["input_ids"].shape[0]),
                                     with_kwargs=True)
@@ -42,7 +42,8 @@ def test_response_logprobs_sum_the_response_tokens_in_one_forward(tiny_model_dir
     h.remove()
     assert rows_seen == [4]  # every response of every prompt once, padded together
     for it, lp in zip(items, got):
-        for seq, start, value in zip(it.seqs, it.starts, lp.tolist()):
+        for seq, value in zip(it.seqs, lp.tolist()):
+            start = it.prompt_len
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)  # alone, no padding
             want = sum(float(logp[t - 1, seq[t]]) for t in range(start, len(seq)))
@@ -63,7 +64,7 @@ def _response_logp(model_dir, prompt, response):
     model, tok = load_model(model_dir)
     p = encode_prompt(tok, prompt)
     with torch.no_grad():
-        return float(response_logprobs(model, [Item([p + encode_response(tok, response)], [len(p)], [1])],
+        return float(response_logprobs(model, [Item([p + encode_response(tok, response)], [1], len(p))],
                                        tok.pad_token_id, "cpu")[0][0])
 
 

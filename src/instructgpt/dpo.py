@@ -18,12 +18,10 @@ from typing import Sequence
 import torch
 
 from instructgpt.config import ConfigError, TrainConfig
-from instructgpt.data import DataError, Ranking, load_comparisons
 from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.modeling import sequence_logprobs
-from instructgpt.prompting import encode_prompt, encode_response
 from instructgpt.reward import right_pad
-from instructgpt.rm import RankingStageConfig, fit_rankings
+from instructgpt.rm import Encoded, RankingStageConfig, fit_rankings, load_ranking_items
 from instructgpt.runs import StageRun
 from instructgpt.sft import make_accelerator
 
@@ -44,36 +42,17 @@ class DPOConfig(RankingStageConfig):
 
 
 @dataclass
-class Item:
-    """One prompt's K responses as prompt + response token ids, where each response starts, and their ranks."""
+class Item(Encoded):
+    """One prompt's K responses (prompt + response token ids) and ranks, with the reference's log-probs of them."""
 
-    seqs: list[list[int]]
-    starts: list[int]
-    ranks: list[int]
-    ref: torch.Tensor | None = None  # (K,) the reference's log-probs of the responses, filled before training
-
-
-def encode_items(tokenizer, rankings: Sequence[Ranking], max_length: int, skip_bad: bool) -> tuple[list[Item], int]:
-    out, skipped = [], 0
-    for r in rankings:
-        prompt = encode_prompt(tokenizer, r.messages)
-        seqs = [prompt + encode_response(tokenizer, resp) for resp in r.responses]
-        longest = max(len(s) for s in seqs)
-        if longest > max_length:
-            if skip_bad:
-                skipped += 1
-                continue
-            raise DataError(r.file, r.line, "responses",
-                            f"prompt + response is {longest} tokens, longer than data.max_length={max_length}")
-        out.append(Item(seqs, [len(prompt)] * len(seqs), r.ranks))
-    return out, skipped
+    ref: torch.Tensor | None = None  # (K,) filled before training
 
 
 def response_logprobs(model, items: Sequence[Item], pad_token_id: int, device) -> list[torch.Tensor]:
     """log p(response | prompt), summed over the response's tokens (its end-of-turn included), for every response of
     every item in one forward. -> [(K_i,)]."""
     rows = [s for it in items for s in it.seqs]
-    starts = torch.tensor([st for it in items for st in it.starts], device=device)
+    starts = torch.tensor([it.prompt_len for it in items for _ in it.seqs], device=device)
     ids, mask = right_pad(rows, pad_token_id, device)
     logp = sequence_logprobs(model, ids, mask)  # (N, T-1): position t predicts token t+1
     target = torch.arange(1, ids.shape[1], device=device)[None, :]  # (1, T-1) the predicted token's index
@@ -111,7 +90,6 @@ def evaluate(model, items: Sequence[Item], pad_token_id: int, device, beta: floa
 
 def train(cfg: DPOConfig) -> str:
     from instructgpt.modeling import apply_lora, check_context, load_model, save_model, set_seed
-    from instructgpt.sft import split_eval
 
     acc = make_accelerator(cfg)
     run = StageRun(cfg, "dpo", acc)
@@ -122,14 +100,7 @@ def train(cfg: DPOConfig) -> str:
     # 1. rankings -> items; the reference's log-probs from a fresh load of the starting model, once
     model, tok = load_model(cfg.model, for_training=True)
     check_context(model, cfg.data.max_length)
-    rankings = load_comparisons(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
-    items, skipped = encode_items(tok, rankings, cfg.data.max_length, cfg.data.skip_bad_lines)
-    skipped += rankings.skipped
-    if cfg.data.eval:
-        eval_items, _ = encode_items(tok, load_comparisons(cfg.data.eval, cfg.data.skip_bad_lines),
-                                     cfg.data.max_length, True)
-    else:
-        items, eval_items = split_eval(items, cfg.data.eval_size, cfg.seed)
+    _, items, eval_items, skipped = load_ranking_items(cfg, tok, Item)
     pad = tok.pad_token_id
     model.eval()  # dropout off for good: the policy's log-probs and the reference's come from the same forward
     model.to(acc.device)

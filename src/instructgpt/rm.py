@@ -20,8 +20,8 @@ import torch
 from instructgpt.config import ConfigError, StageConfig, TrainConfig
 from instructgpt.data import Ranking, load_comparisons, load_demonstrations
 from instructgpt.losses import ranking_accuracy, ranking_loss
-from instructgpt.reward import (RewardNorm, encode_pair, init_reward_head, last_token_rewards, raw_rewards,
-                                right_pad)
+from instructgpt.prompting import encode_prompt, encode_response
+from instructgpt.reward import RewardNorm, init_reward_head, last_token_rewards, raw_rewards, right_pad
 from instructgpt.runs import StageRun
 from instructgpt.sft import (batch_indices, checkpoint_or_stop, make_accelerator, make_optimizer,
                              optimizer_step, resume_step)
@@ -69,18 +69,23 @@ class RMConfig(RankingStageConfig):
 
 @dataclass
 class Encoded:
-    """One prompt's K responses, tokenized as prompt + response."""
+    """One prompt's K responses, tokenized as prompt + response (the prompt's `prompt_len` tokens head every seq)."""
 
     seqs: list[list[int]]
     ranks: list[int]
+    prompt_len: int = 0
 
 
-def encode_rankings(tokenizer, rankings: Sequence[Ranking], max_length: int, skip_bad: bool) -> tuple[list[Encoded], int]:
+def encode_rankings(tokenizer, rankings: Sequence[Ranking], max_length: int, skip_bad: bool,
+                    cls: type[Encoded] = Encoded) -> tuple[list[Encoded], int]:
+    """Each ranking as `cls` (Encoded or a subclass), the prompt encoded once; one longer than `max_length` is a
+    DataError naming its file and line, or with `skip_bad` skipped and counted."""
     from instructgpt.data import DataError
 
     out, skipped = [], 0
     for r in rankings:
-        seqs = [encode_pair(tokenizer, r.messages, resp) for resp in r.responses]
+        prompt = encode_prompt(tokenizer, r.messages)
+        seqs = [prompt + encode_response(tokenizer, resp) for resp in r.responses]  # as reward.encode_pair
         longest = max(len(s) for s in seqs)
         if longest > max_length:
             if skip_bad:
@@ -88,8 +93,24 @@ def encode_rankings(tokenizer, rankings: Sequence[Ranking], max_length: int, ski
                 continue
             raise DataError(r.file, r.line, "responses",
                             f"prompt + response is {longest} tokens, longer than data.max_length={max_length}")
-        out.append(Encoded(seqs, r.ranks))
+        out.append(cls(seqs, r.ranks, len(prompt)))
     return out, skipped
+
+
+def load_ranking_items(cfg: RankingStageConfig, tokenizer, cls: type[Encoded] = Encoded):
+    """`data.train`'s rankings encoded, and the held-out ones: `data.eval`'s, or `data.eval_size` of the training
+    rankings held out. -> (rankings read, train items, held-out items, skipped)."""
+    from instructgpt.sft import split_eval
+
+    rankings = load_comparisons(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
+    items, skipped = encode_rankings(tokenizer, rankings, cfg.data.max_length, cfg.data.skip_bad_lines, cls)
+    skipped += rankings.skipped
+    if cfg.data.eval:
+        eval_items, _ = encode_rankings(tokenizer, load_comparisons(cfg.data.eval, cfg.data.skip_bad_lines),
+                                        cfg.data.max_length, True, cls)
+    else:
+        items, eval_items = split_eval(items, cfg.data.eval_size, cfg.seed)
+    return rankings, items, eval_items, skipped
 
 
 def forward_rankings(model, items: Sequence[Encoded], pad_token_id: int, device) -> list[torch.Tensor]:
@@ -145,7 +166,6 @@ def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence,
 
 def train(cfg: RMConfig) -> str:
     from instructgpt.modeling import check_context, load_model, save_model, set_seed
-    from instructgpt.sft import split_eval
 
     acc = make_accelerator(cfg)
     run = StageRun(cfg, "rm", acc)
@@ -162,14 +182,7 @@ def train(cfg: RMConfig) -> str:
 
         model = apply_lora(model, cfg.model.lora, task="seq_cls")  # the head trains in full, the trunk through LoRA
     # 2. rankings -> (K responses, ranks) per prompt
-    rankings = load_comparisons(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
-    items, skipped = encode_rankings(tok, rankings, cfg.data.max_length, cfg.data.skip_bad_lines)
-    skipped += rankings.skipped
-    if cfg.data.eval:
-        eval_items, _ = encode_rankings(tok, load_comparisons(cfg.data.eval, cfg.data.skip_bad_lines),
-                                        cfg.data.max_length, True)
-    else:
-        items, eval_items = split_eval(items, cfg.data.eval_size, cfg.seed)
+    rankings, items, eval_items, skipped = load_ranking_items(cfg, tok)
     steps = cfg.train.max_steps or math.ceil(cfg.epochs * len(items) / cfg.train.batch_size)
     # 3. train: a batch of prompts a step, each prompt's C(K,2) comparisons one element, each response forwarded once
     model.train()

@@ -77,6 +77,8 @@ def test_a_dpo_section_adds_dpo_on_the_same_rankings_beside_ppo(tiny_model_dir, 
     assert cfgs["dpo"].data.train == cfgs["rm"].data.train == str(out / "rankings.jsonl")
     assert cfgs["dpo"].model.name_or_path == str(out / "sft" / "model") and cfgs["dpo"].beta == 0.1
     assert "dpo" not in stage_configs(load_recipe(None, []), str(out))  # off by default
+    human = stage_configs(load_recipe(None, [*overrides, "rm.data.train=human.jsonl"]), str(out))
+    assert human["dpo"].data.train == human["rm"].data.train == "human.jsonl"  # whatever the RM learns from
     assert cli_main(["pipeline", "--out", str(out), *overrides]) == 0
     done = json.load(open(out / "dpo" / "DONE.json"))
     assert done["prompts"] == sum(1 for _ in open(out / "rankings.jsonl"))  # every ranking (no held-out split)

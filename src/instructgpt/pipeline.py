@@ -125,9 +125,9 @@ def stage_configs(recipe: dict, out: str) -> dict:
     if recipe.get("dpo") not in (None, False):
         dpo_d = deep_merge({"seed": seed, "model": {"name_or_path": sft_model}},
                            recipe["dpo"] if isinstance(recipe["dpo"], dict) else {})
-        if not (dpo_d.get("data") or {}).get("train"):  # the rankings the RM learns from
-            rankings = os.path.join(out, "rankings.jsonl") if recipe.get("label_sim") else \
-                (cfgs["rm"].data.train if "rm" in cfgs else None)
+        if not (dpo_d.get("data") or {}).get("train"):  # the rankings the RM learns from (without an RM, label-sim's)
+            rankings = cfgs["rm"].data.train if "rm" in cfgs else \
+                (os.path.join(out, "rankings.jsonl") if recipe.get("label_sim") else None)
             dpo_d = deep_merge(dpo_d, {"data": {"train": rankings}})
         dpo_d["out_dir"] = os.path.join(out, "dpo")
         cfgs["dpo"] = load_config(dpo.DPOConfig, None, None, dpo_d)

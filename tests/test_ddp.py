@@ -22,7 +22,8 @@ def _launch(nproc, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            os.path.join(HERE, "ddp_worker.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # gloo on CPU even where a GPU is visible: two ranks on a one-GPU machine would both want a device of their own
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
 

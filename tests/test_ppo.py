@@ -219,7 +219,8 @@ def test_bf16_mixed_precision_recomputes_old_logprobs_so_the_first_kl_is_zero(pp
     cfg = load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "bf16", "train.mixed_precision=bf16",
                                              "ppo.recompute_logprobs=true", "train.max_steps=2", "train.save_every=0"))
     from accelerate import Accelerator
-    Accelerator(cpu=True, mixed_precision="no")  # an earlier fp32 stage in the same process, as in the pipeline
+    # an earlier fp32 stage in the same process, as in the pipeline (on the device the stages pick: cuda where visible)
+    Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
     train(cfg)
     rows = [r for r in read_metrics(str(tmp_path / "bf16")) if "objective/kl" in r]
     # the reference is the policy before its first update, run in the same precision: no penalty, exactly; a

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-from instructgpt.advantages import gae, gae_loop, kl_per_token, token_rewards, whiten
+from instructgpt.advantages import gae, gae_loop, group_advantages, kl_per_token, token_rewards, whiten
 from instructgpt.config import ConfigError, load_config
 from instructgpt.kl_control import AdaptiveKLController
 from instructgpt.losses import lm_loss, policy_loss, value_loss
@@ -112,6 +112,23 @@ def test_whitening():
     assert float(w[0, :3].pow(2).mean()) == pytest.approx(1.0, abs=1e-4)  # biased variance
     w2 = whiten(x, m, shift_mean=False)
     assert float(w2[0, :3].mean()) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 10.0, 10.0, 13.0, 11.0])  # two prompts, four responses each
+    rloo = group_advantages(r, 4, "rloo")
+    # leave-one-out: 1 - (2+3+6)/3, 2 - (1+3+6)/3, 3 - (1+2+6)/3, 6 - (1+2+3)/3
+    torch.testing.assert_close(rloo[:4], torch.tensor([1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0]))
+    torch.testing.assert_close(rloo, 4 / 3 * (r - r.view(2, 4).mean(-1).repeat_interleave(4)))  # k/(k-1) (R - mean)
+    assert torch.allclose(rloo.view(2, 4).sum(-1), torch.zeros(2), atol=1e-6)
+    # groups are independent: shifting one prompt's returns leaves every advantage as it was
+    torch.testing.assert_close(group_advantages(r + torch.tensor([0.0] * 4 + [100.0] * 4), 4, "rloo"), rloo)
+    grpo = group_advantages(r, 4, "grpo")
+    std = math.sqrt(((1 - 3) ** 2 + 1 + 0 + 9) / 3)  # the group's unbiased std
+    torch.testing.assert_close(grpo[:4], (r[:4] - 3) / (std + 1e-4))
+    for bad_k in (1, 3):
+        with pytest.raises(ValueError, match="groups"):
+            group_advantages(r, bad_k, "rloo")
 
 
 def test_adaptive_kl_controller_follows_its_formula():
@@ -257,6 +274,41 @@ def test_short_run_raises_the_reward_and_logs_the_field_keys(ppo_inputs, tmp_pat
     evals = [r for r in read_metrics(str(out)) if "eval/rm_score" in r]
     assert [r["step"] for r in evals] == [0, 12, 24] and evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-6)
     assert evals[-1]["eval/rm_score"] > evals[0]["eval/rm_score"]
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_critic_free_estimators_raise_the_reward_without_a_value_model(ppo_inputs, tmp_path, estimator):
+    out = tmp_path / estimator
+    cfg = load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=24", "ppo.kl_coef=0.01",
+                                             "train.lr=3e-3", "ppo.missing_eos_penalty=null",
+                                             f"ppo.advantage_estimator={estimator}", "ppo.samples_per_prompt=4",
+                                             "ppo.sample_every=1"))
+    models = load_models(cfg)
+    assert models.value is None and models.value_head is None  # no critic is even loaded
+    train(cfg)
+    rows = [r for r in read_metrics(str(out)) if "objective/scores" in r]
+    assert len(rows) == 24 and not {"ppo/val/var_explained", "ppo/val/clipfrac", "ppo/loss/value"} & set(rows[0])
+    first = sum(r["objective/scores"] for r in rows[:4]) / 4
+    last = sum(r["objective/scores"] for r in rows[-4:]) / 4
+    assert last > first + 0.5, (first, last)
+    # each rollout batch holds 4 responses to each of its prompts, in consecutive rows (its first 4 rows are logged)
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    by_step = {}
+    for row in samples:
+        by_step.setdefault(row["step"], []).append(row["query"])
+    assert len(by_step) == 24 and all(len(set(q)) == 1 for q in by_step.values())
+    assert len({q[0] for q in by_step.values()}) > 12  # and different prompts from update to update
+
+
+def test_critic_free_config_is_checked():
+    base = ["reward_model.name_or_path=x", "ppo.advantage_estimator=rloo", "ppo.ptx_coef=0"]
+    with pytest.raises(ConfigError, match="ppo.samples_per_prompt >= 2"):
+        load_config(PPOConfig, None, base)
+    with pytest.raises(ConfigError, match="multiple of ppo.samples_per_prompt"):
+        load_config(PPOConfig, None, base + ["ppo.samples_per_prompt=3", "train.batch_size=64"])
+    # the gold labeler needs no value model when there is none
+    load_config(PPOConfig, None, ["reward_model.name_or_path=builtin:gold", "ppo.advantage_estimator=grpo",
+                                  "ppo.samples_per_prompt=4", "ppo.ptx_coef=0"])
 
 
 def _weights(d):

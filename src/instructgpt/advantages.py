@@ -73,6 +73,24 @@ def gae_loop(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, ga
     return adv * mask, (adv + values) * mask
 
 
+def group_advantages(returns: torch.Tensor, group_size: int, estimator: str = "rloo") -> torch.Tensor:
+    """Critic-free advantages: each response's return against the other responses to the same prompt.
+
+    `returns` (B,) holds k = `group_size` consecutive responses per prompt (rows i*k .. i*k+k-1 share a prompt).
+    rloo: A_i = R_i - mean_{j != i} R_j, the leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024);
+    grpo: A_i = (R_i - mean_j R_j) / (std_j R_j + 1e-4), the group-normalised one (Shao et al. 2024).
+    """
+    k = group_size
+    if k < 2 or returns.shape[0] % k:
+        raise ValueError(f"{returns.shape[0]} returns do not split into groups of {k} >= 2")
+    g = returns.view(-1, k)  # (B / k, k)
+    if estimator == "rloo":
+        return (g - (g.sum(-1, keepdim=True) - g) / (k - 1)).view(-1)
+    if estimator == "grpo":
+        return ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True) + 1e-4)).view(-1)
+    raise ValueError(f"unknown group estimator '{estimator}' (rloo or grpo)")
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """(x - mean) / std over the masked positions (biased variance, as lm-human-preferences); shift_mean=False keeps
     the mean (its reward whitening)."""

@@ -33,6 +33,7 @@ import torch
 from instructgpt.advantages import (
     explained_variance,
     gae,
+    group_advantages,
     kl_per_token,
     token_rewards,
     whiten,
@@ -65,6 +66,11 @@ class PPOParams:
     ptx_token_ratio: float = 8.0  # pretraining tokens per episode token in each minibatch (the paper: 8x)
     gamma: float = 1.0  # GAE discount (the paper: no discount)
     lam: float = 0.95  # GAE lambda (not stated by the paper; lm-human-preferences' value)
+    # "gae" is the paper's: a value model and GAE. "rloo" / "grpo" drop the value model (a departure, as in OpenRLHF's
+    # --advantage_estimator): each response's return (score - beta * its summed KL) against the other
+    # ppo.samples_per_prompt responses to the same prompt, the same advantage at every token
+    advantage_estimator: Literal["gae", "rloo", "grpo"] = "gae"
+    samples_per_prompt: int = 1  # k responses to each prompt in a rollout batch (rloo / grpo need k >= 2)
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
@@ -106,18 +112,29 @@ class PPOConfig(StageConfig):
         if self.data.eval is None:
             self.data.eval = DEFAULT_EVAL_PROMPTS
 
+    @property
+    def uses_critic(self) -> bool:
+        """A value model (or head) and GAE: the paper's; rloo / grpo have none."""
+        return self.ppo.advantage_estimator == "gae"
+
     def validate(self) -> None:
         super().validate()
         p = self.ppo
         if not self.reward_model.name_or_path:
             raise ConfigError("reward_model.name_or_path: required (an `instructgpt rm` out_dir or its model/)")
-        if self.reward_model.name_or_path == GOLD_REWARD and p.value_model != "policy":
+        if self.reward_model.name_or_path == GOLD_REWARD and p.value_model != "policy" and self.uses_critic:
             raise ConfigError(f"reward_model.name_or_path={GOLD_REWARD} has no network to start a value model from: "
                               "set ppo.value_model=policy")
         if self.train.batch_size % p.num_minibatches:
             raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be a multiple of "
                               f"ppo.num_minibatches ({p.num_minibatches})")
-        for k in ("ppo_epochs", "num_minibatches", "response_length"):
+        if self.train.batch_size % p.samples_per_prompt:
+            raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be a multiple of "
+                              f"ppo.samples_per_prompt ({p.samples_per_prompt})")
+        if not self.uses_critic and p.samples_per_prompt < 2:
+            raise ConfigError(f"ppo.advantage_estimator={p.advantage_estimator} compares the responses to one prompt: "
+                              f"set ppo.samples_per_prompt >= 2 (got {p.samples_per_prompt})")
+        for k in ("ppo_epochs", "num_minibatches", "response_length", "samples_per_prompt"):
             if getattr(p, k) < 1:
                 raise ConfigError(f"ppo.{k}: must be >= 1, got {getattr(p, k)}")
         if p.temperature <= 0:
@@ -226,7 +243,7 @@ class Models:
     policy: torch.nn.Module
     ref: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled is the reference
     value: torch.nn.Module | None  # a *ForSequenceClassification model, or None with a value head on the policy
-    value_head: ValueHead | None
+    value_head: ValueHead | None  # both None without a critic (ppo.advantage_estimator rloo / grpo)
     reward: object  # instructgpt.reward.RewardModel, or GoldReward
     tokenizer: object
 
@@ -245,14 +262,17 @@ def load_models(cfg: PPOConfig) -> Models:
         if ref.get_input_embeddings().weight.shape[0] < len(tok):  # load_model added a pad token to the policy
             ref.resize_token_embeddings(len(tok))
     if cfg.reward_model.name_or_path == GOLD_REWARD:
-        return Models(policy, ref, None, ValueHead(policy.get_input_embeddings().weight.shape[1]), GoldReward(), tok)
+        head = ValueHead(policy.get_input_embeddings().weight.shape[1]) if cfg.uses_critic else None
+        return Models(policy, ref, None, head, GoldReward(), tok)
     rm = RewardModel.load(cfg.reward_model.name_or_path)
     rm.model.requires_grad_(False)
     if len(rm.tokenizer) != len(tok):
         raise ConfigError(f"reward_model.name_or_path: its tokenizer has {len(rm.tokenizer)} tokens, the policy's "
                           f"{len(tok)}; the reward model must be trained from the same SFT model")
     value, head = None, None
-    if cfg.ppo.value_model == "reward_model":
+    if not cfg.uses_critic:
+        pass  # rloo / grpo: no value model
+    elif cfg.ppo.value_model == "reward_model":
         # the paper: the value function is initialised from the reward model (trunk and head)
         rm_dir = cfg.reward_model.name_or_path
         if os.path.exists(os.path.join(rm_dir, "model", "config.json")):
@@ -324,7 +344,8 @@ def rollout(models: Models, policy, value, value_head, queries: Sequence[Sequenc
     del ref_logits
     if value is not None:
         values = token_values(value, ids, att)
-    values = values[:, P - 1:-1]  # (B, R): the value of the state before each response token
+    # (B, R): the value of the state before each response token; zeros without a critic
+    values = values[:, P - 1:-1] if values is not None else torch.zeros_like(logprobs)
     # the reward model reads each response as it was trained: the decoded text after the prompt, ending the turn as
     # the template does (a chat template may add tokens after EOS, e.g. "<|im_end|>\n"); reading the policy's own
     # token ids at the EOS would score a position the RM never saw in training
@@ -471,32 +492,36 @@ def train(cfg: PPOConfig) -> str:
     set_seed(cfg.seed)
     t, p = cfg.train, cfg.ppo
     world, rank = acc.num_processes, acc.process_index
-    if t.batch_size % (world * p.num_minibatches):
+    if t.batch_size % (world * p.num_minibatches) or (t.batch_size // p.samples_per_prompt) % world:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of processes x ppo.num_minibatches "
-                          f"({world} x {p.num_minibatches})")
+                          f"({world} x {p.num_minibatches}), and its prompts (train.batch_size / "
+                          f"ppo.samples_per_prompt) of processes ({world})")
 
     # models: policy, reference, value, reward; the frozen ones only move to the device
     models = load_models(cfg)
     tok = models.tokenizer
     check_context(models.policy, cfg.data.max_length)  # every ptx block is data.max_length tokens long
     eos, pad = eos_ids(models.policy, tok), tok.pad_token_id
-    trainable = [models.policy] + ([models.value] if models.value is not None else [models.value_head])
+    critic = models.value if models.value is not None else models.value_head  # None: rloo / grpo
+    trainable = [models.policy] + ([critic] if critic is not None else [])
     params_pi = [q for q in models.policy.parameters() if q.requires_grad]
-    params_v = [q for q in trainable[1].parameters() if q.requires_grad]
+    params_v = [q for q in critic.parameters() if q.requires_grad] if critic is not None else []
     adam = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps, "weight_decay": t.weight_decay,
             "fused": fused_adam_ok(models.policy)}
     if models.value is not None:
         opt = torch.optim.AdamW(params_pi, lr=t.lr, **adam)
         vopt = torch.optim.AdamW(params_v, lr=p.value_lr or t.lr, **adam)
-    else:  # one optimizer over the policy and its value head
-        opt = torch.optim.AdamW([{"params": params_pi}, {"params": params_v, "lr": p.value_lr or t.lr}],
+    else:  # one optimizer over the policy and its value head, if any
+        opt = torch.optim.AdamW([{"params": params_pi}]
+                                + ([{"params": params_v, "lr": p.value_lr or t.lr}] if params_v else []),
                                 lr=t.lr, **adam)
         vopt = None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t))
     vsched = torch.optim.lr_scheduler.LambdaLR(vopt, _lr_lambda(t)) if vopt is not None else None
     prepared = acc.prepare(*trainable, opt, *([vopt] if vopt else []))
-    policy, value_module, opt = prepared[0], prepared[1], prepared[2]
-    vopt = prepared[3] if vopt is not None else None
+    policy, opt = prepared[0], prepared[len(trainable)]
+    value_module = prepared[1] if critic is not None else None
+    vopt = prepared[-1] if vopt is not None else None
     value = value_module if models.value is not None else None
     value_head = value_module if models.value is None else None
     for m in (models.ref, getattr(models.reward, "model", None)):
@@ -547,8 +572,11 @@ def train(cfg: PPOConfig) -> str:
     with StageProgress("ppo", total=t.max_steps, start=start, enabled=acc.is_main_process) as bar:
         for step in range(start, t.max_steps):
             t_update = time.time()
-            # 1. rollout: this update's prompts are a pure function of the step (exact resume); each rank its share
-            idx = stream_indices(len(queries), step * t.batch_size, t.batch_size, cfg.seed)[rank::world]
+            # 1. rollout: this update's prompts are a pure function of the step (exact resume); each rank its share,
+            # each prompt ppo.samples_per_prompt times in consecutive rows
+            k = p.samples_per_prompt
+            idx = stream_indices(len(queries), step * t.batch_size // k, t.batch_size // k, cfg.seed)[rank::world]
+            idx = [i for i in idx for _ in range(k)]
             gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step * 7919 + rank)
             policy.eval()
             with acc.autocast():  # train.mixed_precision: the frozen models' forwards in the same precision
@@ -561,8 +589,13 @@ def train(cfg: PPOConfig) -> str:
             rewards, non_score = token_rewards(scores, kl, kl_ctl.value, mask)
             if p.whiten_rewards:
                 rewards = whiten(rewards, mask, shift_mean=False)
-            # 3. GAE (gamma = 1 by default) and advantage whitening
-            advantages, returns = gae(rewards, b.values, mask, p.gamma, p.lam)
+            # 3. GAE (gamma = 1 by default), or a response's return against its prompt's other responses at every
+            # token (rloo / grpo); then advantage whitening
+            if cfg.uses_critic:
+                advantages, returns = gae(rewards, b.values, mask, p.gamma, p.lam)
+            else:
+                adv = group_advantages((rewards * mask).sum(-1), k, p.advantage_estimator)
+                advantages, returns = adv[:, None] * mask, None
             if p.whiten_advantages:
                 advantages = whiten(advantages, mask)
             # 4. PPO epochs over shuffled minibatches, ptx in the same objective
@@ -573,7 +606,7 @@ def train(cfg: PPOConfig) -> str:
                 for m in range(p.num_minibatches):
                     mb_idx = perm[m * mb_size:(m + 1) * mb_size].to(acc.device)
                     mb = b.rows(mb_idx)
-                    mb_mask, mb_adv, mb_ret = mask[mb_idx], advantages[mb_idx], returns[mb_idx]
+                    mb_mask, mb_adv = mask[mb_idx], advantages[mb_idx]
                     P = mb.query.shape[1]
                     ids, att = mb.input_ids, mb.attention_mask
                     with acc.autocast():
@@ -590,10 +623,12 @@ def train(cfg: PPOConfig) -> str:
 
                         with acc.autocast():
                             vals = token_values(value, ids, att)
-                    new_values = vals[:, P - 1:-1]
                     pg_loss, pg_stats = policy_loss(new_logprobs, mb.logprobs, mb_adv, mb_mask, p.cliprange)
-                    vf_loss, vf_stats = value_loss(new_values, mb.values, mb_ret, mb_mask, p.cliprange_value)
-                    loss = pg_loss + p.vf_coef * vf_loss
+                    loss = pg_loss
+                    if value_module is not None:
+                        vf_loss, vf_stats = value_loss(vals[:, P - 1:-1], mb.values, returns[mb_idx], mb_mask,
+                                                       p.cliprange_value)
+                        loss = loss + p.vf_coef * vf_loss
                     ptx = torch.zeros(())
                     if ptx_blocks is not None:
                         # gamma * E_pretrain[log pi(x)] in the same objective, ptx_token_ratio x the episode tokens
@@ -609,7 +644,8 @@ def train(cfg: PPOConfig) -> str:
                     acc.backward(loss)
                     if t.max_grad_norm:  # each network clipped on its own
                         acc.clip_grad_norm_(policy.parameters(), t.max_grad_norm)
-                        acc.clip_grad_norm_(value_module.parameters(), t.max_grad_norm)
+                        if value_module is not None:
+                            acc.clip_grad_norm_(value_module.parameters(), t.max_grad_norm)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     if vopt is not None:
@@ -617,11 +653,12 @@ def train(cfg: PPOConfig) -> str:
                         vopt.zero_grad(set_to_none=True)
                     if ema is not None:
                         ema.update(unwrapped)
-                    for k, v in {"ppo/policy/approxkl": pg_stats["approxkl"], "ppo/policy/clipfrac": pg_stats["clipfrac"],
-                                 "ppo/val/clipfrac": vf_stats["clipfrac"], "ppo/loss/policy": pg_loss,
-                                 "ppo/loss/value": vf_loss, "ppo/loss/ptx": ptx,
-                                 "ppo/val/ratio": pg_stats["ratio"]}.items():
-                        stats.setdefault(k, []).append(float(v.detach()))
+                    logged = {"ppo/policy/approxkl": pg_stats["approxkl"], "ppo/policy/clipfrac": pg_stats["clipfrac"],
+                              "ppo/loss/policy": pg_loss, "ppo/loss/ptx": ptx, "ppo/val/ratio": pg_stats["ratio"]}
+                    if value_module is not None:
+                        logged.update({"ppo/val/clipfrac": vf_stats["clipfrac"], "ppo/loss/value": vf_loss})
+                    for name, v in logged.items():
+                        stats.setdefault(name, []).append(float(v.detach()))
             sched.step()
             if vsched is not None:
                 vsched.step()
@@ -637,7 +674,7 @@ def train(cfg: PPOConfig) -> str:
                 "objective/scores": float(acc.reduce(scores.mean(), "mean")),
                 "objective/rlhf_reward": float(acc.reduce((scores + non_score.sum(-1)).mean(), "mean")),
                 "objective/non_score_reward": float(acc.reduce(non_score.sum(-1).mean(), "mean")),
-                "ppo/val/var_explained": explained_variance(b.values, returns, mask),
+                **({"ppo/val/var_explained": explained_variance(b.values, returns, mask)} if cfg.uses_critic else {}),
                 "ppo/mean_response_length": float(mask.sum(-1).float().mean()),
                 "ppo/eos_rate": float(b.ended.float().mean()),
                 "ppo/kl_coef": kl_ctl.value, "ppo/lr": sched.get_last_lr()[0],

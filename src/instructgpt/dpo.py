@@ -1,5 +1,5 @@
-"""``instructgpt dpo``: direct preference optimisation (Rafailov et al. 2023) on K-way rankings, the critic-free
-baseline users compare RLHF against. Not part of InstructGPT (the paper trains a reward model and runs PPO-ptx).
+"""``instructgpt dpo``: direct preference optimisation (Rafailov et al. 2023) on K-way rankings, the baseline
+without RL that users compare RLHF against. Not part of InstructGPT (the paper trains a reward model and runs PPO-ptx).
 
 The policy starts from the SFT model; the reference is that same model, frozen. A response's implicit reward is
 beta * (log pi(y | x) - log pi_ref(y | x)), summed over its tokens, and the loss is the reward model's (Ouyang et al.

@@ -6,7 +6,7 @@
     rm/           3. reward model from the K-way rankings
     ppo/          4. PPO-ptx from the SFT model against the reward model
     ppo_noptx/       and plain PPO (ptx_coef = 0), to show what the pretraining mix buys
-    dpo/             optional (a `dpo` section): DPO on the same rankings, the critic-free baseline
+    dpo/             optional (a `dpo` section): DPO on the same rankings, the baseline without RL
     report.json, report.md, *.png, samples_<policy>.jsonl   5. evaluation on held-out prompts
 
 A recipe (``--config FILE.yaml``) has one section per stage, each a stage config (see ``instructgpt <stage>``),

@@ -11,7 +11,9 @@ normalised). `ppo.value_model: policy` instead puts a zero-initialised value hea
     1. rollout: sample responses to a batch of prompts (logits / temperature; stop at EOS; pad != EOS)
     2. score: the frozen models run once per rollout -> old log-probs, reference log-probs, values, RM scores
     3. rewards = score at the last token - beta * KL per token;  GAE (gamma = 1, lambda);  whitened advantages
-    4. PPO epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss
+       (`ppo.advantage_estimator` rloo / grpo: no value model; a response's return against the other responses to
+       its prompt, at every token)
+    4. PPO epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss (with a critic)
        + ptx_coef * LM loss on a pretraining batch, one objective, one optimizer step per minibatch
     5. log (objective/*, ppo/*), adapt beta, evaluate, checkpoint
 

@@ -69,27 +69,40 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tiny_model_dir,
         assert again[f"seconds.{stage}"] == round(json.load(open(out / stage / "DONE.json"))["seconds"], 1) > 0
 
 
-def test_a_dpo_section_adds_dpo_on_the_same_rankings_beside_ppo(tiny_model_dir, tmp_path):
+def test_dpo_and_rloo_sections_add_baselines_beside_ppo(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     overrides = [*_tiny_overrides(tiny_model_dir), "ppo_noptx=false", "eval.best_of=0", "dpo.train.batch_size=8",
-                 "dpo.train.lr=1e-3", "dpo.data.eval_size=0"]
+                 "dpo.train.lr=1e-3", "dpo.data.eval_size=0", "rloo.train.lr=1e-4"]
     cfgs = stage_configs(load_recipe(None, overrides), str(out))
     assert cfgs["dpo"].data.train == cfgs["rm"].data.train == str(out / "rankings.jsonl")
     assert cfgs["dpo"].model.name_or_path == str(out / "sft" / "model") and cfgs["dpo"].beta == 0.1
-    assert "dpo" not in stage_configs(load_recipe(None, []), str(out))  # off by default
+    # RLOO: the ppo section's run (same SFT, RM, prompts, ptx) with critic-free advantages and its own overrides
+    r, p = cfgs["rloo"], cfgs["ppo"]
+    assert (r.ppo.advantage_estimator, r.ppo.samples_per_prompt, r.train.lr) == ("rloo", 4, 1e-4)
+    assert (r.model.name_or_path, r.reward_model.name_or_path, r.data.train, r.ppo.ptx_coef, r.train.max_steps) == \
+        (p.model.name_or_path, p.reward_model.name_or_path, p.data.train, p.ppo.ptx_coef, p.train.max_steps)
+    assert p.ppo.advantage_estimator == "gae" and r.out_dir == str(out / "rloo")
+    with pytest.raises(ConfigError, match="rloo.ppo.advantage_estimator"):
+        stage_configs(load_recipe(None, [*overrides, "rloo.ppo.advantage_estimator=grpo"]), str(out))
+    default = stage_configs(load_recipe(None, []), str(out))
+    assert "dpo" not in default and "rloo" not in default  # off by default
     human = stage_configs(load_recipe(None, [*overrides, "rm.data.train=human.jsonl"]), str(out))
     assert human["dpo"].data.train == human["rm"].data.train == "human.jsonl"  # whatever the RM learns from
     assert cli_main(["pipeline", "--out", str(out), *overrides]) == 0
     done = json.load(open(out / "dpo" / "DONE.json"))
     assert done["prompts"] == sum(1 for _ in open(out / "rankings.jsonl"))  # every ranking (no held-out split)
     report = json.load(open(out / "report.json"))
-    keys = {"gold_score.dpo", "win_rate_no_ties.dpo_vs_sft", "kl.dpo", "seconds.dpo", "peak_rss_gib.dpo"}
-    assert keys <= set(report)
-    assert report["kl.dpo"] > 0  # a policy that moved, evaluated like PPO's
+    for name in ("dpo", "rloo"):
+        keys = {f"gold_score.{name}", f"win_rate_no_ties.{name}_vs_sft", f"kl.{name}", f"seconds.{name}",
+                f"peak_rss_gib.{name}"}
+        assert keys <= set(report)
+        assert report[f"kl.{name}"] > 0  # a policy that moved, evaluated like PPO's
+    rows = [json.loads(line) for line in open(out / "rloo" / "metrics.jsonl")]
+    assert any("objective/scores" in r for r in rows) and not any("ppo/val/var_explained" in r for r in rows)
     md = open(out / "report.md").read()
     table = md[md.index("## Time and memory"):].split("\n\n")[1]
     stages = [ln.split("|")[1].strip() for ln in table.splitlines()[2:]]
-    assert stages == ["sft", "label_sim", "rm", "ppo", "dpo", "eval", "total"]  # the run's order
+    assert stages == ["sft", "label_sim", "rm", "ppo", "rloo", "dpo", "eval", "total"]  # the run's order
 
 
 def test_unknown_recipe_section_and_key_are_errors(tmp_path):

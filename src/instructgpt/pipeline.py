@@ -7,6 +7,7 @@
     ppo/          4. PPO-ptx from the SFT model against the reward model
     ppo_noptx/       and plain PPO (ptx_coef = 0), to show what the pretraining mix buys
     dpo/             optional (a `dpo` section): DPO on the same rankings, the baseline without RL
+    rloo/            optional (an `rloo` section): PPO-ptx's settings with RLOO's critic-free advantages
     report.json, report.md, *.png, samples_<policy>.jsonl   5. evaluation on held-out prompts
 
 A recipe (``--config FILE.yaml``) has one section per stage, each a stage config (see ``instructgpt <stage>``),
@@ -63,10 +64,13 @@ DEFAULT_RECIPE: dict = {
     },
     "ppo_noptx": True,  # also train plain PPO (ptx_coef = 0) for the alignment-tax comparison
     "dpo": None,  # a DPO config (even {}) adds DPO on the same rankings, evaluated beside PPO; not InstructGPT
+    # an `rloo` section (even {}) adds RLOO: the ppo section's run with ppo.advantage_estimator=rloo and 4 responses
+    # to each prompt (no value model), the section's own keys over it; evaluated beside PPO; not InstructGPT
+    "rloo": None,
     # best-of-16 on 500 prompts alone takes minutes on 2 cores; best-of-4 here
     "eval": {"heldout": 500, "best_of": 4, "prompts": None, "ptx_text": "builtin:shakespeare?split=heldout"},
 }
-STAGE_KEYS = ("sft", "label_sim", "rm", "ppo", "ppo_noptx", "dpo", "eval", "targets", "seed")
+STAGE_KEYS = ("sft", "label_sim", "rm", "ppo", "ppo_noptx", "dpo", "rloo", "eval", "targets", "seed")
 LABEL_SIM_KEYS = {"prompts", "k", "noise", "flip_prob", "bt_scale", "resolution", "temperature", "temperatures",
                   "max_new_tokens", "batch_size", "mixed_precision"}
 EVAL_KEYS = {"heldout", "best_of", "best_of_temperature", "prompts", "ptx_text", "ptx_max_tokens", "max_new_tokens",
@@ -122,6 +126,13 @@ def stage_configs(recipe: dict, out: str) -> dict:
         if recipe.get("ppo_noptx"):
             plain = deep_merge(ppo_d, {"ppo": {"ptx_coef": 0.0}, "out_dir": os.path.join(out, "ppo_noptx")})
             cfgs["ppo_noptx"] = load_config(ppo.PPOConfig, None, None, plain)
+        if recipe.get("rloo") not in (None, False):
+            rloo_d = deep_merge(deep_merge(ppo_d, {"ppo": {"advantage_estimator": "rloo", "samples_per_prompt": 4}}),
+                                recipe["rloo"] if isinstance(recipe["rloo"], dict) else {})
+            if rloo_d["ppo"]["advantage_estimator"] != "rloo":
+                raise ConfigError("rloo.ppo.advantage_estimator: the rloo section runs RLOO (its report names it so)")
+            rloo_d["out_dir"] = os.path.join(out, "rloo")
+            cfgs["rloo"] = load_config(ppo.PPOConfig, None, None, rloo_d)
     if recipe.get("dpo") not in (None, False):
         dpo_d = deep_merge({"seed": seed, "model": {"name_or_path": sft_model}},
                            recipe["dpo"] if isinstance(recipe["dpo"], dict) else {})
@@ -220,7 +231,7 @@ def run(recipe: dict, out: str) -> int:
             measured("label_sim")
         if "rm" in cfgs:
             timed("rm", rm.train, cfgs["rm"])
-        for name in ("ppo", "ppo_noptx"):
+        for name in ("ppo", "ppo_noptx", "rloo"):
             if name in cfgs:
                 timed(name, ppo.train, cfgs[name])
         if "dpo" in cfgs:
@@ -235,7 +246,7 @@ def run(recipe: dict, out: str) -> int:
 
     ev = dict(recipe.get("eval") or {})
     policies = {"base": cfgs["sft"].model.name_or_path, "sft": os.path.join(out, "sft", "model")}
-    for name in ("ppo", "ppo_noptx", "dpo"):
+    for name in ("ppo", "ppo_noptx", "rloo", "dpo"):
         if name in cfgs:
             policies[name] = os.path.join(out, name, "model")
     rm_dir = ev.pop("reward_model", None) or (os.path.join(out, "rm", "model") if "rm" in cfgs else None)

@@ -306,7 +306,7 @@ def time_and_memory_table(report: dict) -> list[str]:
     stages += [k.split(".", 1)[1] for k in report if k.startswith("peak_rss_gib.") and k.split(".", 1)[1] not in stages]
     if not stages:
         return []
-    order = ("pretrain", "sft", "label_sim", "rm", "ppo", "ppo_noptx", "dpo", "eval")  # then others, then total
+    order = ("pretrain", "sft", "label_sim", "rm", "ppo", "ppo_noptx", "rloo", "dpo", "eval")  # then others, then total
     stages.sort(key=lambda s: (s == "total", order.index(s) if s in order else len(order)))
     cols = [("seconds", "seconds", ".1f"), ("peak_rss_gib", "peak resident memory so far (GiB)", ".2f"),
             ("peak_cuda_gib", "peak GPU memory of the stage (GiB)", ".2f")]

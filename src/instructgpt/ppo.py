@@ -271,10 +271,8 @@ def load_models(cfg: PPOConfig) -> Models:
     if len(rm.tokenizer) != len(tok):
         raise ConfigError(f"reward_model.name_or_path: its tokenizer has {len(rm.tokenizer)} tokens, the policy's "
                           f"{len(tok)}; the reward model must be trained from the same SFT model")
-    value, head = None, None
-    if not cfg.uses_critic:
-        pass  # rloo / grpo: no value model
-    elif cfg.ppo.value_model == "reward_model":
+    value, head = None, None  # both stay None without a critic (rloo / grpo)
+    if cfg.uses_critic and cfg.ppo.value_model == "reward_model":
         # the paper: the value function is initialised from the reward model (trunk and head)
         rm_dir = cfg.reward_model.name_or_path
         if os.path.exists(os.path.join(rm_dir, "model", "config.json")):
@@ -282,7 +280,7 @@ def load_models(cfg: PPOConfig) -> Models:
         value, _ = load_model(rm_dir, for_training=True, with_tokenizer=False, model_class="sequence_classification")
         if cfg.ppo.value_lora:
             value = apply_lora(value, cfg.model.lora, task="seq_cls")
-    else:
+    elif cfg.uses_critic:
         head = ValueHead(policy.get_input_embeddings().weight.shape[1])
     # dropout off in every model (implementation-details checklist): eval mode, gradients still flow
     for m in (policy, ref, value, rm.model):

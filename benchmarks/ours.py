@@ -1,6 +1,6 @@
 """Our side of each benchmark, one measurement per process: `python benchmarks/ours.py TASK SPEC.json OUT.json`.
 
-TASK: sft | rm_k4 | rm_k9 | generate | ppo | ppo_scaling. Run by run.py, which alternates it with theirs.py /
+TASK: sft | rm_k4 | rm_k9 | generate | ppo | ppo_scaling | rloo. Run by run.py, which alternates it with theirs.py /
 ppo_trl.py on the same workload (workload.py). Training goes through the real entry points
 (`instructgpt.sft.train`, `instructgpt.rm.train`) with nothing changed but two wrappers that only observe: one counts
 the work of each step (tokens, comparisons), one stamps the end of each optimizer step.
@@ -137,6 +137,21 @@ def ppo(spec: dict, out: str, configs: list[dict]) -> dict:
     return {"unit": "episodes/s", "configs": res}
 
 
+def rloo(spec: dict, out: str) -> dict:
+    """RLOO through the PPO loop: ppo.advantage_estimator=rloo, one epoch over the whole batch, TRL's beta, no
+    advantage whitening (TRL's normalize_advantages=False)."""
+    from run import ours_ppo_update
+
+    r = spec["rloo"]
+    res = ours_ppo_update(r["policy_dir"], r["reward_dir"], r["batch"], r["length"], 1, 1, r["updates"],
+                          overrides=["ppo.advantage_estimator=rloo", f"ppo.samples_per_prompt={r['k']}",
+                                     f"ppo.kl_coef={r['beta']}", "ppo.whiten_advantages=false", f"train.lr={r['lr']}"])
+    if "skipped" in res:
+        return {"skipped": res["skipped"]}
+    return {"unit": "episodes/s", "configs": [{"batch": r["batch"], "length": r["length"], "updates": r["updates"],
+                                               **res}]}
+
+
 def versions(task: str) -> dict:
     import instructgpt
 
@@ -151,6 +166,7 @@ def main() -> None:
         "generate": generate,
         "ppo": lambda spec, out: ppo(spec, out, spec["ppo"]["main"]),
         "ppo_scaling": lambda spec, out: ppo(spec, out, spec["ppo"]["scaling"]),
+        "rloo": rloo,
     }, versions)
 
 

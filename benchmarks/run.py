@@ -1,7 +1,7 @@
 """`make bench`: our stages against Hugging Face TRL on the same model, data and settings; prints a table of ratios
 (ours / theirs, higher is better for us) and writes benchmarks/results.json.
 
-usage: python benchmarks/run.py [--quick] [--only sft,rm_k4,rm_k9,generate,ppo,scaling] [--out FILE]
+usage: python benchmarks/run.py [--quick] [--only sft,rm_k4,rm_k9,generate,ppo,scaling,rloo] [--out FILE]
 
 Every measurement runs in its own process (ours.py, theirs.py, ppo_trl.py), so each side's peak RSS is its own and
 TRL is never imported next to our package. Each pair runs back-to-back, alternating which side goes first, `reps`
@@ -14,6 +14,7 @@ back-to-back figures). The workload (workload.py) is built once and read by both
 | ratio.rm_k4, ratio.rm_k9 | `instructgpt.rm.train` on K-way rankings | TRL `RewardTrainer`, same rankings as pairs |
 | ratio.generate_b{1,8,32} | `instructgpt.generation.sample`, new tokens/s | `model.generate` |
 | ratio.ppo | `instructgpt.ppo.benchmark_update`, episodes/s | TRL 1.12.0 `trl.experimental.ppo.PPOTrainer` |
+| ratio.rloo | the same with `ppo.advantage_estimator=rloo`, episodes/s | TRL `RLOOTrainer` (current TRL) |
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ WORK = os.path.join(HERE, "work")
 TRL_CURRENT = os.path.join(HERE, ".trl", "current")
 TRL_PPO = os.path.join(HERE, ".trl", "ppo")
 TARGETS = {"ratio.sft": 1.0, "ratio.rm_k9": 3.0, "ratio.ppo": 1.5}
-BENCHMARKS = ("sft", "rm_k4", "rm_k9", "generate", "ppo", "scaling")
+BENCHMARKS = ("sft", "rm_k4", "rm_k9", "generate", "ppo", "scaling", "rloo")
 
 
 # ====================================================================================================================
@@ -51,7 +52,7 @@ BENCHMARKS = ("sft", "rm_k4", "rm_k9", "generate", "ppo", "scaling")
 
 
 def ours_ppo_update(policy_dir: str, reward_dir: str, batch_size: int, response_length: int, ppo_epochs: int,
-                    num_minibatches: int, updates: int) -> dict:
+                    num_minibatches: int, updates: int, overrides: list[str] | None = None) -> dict:
     try:
         from instructgpt import ppo
     except ImportError as e:
@@ -59,7 +60,8 @@ def ours_ppo_update(policy_dir: str, reward_dir: str, batch_size: int, response_
     fn = getattr(ppo, "benchmark_update", None)
     if fn is None:
         return {"skipped": "instructgpt.ppo has no benchmark_update(...) yet"}
-    return dict(fn(policy_dir, reward_dir, batch_size, response_length, ppo_epochs, num_minibatches, updates))
+    extra = {"overrides": overrides} if overrides else {}  # config keys after the PPO settings (RLOO's race)
+    return dict(fn(policy_dir, reward_dir, batch_size, response_length, ppo_epochs, num_minibatches, updates, **extra))
 
 # ====================================================================================================================
 
@@ -106,6 +108,7 @@ SIDES = {  # benchmark -> ((our script, task), (their script, task, PYTHONPATH))
     "generate": (("ours.py", "generate"), ("theirs.py", "generate", None)),
     "ppo": (("ours.py", "ppo"), ("ppo_trl.py", "ppo", TRL_PPO)),
     "scaling": (("ours.py", "ppo_scaling"), ("ppo_trl.py", "ppo_scaling", TRL_PPO)),
+    "rloo": (("ours.py", "rloo"), ("theirs.py", "rloo", TRL_CURRENT)),
 }
 
 
@@ -213,11 +216,12 @@ def accuracy(reps: list[dict]) -> dict:
 
 
 def ppo_details(reps: list[dict]) -> dict:
-    """Seconds per update of each side, and ours' mean response length (TRL's is response_length exactly)."""
+    """Seconds per update of each side, and ours' mean response length (TRL's PPO: response_length exactly; its
+    RLOO stops at EOS as ours does, and reports its own)."""
     return {"seconds_per_update": {s: throughputs(reps, s, lambda r: r["configs"][0]["seconds_per_update"])
                                    for s in ("ours", "trl")},
-            "ours_mean_response_length": throughputs(reps, "ours",
-                                                     lambda r: r["configs"][0].get("mean_response_length"))}
+            "mean_response_length": {s: throughputs(reps, s, lambda r: r["configs"][0].get("mean_response_length"))
+                                     for s in ("ours", "trl")}}
 
 
 def step_seconds(reps: list[dict]) -> dict:
@@ -269,7 +273,8 @@ def print_table(results: dict) -> None:
         return "-" if x is None else f"{x:,.{p}f}"
 
     rows = [("sft", "SFT tokens/s vs SFTTrainer"), ("rm_k4", "RM K=4 comparisons/s vs RewardTrainer"),
-            ("rm_k9", "RM K=9 comparisons/s vs RewardTrainer"), ("ppo", "PPO episodes/s vs TRL 1.12 PPOTrainer")]
+            ("rm_k9", "RM K=9 comparisons/s vs RewardTrainer"), ("ppo", "PPO episodes/s vs TRL 1.12 PPOTrainer"),
+            ("rloo", "RLOO episodes/s vs RLOOTrainer")]
     rows += [(f"generate_b{b}", f"generate b={b} new tokens/s vs model.generate") for b in st["gen_batches"]]
     for name, label in rows:
         d = raw.get(name)
@@ -280,7 +285,7 @@ def print_table(results: dict) -> None:
         if ratio is not None and target is not None:
             shown = f"[{'green' if ratio >= target else 'red'}]{shown}[/]"
         acc = d.get("heldout_accuracy") or {}
-        p = 2 if name == "ppo" else 0
+        p = 2 if name in ("ppo", "rloo") else 0
         table.add_row(label, fmt(median_or_none(d["ours"]), p), fmt(median_or_none(d["trl"]), p), shown,
                       fmt(target, 1), " ".join(fmt(r, 2) for r in d["ratios"]), fmt(d.get("cpu_ratio"), 2),
                       f"{fmt(d['rss_mb']['ours'])} / {fmt(d['rss_mb']['trl'])}",
@@ -327,13 +332,14 @@ def build_results(measured: dict, spec: dict, settings) -> dict:
                                               lambda r, b=b: r["batches"][str(b)]["throughput"],
                                               lambda r, b=b: r["batches"][str(b)].get("cpu_throughput"))
             raw[f"generate_b{b}"]["unit"] = "new tokens/s"
-    if "ppo" in measured:
-        raw["ppo"] = summarize("ppo", measured["ppo"], ppo_episodes,
-                               lambda r: r["configs"][0].get("episodes_per_cpu_s"), ppo_details)
-        raw["ppo"]["unit"] = "episodes/s"
+    for name in ("ppo", "rloo"):
+        if name in measured:
+            raw[name] = summarize(name, measured[name], ppo_episodes,
+                                  lambda r: r["configs"][0].get("episodes_per_cpu_s"), ppo_details)
+            raw[name]["unit"] = "episodes/s"
     for name, d in raw.items():
         results[f"ratio.{name}"] = d["ratio"]
-    for key in ("ratio.sft", "ratio.rm_k4", "ratio.rm_k9", "ratio.ppo", "ratio.generate_b32"):
+    for key in ("ratio.sft", "ratio.rm_k4", "ratio.rm_k9", "ratio.ppo", "ratio.rloo", "ratio.generate_b32"):
         results.setdefault(key, None)  # always present; null when not measured
     if raw.get("ppo", {}).get("ours_skipped"):
         results["ratio.ppo_reason"] = raw["ppo"]["ours_skipped"]
@@ -353,7 +359,8 @@ def versions_of(measured: dict) -> dict:
         for p in pairs:
             for r in p.values():
                 for lib, v in r.get("versions", {}).items():
-                    key = f"trl ({'PPO' if r['task'].startswith('ppo') else 'SFT, RM'})" if lib == "trl" else lib
+                    key = f"trl ({'PPO' if r['task'].startswith('ppo') else 'SFT, RM, RLOO'})" if lib == "trl" \
+                        else lib
                     versions[key] = v
     return versions
 
@@ -372,6 +379,10 @@ SETTINGS_NOTES = {
     "ppo": "TRL 1.12.0 PPOTrainer: fp32, no gradient checkpointing, temperature 1, stop_token None "
            "(fixed-length responses), num_sample_generations 0, one rollout forward batch; episodes/s over "
            "the updates after the first",
+    "rloo": "TRL RLOOTrainer (current TRL): fp32, no gradient checkpointing, dropout off (ours: eval mode), "
+            "temperature 1, top_k 0, top_p 1, beta 0.05 with a reference model, one iteration, no advantage "
+            "normalisation, responses stop at EOS on both sides; TRL recomputes old log-probs with a forward, "
+            "ours takes the sampler's (as in its PPO); episodes/s over the updates after the first",
 }
 
 

@@ -1,7 +1,7 @@
 """The baseline side, one measurement per process: `python benchmarks/theirs.py TASK SPEC.json OUT.json`.
 
 TASK: sft (TRL `SFTTrainer`) | rm_k4, rm_k9 (TRL `RewardTrainer` on the rankings expanded to pairs) | generate
-(plain `model.generate`). run.py puts the current TRL (benchmarks/.trl/current) on PYTHONPATH; nothing here imports
+(plain `model.generate`) | rloo (TRL `RLOOTrainer`). run.py puts the current TRL (benchmarks/.trl/current) on PYTHONPATH; nothing here imports
 `instructgpt`. TRL's defaults are kept except where they would make the two sides do different work; each such
 setting is named below:
 - `bf16=False`: TRL turns bf16 autocast on by default, even on CPU; both sides run fp32.
@@ -114,6 +114,45 @@ def generate(spec: dict, out: str) -> dict:
     return {"unit": "new tokens/s", "batches": res}
 
 
+def rloo(spec: dict, out: str) -> dict:
+    """TRL's RLOOTrainer: `updates` steps of `batch` responses (batch / k prompts, k each), the policy, its reference
+    (beta > 0) and the reward model from the same files as ours. An update is the interval between consecutive
+    `on_step_end` callbacks; the first, from `on_train_begin`, is warm-up."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    r, s = spec["rloo"], spec["settings"]
+    clock = measure.StepClock()
+
+    class UpdateClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.step_done(r["batch"])
+
+    tok = AutoTokenizer.from_pretrained(r["policy_dir"], padding_side="left")
+    prompts = measure.load_json(r["prompts_text"])
+    args = RLOOConfig(output_dir=out[: -len(".json")] + "_run", per_device_train_batch_size=r["batch"],
+                      num_generations=r["k"], max_completion_length=r["length"], max_steps=r["updates"],
+                      learning_rate=r["lr"], beta=r["beta"], num_iterations=1, temperature=1.0, top_k=0, top_p=1.0,
+                      disable_dropout=True, bf16=False, fp16=False, activation_checkpointing=False, use_cpu=True,
+                      report_to="none", save_strategy="no", logging_steps=1, seed=s["seed"])
+    trainer = RLOOTrainer(model=r["policy_dir"], reward_funcs=[r["reward_dir"]], args=args,
+                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
+                          callbacks=[UpdateClock()])
+    trainer.train()
+    secs, cpu = clock.step_seconds(), clock.step_cpu_seconds()
+    timed, timed_cpu = secs[1:] or secs, cpu[1:] or cpu
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"unit": "episodes/s", "configs": [{
+        "batch": r["batch"], "length": r["length"], "updates": r["updates"], "seconds_per_update": secs,
+        "cpu_seconds_per_update": cpu, "episodes_per_s": r["batch"] * len(timed) / sum(timed),
+        "episodes_per_cpu_s": r["batch"] * len(timed_cpu) / sum(timed_cpu),
+        "mean_response_length": sum(lengths) / len(lengths) if lengths else None}]}
+
+
 def versions(task: str) -> dict:
     if task == "generate":  # plain transformers: TRL is not imported
         return {}
@@ -128,6 +167,7 @@ def main() -> None:
         "rm_k4": lambda spec, out: rm(spec, out, 4),
         "rm_k9": lambda spec, out: rm(spec, out, 9),
         "generate": generate,
+        "rloo": rloo,
     }, versions)
 
 

@@ -72,6 +72,14 @@ class Settings:
     ppo_minibatches: int = 1  # TRL's default; with more, TRL 1.12 steps the optimizer once per minibatch group
     ppo_updates: int = 3  # the first is warm-up, left out of episodes/s
     ppo_lr: float = 1e-5
+    # RLOO (TRL's RLOOTrainer against instructgpt.ppo.benchmark_update with ppo.advantage_estimator=rloo): one
+    # epoch over the whole batch, k responses to each prompt, the KL in the reward at TRL's default beta
+    rloo_batch: int = 32  # responses per update
+    rloo_k: int = 4
+    rloo_response_length: int = 32
+    rloo_updates: int = 4  # the first is warm-up, left out of episodes/s
+    rloo_beta: float = 0.05
+    rloo_lr: float = 1e-5
     scaling_lengths: tuple = (16, 32, 64, 128)  # at ppo_batch
     scaling_batches: tuple = (8, 32, 128)  # at ppo_response_length
     scaling_updates: int = 2  # the first is warm-up
@@ -80,7 +88,7 @@ class Settings:
     def quick(cls) -> Settings:
         """Everything once, few steps: for development, not for figures."""
         return cls(mode="quick", reps=1, sft_steps=5, sft_warmup=2, rm_steps={4: 4, 9: 3}, rm_warmup=1,
-                   rm_heldout=30, gen_calls={1: 2, 8: 1, 32: 1}, ppo_updates=2, scaling_lengths=(16, 32),
+                   rm_heldout=30, gen_calls={1: 2, 8: 1, 32: 1}, ppo_updates=2, rloo_updates=2, scaling_lengths=(16, 32),
                    scaling_batches=(8, 32), scaling_updates=2)
 
     def as_dict(self) -> dict:
@@ -233,4 +241,10 @@ def build(work: str, s: Settings) -> dict:
                                for n in s.scaling_lengths]
                    + [{"batch": b, "length": s.ppo_response_length, "updates": s.scaling_updates}
                       for b in s.scaling_batches if b != s.ppo_batch]}
+    # RLOO: the same model and reward initialisation; TRL reads prompts as text, so the same template-rendered
+    # prompts decoded (its tokenizer call gives back the same ids)
+    spec["rloo"] = {"policy_dir": base, "reward_dir": reward_dir, "batch": s.rloo_batch, "k": s.rloo_k,
+                    "length": s.rloo_response_length, "updates": s.rloo_updates, "beta": s.rloo_beta,
+                    "lr": s.rloo_lr, "prompts_text": _write(os.path.join(work, "prompts_text.json"),
+                                                            [tok.decode(p) for p in prompts])}
     return spec

@@ -738,8 +738,9 @@ def _write_samples(run: StageRun, step: int, b: Rollout, kl: torch.Tensor, tok, 
 
 
 def benchmark_update(policy_dir: str, reward_dir: str, batch_size: int, response_length: int, ppo_epochs: int,
-                     num_minibatches: int, updates: int) -> dict:
-    """Run `updates` plain-PPO updates (no ptx, no monitor) and time them: {episodes_per_s, seconds_per_update}."""
+                     num_minibatches: int, updates: int, overrides: Sequence[str] = ()) -> dict:
+    """Run `updates` plain-PPO updates (no ptx, no monitor) and time them: {episodes_per_s, seconds_per_update};
+    `overrides` (``key=value``) go last, e.g. ``ppo.advantage_estimator=rloo`` for the critic-free race."""
     import tempfile
 
     from instructgpt.config import load_config
@@ -751,7 +752,7 @@ def benchmark_update(policy_dir: str, reward_dir: str, batch_size: int, response
             f"train.max_steps={updates}", f"train.batch_size={batch_size}", "train.save_every=0",
             "train.warmup_steps=0", f"ppo.response_length={response_length}", f"ppo.ppo_epochs={ppo_epochs}",
             f"ppo.num_minibatches={num_minibatches}", "ppo.ptx_coef=0", "ppo.eval_prompts=0", "ppo.sample_every=0",
-            f"out_dir={d}/ppo"])
+            f"out_dir={d}/ppo", *overrides])
         train(cfg)
         rows = [r for r in read_metrics(f"{d}/ppo") if "time/update_s" in r]
     secs = [r["time/update_s"] for r in rows]

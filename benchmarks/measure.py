@@ -81,6 +81,30 @@ class StepClock:
         return {"throughput": self.rate(warmup), "cpu_throughput": self.cpu_rate(warmup),
                 "step_seconds": self.step_seconds()}
 
+    def update_callback(self, episodes: int):
+        """A TrainerCallback for TRL's RL trainers: the clock starts at `on_train_begin` and stamps each update's
+        end (`on_step_end`), `episodes` a stamp."""
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class UpdateClock(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.start()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.step_done(episodes)
+
+        return UpdateClock()
+
+    def update_figures(self, episodes: int) -> dict:
+        """Seconds per update (wall, CPU) and episodes/s over the updates after the first (warm-up)."""
+        secs, cpu = self.step_seconds(), self.step_cpu_seconds()
+        timed, timed_cpu = secs[1:] or secs, cpu[1:] or cpu
+        return {"seconds_per_update": secs, "cpu_seconds_per_update": cpu,
+                "episodes_per_s": episodes * len(timed) / sum(timed),
+                "episodes_per_cpu_s": episodes * len(timed_cpu) / sum(timed_cpu)}
+
 
 def read_spec() -> tuple[str, dict, str]:
     """Worker command line: TASK SPEC.json OUT.json -> (task, spec, out path)."""

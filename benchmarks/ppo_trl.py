@@ -27,20 +27,11 @@ def one_config(spec: dict, out: str, batch: int, length: int, updates: int) -> d
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
-        TrainerCallback,
     )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     p, s = spec["ppo"], spec["settings"]
     clock = measure.StepClock()
-
-    class UpdateClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            clock.start()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.step_done(batch)
-
     tok = AutoTokenizer.from_pretrained(p["policy_dir"], padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(p["policy_dir"])
     ref = AutoModelForCausalLM.from_pretrained(p["policy_dir"])
@@ -56,15 +47,11 @@ def one_config(spec: dict, out: str, batch: int, length: int, updates: int) -> d
                      temperature=1.0, learning_rate=p["lr"], bf16=False, fp16=False, activation_checkpointing=False,
                      use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=s["seed"])
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                         value_model=value, train_dataset=ds, callbacks=[UpdateClock()])
+                         value_model=value, train_dataset=ds, callbacks=[clock.update_callback(batch)])
     trainer.train()
-    secs, cpu = clock.step_seconds(), clock.step_cpu_seconds()
-    timed, timed_cpu = secs[1:] or secs, cpu[1:] or cpu
     del trainer, policy, ref, value, reward
     gc.collect()
-    return {"batch": batch, "length": length, "updates": updates, "seconds_per_update": secs,
-            "cpu_seconds_per_update": cpu, "episodes_per_s": batch * len(timed) / sum(timed),
-            "episodes_per_cpu_s": batch * len(timed_cpu) / sum(timed_cpu)}
+    return {"batch": batch, "length": length, "updates": updates, **clock.update_figures(batch)}
 
 
 def ppo(spec: dict, out: str, configs: list[dict]) -> dict:

@@ -119,19 +119,11 @@ def rloo(spec: dict, out: str) -> dict:
     (beta > 0) and the reward model from the same files as ours. An update is the interval between consecutive
     `on_step_end` callbacks; the first, from `on_train_begin`, is warm-up."""
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import RLOOConfig, RLOOTrainer
 
     r, s = spec["rloo"], spec["settings"]
     clock = measure.StepClock()
-
-    class UpdateClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            clock.start()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.step_done(r["batch"])
-
     tok = AutoTokenizer.from_pretrained(r["policy_dir"], padding_side="left")
     prompts = measure.load_json(r["prompts_text"])
     args = RLOOConfig(output_dir=out[: -len(".json")] + "_run", per_device_train_batch_size=r["batch"],
@@ -141,15 +133,11 @@ def rloo(spec: dict, out: str) -> dict:
                       report_to="none", save_strategy="no", logging_steps=1, seed=s["seed"])
     trainer = RLOOTrainer(model=r["policy_dir"], reward_funcs=[r["reward_dir"]], args=args,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
-                          callbacks=[UpdateClock()])
+                          callbacks=[clock.update_callback(r["batch"])])
     trainer.train()
-    secs, cpu = clock.step_seconds(), clock.step_cpu_seconds()
-    timed, timed_cpu = secs[1:] or secs, cpu[1:] or cpu
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return {"unit": "episodes/s", "configs": [{
-        "batch": r["batch"], "length": r["length"], "updates": r["updates"], "seconds_per_update": secs,
-        "cpu_seconds_per_update": cpu, "episodes_per_s": r["batch"] * len(timed) / sum(timed),
-        "episodes_per_cpu_s": r["batch"] * len(timed_cpu) / sum(timed_cpu),
+        "batch": r["batch"], "length": r["length"], "updates": r["updates"], **clock.update_figures(r["batch"]),
         "mean_response_length": sum(lengths) / len(lengths) if lengths else None}]}
 
 

@@ -58,3 +58,19 @@ def test_two_rank_dpo_equals_one_process_on_the_same_global_batches(tiny_model_d
     assert any(not (one[k] == start[k]).all() for k in one)  # it trained
     for k in one:
         assert (one[k] - two[k]).abs().max() < 1e-5, k
+
+
+def test_two_rank_rloo_keeps_each_prompts_responses_on_one_rank(tiny_model_dir, tmp_path):
+    """RLOO under DDP: a rank takes whole prompts (4 responses each), so its leave-one-out baselines need nothing
+    from the other rank; the policy alone is prepared (no critic) and the run finishes and saves a moved policy."""
+    from safetensors.torch import load_file
+
+    from instructgpt.runs import read_metrics
+
+    out = tmp_path / "rloo"
+    _launch(2, "rloo", tiny_model_dir, str(out))
+    rows = [r for r in read_metrics(str(out)) if "objective/scores" in r]
+    assert [r["step"] for r in rows] == [1, 2] and not any("ppo/val/var_explained" in r for r in rows)
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any(not (saved[k] == start[k]).all() for k in saved if k in start)

@@ -2,7 +2,7 @@
 
 Launched by torchrun with 2 CPU processes (gloo); also run with 1 process for the single-process reference.
 usage: ddp_worker.py MODEL_DIR DEMOS OUT_DIR, or ddp_worker.py dpo MODEL_DIR RANKINGS OUT_DIR (DPO's whole stage),
-or ddp_worker.py rloo MODEL_DIR OUT_DIR (PPO's loop without a critic)
+or ddp_worker.py rloo MODEL_DIR RM_DIR PROMPTS OUT_DIR (PPO's loop without a critic)
 """
 
 import json
@@ -26,13 +26,13 @@ if sys.argv[1] == "dpo":  # usage: ddp_worker.py dpo MODEL_DIR RANKINGS OUT_DIR:
                                         "data.eval_size=0", "train.save_every=0"]))
     sys.exit(0)
 
-if sys.argv[1] == "rloo":  # usage: ddp_worker.py rloo MODEL_DIR OUT_DIR: the critic-free PPO loop, groups per rank
+if sys.argv[1] == "rloo":  # usage: ddp_worker.py rloo MODEL_DIR RM_DIR PROMPTS OUT_DIR: PPO's loop, no critic
     from instructgpt.ppo import PPOConfig, train
 
-    model_dir, out = sys.argv[2:4]
-    train(load_config(PPOConfig, None, [f"model.name_or_path={model_dir}", "reward_model.name_or_path=builtin:gold",
-                                        "data.train=builtin:task-prompts?split=train&n=32&seed=0",
-                                        "data.max_length=96", "ppo.ptx_coef=0", "ppo.eval_prompts=0",
+    model_dir, rm_dir, prompts, out = sys.argv[2:6]
+    train(load_config(PPOConfig, None, [f"model.name_or_path={model_dir}", f"reward_model.name_or_path={rm_dir}",
+                                        f"data.train={prompts}", "data.max_length=32", "ppo.ptx_coef=0",
+                                        "ppo.eval_prompts=0", "ppo.missing_eos_penalty=null",
                                         "ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=4",
                                         "ppo.response_length=8", "ppo.num_minibatches=2", "train.batch_size=16",
                                         "train.max_steps=2", "train.lr=1e-3", "train.save_every=0",

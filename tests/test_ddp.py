@@ -65,10 +65,20 @@ def test_two_rank_rloo_keeps_each_prompts_responses_on_one_rank(tiny_model_dir, 
     from the other rank; the policy alone is prepared (no critic) and the run finishes and saves a moved policy."""
     from safetensors.torch import load_file
 
+    from conftest import write_jsonl
+    from instructgpt.config import load_config
+    from instructgpt.rm import RMConfig
+    from instructgpt.rm import train as rm_train
     from instructgpt.runs import read_metrics
+    from test_ppo import _rankings
 
+    rm_train(load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"out_dir={tmp_path / 'rm'}",
+                                          f"data.train={write_jsonl(tmp_path / 'r.jsonl', _rankings(64, 0))}",
+                                          "train.batch_size=8", "train.lr=3e-3", "data.eval_size=0",
+                                          "normalize.demonstrations=null"]))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"what is {i}"} for i in range(32)])
     out = tmp_path / "rloo"
-    _launch(2, "rloo", tiny_model_dir, str(out))
+    _launch(2, "rloo", tiny_model_dir, str(tmp_path / "rm"), prompts, str(out))
     rows = [r for r in read_metrics(str(out)) if "objective/scores" in r]
     assert [r["step"] for r in rows] == [1, 2] and not any("ppo/val/var_explained" in r for r in rows)
     saved = load_file(str(out / "model" / "model.safetensors"))

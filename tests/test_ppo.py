@@ -316,11 +316,14 @@ def _weights(d):
     return load_file(str(d / "model" / "model.safetensors"))
 
 
-def test_resume_equals_uninterrupted(ppo_inputs, tmp_path):
-    train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "a", "train.max_steps=4")))
-    train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "b", "train.max_steps=4", "train.stop_after=2")))
+@pytest.mark.parametrize("estimator", ["gae", "rloo"])
+def test_resume_equals_uninterrupted(ppo_inputs, tmp_path, estimator):
+    extra = ("train.max_steps=4", f"ppo.advantage_estimator={estimator}",
+             f"ppo.samples_per_prompt={1 if estimator == 'gae' else 4}")
+    train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "a", *extra)))
+    train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "b", *extra, "train.stop_after=2")))
     assert not (tmp_path / "b" / "DONE.json").exists()
-    train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "b", "train.max_steps=4")))
+    train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "b", *extra)))
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)

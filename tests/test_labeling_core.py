@@ -138,9 +138,11 @@ def test_passwords_are_salted_slow_hashes():
 # Store
 
 
-def test_login_throttle_counts_failures_in_a_sliding_window():
+@pytest.mark.parametrize("kept", ["memory", "database"])
+def test_login_throttle_counts_failures_in_a_sliding_window(kept, tmp_path):
     now = [1000.0]
-    t = security.LoginThrottle({"user": 3, "addr": 5}, window=600, clock=lambda: now[0])
+    failures = security.MemoryFailures() if kept == "memory" else Store(str(tmp_path / "l.sqlite")).login_failures()
+    t = security.LoginThrottle({"user": 3, "addr": 5}, window=600, clock=lambda: now[0], failures=failures)
     ann, bob, addr = "user:ann", "user:bob", "addr:10.0.0.7"
     for i in range(3):
         assert t.wait([ann, addr]) == 0
@@ -156,9 +158,27 @@ def test_login_throttle_counts_failures_in_a_sliding_window():
     assert t.wait([ann, addr]) == 0  # the oldest failures have left the window
     t.failed([bob, "addr:10.0.0.8"])
     t.succeeded(bob)  # a good login forgets the account's failures, not the address's
-    assert t.wait([bob]) == 0 and len(t._recent("addr:10.0.0.8", now[0])) == 1
+    assert t.wait([bob]) == 0 and len(failures.times("addr:10.0.0.8", now[0] - 600)) == 1
     now[0] += 10_000
-    assert t.wait([ann, bob, addr, "addr:10.0.0.8"]) == 0 and t._failures == {}  # idle keys are forgotten
+    assert t.wait([ann, bob, addr, "addr:10.0.0.8"]) == 0
+    t.failed(["user:carol"])
+    assert failures.count() == 1  # a failure forgets every one that has left the window: storage stays bounded
+
+
+def test_login_failures_kept_in_the_database_outlive_a_restart(tmp_path):
+    path, now = str(tmp_path / "l.sqlite"), [5000.0]
+
+    def throttle():  # a fresh Store and throttle on the same file: the app restarted
+        return security.LoginThrottle({"user": 2, "addr": 9}, window=900, clock=lambda: now[0],
+                                      failures=Store(path).login_failures())
+
+    first = throttle()
+    first.failed(["user:ann", "addr:a"])
+    first.failed(["user:ann", "addr:a"])
+    now[0] += 60
+    assert throttle().wait(["user:ann"]) == pytest.approx(900 - 60)  # still locked after the restart
+    throttle().succeeded("user:ann")
+    assert throttle().wait(["user:ann"]) == 0 and throttle().failures.times("addr:a", 0) == [5000.0, 5000.0]
 
 
 def test_store_uses_wal_and_users(store):
@@ -207,7 +227,8 @@ def test_a_disabled_user_loses_sessions_and_open_claims_but_not_submissions(stor
 
 
 def test_a_version_1_database_is_migrated_in_place(tmp_path):
-    """A database made before users.disabled opens, keeps its users and sessions, and gains the column."""
+    """A database made before users.disabled opens, keeps its users and sessions, and gains the column (and the
+    login_failures table of version 3)."""
     path = str(tmp_path / "v1.sqlite")
     con = sqlite3.connect(path)
     con.executescript("""
@@ -223,7 +244,8 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     ann = store.authenticate("ann", PASSWORD)
     assert ann is not None and not ann.disabled
     with store.connect() as c:
-        assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+        assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
+    assert store.login_failures().count() == 0  # the table is there
     store.set_disabled("ann", True)
     assert Store(path).authenticate("ann", PASSWORD) is None  # reopening migrates nothing twice
 

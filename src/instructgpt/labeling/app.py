@@ -73,10 +73,11 @@ def create_app(store: Store | str, *, allowed_hosts: Sequence[str] | None = None
 
     `allowed_hosts`: Host header values accepted (None accepts any); the CLI passes the loopback names when it binds
     to loopback, which stops DNS-rebinding pages from talking to the app. `secure_cookies` adds the Secure flag (set
-    it behind HTTPS). `login_throttle`: failed-login limits (default :class:`security.LoginThrottle`'s).
+    it behind HTTPS). `login_throttle`: failed-login limits (default :class:`security.LoginThrottle`'s, kept in the store).
     """
-    throttle = login_throttle or security.LoginThrottle()
     store = store if isinstance(store, Store) else Store(store)
+    # failed logins counted in the database by default, so restarting the app does not reset them
+    throttle = login_throttle or security.LoginThrottle(failures=store.login_failures())
     env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=select_autoescape(default=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)

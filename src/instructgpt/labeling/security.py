@@ -79,44 +79,64 @@ LOGIN_FAILURES_PER_ADDRESS = 20
 LOGIN_WINDOW_SECONDS = 15 * 60
 
 
+class MemoryFailures:
+    """Failed-login times per key, in this process: forgotten on restart (`Store.login_failures()` persists them)."""
+
+    def __init__(self):
+        self._times: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def times(self, key: str, since: float) -> list[float]:
+        with self._lock:
+            return [t for t in self._times.get(key, ()) if t > since]
+
+    def add(self, keys: list[str], at: float, forget_before: float) -> None:
+        """Record a failure for each key, and forget every failure at or before `forget_before`."""
+        with self._lock:
+            for key in list(self._times):
+                q = self._times[key]
+                while q and q[0] <= forget_before:
+                    q.popleft()
+                if not q:
+                    del self._times[key]  # idle keys go: memory stays bounded by recent failures
+            for key in keys:
+                self._times.setdefault(key, deque()).append(at)
+
+    def clear(self, key: str) -> None:
+        with self._lock:
+            self._times.pop(key, None)
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(map(len, self._times.values()))
+
+
 class LoginThrottle:
-    """Failed logins in a sliding window, per key ("user:alice", "addr:10.0.0.7"). In memory: the app is one process.
+    """Failed logins in a sliding window, per key ("user:alice", "addr:10.0.0.7").
 
     `wait(keys)` is the seconds until every key is under its limit (0: go ahead); `failed(keys)` records a failure;
-    `succeeded(key)` forgets an account's failures. `clock` is injectable for tests.
+    `succeeded(key)` forgets an account's failures. `failures` keeps the times: in memory by default, in the labeling
+    database with `Store.login_failures()` (what the app uses, so a restart does not reset the count). Wall-clock
+    time, since stored times must outlive the process; `clock` is injectable for tests.
     """
 
     def __init__(self, limits: dict[str, int] | None = None, window: float = LOGIN_WINDOW_SECONDS,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.time, failures=None):
         self.limits = limits or {"user": LOGIN_FAILURES_PER_ACCOUNT, "addr": LOGIN_FAILURES_PER_ADDRESS}
         self.window, self.clock = window, clock
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def _recent(self, key: str, now: float) -> deque[float]:
-        q = self._failures.get(key, deque())
-        while q and q[0] <= now - self.window:
-            q.popleft()
-        if not q:
-            self._failures.pop(key, None)  # forget idle keys: memory stays bounded by recent failures
-        return q
+        self.failures = failures if failures is not None else MemoryFailures()
 
     def wait(self, keys: list[str]) -> float:
-        with self._lock:
-            now, out = self.clock(), 0.0
-            for key in keys:
-                q = self._recent(key, now)
-                if len(q) >= self.limits[key.split(":", 1)[0]]:
-                    out = max(out, q[0] + self.window - now)
-            return out
+        now, out = self.clock(), 0.0
+        for key in keys:
+            times = self.failures.times(key, now - self.window)
+            if len(times) >= self.limits[key.split(":", 1)[0]]:
+                out = max(out, min(times) + self.window - now)
+        return out
 
     def failed(self, keys: list[str]) -> None:
-        with self._lock:
-            now = self.clock()
-            for key in keys:
-                self._recent(key, now)
-                self._failures.setdefault(key, deque()).append(now)
+        now = self.clock()
+        self.failures.add(keys, now, now - self.window)
 
     def succeeded(self, key: str) -> None:
-        with self._lock:
-            self._failures.pop(key, None)
+        self.failures.clear(key)

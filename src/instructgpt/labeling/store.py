@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 from instructgpt.labeling import security
 from instructgpt.labeling.rubric import RankingSubmission
 
-SCHEMA_VERSION = 2  # 2: users.disabled
+SCHEMA_VERSION = 3  # 2: users.disabled; 3: login_failures
 # A claimed task that is neither submitted nor skipped holds its slot this long; after that another labeler may take
 # the slot (the first may still submit: one extra judgement, never a lost one).
 CLAIM_LEASE_SECONDS = 2 * 3600
@@ -86,6 +86,8 @@ CREATE TABLE IF NOT EXISTS submissions (
     created_at REAL NOT NULL,
     UNIQUE (task_id, user_id)
 );
+CREATE TABLE IF NOT EXISTS login_failures (key TEXT NOT NULL, at REAL NOT NULL);  -- security.LoginThrottle's
+CREATE INDEX IF NOT EXISTS login_failures_by_key ON login_failures (key, at);
 """
 
 
@@ -257,6 +259,10 @@ class Store:
                 released = con.execute("DELETE FROM assignments WHERE user_id = ? AND submitted_at IS NULL "
                                        "AND skipped_at IS NULL", (row["id"],)).rowcount
         return User(row["id"], username, bool(row["is_admin"]), disabled), released
+
+    def login_failures(self) -> StoredFailures:
+        """Failed-login times in this database, for :class:`security.LoginThrottle`: a restart keeps the count."""
+        return StoredFailures(self)
 
     def create_session(self, user_id: int) -> tuple[str, str]:
         """A new session for `user_id`: (token for the cookie, CSRF token for its forms)."""
@@ -486,3 +492,28 @@ class Store:
                 "flags": json.loads(r["flags"]) if r["flags"] else None,
                 "created_at": r["created_at"],
             }
+
+
+class StoredFailures:
+    """:class:`security.MemoryFailures`' interface over the `login_failures` table."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def times(self, key: str, since: float) -> list[float]:
+        with self.store.connect() as con:
+            return [r["at"] for r in con.execute("SELECT at FROM login_failures WHERE key = ? AND at > ?",
+                                                 (key, since))]
+
+    def add(self, keys: list[str], at: float, forget_before: float) -> None:
+        with self.store.transaction() as con:
+            con.execute("DELETE FROM login_failures WHERE at <= ?", (forget_before,))
+            con.executemany("INSERT INTO login_failures (key, at) VALUES (?, ?)", [(k, at) for k in keys])
+
+    def clear(self, key: str) -> None:
+        with self.store.transaction() as con:
+            con.execute("DELETE FROM login_failures WHERE key = ?", (key,))
+
+    def count(self) -> int:
+        with self.store.connect() as con:
+            return con.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0]

@@ -73,7 +73,8 @@ def create_app(store: Store | str, *, allowed_hosts: Sequence[str] | None = None
 
     `allowed_hosts`: Host header values accepted (None accepts any); the CLI passes the loopback names when it binds
     to loopback, which stops DNS-rebinding pages from talking to the app. `secure_cookies` adds the Secure flag (set
-    it behind HTTPS). `login_throttle`: failed-login limits (default :class:`security.LoginThrottle`'s, kept in the store).
+    it behind HTTPS). `login_throttle`: failed-login limits (default: :class:`security.LoginThrottle`'s, its failures
+    kept in the store).
     """
     store = store if isinstance(store, Store) else Store(store)
     # failed logins counted in the database by default, so restarting the app does not reset them

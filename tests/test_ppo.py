@@ -300,6 +300,24 @@ def test_critic_free_estimators_raise_the_reward_without_a_value_model(ppo_input
     assert len({q[0] for q in by_step.values()}) > 12  # and different prompts from update to update
 
 
+def test_kl_in_the_loss_leaves_the_reward_the_score_and_holds_the_policy_near_the_reference(ppo_inputs, tmp_path):
+    def run(name, beta):
+        train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / name, "train.max_steps=12", "train.lr=3e-3",
+                                                 "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4",
+                                                 "ppo.kl_in_loss=true", "ppo.kl_estimator=k3", f"ppo.kl_coef={beta}",
+                                                 "ppo.missing_eos_penalty=null")))
+        return [r for r in read_metrics(str(tmp_path / name)) if "objective/kl" in r]
+
+    free, held = run("free", 0.0), run("held", 2.0)
+    for rows in (free, held):  # the KL is not in the reward: the reward is the score
+        assert all(r["objective/non_score_reward"] == 0.0 for r in rows)
+        assert all(r["objective/rlhf_reward"] == pytest.approx(r["objective/scores"], abs=1e-6) for r in rows)
+    assert all("ppo/loss/kl" in r for r in held) and held[-1]["ppo/loss/kl"] > 0
+    kl_free = sum(r["objective/kl"] for r in free[-4:]) / 4
+    kl_held = sum(r["objective/kl"] for r in held[-4:]) / 4
+    assert kl_held < 0.5 * kl_free, (kl_held, kl_free)  # the loss term pulls the policy back to the reference
+
+
 def test_critic_free_config_is_checked():
     base = ["reward_model.name_or_path=x", "ppo.advantage_estimator=rloo", "ppo.ptx_coef=0"]
     with pytest.raises(ConfigError, match="ppo.samples_per_prompt >= 2"):

@@ -10,7 +10,8 @@ normalised). `ppo.value_model: policy` instead puts a zero-initialised value hea
 
     1. rollout: sample responses to a batch of prompts (logits / temperature; stop at EOS; pad != EOS)
     2. score: the frozen models run once per rollout -> old log-probs, reference log-probs, values, RM scores
-    3. rewards = score at the last token - beta * KL per token;  GAE (gamma = 1, lambda);  whitened advantages
+    3. rewards = score at the last token - beta * KL per token (`ppo.kl_in_loss`: beta * KL in the loss instead);
+       GAE (gamma = 1, lambda);  whitened advantages
        (`ppo.advantage_estimator` rloo / grpo: no value model; a response's return against the other responses to
        its prompt, at every token)
     4. PPO epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss (with a critic)
@@ -61,6 +62,9 @@ class RewardModelConfig:
 class PPOParams:
     kl_coef: float = 0.02  # beta; the paper's fixed value (App. C.4)
     kl_estimator: Literal["k1", "k3"] = "k1"  # k1 = log pi - log pi_ref, the paper's; k3 is never negative
+    # beta * KL as a loss term on the policy's current log-probs (GRPO's, Shao et al. 2024, with k3) instead of a
+    # penalty in the reward (the paper's)
+    kl_in_loss: bool = False
     adaptive_kl: bool = False  # lm-human-preferences' controller instead of a fixed beta (the paper: fixed)
     kl_target: float = 6.0  # adaptive controller: target of sum_t KL per sequence
     kl_horizon: int = 10000  # adaptive controller: episodes
@@ -586,7 +590,7 @@ def train(cfg: PPOConfig) -> str:
             # 2. rewards: score at the last token - beta * KL per token (the paper's Eq. 2, per token)
             kl = kl_per_token(b.logprobs, b.ref_logprobs, p.kl_estimator) * mask
             scores = b.scores
-            rewards, non_score = token_rewards(scores, kl, kl_ctl.value, mask)
+            rewards, non_score = token_rewards(scores, kl, 0.0 if p.kl_in_loss else kl_ctl.value, mask)
             if p.whiten_rewards:
                 rewards = whiten(rewards, mask, shift_mean=False)
             # 3. GAE (gamma = 1 by default), or a response's return against its prompt's other responses at every
@@ -625,6 +629,9 @@ def train(cfg: PPOConfig) -> str:
                             vals = token_values(value, ids, att)
                     pg_loss, pg_stats = policy_loss(new_logprobs, mb.logprobs, mb_adv, mb_mask, p.cliprange)
                     loss = pg_loss
+                    if p.kl_in_loss:
+                        kl_loss = masked_mean(kl_per_token(new_logprobs, mb.ref_logprobs, p.kl_estimator), mb_mask)
+                        loss = loss + kl_ctl.value * kl_loss
                     if value_module is not None:
                         vf_loss, vf_stats = value_loss(vals[:, P - 1:-1], mb.values, returns[mb_idx], mb_mask,
                                                        p.cliprange_value)
@@ -657,6 +664,8 @@ def train(cfg: PPOConfig) -> str:
                               "ppo/loss/policy": pg_loss, "ppo/loss/ptx": ptx, "ppo/val/ratio": pg_stats["ratio"]}
                     if value_module is not None:
                         logged.update({"ppo/val/clipfrac": vf_stats["clipfrac"], "ppo/loss/value": vf_loss})
+                    if p.kl_in_loss:
+                        logged["ppo/loss/kl"] = kl_loss
                     for name, v in logged.items():
                         stats.setdefault(name, []).append(float(v.detach()))
             sched.step()

@@ -51,6 +51,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tiny_model_dir,
     assert (out / "report.md").exists() and any(p.suffix == ".png" for p in out.iterdir())
     # rerun on the same directory: every stage is finished, only the evaluation runs again
     before = {s: os.path.getmtime(out / s / "DONE.json") for s in ("sft", "rm", "ppo")}
+    rankings_mtime = os.path.getmtime(out / "rankings.jsonl")
     held = [x for x in open(out / "report.md") if x.startswith("| held-out prompts |")]
     assert len(held) == 1 and "fail" in held[0]  # 26 of the default's 500
     # ... with the recipe's own target for the report
@@ -60,6 +61,8 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tiny_model_dir,
     assert before == {s: os.path.getmtime(out / s / "DONE.json") for s in ("sft", "rm", "ppo")}
     first = json.load(open(out / "report.json"))
     assert first["seconds.sft"] == report["seconds.sft"] and first["seconds.ppo"] == report["seconds.ppo"]
+    assert first["seconds.label_sim"] == report["seconds.label_sim"] > 0  # the rankings were not made again
+    assert os.path.getmtime(out / "rankings.jsonl") == rankings_mtime
     assert first["peak_rss_gib.ppo"] == report["peak_rss_gib.ppo"]  # kept from memory.json, like the seconds
     # a pipeline killed before it recorded any time: finished stages take their DONE.json's seconds
     os.remove(out / "seconds.json")

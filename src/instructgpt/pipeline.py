@@ -205,8 +205,10 @@ def run(recipe: dict, out: str) -> int:
         memory[name] = peak_memory_gib()
         _save(out, seconds, memory)  # after every stage, so a killed pipeline keeps the figures of what it finished
 
-    def timed(name, fn, *a):
-        done_file = os.path.join(out, name, "DONE.json")
+    def timed(name, fn, *a, done_file=None):
+        """Run a stage, recording its seconds and memory when it did its work in this invocation; `done_file` (its
+        DONE.json by default) existing beforehand means an earlier one finished it."""
+        done_file = done_file or os.path.join(out, name, "DONE.json")
         done_before = os.path.exists(done_file)
         reset_peak_cuda_memory()
         t = time.time()
@@ -215,20 +217,16 @@ def run(recipe: dict, out: str) -> int:
             seconds[name] = seconds.get(name, 0.0) + time.time() - t
             measured(name)
             return
-        if name not in seconds:  # ... or, if that invocation was killed before recording it, its own DONE.json's
+        # ... or, if that invocation was killed before recording it, the stage's own DONE.json's (label-sim has none)
+        if name not in seconds and done_file.endswith("DONE.json"):
             with open(done_file, encoding="utf-8") as fh:
                 seconds[name] = float(json.load(fh).get("seconds", 0.0))
         _save(out, seconds, memory)
 
     try:
         timed("sft", sft.train, cfgs["sft"])
-        if ("rm" in cfgs or "dpo" in cfgs) and recipe.get("label_sim") \
-                and not os.path.exists(os.path.join(out, "rankings.jsonl")):
-            reset_peak_cuda_memory()
-            t = time.time()
-            run_label_sim(recipe, out)
-            seconds["label_sim"] = time.time() - t
-            measured("label_sim")
+        if ("rm" in cfgs or "dpo" in cfgs) and recipe.get("label_sim"):
+            timed("label_sim", run_label_sim, recipe, out, done_file=os.path.join(out, "rankings.jsonl"))
         if "rm" in cfgs:
             timed("rm", rm.train, cfgs["rm"])
         for name in ("ppo", "ppo_noptx", "rloo"):

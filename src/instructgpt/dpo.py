@@ -11,7 +11,6 @@ before the first step, from a fresh load of the starting model (so a resumed run
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -61,6 +60,12 @@ def response_logprobs(model, items: Sequence[Item], pad_token_id: int, device) -
     return list(torch.split(sums, [len(it.seqs) for it in items]))
 
 
+def implicit_rewards(model, items: Sequence[Item], pad_token_id: int, device, beta: float) -> list[torch.Tensor]:
+    """beta * (log pi - log pi_ref) of every response of every item, in one forward. -> [(K_i,)]."""
+    logps = response_logprobs(model, items, pad_token_id, device)
+    return [beta * (lp.float() - it.ref) for lp, it in zip(logps, items)]
+
+
 def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: list[int], beta: float) -> torch.Tensor:
     """-(1/C) sum over non-tied pairs (w, l) of log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]): the RM's
     ranking loss over the implicit rewards beta * (log pi - log pi_ref). (K,), (K,) -> ()."""
@@ -75,11 +80,10 @@ def evaluate(model, items: Sequence[Item], pad_token_id: int, device, beta: floa
     loss_sum, best, worst = 0.0, [], []
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
-        for it, lp in zip(chunk, response_logprobs(model, chunk, pad_token_id, device)):
-            rewards = beta * (lp.float() - it.ref)
+        for it, rewards in zip(chunk, implicit_rewards(model, chunk, pad_token_id, device, beta)):
             a, n = ranking_accuracy(rewards.tolist(), it.ranks)
             right, total = right + a, total + n
-            loss_sum += float(dpo_loss(lp.float(), it.ref, it.ranks, beta))
+            loss_sum += float(ranking_loss(rewards, it.ranks))  # dpo_loss, on the rewards already at hand
             ranks = torch.tensor(it.ranks)
             best.append(float(rewards[ranks == ranks.min()].mean()))
             worst.append(float(rewards[ranks == ranks.max()].mean()))
@@ -115,10 +119,10 @@ def train(cfg: DPOConfig) -> str:
         model = apply_lora(model, cfg.model.lora)
         model.eval()
     # 3. train: the RM's loop, the implicit rewards in place of the reward head's
-    steps = cfg.train.max_steps or math.ceil(cfg.epochs * len(items) / cfg.train.batch_size)
+    steps = cfg.total_steps(len(items))
 
     def rewards(m, mb: Sequence[Item]) -> list[torch.Tensor]:
-        return [cfg.beta * (lp.float() - it.ref) for lp, it in zip(response_logprobs(m, mb, pad, acc.device), mb)]
+        return implicit_rewards(m, mb, pad, acc.device, cfg.beta)
 
     def held_out(m) -> dict:
         with acc.autocast():  # as the reference's log-probs were computed

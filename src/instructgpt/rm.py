@@ -60,6 +60,10 @@ class RankingStageConfig(StageConfig):
             raise ConfigError("data.train: a comparisons file (rankings, pairs, HH-RLHF or summarize-from-feedback) "
                               "is required")
 
+    def total_steps(self, prompts: int) -> int:
+        """train.max_steps, or with 0 (the default) as many as `epochs` passes over `prompts` rankings take."""
+        return self.train.max_steps or math.ceil(self.epochs * prompts / self.train.batch_size)
+
 
 @dataclass
 class RMConfig(RankingStageConfig):
@@ -183,7 +187,7 @@ def train(cfg: RMConfig) -> str:
         model = apply_lora(model, cfg.model.lora, task="seq_cls")  # the head trains in full, the trunk through LoRA
     # 2. rankings -> (K responses, ranks) per prompt
     rankings, items, eval_items, skipped = load_ranking_items(cfg, tok)
-    steps = cfg.train.max_steps or math.ceil(cfg.epochs * len(items) / cfg.train.batch_size)
+    steps = cfg.total_steps(len(items))
     # 3. train: a batch of prompts a step, each prompt's C(K,2) comparisons one element, each response forwarded once
     model.train()
     model, last_eval = fit_rankings(cfg, run, acc, model, items, eval_items, steps, "rm",

@@ -219,11 +219,16 @@ SHAREGPT_ROLES = MappingProxyType({"system": "system", "human": "user", "user": 
                                    "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"})
 
 
+def _conversation_key(row: dict) -> str:
+    """Where a row keeps its conversation: "messages", or ShareGPT's "conversations" when only that is there."""
+    return "conversations" if "messages" not in row and "conversations" in row else "messages"
+
+
 def _messages(file: str, line: int, row: dict, key: str = "messages") -> list[dict[str, str]]:
     """row[key] as [{"role", "content"}] messages; for "messages" missing, ShareGPT's {"conversations": [{"from",
     "value"}]}."""
     role_key, text_key, roles = "role", "content", {r: r for r in ROLES}
-    if key == "messages" and "messages" not in row and "conversations" in row:
+    if key == "messages" and _conversation_key(row) == "conversations":
         key, role_key, text_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
     msgs = row.get(key)
     if not isinstance(msgs, list) or not msgs:
@@ -247,7 +252,7 @@ def _user(text: str) -> list[dict[str, str]]:
 
 def _prompt_messages(file: str, line: int, row: dict) -> list[dict[str, str]]:
     """The prompt as messages, from "prompt" or "messages" (or ShareGPT's "conversations")."""
-    key = "messages" if "messages" in row else "conversations"
+    key = _conversation_key(row)
     if row.get(key) is not None:
         msgs = _messages(file, line, row)
         if msgs[-1]["role"] == "assistant":
@@ -272,8 +277,7 @@ def parse_demonstration(file: str, line: int, row: dict) -> Demonstration:
     if "messages" in row or "conversations" in row:
         msgs = _messages(file, line, row)
         if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(file, line, "messages" if "messages" in row else "conversations",
-                            "no assistant turn to learn from")
+            raise DataError(file, line, _conversation_key(row), "no assistant turn to learn from")
         return Demonstration(msgs, file, line)
     if "instruction" in row:
         instruction = _str(file, line, row, "instruction")

@@ -101,6 +101,15 @@ def load_recipe(path: str | None, overrides: list[str]) -> dict:
     return recipe
 
 
+def _optional_section(recipe: dict, name: str) -> dict | None:
+    """An optional stage's section (`dpo`, `rloo`): None when off (absent, null or false), else its keys ({} for
+    true or an empty section)."""
+    section = recipe.get(name)
+    if section in (None, False):
+        return None
+    return section if isinstance(section, dict) else {}
+
+
 def stage_configs(recipe: dict, out: str) -> dict:
     """Every stage's typed config, with the links between stages filled in where the recipe leaves them out."""
     from instructgpt import dpo, ppo, rm, sft
@@ -126,16 +135,15 @@ def stage_configs(recipe: dict, out: str) -> dict:
         if recipe.get("ppo_noptx"):
             plain = deep_merge(ppo_d, {"ppo": {"ptx_coef": 0.0}, "out_dir": os.path.join(out, "ppo_noptx")})
             cfgs["ppo_noptx"] = load_config(ppo.PPOConfig, None, None, plain)
-        if recipe.get("rloo") not in (None, False):
+        if (rloo := _optional_section(recipe, "rloo")) is not None:
             rloo_d = deep_merge(deep_merge(ppo_d, {"ppo": {"advantage_estimator": "rloo", "samples_per_prompt": 4}}),
-                                recipe["rloo"] if isinstance(recipe["rloo"], dict) else {})
+                                rloo)
             if rloo_d["ppo"]["advantage_estimator"] != "rloo":
                 raise ConfigError("rloo.ppo.advantage_estimator: the rloo section runs RLOO (its report names it so)")
             rloo_d["out_dir"] = os.path.join(out, "rloo")
             cfgs["rloo"] = load_config(ppo.PPOConfig, None, None, rloo_d)
-    if recipe.get("dpo") not in (None, False):
-        dpo_d = deep_merge({"seed": seed, "model": {"name_or_path": sft_model}},
-                           recipe["dpo"] if isinstance(recipe["dpo"], dict) else {})
+    if (dpo_section := _optional_section(recipe, "dpo")) is not None:
+        dpo_d = deep_merge({"seed": seed, "model": {"name_or_path": sft_model}}, dpo_section)
         if not (dpo_d.get("data") or {}).get("train"):  # the rankings the RM learns from (without an RM, label-sim's)
             rankings = cfgs["rm"].data.train if "rm" in cfgs else \
                 (os.path.join(out, "rankings.jsonl") if recipe.get("label_sim") else None)

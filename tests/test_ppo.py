@@ -392,6 +392,26 @@ def test_lora_policy_shares_the_frozen_base_as_reference_and_lora_value(ppo_inpu
     AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # merged: a plain checkpoint
 
 
+def test_keep_best_with_a_lora_policy_saves_mid_run_and_training_goes_on(ppo_inputs, tmp_path):
+    """keep_best saves the policy at every evaluation that improves; with LoRA that save merged the adapter in place,
+    so the next update found no adapter to switch off for the reference. Now it merges a copy."""
+    out = tmp_path / "best"
+    train(load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=3", "train.eval_every=1",
+                                             "model.lora.enabled=true", "model.lora.target_modules=[c_attn]",
+                                             "ppo.eval_prompts=8", "ppo.keep_best=reward", "ppo.kl_budget=100")))
+    rows = read_metrics(str(out))
+    kls = [r["objective/kl"] for r in rows if "objective/kl" in r]
+    assert len(kls) == 3 and kls[0] == pytest.approx(0.0, abs=1e-5) and min(kls[1:]) > 1e-4  # the adapter moved it
+    scores = {r["step"]: r["eval/rm_score"] for r in rows if "eval/rm_score" in r}
+    assert sorted(scores) == [0, 1, 2, 3]
+    with open(out / "DONE.json", encoding="utf-8") as fh:
+        done = json.load(fh)
+    best = max(scores, key=scores.get)
+    assert done["best_step"] == best and done["best"] == pytest.approx(scores[best])
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out / "model")  # the kept checkpoint, merged: a plain one
+
+
 def test_gold_labeler_as_the_reward_oracle(ppo_inputs, tmp_path):
     from instructgpt import tasks
     from instructgpt.ppo import GoldReward

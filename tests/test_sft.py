@@ -217,6 +217,40 @@ def test_rerun_of_finished_stage_and_config_mismatch(tiny_model_dir, demos_file,
     assert again == _cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 2})
 
 
+def test_saving_a_lora_model_merges_a_copy_and_leaves_the_adapter_training(tiny, tmp_path):
+    """peft's merge_and_unload rewrites a model in place; a save mid-run (PPO's keep_best) must not."""
+    from transformers import AutoModelForCausalLM
+
+    from instructgpt.config import LoraConfig
+    from instructgpt.modeling import apply_lora, save_model
+    model, tok = tiny
+    model = apply_lora(model, LoraConfig(enabled=True, r=4, target_modules=["c_attn"]))
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # B starts at zero; a trained adapter changes the outputs
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.tensor([tok("the cat is red and the dog").input_ids])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        out = model(ids).logits
+        with model.disable_adapter():
+            ref = model(ids).logits
+    assert float((out - ref).abs().max()) > 1e-2
+    save_model(model, tok, str(tmp_path / "copy"))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, out)
+        with model.disable_adapter():  # the reference (adapter off) is still the untouched base
+            assert torch.equal(model(ids).logits, ref)
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "copy")(ids).logits
+    torch.testing.assert_close(saved, out, atol=1e-5, rtol=0)  # merged: a plain checkpoint of the adapted model
+    save_model(model, tok, str(tmp_path / "last"), consume=True)  # a stage's last save merges in place
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "last")(ids).logits, out,
+                                   atol=1e-5, rtol=0)
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
         load_config(SFTConfig, None, ["train.lrr=1"])

@@ -7,6 +7,7 @@ shipped in the package) or a GGUF file take the same path, and what we save load
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 
@@ -122,12 +123,17 @@ def apply_lora(model, lora_cfg, task: str = "causal_lm"):
     return get_peft_model(model, pc)
 
 
-def save_model(model, tokenizer, out: str) -> None:
-    """Save a plain Hugging Face checkpoint (safetensors + tokenizer) atomically; LoRA adapters are merged first."""
+def save_model(model, tokenizer, out: str, *, consume: bool = False) -> None:
+    """Save a plain Hugging Face checkpoint (safetensors + tokenizer) atomically, LoRA adapters merged.
+
+    peft's ``merge_and_unload`` rewrites the model in place (its adapters gone), so by default a copy is merged and
+    the model passed in goes on training as it was (PPO's ``keep_best`` saves mid-run). ``consume=True``, for a
+    stage's last use of its model, merges in place instead and spares the copy's memory.
+    """
     from instructgpt.gguf_checkpoint import drop_gguf_quantizer
 
     if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        model = (model if consume else copy.deepcopy(model)).merge_and_unload()
     model = drop_gguf_quantizer(model)  # loaded by transformers straight from a GGUF: save_pretrained would refuse
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -715,7 +715,7 @@ def train(cfg: PPOConfig) -> str:
 
             replace_dir(run.path("best_model"), run.path("model"))
         else:
-            save_model(final, tok, run.path("model"))
+            save_model(final, tok, run.path("model"), consume=True)
     run.finish({"updates": t.max_steps, "episodes": state["episodes"], "skipped": skipped,
                 "kl_coef": kl_ctl.value, "best": state["best"], "best_step": state["best_step"]})
     return cfg.out_dir

@@ -126,7 +126,7 @@ def train(cfg: PretrainConfig) -> str:
     if res.step < cfg.train.max_steps:
         return cfg.out_dir
     if acc.is_main_process:
-        save_model(acc.unwrap_model(model), tokenizer, run.path("model"))
+        save_model(acc.unwrap_model(model), tokenizer, run.path("model"), consume=True)
     run.finish({"steps": res.step, "eval_loss": res.eval_loss, "tokens_per_s": res.tokens_per_s,
                 "train_blocks": len(train_ex)})
     return cfg.out_dir

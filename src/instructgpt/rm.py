@@ -199,7 +199,7 @@ def train(cfg: RMConfig) -> str:
     bare = acc.unwrap_model(model)
     norm = fit_normalization(bare, tok, cfg.normalize, [r.messages for r in rankings], acc.device)
     if acc.is_main_process:
-        save_model(bare, tok, run.path("model"))
+        save_model(bare, tok, run.path("model"), consume=True)
         norm.save(run.path("model"))
     run.finish({"steps": steps, "prompts": len(items), "skipped": skipped, "bias": norm.bias, "gain": norm.gain,
                 **{k.replace("eval/", "eval_"): v for k, v in last_eval.items()}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import subprocess
@@ -348,6 +349,32 @@ def test_resume_equals_uninterrupted(ppo_inputs, tmp_path, estimator):
     ma = [r for r in read_metrics(str(tmp_path / "a")) if "objective/scores" in r]
     mb = [r for r in read_metrics(str(tmp_path / "b")) if "objective/scores" in r]
     assert [r["objective/scores"] for r in ma] == pytest.approx([r["objective/scores"] for r in mb], abs=1e-5)
+
+
+def test_ema_of_the_policy_is_the_saved_model_and_resumes_exactly(ppo_inputs, tmp_path):
+    """ppo.ema_decay (the paper's 0.992): the saved model is the EMA of the policy's weights after every optimizer
+    step. Decay near 0 leaves the last weights, near 1 the first; in between it resumes like the rest of the state."""
+    from safetensors.torch import load_file
+    def run(name, *extra):
+        train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / name, "train.max_steps=3", *extra)))
+
+    run("last")
+    run("ema0", "ppo.ema_decay=1e-9")
+    run("ema1", "ppo.ema_decay=0.999999999")
+    run("half", "ppo.ema_decay=0.5")
+    run("half_resumed", "ppo.ema_decay=0.5", "train.stop_after=2")
+    run("half_resumed", "ppo.ema_decay=0.5")
+    first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
+    last, ema0, ema1, half = (_weights(tmp_path / n) for n in ("last", "ema0", "ema1", "half"))
+    moved = [k for k in last if not torch.allclose(last[k], first[k], atol=1e-4)]
+    assert moved  # the policy's weights changed
+    for k in last:
+        torch.testing.assert_close(ema0[k], last[k], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ema1[k], first[k], atol=1e-6, rtol=1e-6)
+    for k in moved:  # an average of the weights it went through: neither end
+        assert not torch.allclose(half[k], last[k], atol=1e-5) and not torch.allclose(half[k], first[k], atol=1e-5)
+    for k, v in _weights(tmp_path / "half_resumed").items():
+        torch.testing.assert_close(v, half[k], atol=1e-6, rtol=1e-5)
 
 
 def test_sigkill_mid_update_then_rerun_matches_uninterrupted(ppo_inputs, tmp_path):

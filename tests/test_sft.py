@@ -169,6 +169,23 @@ def test_bf16_mixed_precision_trains_close_to_fp32_and_saves_fp32_weights(tiny_m
     assert all(w.dtype == torch.float32 for w in _weights(tmp_path / "bf16").values())
 
 
+def test_gradient_accumulation_equals_the_whole_batch(tiny_model_dir, demos_file, tmp_path):
+    """train.grad_accum splits each batch into micro-batches; the loss is normalised by the whole batch's response
+    tokens, so 1, 2 or 4 micro-batches of unequal lengths give the same steps (the classic accumulation bug: a mean
+    per micro-batch weights short examples up)."""
+    runs = {}
+    for ga in (1, 2, 4):
+        train(_cfg(tiny_model_dir, demos_file, tmp_path / f"ga{ga}", **{"train.max_steps": 4, "train.grad_accum": ga}))
+        runs[ga] = (_weights(tmp_path / f"ga{ga}"), [json.loads(l)["train/loss"]
+                                                     for l in open(tmp_path / f"ga{ga}" / "metrics.jsonl")])
+    first = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any(not torch.allclose(runs[1][0][k], first[k]) for k in first)
+    for ga in (2, 4):
+        for k, w in runs[1][0].items():
+            torch.testing.assert_close(runs[ga][0][k], w, atol=1e-5, rtol=1e-4)
+        assert runs[ga][1] == pytest.approx(runs[1][1], rel=1e-5)
+
+
 def test_resume_equals_uninterrupted(tiny_model_dir, demos_file, tmp_path):
     train(_cfg(tiny_model_dir, demos_file, tmp_path / "a", **{"train.max_steps": 10}))
     b = tmp_path / "b"

@@ -217,7 +217,10 @@ def fit_rankings(cfg: RankingStageConfig, run: StageRun, acc, model, items: Sequ
     t = cfg.train
     model, opt, sched = make_optimizer(acc, model, t, steps)
     world, rank = acc.num_processes, acc.process_index
-    micro = max(1, t.batch_size // (world * t.grad_accum))
+    if t.batch_size % (world * t.grad_accum):  # else the prompts past the last whole micro-batch were never seen
+        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum "
+                         f"({world} x {t.grad_accum})")
+    micro = t.batch_size // (world * t.grad_accum)
     start = resume_step(run, acc, desc)
     last_eval: dict = {}
     t0, comparisons = time.time(), 0

@@ -319,6 +319,27 @@ def test_kl_in_the_loss_leaves_the_reward_the_score_and_holds_the_policy_near_th
     assert kl_held < 0.5 * kl_free, (kl_held, kl_free)  # the loss term pulls the policy back to the reference
 
 
+def test_adaptive_kl_in_the_loop_sets_the_penalty_of_each_update_and_resumes(ppo_inputs, tmp_path):
+    """ppo.adaptive_kl (Ziegler et al.'s controller; the paper kept beta fixed): each update's KL penalty uses the
+    beta the controller reached after the previous update's KL, and the controller resumes with the run."""
+    extra = ("train.max_steps=4", "ppo.adaptive_kl=true", "ppo.kl_coef=0.1", "ppo.kl_target=0.02",
+             "ppo.kl_horizon=32")
+    train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "a", *extra)))
+    train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "b", *extra, "train.stop_after=2")))
+    train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "b", *extra)))
+    runs = {n: [r for r in read_metrics(str(tmp_path / n)) if "objective/kl" in r] for n in ("a", "b")}
+    rows = runs["a"]
+    ctl, betas = AdaptiveKLController(0.1, 0.02, 32), []
+    for r in rows:
+        # the reward's penalty is -beta * KL with the beta in force when the batch was scored
+        assert r["objective/non_score_reward"] == pytest.approx(-ctl.value * r["objective/kl"], abs=2e-6)
+        ctl.update(r["objective/kl"], 16)
+        betas.append(ctl.value)
+        assert r["ppo/kl_coef"] == pytest.approx(ctl.value, rel=1e-4)
+    assert len(betas) == 4 and len(set(betas)) == 4  # it moved every update
+    assert [r["ppo/kl_coef"] for r in runs["b"]] == pytest.approx([r["ppo/kl_coef"] for r in rows], rel=1e-5)
+
+
 def test_critic_free_config_is_checked():
     base = ["reward_model.name_or_path=x", "ppo.advantage_estimator=rloo", "ppo.ptx_coef=0"]
     with pytest.raises(ConfigError, match="ppo.samples_per_prompt >= 2"):

@@ -186,6 +186,34 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_model_dir, demos_file
         assert runs[ga][1] == pytest.approx(runs[1][1], rel=1e-5)
 
 
+def test_pretraining_mix_keeps_the_model_on_its_pretraining_text(tiny_model_dir, demos_file, tmp_path):
+    """train.pretrain_coef: L = L_CE(responses) + coef * L_LM(pretraining blocks). With the mix the model's loss on
+    the pretraining text falls instead of rising, while its demonstrations are learned as well."""
+    from instructgpt.modeling import load_model
+    from instructgpt.sft import Example, split_eval
+    ptx = tmp_path / "ptx.txt"
+    ptx.write_text("\n".join(f"the {w} is {c} and the {w} is {c}." for w in ("moon", "sea", "road", "bell")
+                             for c in ("gold", "grey", "tall")) * 30)
+    model, tok = load_model(tiny_model_dir)
+    ex, _ = build_examples(tok, load_demonstrations(demos_file), 256)
+    _, held = split_eval(ex, 20, 0)
+    lines = ptx.read_text().splitlines()[:12]  # each sentence once: the text the mix trains on
+    ptx_ex = [Example(ids, [True] * len(ids)) for ids in (tok(line).input_ids for line in lines)]
+
+    def losses(m):
+        return eval_loss(m, held, tok.pad_token_id, 8, "cpu"), eval_loss(m, ptx_ex, tok.pad_token_id, 8, "cpu")
+
+    before = losses(model)
+    after = {}
+    for coef in (0.0, 1.0):
+        out = tmp_path / f"coef{coef}"
+        train(_cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 20, "train.pretrain_coef": coef,
+                                                       "data.pretrain": str(ptx), "data.max_length": 64}))
+        after[coef] = losses(load_model(str(out / "model"))[0])
+    assert after[0.0][0] < before[0] - 1.0 and after[1.0][0] < before[0] - 1.0  # both learn the demonstrations
+    assert after[1.0][1] < before[1] - 1.0 < after[0.0][1]  # only the mix learns the pretraining text
+
+
 def test_resume_equals_uninterrupted(tiny_model_dir, demos_file, tmp_path):
     train(_cfg(tiny_model_dir, demos_file, tmp_path / "a", **{"train.max_steps": 10}))
     b = tmp_path / "b"

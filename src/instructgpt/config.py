@@ -59,7 +59,9 @@ class DataConfig:
     pretrain_max_tokens: Optional[int] = None
     max_length: int = 256  # tokens per example; longer examples are an error (or skipped), never cut
     skip_bad_lines: bool = False  # skip and count bad records instead of stopping at the first
-    packing: bool = False  # concatenate examples into full rows (SFT); the loss mask still covers responses only
+    # concatenate examples into full rows (SFT); the loss mask still covers responses only. Plain concatenation, as
+    # TRL's packing without padding-free attention: an example attends to the ones before it in its row
+    packing: bool = False
     eval_size: int = 200  # with no data.eval: hold this many training examples out for eval loss
 
 

@@ -398,6 +398,34 @@ def test_ema_of_the_policy_is_the_saved_model_and_resumes_exactly(ppo_inputs, tm
         torch.testing.assert_close(v, half[k], atol=1e-6, rtol=1e-5)
 
 
+def test_ema_of_a_lora_policy_averages_the_adapter_only(ppo_inputs, tmp_path):
+    from instructgpt.config import LoraConfig
+    from instructgpt.modeling import apply_lora, load_model
+    from instructgpt.ppo import EMA
+    lora = ("model.lora.enabled=true", "model.lora.target_modules=[c_attn]")
+    model = apply_lora(load_model(ppo_inputs["policy"])[0], LoraConfig(enabled=True, target_modules=["c_attn"]))
+    ema = EMA(model, 0.5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(ema.shadow) == trainable and all("lora" in n for n in trainable)  # no copy of the frozen base
+    before = {n: v.clone() for n, v in ema.shadow.items()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in trainable:
+                p.add_(1.0)
+    ema.update(model)
+    for n, v in ema.shadow.items():
+        torch.testing.assert_close(v, before[n] + 0.5)
+    ema.copy_to(model)
+    for n, p in model.named_parameters():
+        if n in trainable:
+            torch.testing.assert_close(p, before[n] + 0.5)
+    # in the loop: an EMA that forgets at once saves the last policy, as a run without one does
+    for name, extra in (("plain", ()), ("ema0", ("ppo.ema_decay=1e-9",))):
+        train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / name, "train.max_steps=2", *lora, *extra)))
+    for k, v in _weights(tmp_path / "plain").items():
+        torch.testing.assert_close(_weights(tmp_path / "ema0")[k], v, atol=1e-6, rtol=1e-6)
+
+
 def test_sigkill_mid_update_then_rerun_matches_uninterrupted(ppo_inputs, tmp_path):
     args = _args(ppo_inputs, "X", "train.max_steps=20", "train.save_every=2")
     cli = [sys.executable, "-m", "instructgpt.cli", "ppo"]

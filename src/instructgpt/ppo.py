@@ -420,15 +420,25 @@ def monitor(models: Models, policy, cfg: PPOConfig, eval_prompts: list, device) 
 
 
 class EMA:
+    """The moving average, in fp32, of the parameters that train: with LoRA the adapters (and a value head on the
+    policy), not a second full copy of the frozen base, which would cost as much memory as the model."""
+
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(self.decay).add_(v.float(), alpha=1 - self.decay)
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].mul_(self.decay).add_(p.float(), alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        """Put the averaged parameters into `model` (the one the EMA was made from)."""
+        params = dict(model.named_parameters())
+        for n, v in self.shadow.items():
+            params[n].copy_(v.to(params[n].dtype))
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}
@@ -709,7 +719,7 @@ def train(cfg: PPOConfig) -> str:
     if acc.is_main_process:
         final = acc.unwrap_model(policy)
         if ema is not None:
-            final.load_state_dict({k: v.to(final.state_dict()[k].dtype) for k, v in ema.shadow.items()})
+            ema.copy_to(final)
         if state["best_step"] is not None and os.path.exists(run.path("best_model")):
             from instructgpt.modeling import replace_dir
 

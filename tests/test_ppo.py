@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 from conftest import write_jsonl
+from safetensors.torch import load_file
 
 from instructgpt.advantages import gae, gae_loop, group_advantages, kl_per_token, token_rewards, whiten
 from instructgpt.config import ConfigError, load_config
@@ -352,19 +353,23 @@ def test_critic_free_config_is_checked():
 
 
 def _weights(d):
-    from safetensors.torch import load_file
     return load_file(str(d / "model" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("estimator", ["gae", "rloo"])
-def test_resume_equals_uninterrupted(ppo_inputs, tmp_path, estimator):
+@pytest.mark.parametrize("estimator,lora", [("gae", False), ("rloo", False), ("gae", True)])
+def test_resume_equals_uninterrupted(ppo_inputs, tmp_path, estimator, lora):
+    """A run stopped after 2 updates and rerun ends where an uninterrupted one does (LoRA: the SmolLM2 recipe's
+    policy and value model, adapters and heads restored from the checkpoint)."""
     extra = ("train.max_steps=4", f"ppo.advantage_estimator={estimator}",
-             f"ppo.samples_per_prompt={1 if estimator == 'gae' else 4}")
+             f"ppo.samples_per_prompt={1 if estimator == 'gae' else 4}",
+             *(("model.lora.enabled=true", "model.lora.target_modules=[c_attn]", "ppo.value_lora=true") if lora else ()))
     train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "a", *extra)))
     train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "b", *extra, "train.stop_after=2")))
     assert not (tmp_path / "b" / "DONE.json").exists()
     train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "b", *extra)))
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
+    assert any(not torch.allclose(wa[k], first[k], atol=1e-6) for k in first)  # the updates moved the policy
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
     ma = [r for r in read_metrics(str(tmp_path / "a")) if "objective/scores" in r]
@@ -375,7 +380,6 @@ def test_resume_equals_uninterrupted(ppo_inputs, tmp_path, estimator):
 def test_ema_of_the_policy_is_the_saved_model_and_resumes_exactly(ppo_inputs, tmp_path):
     """ppo.ema_decay (the paper's 0.992): the saved model is the EMA of the policy's weights after every optimizer
     step. Decay near 0 leaves the last weights, near 1 the first; in between it resumes like the rest of the state."""
-    from safetensors.torch import load_file
     def run(name, *extra):
         train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / name, "train.max_steps=3", *extra)))
 

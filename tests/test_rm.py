@@ -109,6 +109,28 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_model_dir, tmp_path):
         load_config(RMConfig, None, base + ["train.grad_accum=3"])
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_an_interrupted_rm_run_resumes_to_the_same_model_and_normalisation(tiny_model_dir, tmp_path, lora):
+    """Stopped after 3 of 6 steps and rerun, the RM (LoRA adapters and head, as the SmolLM2 recipe's) ends with the
+    weights and the reward normalisation of an uninterrupted run."""
+    from safetensors.torch import load_file
+    tr = write_jsonl(tmp_path / "train.jsonl", _rankings(48, 0))
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": f"what is {i}", "response": "pear one"} for i in range(8)])
+    base = [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}", "train.batch_size=8", "train.lr=3e-3",
+            "data.eval_size=0", f"normalize.demonstrations={demos}", "train.save_every=1",
+            *(["model.lora.enabled=true", "model.lora.target_modules=[c_attn]"] if lora else [])]
+    train(load_config(RMConfig, None, base + [f"out_dir={tmp_path / 'whole'}"]))
+    train(load_config(RMConfig, None, base + [f"out_dir={tmp_path / 'resumed'}", "train.stop_after=3"]))
+    assert not (tmp_path / "resumed" / "DONE.json").exists()
+    train(load_config(RMConfig, None, base + [f"out_dir={tmp_path / 'resumed'}"]))
+    a, b = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("whole", "resumed"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+    da, db = (json.load(open(tmp_path / n / "DONE.json")) for n in ("whole", "resumed"))
+    assert da["steps"] == 6 and (db["bias"], db["gain"]) == pytest.approx((da["bias"], da["gain"]), rel=1e-5)
+
+
 def test_best_of_n_keeps_the_highest_reward(tiny_model_dir, tmp_path):
     from instructgpt.generate_cli import main as generate_main
     tr = write_jsonl(tmp_path / "train.jsonl", _rankings(16, 0))

@@ -214,12 +214,15 @@ def test_pretraining_mix_keeps_the_model_on_its_pretraining_text(tiny_model_dir,
     assert after[1.0][1] < before[1] - 1.0 < after[0.0][1]  # only the mix learns the pretraining text
 
 
-def test_resume_equals_uninterrupted(tiny_model_dir, demos_file, tmp_path):
-    train(_cfg(tiny_model_dir, demos_file, tmp_path / "a", **{"train.max_steps": 10}))
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_equals_uninterrupted(tiny_model_dir, demos_file, tmp_path, lora):
+    kw = {"train.max_steps": 10, **({"model.lora.enabled": "true", "model.lora.target_modules": "[c_attn]"}
+                                    if lora else {})}
+    train(_cfg(tiny_model_dir, demos_file, tmp_path / "a", **kw))
     b = tmp_path / "b"
-    train(_cfg(tiny_model_dir, demos_file, b, **{"train.max_steps": 10, "train.stop_after": 5}))
+    train(_cfg(tiny_model_dir, demos_file, b, **kw, **{"train.stop_after": 5}))
     assert not (b / "DONE.json").exists() and (b / "checkpoint" / "trainer_state.json").exists()
-    train(_cfg(tiny_model_dir, demos_file, b, **{"train.max_steps": 10}))
+    train(_cfg(tiny_model_dir, demos_file, b, **kw))
     wa, wb = _weights(tmp_path / "a"), _weights(b)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)

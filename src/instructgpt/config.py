@@ -44,6 +44,10 @@ class ModelConfig:
     dropout: Optional[float] = None  # None keeps the model's own; the paper's SFT used residual dropout 0.2
     lora: LoraConfig = field(default_factory=LoraConfig)
     trust_remote_code: bool = False
+    # recompute each layer's activations in the backward pass instead of keeping them (Hugging Face's
+    # gradient_checkpointing_enable, non-reentrant): memory for long sequences and big models, at about a third more
+    # compute. Training stages only; PPO then runs its updates in train mode with every dropout at 0 (see ppo.py)
+    gradient_checkpointing: bool = False
     # a Jinja chat template that replaces the tokenizer's own; it is saved with every checkpoint trained from this
     # model, so the stages after SFT, evaluation and serving read prompts the same way
     chat_template: Optional[str] = None

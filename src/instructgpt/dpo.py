@@ -93,7 +93,7 @@ def evaluate(model, items: Sequence[Item], pad_token_id: int, device, beta: floa
 
 
 def train(cfg: DPOConfig) -> str:
-    from instructgpt.modeling import apply_lora, check_context, load_model, save_model, set_seed
+    from instructgpt.modeling import apply_lora, check_context, disable_dropout, load_model, save_model, set_seed
 
     acc = make_accelerator(cfg)
     run = StageRun(cfg, "dpo", acc)
@@ -118,6 +118,9 @@ def train(cfg: DPOConfig) -> str:
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
         model.eval()
+    if cfg.model.gradient_checkpointing:  # Hugging Face models checkpoint in train mode only: that, with no dropout
+        disable_dropout(model)
+        model.train()
     # 3. train: the RM's loop, the implicit rewards in place of the reward head's
     steps = cfg.total_steps(len(items))
 

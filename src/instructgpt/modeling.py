@@ -97,8 +97,23 @@ def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, w
         if mcfg.chat_template:
             tokenizer.chat_template = mcfg.chat_template
         ensure_pad_token(model, tokenizer)
+    if for_training and mcfg.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads; active in train mode only
+        ckpt = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
     model.train(for_training)
     return model, tokenizer
+
+
+def disable_dropout(model) -> None:
+    """Every dropout module's p to 0, so train mode computes what eval mode does (PPO with gradient checkpointing,
+    which Hugging Face models apply in train mode only)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
 
 
 def check_context(model, max_length: int) -> None:

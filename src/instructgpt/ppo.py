@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -41,7 +41,7 @@ from instructgpt.advantages import (
     token_rewards,
     whiten,
 )
-from instructgpt.config import ConfigError, StageConfig, TrainConfig
+from instructgpt.config import ConfigError, ModelConfig, StageConfig, TrainConfig
 from instructgpt.kl_control import AdaptiveKLController, FixedKLController
 from instructgpt.losses import lm_loss, masked_mean, policy_loss, value_loss
 from instructgpt.runs import StageRun
@@ -255,10 +255,13 @@ class Models:
 
 
 def load_models(cfg: PPOConfig) -> Models:
-    from instructgpt.modeling import apply_lora, load_model
+    from instructgpt.modeling import apply_lora, disable_dropout, load_model
     from instructgpt.reward import RewardModel
 
-    policy, tok = load_model(cfg.model, for_training=True)
+    # model.gradient_checkpointing: Hugging Face models recompute activations in train mode only, so the updates run
+    # in train mode (see train) and the trained models are loaded, and kept, without dropout
+    gc = cfg.model.gradient_checkpointing
+    policy, tok = load_model(replace(cfg.model, dropout=0.0) if gc else cfg.model, for_training=True)
     ref = None
     if cfg.model.lora.enabled:
         policy = apply_lora(policy, cfg.model.lora)  # the frozen base with the adapter off is pi_ref
@@ -281,7 +284,8 @@ def load_models(cfg: PPOConfig) -> Models:
         rm_dir = cfg.reward_model.name_or_path
         if os.path.exists(os.path.join(rm_dir, "model", "config.json")):
             rm_dir = os.path.join(rm_dir, "model")
-        value, _ = load_model(rm_dir, for_training=True, with_tokenizer=False, model_class="sequence_classification")
+        value, _ = load_model(ModelConfig(name_or_path=rm_dir, dropout=0.0 if gc else None, gradient_checkpointing=gc),
+                              for_training=True, with_tokenizer=False, model_class="sequence_classification")
         if cfg.ppo.value_lora:
             value = apply_lora(value, cfg.model.lora, task="seq_cls")
     elif cfg.uses_critic:
@@ -290,6 +294,8 @@ def load_models(cfg: PPOConfig) -> Models:
     for m in (policy, ref, value, rm.model):
         if m is not None:
             m.eval()
+            if gc:
+                disable_dropout(m)
     return Models(policy, ref, value, head, rm, tok)
 
 
@@ -547,6 +553,13 @@ def train(cfg: PPOConfig) -> str:
     if vsched is not None:
         acc.register_for_checkpointing(vsched)
     ema = EMA(acc.unwrap_model(policy), p.ema_decay) if p.ema_decay else None
+
+    def set_training(mode: bool) -> None:
+        """Eval mode (no dropout) everywhere but the updates with model.gradient_checkpointing, which Hugging Face
+        models apply in train mode only (their dropout is 0: load_models)."""
+        for m in (policy, value):
+            if m is not None:
+                m.train(mode)
     if ema is not None:
         acc.register_for_checkpointing(ema)
 
@@ -592,7 +605,7 @@ def train(cfg: PPOConfig) -> str:
             idx = stream_indices(len(queries), step * t.batch_size // k, t.batch_size // k, cfg.seed)[rank::world]
             idx = [i for i in idx for _ in range(k)]
             gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step * 7919 + rank)
-            policy.eval()
+            set_training(False)
             with acc.autocast():  # train.mixed_precision: the frozen models' forwards in the same precision
                 b = rollout(models, unwrapped, value, value_head, [queries[i] for i in idx],
                             [prompts[i] for i in idx], p, eos, pad, gen, acc.device)
@@ -613,6 +626,7 @@ def train(cfg: PPOConfig) -> str:
             if p.whiten_advantages:
                 advantages = whiten(advantages, mask)
             # 4. PPO epochs over shuffled minibatches, ptx in the same objective
+            set_training(cfg.model.gradient_checkpointing)
             stats: dict[str, list[float]] = {}
             for epoch in range(p.ppo_epochs):
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + epoch)
@@ -678,6 +692,7 @@ def train(cfg: PPOConfig) -> str:
                         logged["ppo/loss/kl"] = kl_loss
                     for name, v in logged.items():
                         stats.setdefault(name, []).append(float(v.detach()))
+            set_training(False)  # the monitor and the next rollout sample with a KV cache
             sched.step()
             if vsched is not None:
                 vsched.step()

@@ -54,6 +54,25 @@ def write_jsonl(path, rows) -> str:
 
 
 @pytest.fixture()
+def mlp_forwards(monkeypatch):
+    """Counts of the tiny GPT-2's MLP forwards: `all`, and `train` (in train mode with gradients on, as
+    checkpointed blocks run). A checkpointed block replayed in the backward calls `forward` again, which module hooks
+    do not see, so the count goes through the class's `forward`."""
+    import torch
+    from transformers.models.gpt2 import modeling_gpt2
+
+    counts, forward = {"all": 0, "train": 0}, modeling_gpt2.GPT2MLP.forward
+
+    def counted(self, *args, **kwargs):
+        counts["all"] += 1
+        counts["train"] += self.training and torch.is_grad_enabled()
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_gpt2.GPT2MLP, "forward", counted)
+    return counts
+
+
+@pytest.fixture()
 def demos_file(tmp_path) -> str:
     rng = random.Random(0)
     rows = []

@@ -107,22 +107,13 @@ def test_an_interrupted_dpo_run_resumes_to_the_same_weights(tiny_model_dir, tmp_
 
 
 def test_gradient_checkpointing_trains_in_train_mode_without_dropout_to_the_same_weights(tiny_model_dir, tmp_path,
-                                                                                         monkeypatch):
+                                                                                         mlp_forwards):
     """DPO keeps its policy in eval mode (no dropout: its log-probs and the reference's come from the same forward);
     with model.gradient_checkpointing it trains in train mode, every dropout at 0, blocks replayed in the backward."""
-    from transformers.models.gpt2 import modeling_gpt2
-    replays, mlp_forward = [0], modeling_gpt2.GPT2MLP.forward
-
-    def counted(self, *args, **kwargs):
-        if self.training and torch.is_grad_enabled():
-            replays[0] += 1
-        return mlp_forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(modeling_gpt2.GPT2MLP, "forward", counted)
     for gc in ("false", "true"):
         train(_config(tiny_model_dir, tmp_path, gc, "train.max_steps=3", "model.dropout=0.1",
                       f"model.gradient_checkpointing={gc}"))
-        assert (replays[0] > 0) == (gc == "true")
+        assert (mlp_forwards["train"] > 0) == (gc == "true")
     a, b = (load_file(str(tmp_path / gc / "model" / "model.safetensors")) for gc in ("false", "true"))
     assert any(not torch.allclose(a[k], w) for k, w in load_file(f"{tiny_model_dir}/model.safetensors").items())
     for k in a:

@@ -215,27 +215,18 @@ def test_pretraining_mix_keeps_the_model_on_its_pretraining_text(tiny_model_dir,
 
 
 def test_gradient_checkpointing_recomputes_each_layer_and_changes_nothing(tiny_model_dir, demos_file, tmp_path,
-                                                                          monkeypatch):
+                                                                          mlp_forwards):
     """model.gradient_checkpointing: every transformer block runs once more in the backward pass (its activations
     were not kept), with the same gradients, and SFT with it ends where SFT without it does."""
-    from transformers.models.gpt2 import modeling_gpt2
-
     from instructgpt.config import ModelConfig
     from instructgpt.modeling import load_model
-    n, mlp_forward = [0], modeling_gpt2.GPT2MLP.forward
-
-    def counted(self, *args, **kwargs):  # the replay calls forward, not the module: hooks would not see it
-        n[0] += 1
-        return mlp_forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(modeling_gpt2.GPT2MLP, "forward", counted)
     grads, calls = {}, {}
     for gc in (False, True):
         model, tok = load_model(ModelConfig(name_or_path=tiny_model_dir, gradient_checkpointing=gc), for_training=True)
         ids = torch.tensor([tok("the cat is red and the dog is blue").input_ids])
-        n[0] = 0
+        mlp_forwards["all"] = 0
         model(input_ids=ids, labels=ids).loss.backward()
-        calls[gc], grads[gc] = n[0], {k: p.grad.clone() for k, p in model.named_parameters()}
+        calls[gc], grads[gc] = mlp_forwards["all"], {k: p.grad.clone() for k, p in model.named_parameters()}
     assert calls == {False: 2, True: 4}  # two blocks; with checkpointing each forwards again in the backward
     for k, g in grads[False].items():
         torch.testing.assert_close(grads[True][k], g, atol=1e-6, rtol=1e-5)

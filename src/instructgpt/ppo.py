@@ -553,6 +553,8 @@ def train(cfg: PPOConfig) -> str:
     if vsched is not None:
         acc.register_for_checkpointing(vsched)
     ema = EMA(acc.unwrap_model(policy), p.ema_decay) if p.ema_decay else None
+    if ema is not None:
+        acc.register_for_checkpointing(ema)
 
     def set_training(mode: bool) -> None:
         """Eval mode (no dropout) everywhere but the updates with model.gradient_checkpointing, which Hugging Face
@@ -560,8 +562,6 @@ def train(cfg: PPOConfig) -> str:
         for m in (policy, value):
             if m is not None:
                 m.train(mode)
-    if ema is not None:
-        acc.register_for_checkpointing(ema)
 
     # data: training prompts, held-out prompts for the monitor, ptx text blocks
     prompts, queries, skipped = _prompt_ids(cfg, tok, cfg.data.train)

@@ -96,6 +96,31 @@ def test_pack_keeps_masks_and_limits():
     rows = pack(ex, 5)
     assert [r.input_ids for r in rows] == [[1, 2, 3, 4, 5], [6, 6, 6, 6]]
     assert rows[0].loss_mask == [False, True, True, False, True]
+    assert [r.position_ids for r in rows] == [[0, 1, 2, 0, 1], [0, 1, 2, 3]]  # restarting at each example
+
+
+def test_packed_examples_do_not_see_each_other(tiny):
+    """A packed row's positions restart at each example, and transformers then masks attention per example: the
+    row's loss is the sum of its examples' losses each forwarded alone, in a batch beside a padded row too. Plain
+    concatenation (one sequence of positions) lets later examples attend to earlier ones and differs."""
+    from instructgpt.sft import Example
+    model, tok = tiny
+    exs = []
+    for prompt, answer in [("add 2 plus 3", "5"), ("what is the first word", "the"), ("repeat cat twice", "cat cat")]:
+        p, a = tok(prompt).input_ids, tok(" " + answer).input_ids
+        exs.append(Example(p + a, [False] * len(p) + [True] * len(a)))
+    pad = tok.pad_token_id
+    with torch.no_grad():
+        alone = [float(response_loss_sum(model, collate([e], pad, left=True))[0]) for e in exs]
+        rows = pack(exs[:2], 256) + pack(exs[2:], 256)  # a row of two, and a shorter row of one (padded)
+        assert [r.position_ids[:1] for r in rows] == [[0], [0]] and rows[0].position_ids.count(0) == 2
+        b = collate(rows, pad, left=True)
+        assert b["position_ids"][1].tolist()[:3] == [0, 1, 2]  # the padding numbered as a sequence of its own
+        packed = float(response_loss_sum(model, b)[0])
+        plain = float(response_loss_sum(model, collate([Example(r.input_ids, r.loss_mask) for r in rows], pad,
+                                                       left=True))[0])
+    assert packed == pytest.approx(sum(alone), rel=1e-5)
+    assert abs(plain - sum(alone)) > 1e-3 * sum(alone)  # 100 times the tolerance above
 
 
 def test_cosine_schedule_and_batch_order():
@@ -153,6 +178,21 @@ def test_sft_lowers_heldout_loss(tiny_model_dir, demos_file, tmp_path):
     rows = [json.loads(l) for l in open(tmp_path / "sft" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, 31)) and "eval/loss" in rows[-1]
     assert json.load(open(tmp_path / "sft" / "DONE.json"))["steps"] == 30
+
+
+def test_sft_with_packing_lowers_heldout_loss(tiny_model_dir, demos_file, tmp_path):
+    from instructgpt.modeling import load_model
+    from instructgpt.sft import split_eval
+    cfg = _cfg(tiny_model_dir, demos_file, tmp_path / "sft", **{"train.max_steps": 30, "data.packing": "true",
+                                                                "data.max_length": 128})
+    model, tok = load_model(tiny_model_dir)
+    ex, _ = build_examples(tok, load_demonstrations(demos_file), 128)
+    _, held = split_eval(ex, 20, cfg.seed)
+    assert len(pack(ex, 128)) < len(ex) / 3  # short demonstrations: several to a row
+    before = eval_loss(model, held, tok.pad_token_id, 8, "cpu")
+    train(cfg)
+    after = eval_loss(load_model(str(tmp_path / "sft" / "model"))[0], held, tok.pad_token_id, 8, "cpu")
+    assert after < before - 1.0, (before, after)
 
 
 def test_bf16_mixed_precision_trains_close_to_fp32_and_saves_fp32_weights(tiny_model_dir, demos_file, tmp_path):

@@ -63,8 +63,9 @@ class DataConfig:
     pretrain_max_tokens: Optional[int] = None
     max_length: int = 256  # tokens per example; longer examples are an error (or skipped), never cut
     skip_bad_lines: bool = False  # skip and count bad records instead of stopping at the first
-    # concatenate examples into full rows (SFT); the loss mask still covers responses only. Plain concatenation, as
-    # TRL's packing without padding-free attention: an example attends to the ones before it in its row
+    # concatenate examples into full rows (SFT); the loss mask still covers responses only, and positions restart at
+    # each example, from which transformers (4.53 on) masks attention per example: no example sees another. Older
+    # transformers: plain concatenation, an example attending to the ones before it in its row
     packing: bool = False
     eval_size: int = 200  # with no data.eval: hold this many training examples out for eval loss
 

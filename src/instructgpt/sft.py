@@ -36,10 +36,12 @@ class SFTConfig(StageConfig):
 
 @dataclass
 class Example:
-    """One training row: token ids and which of them carry loss."""
+    """One training row: token ids and which of them carry loss; a packed row also has each token's position within
+    its own example (`pack`)."""
 
     input_ids: list[int]
     loss_mask: list[bool]
+    position_ids: Optional[list[int]] = None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -126,31 +128,41 @@ def pretrain_blocks(tokenizer, data: DataConfig) -> TokenBlocks:
 
 
 def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
-    """Concatenate examples into rows of at most `max_length` tokens (greedy, in order); masks travel along."""
-    rows, ids, mask = [], [], []
+    """Concatenate examples into rows of at most `max_length` tokens (greedy, in order); masks travel along, and the
+    positions restart at each example, which is what keeps the examples of a row apart (`response_loss_sum`)."""
+    rows, ids, mask, pos = [], [], [], []
     for ex in examples:
         if ids and len(ids) + len(ex.input_ids) > max_length:
-            rows.append(Example(ids, mask))
-            ids, mask = [], []
-        ids, mask = ids + ex.input_ids, mask + ex.loss_mask
+            rows.append(Example(ids, mask, pos))
+            ids, mask, pos = [], [], []
+        ids, mask, pos = ids + ex.input_ids, mask + ex.loss_mask, pos + list(range(len(ex.input_ids)))
     if ids:
-        rows.append(Example(ids, mask))
+        rows.append(Example(ids, mask, pos))
     return rows
 
 
 def collate(examples: Sequence[Example], pad_token_id: int, left: bool = False) -> dict[str, torch.Tensor]:
-    """Right-padded (or `left`-padded) (B, T) input_ids, attention_mask and labels (-100 where no loss)."""
+    """Right-padded (or `left`-padded) (B, T) input_ids, attention_mask and labels (-100 where no loss); for packed
+    rows also position_ids, the padding numbered as a sequence of its own."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     att = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    packed = any(e.position_ids is not None for e in examples)
+    pos = torch.arange(width).repeat(len(examples), 1) if packed else None
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         span = slice(width - n, width) if left else slice(0, n)
         ids[i, span] = torch.tensor(e.input_ids)
         att[i, span] = 1
         labels[i, span] = torch.where(torch.tensor(e.loss_mask), ids[i, span], torch.tensor(-100))
-    return {"input_ids": ids, "attention_mask": att, "labels": labels}
+        if packed:
+            pos[i] = torch.arange(width) - (0 if left else n)  # the padding: 0, 1, ... a sequence of its own
+            pos[i, span] = torch.tensor(e.position_ids if e.position_ids is not None else list(range(n)))
+    batch = {"input_ids": ids, "attention_mask": att, "labels": labels}
+    if packed:
+        batch["position_ids"] = pos
+    return batch
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -169,6 +181,15 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, int((shift_labels != -100).sum())
 
 
+def packed_attention_supported() -> bool:
+    """Whether transformers builds per-example causal masks from packed position ids (4.53 and later)."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """`token_loss_sum` of a left-padded batch (`collate(..., left=True)`), with the LM head run only over the
     trailing positions that predict a label (`logits_to_keep`): on instruction data most positions are prompt or
@@ -180,7 +201,13 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     has_label = (labels[:, 1:] != -100).any(0)  # (T-1,): position t+1 holds a label somewhere in the batch
     first = int(has_label.nonzero()[0]) if bool(has_label.any()) else labels.shape[1] - 2
     keep = labels.shape[1] - first  # logits at positions first .. T-1; the one at `first` predicts `first + 1`
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+    if "position_ids" in batch and packed_attention_supported():
+        # packed rows: no 2-D mask and positions that restart at each example, from which transformers builds a
+        # causal mask per example (masking_utils.find_packed_sequence_indices): no example sees another
+        mask, position_ids = None, batch["position_ids"]
+    else:
+        position_ids = position_ids_from_mask(mask)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids,
                    use_cache=False, logits_to_keep=keep).logits
     return token_loss_sum(logits, labels[:, -keep:])
 

@@ -195,6 +195,22 @@ def test_sft_with_packing_lowers_heldout_loss(tiny_model_dir, demos_file, tmp_pa
     assert after < before - 1.0, (before, after)
 
 
+def test_packing_is_refused_for_a_model_that_would_let_examples_see_each_other(tiny_model_dir, demos_file,
+                                                                               tmp_path, monkeypatch):
+    """Before packing, SFT probes the model: the second example of a packed row must get its own logits. A model
+    whose attention ignores the packed positions (here: every position id dropped) is refused, not trained wrongly."""
+    from instructgpt import sft
+    from instructgpt.modeling import load_model
+    model, _ = load_model(tiny_model_dir)
+    assert sft.packing_isolates(model)
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, position_ids=None, **k: forward(self, *a, **k))
+    assert not sft.packing_isolates(model)
+    with pytest.raises(ConfigError, match="data.packing: this model's attention does not keep packed examples apart"):
+        train(_cfg(tiny_model_dir, demos_file, tmp_path / "sft", **{"data.packing": "true"}))
+    assert not (tmp_path / "sft" / "checkpoint").exists()
+
+
 def test_bf16_mixed_precision_trains_close_to_fp32_and_saves_fp32_weights(tiny_model_dir, demos_file, tmp_path):
     losses = {}
     for mp in ("no", "bf16"):  # one process, two precisions: the pipeline's case

@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from instructgpt.config import DataConfig, StageConfig
+from instructgpt.config import ConfigError, DataConfig, StageConfig
 from instructgpt.data import DataError, Demonstration, iter_pretrain_text, load_demonstrations
 from instructgpt.prompting import encode_conversation
 from instructgpt.runs import StageRun
@@ -188,6 +188,22 @@ def packed_attention_supported() -> bool:
     except ImportError:
         return False
     return True
+
+
+@torch.no_grad()
+def packing_isolates(model) -> bool:
+    """Probe: does this model keep packed examples apart? The second example of a packed row must get the logits it
+    gets alone (a model that builds its own masks, or ignores position ids, lets it see the first)."""
+    first, second = [11, 12, 13], [14, 15, 16, 17]
+    device = next(model.parameters()).device
+    row = Example(first + second, [True] * 7, [0, 1, 2, 0, 1, 2, 3])
+    b = {k: v.to(device) for k, v in collate([row], 0).items()}
+    was = model.training
+    model.eval()
+    packed = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits[0, 3:]
+    alone = model(input_ids=b["input_ids"][:, 3:], use_cache=False).logits[0]
+    model.train(was)
+    return packed_attention_supported() and torch.allclose(packed.float(), alone.float(), atol=1e-4, rtol=1e-3)
 
 
 def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -460,6 +476,10 @@ def train(cfg: SFTConfig) -> str:
     if skipped:
         acc.print(f"[sft] skipped {skipped} bad examples (data.skip_bad_lines)")
     if cfg.data.packing:
+        if not packing_isolates(model):
+            raise ConfigError("data.packing: this model's attention does not keep packed examples apart (a packed "
+                              "example's logits differ from its own; transformers >= 4.53 and a model that builds its "
+                              "masks through it are needed); set data.packing=false")
         train_ex = pack(train_ex, cfg.data.max_length)
     ptx_ex = None
     if cfg.data.pretrain and cfg.train.pretrain_coef > 0:

@@ -64,8 +64,8 @@ class DataConfig:
     max_length: int = 256  # tokens per example; longer examples are an error (or skipped), never cut
     skip_bad_lines: bool = False  # skip and count bad records instead of stopping at the first
     # concatenate examples into full rows (SFT); the loss mask still covers responses only, and positions restart at
-    # each example, from which transformers (4.53 on) masks attention per example: no example sees another. Older
-    # transformers: plain concatenation, an example attending to the ones before it in its row
+    # each example, from which transformers (4.53 on) masks attention per example: no example sees another. A
+    # model (or transformers) that would let them is refused (sft.packing_isolates)
     packing: bool = False
     eval_size: int = 200  # with no data.eval: hold this many training examples out for eval loss
 

@@ -24,7 +24,7 @@ from instructgpt.prompting import encode_prompt, encode_response
 from instructgpt.reward import RewardNorm, init_reward_head, last_token_rewards, raw_rewards, right_pad
 from instructgpt.runs import StageRun
 from instructgpt.sft import (batch_indices, checkpoint_or_stop, make_accelerator, make_optimizer,
-                             optimizer_step, resume_step)
+                             micro_batch_size, optimizer_step, resume_step)
 
 
 @dataclass
@@ -217,10 +217,7 @@ def fit_rankings(cfg: RankingStageConfig, run: StageRun, acc, model, items: Sequ
     t = cfg.train
     model, opt, sched = make_optimizer(acc, model, t, steps)
     world, rank = acc.num_processes, acc.process_index
-    if t.batch_size % (world * t.grad_accum):  # else the prompts past the last whole micro-batch were never seen
-        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum "
-                         f"({world} x {t.grad_accum})")
-    micro = t.batch_size // (world * t.grad_accum)
+    micro = micro_batch_size(t, world)
     start = resume_step(run, acc, desc)
     last_eval: dict = {}
     t0, comparisons = time.time(), 0
@@ -232,8 +229,6 @@ def fit_rankings(cfg: RankingStageConfig, run: StageRun, acc, model, items: Sequ
             step_loss, right, total = 0.0, 0, 0
             for m in range(t.grad_accum):
                 mb = mine[m * micro:(m + 1) * micro]
-                if not mb:
-                    continue
                 sync = m == t.grad_accum - 1
                 with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
                     rewards = rewards_fn(model, mb)

@@ -198,12 +198,14 @@ def packing_isolates(model) -> bool:
     device = next(model.parameters()).device
     row = Example(first + second, [True] * 7, [0, 1, 2, 0, 1, 2, 3])
     b = {k: v.to(device) for k, v in collate([row], 0).items()}
+    if not packed_attention_supported():
+        return False
     was = model.training
     model.eval()
     packed = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits[0, 3:]
     alone = model(input_ids=b["input_ids"][:, 3:], use_cache=False).logits[0]
     model.train(was)
-    return packed_attention_supported() and torch.allclose(packed.float(), alone.float(), atol=1e-4, rtol=1e-3)
+    return torch.allclose(packed.float(), alone.float(), atol=1e-4, rtol=1e-3)
 
 
 def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -217,9 +219,10 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     has_label = (labels[:, 1:] != -100).any(0)  # (T-1,): position t+1 holds a label somewhere in the batch
     first = int(has_label.nonzero()[0]) if bool(has_label.any()) else labels.shape[1] - 2
     keep = labels.shape[1] - first  # logits at positions first .. T-1; the one at `first` predicts `first + 1`
-    if "position_ids" in batch and packed_attention_supported():
+    if "position_ids" in batch:
         # packed rows: no 2-D mask and positions that restart at each example, from which transformers builds a
-        # causal mask per example (masking_utils.find_packed_sequence_indices): no example sees another
+        # causal mask per example (masking_utils.find_packed_sequence_indices): no example sees another. SFT checks
+        # first that the model does (packing_isolates)
         mask, position_ids = None, batch["position_ids"]
     else:
         position_ids = position_ids_from_mask(mask)
@@ -345,6 +348,15 @@ def resume_step(run: StageRun, acc, desc: str) -> int:
     return start
 
 
+def micro_batch_size(t, world: int) -> int:
+    """Examples per forward on each rank: train.batch_size over processes x train.grad_accum, which must divide it
+    (else the examples past the last whole micro-batch would never be seen)."""
+    if t.batch_size % (world * t.grad_accum):
+        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum "
+                         f"({world} x {t.grad_accum})")
+    return t.batch_size // (world * t.grad_accum)
+
+
 def optimizer_step(acc, model, opt, sched, max_grad_norm: float) -> None:
     if max_grad_norm:
         acc.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -376,10 +388,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
     model, opt, sched = make_optimizer(acc, model, t, t.max_steps)
     pad = tokenizer.pad_token_id
     world, rank = acc.num_processes, acc.process_index
-    if t.batch_size % (world * t.grad_accum):
-        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum "
-                         f"({world} x {t.grad_accum})")
-    micro = t.batch_size // (world * t.grad_accum)
+    micro = micro_batch_size(t, world)
 
     start = resume_step(run, acc, desc)
     lengths = [len(e.input_ids) for e in train_ex]

@@ -11,7 +11,7 @@ before the first step, from a fresh load of the starting model (so a resumed run
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -101,8 +101,10 @@ def train(cfg: DPOConfig) -> str:
         acc.print(f"[dpo] {cfg.out_dir} is already finished (DONE.json); nothing to do")
         return cfg.out_dir
     set_seed(cfg.seed)
-    # 1. rankings -> items; the reference's log-probs from a fresh load of the starting model, once
-    model, tok = load_model(cfg.model, for_training=True)
+    # 1. rankings -> items; the reference's log-probs from a fresh load of the starting model, once. With
+    # model.gradient_checkpointing the policy trains in train mode (below), so it loads with its dropout at 0
+    gc = cfg.model.gradient_checkpointing
+    model, tok = load_model(replace(cfg.model, dropout=0.0) if gc else cfg.model, for_training=True)
     check_context(model, cfg.data.max_length)
     _, items, eval_items, skipped = load_ranking_items(cfg, tok, Item)
     pad = tok.pad_token_id
@@ -118,7 +120,7 @@ def train(cfg: DPOConfig) -> str:
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
         model.eval()
-    if cfg.model.gradient_checkpointing:  # Hugging Face models checkpoint in train mode only: that, with no dropout
+    if gc:  # Hugging Face models checkpoint in train mode only: that, with no dropout (LoRA's included)
         disable_dropout(model)
         model.train()
     # 3. train: the RM's loop, the implicit rewards in place of the reward head's

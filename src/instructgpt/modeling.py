@@ -109,8 +109,9 @@ def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, w
 
 
 def disable_dropout(model) -> None:
-    """Every dropout module's p to 0, so train mode computes what eval mode does (PPO with gradient checkpointing,
-    which Hugging Face models apply in train mode only)."""
+    """Every dropout module's p to 0 (peft's LoRA dropout too), so train mode computes what eval mode does (DPO and
+    PPO with gradient checkpointing, which Hugging Face models apply in train mode only). Dropout a model applies
+    functionally from its config (attention dropout) is zeroed at load: `model.dropout=0`."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0

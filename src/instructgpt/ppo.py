@@ -294,7 +294,9 @@ def load_models(cfg: PPOConfig) -> Models:
     for m in (policy, ref, value, rm.model):
         if m is not None:
             m.eval()
-            if gc:
+    if gc:  # the two that then train in train mode: no dropout there either (LoRA's included)
+        for m in (policy, value):
+            if m is not None:
                 disable_dropout(m)
     return Models(policy, ref, value, head, rm, tok)
 

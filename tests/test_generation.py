@@ -2,7 +2,15 @@
 import pytest
 import torch
 
-from instructgpt.generation import SamplingParams, apply_penalties, filter_logits, generate, left_pad, sample
+from instructgpt.generation import (
+    SamplingParams,
+    apply_penalties,
+    filter_logits,
+    generate,
+    left_pad,
+    sample,
+    sample_from,
+)
 from instructgpt.modeling import logprobs_from_logits, sequence_logprobs
 from instructgpt.prompting import render_prompt
 
@@ -63,6 +71,20 @@ def test_finish_reason_and_stop_sequences(tiny):
     cut = generate(model, tok, [p], SamplingParams(max_new_tokens=6, temperature=1.0, seed=1, stop_at_eos=False,
                                                     stop=(stop,)))[0][0]
     assert cut.finish_reason == "stop" and stop not in cut.text and text.startswith(cut.text)
+
+
+def test_inverse_cdf_sampling_draws_each_token_with_its_probability():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]]).repeat(50_000, 1)  # (100k, 4)
+    g = torch.Generator().manual_seed(0)
+    x = sample_from(probs, g).view(-1, 2)
+    freq = torch.bincount(x[:, 0], minlength=4).double() / x.shape[0]
+    # within 4 binomial standard errors (50k draws: about 0.009 at p = 0.6)
+    assert torch.allclose(freq, torch.tensor([0.1, 0.0, 0.6, 0.3], dtype=torch.double), atol=4 * (0.25 / 50_000) ** 0.5)
+    assert freq[1] == 0.0 and bool((x[:, 1] == 3).all())  # a zero-probability token never comes
+    assert torch.equal(sample_from(probs[:100], torch.Generator().manual_seed(1)),
+                       sample_from(probs[:100], torch.Generator().manual_seed(1)))  # seeded
+    # unnormalised rows (a filtered distribution's mass) are scaled by their own total
+    assert set(sample_from(torch.tensor([[0.0, 0.2, 0.0, 0.2]]).repeat(1000, 1), g).tolist()) == {1, 3}
 
 
 def test_filter_logits_top_k_top_p():

@@ -270,6 +270,28 @@ def test_pretraining_mix_keeps_the_model_on_its_pretraining_text(tiny_model_dir,
     assert after[1.0][1] < before[1] - 1.0 < after[0.0][1]  # only the mix learns the pretraining text
 
 
+def test_pretrain_batch_size_sets_the_blocks_in_each_steps_mix(tiny_model_dir, demos_file, tmp_path, monkeypatch):
+    """train.pretrain_batch_size: each step forwards that many pretraining blocks beside train.batch_size
+    demonstrations, split over the micro-batches as the demonstrations are; it must divide as they must."""
+    import instructgpt.sft as sft_mod
+    ptx = tmp_path / "ptx.txt"
+    ptx.write_text("\n".join(f"the {w} is {c}." for w in ("moon", "sea", "road", "bell") for c in ("gold", "grey")) * 40)
+    rows = {"ptx": [], "demos": []}
+    real = sft_mod.collate
+
+    def counting(examples, pad_token_id, left=False):
+        rows["demos" if left else "ptx"].append(len(examples))  # demonstrations go left-padded, blocks right
+        return real(examples, pad_token_id, left)
+
+    monkeypatch.setattr(sft_mod, "collate", counting)
+    over = {"train.max_steps": 3, "train.pretrain_coef": 1.0, "data.pretrain": str(ptx), "data.max_length": 32,
+            "train.grad_accum": 2, "data.eval_size": 0}
+    train(_cfg(tiny_model_dir, demos_file, tmp_path / "a", **over, **{"train.pretrain_batch_size": 4}))
+    assert rows["ptx"] == [2] * 6 and rows["demos"] == [4] * 6  # 3 steps x 2 micro-batches: 2 blocks, 4 demos
+    with pytest.raises(ConfigError, match="pretrain_batch_size"):
+        _cfg(tiny_model_dir, demos_file, tmp_path / "b", **over, **{"train.pretrain_batch_size": 3})
+
+
 def test_gradient_checkpointing_recomputes_each_layer_and_changes_nothing(tiny_model_dir, demos_file, tmp_path,
                                                                           mlp_forwards):
     """model.gradient_checkpointing: every transformer block runs once more in the backward pass (its activations

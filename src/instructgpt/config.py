@@ -84,6 +84,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     pretrain_coef: float = 0.0  # SFT: L = L_CE + pretrain_coef * L_LM on data.pretrain (0 = off)
+    # SFT: pretraining blocks (of data.max_length tokens) in each step's mix; None: train.batch_size, as many blocks
+    # as demonstrations. Fewer cost less: the paper's PPO starting point saw 10% pretraining data
+    pretrain_batch_size: Optional[int] = None
     # SFT: batches of similar length, as HF's group_by_length: the example stream is cut into mega-batches of this
     # many batches, each sorted by length and served batch by batch in a seeded random order (HF uses 50; 0 = off).
     # Less padding (built-in demonstrations: padded tokens 1.56x the real ones at 0, 1.07x at 8), same examples per
@@ -117,6 +120,9 @@ class StageConfig:
         if t.batch_size % t.grad_accum:
             raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum "
                               f"({t.grad_accum})")
+        if t.pretrain_batch_size is not None and (t.pretrain_batch_size < 1 or t.pretrain_batch_size % t.grad_accum):
+            raise ConfigError(f"train.pretrain_batch_size ({t.pretrain_batch_size}) must be a positive multiple of "
+                              f"train.grad_accum ({t.grad_accum})")
         if t.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
         if not 0 <= t.min_lr_ratio <= 1:

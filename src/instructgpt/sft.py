@@ -348,13 +348,13 @@ def resume_step(run: StageRun, acc, desc: str) -> int:
     return start
 
 
-def micro_batch_size(t, world: int) -> int:
-    """Examples per forward on each rank: train.batch_size over processes x train.grad_accum, which must divide it
-    (else the examples past the last whole micro-batch would never be seen)."""
-    if t.batch_size % (world * t.grad_accum):
-        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum "
-                         f"({world} x {t.grad_accum})")
-    return t.batch_size // (world * t.grad_accum)
+def micro_batch_size(t, world: int, batch_size: int | None = None, key: str = "train.batch_size") -> int:
+    """Examples per forward on each rank: train.batch_size (or `batch_size`, named `key`) over processes x
+    train.grad_accum, which must divide it (else the examples past the last whole micro-batch would never be seen)."""
+    batch_size = t.batch_size if batch_size is None else batch_size
+    if batch_size % (world * t.grad_accum):
+        raise ValueError(f"{key}={batch_size} must be divisible by processes x grad_accum ({world} x {t.grad_accum})")
+    return batch_size // (world * t.grad_accum)
 
 
 def optimizer_step(acc, model, opt, sched, max_grad_norm: float) -> None:
@@ -389,6 +389,8 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
     pad = tokenizer.pad_token_id
     world, rank = acc.num_processes, acc.process_index
     micro = micro_batch_size(t, world)
+    ptx_bs = t.pretrain_batch_size or t.batch_size
+    ptx_micro = micro_batch_size(t, world, ptx_bs, "train.pretrain_batch_size") if ptx_ex else 0
 
     start = resume_step(run, acc, desc)
     lengths = [len(e.input_ids) for e in train_ex]
@@ -406,7 +408,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
             mine = batch[rank::world]
             ptx_batch = None
             if ptx_ex and t.pretrain_coef > 0:
-                ptx_batch = [ptx_ex[i] for i in batch_indices(len(ptx_ex), t.batch_size, step, cfg.seed + 1)]
+                ptx_batch = [ptx_ex[i] for i in batch_indices(len(ptx_ex), ptx_bs, step, cfg.seed + 1)]
                 n_ptx_tokens = sum(len(e.input_ids) - 1 for e in ptx_batch)
                 ptx_mine = ptx_batch[rank::world]
             step_loss = 0.0
@@ -420,7 +422,8 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
                     loss = loss_sum * world / max(n_loss_tokens, 1)
                     # 3. optional pretraining mix: + pretrain_coef * L_LM
                     if ptx_batch is not None:
-                        pb = {k: v.to(acc.device) for k, v in collate(ptx_mine[m * micro:(m + 1) * micro], pad).items()}
+                        chunk = ptx_mine[m * ptx_micro:(m + 1) * ptx_micro]
+                        pb = {k: v.to(acc.device) for k, v in collate(chunk, pad).items()}
                         plog = model(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"]).logits
                         p_sum, _ = token_loss_sum(plog, pb["labels"])
                         loss = loss + t.pretrain_coef * p_sum * world / max(n_ptx_tokens, 1)

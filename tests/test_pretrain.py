@@ -35,3 +35,12 @@ def test_pretrain_config_rebuild_command_runs_a_few_steps(tmp_path):
     rows2 = [json.loads(l) for l in open(tmp_path / "pt2" / "metrics.jsonl")]
     assert rows2[-1]["train/loss"] < rows[-1]["train/loss"] + 0.5  # started from the trained model, not from scratch
     assert AutoTokenizer.from_pretrained(tmp_path / "pt2" / "model").get_vocab() == tok.get_vocab()
+    # the third phase (configs/pretrain-assistant.yaml) continues the second on text with the assistant suite's domain
+    third = load_config(PretrainConfig, os.path.join(ROOT, "configs", "pretrain-assistant.yaml"), [
+        f"model.name_or_path={tmp_path / 'pt2' / 'model'}", f"data.eval={text}", "data.max_length=64",
+        "train.max_steps=4", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=4",
+        f"out_dir={tmp_path / 'pt3'}", "data.train=builtin:pretrain?n=200&seed=2&assistant=200"])
+    assert not third.init.from_scratch and "assistant=" in load_config(
+        PretrainConfig, os.path.join(ROOT, "configs", "pretrain-assistant.yaml")).data.train
+    train(third)
+    assert AutoTokenizer.from_pretrained(tmp_path / "pt3" / "model").get_vocab() == tok.get_vocab()

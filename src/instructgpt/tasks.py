@@ -36,6 +36,10 @@ __all__ = [
     "split_of",
     "plural_of",
     "number_words",
+    "NOUNS",
+    "ADJECTIVES",
+    "VERBS",
+    "PLURAL_SAFE_NOUNS",
 ]
 
 HELDOUT_FRACTION = 0.2
@@ -148,6 +152,9 @@ def _split_for(family: str, key: str) -> str:
 
 # Nouns whose plural is held out: no other family (nor pretraining text) shows their plural form.
 _PLURAL_SAFE_NOUNS: tuple[str, ...] = tuple(n for n in _NOUNS if _split_for("plural", n) == "train")
+
+# The words of the base model's task-domain pretraining sentences, for the other built-in suite to write with
+NOUNS, ADJECTIVES, VERBS, PLURAL_SAFE_NOUNS = _NOUNS, _ADJECTIVES, _VERBS, _PLURAL_SAFE_NOUNS
 
 # ------------------------------------------------------------------------------------------- families
 Params = Mapping[str, object]

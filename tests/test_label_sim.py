@@ -3,7 +3,7 @@ import random
 import pytest
 
 from instructgpt.data import load_comparisons
-from instructgpt.label_sim import label, main, noisy_ranks
+from instructgpt.label_sim import PAPER_AGREEMENT, agreement, calibrate, label, main, noisy_ranks
 
 
 def test_no_noise_gives_the_gold_order_with_ties():
@@ -39,6 +39,28 @@ def test_identical_responses_tie_and_distinct_ones_keep_the_flip_rate():
     assert abs(flips / 2000 - 0.109) < 0.03
 
 
+def test_answers_of_equal_gold_always_tie_whatever_the_noise():
+    rng = random.Random(0)
+    for _ in range(500):
+        ranks = noisy_ranks([0.5, 1.0, 0.5, 0.0, 1.0], rng, flip_prob=0.4)
+        assert ranks[0] == ranks[2] and ranks[1] == ranks[4]
+
+
+def test_two_simulated_labelers_agree_as_often_as_the_paper_says():
+    rng = random.Random(1)
+    golds = [[rng.randint(1, 7) / 7 for _ in range(rng.choice((4, 8)))] for _ in range(1500)]
+    level = calibrate(golds, PAPER_AGREEMENT, seed=0)
+    measured, pairs = agreement(golds, random.Random(7), "flip", level)  # fresh draws, not the calibration's
+    assert pairs > 10_000 and measured == pytest.approx(PAPER_AGREEMENT, abs=0.01)
+    # less agreement takes more noise; Bradley-Terry noise is calibrated the same way
+    assert calibrate(golds, 0.65, seed=0) > level > calibrate(golds, 0.85, seed=0)
+    bt = calibrate(golds, PAPER_AGREEMENT, noise="bt", seed=0)
+    assert agreement(golds, random.Random(7), "bt", bt)[0] == pytest.approx(PAPER_AGREEMENT, abs=0.01)
+    assert agreement(golds, random.Random(7), "flip", 0.0)[0] == 1.0  # no noise: two labelers always agree
+    with pytest.raises(ValueError, match="agreement"):
+        calibrate(golds, 0.4)
+
+
 def test_label_sim_writes_rankings_rm_reads(tiny_model_dir, tmp_path):
     out = tmp_path / "r.jsonl"
     rc = main(["--policy", tiny_model_dir, "--prompts", "builtin:task-prompts?split=train&n=12&seed=3",
@@ -46,6 +68,11 @@ def test_label_sim_writes_rankings_rm_reads(tiny_model_dir, tmp_path):
     assert rc == 0
     recs = load_comparisons(str(out))
     assert len(recs) >= 1 and all(r.k == 4 and r.ratings and all(1 <= x <= 7 for x in r.ratings) for r in recs)
+    assert all(r.flags is not None and len(r.flags) == 4 for r in recs)  # the rubric's flags, per response
+    import json
+    stats = json.loads((tmp_path / "r.jsonl.stats.json").read_text())
+    assert stats["rankings"] == len(recs) and stats["agreement_target"] == PAPER_AGREEMENT
+    assert stats["agreement"] is None or 0.0 <= stats["agreement"] <= 1.0  # a dozen prompts: only a few pairs
     bad = tmp_path / "bad.jsonl"
     assert main(["--policy", tiny_model_dir, "--out", str(bad), "--device", "gpu0"]) == 2 and not bad.exists()
 

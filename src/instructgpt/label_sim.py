@@ -1,18 +1,25 @@
-"""``instructgpt label-sim``: simulated labelers for the built-in task (after AlpacaFarm's simulated annotators).
+"""``instructgpt label-sim``: simulated labelers for the built-in suites (after AlpacaFarm's simulated annotators).
 
-For each prompt, sample K responses from a policy (the SFT model), rank them with the gold labeler plus noise, and
-write a rankings file in the format ``instructgpt rm`` reads, with 1-7 ratings. The reward model and PPO never see the
-gold labeler: only these noisy rankings.
+For each prompt, sample K responses from a policy (the SFT model), have the hidden gold labeler judge each one
+(:mod:`instructgpt.gold`: a 1-7 rating and the paper's flags), and rank them as a noisy person would; write a rankings
+file in the format ``instructgpt rm`` reads, with the ratings and flags. The reward model and PPO never see the gold
+labeler: only these rankings.
 
-Noise models:
-- ``flip`` (default): each non-tied pair's gold order is flipped with probability ``--flip-prob`` (AlpacaFarm: 0.25);
-  the ranking is then the Copeland order of the noisy pairwise wins (equal wins are ties).
-- ``bt``: Bradley-Terry: rank by gold score + Gumbel noise of scale ``--bt-scale``.
-Identical responses are judged once, as a person shown two copies would: they tie and share a rating.
+A labeler cannot tell apart two answers the gold labeler scores the same (the rubric's equal ratings; identical
+texts): they tie. Between answers that differ, noise:
+- ``flip`` (default): each pair's gold order is flipped with a probability; the ranking is then the Copeland order of
+  the noisy pairwise wins (equal wins tie);
+- ``bt``: Bradley-Terry: rank by gold score + Gumbel noise of a scale.
 
-``--resolution rating`` makes the labeler as coarse as a person: it sees the gold score only on the 1-7 scale of its
-ratings, so two answers of the same rating (say two wrong reversals, gold 0.13 and 0.16) are a tie rather than a
-coin-flip preference. ``score`` (the default) ranks by the exact gold score.
+How much noise: ``--agreement A`` (default 0.726, the paper's: its labelers agreed with each other on 72.6 +- 1.5% of
+comparisons) sets the flip probability (or the BT scale) so that two simulated labelers, ranking the same responses
+independently, order A of the pairs whose gold differs the same way. label-sim measures that agreement on its own
+rankings and prints it (and writes it to ``<out>.stats.json``). ``--agreement none`` takes ``--flip-prob`` (0.25,
+AlpacaFarm's) or ``--bt-scale`` as given.
+
+``--resolution rating`` makes a puzzle's labeler as coarse as a person: it sees the gold score only on the 1-7 scale,
+so two answers of the same rating tie (the assistant suite's gold is a rating already). ``score`` (the default) ranks
+by the exact gold score.
 
 ``--temperatures 0.3,0.7,1.0,1.3`` samples the K responses at several temperatures (response i at temperature
 i mod len): the paper's labelers ranked outputs of several models, which differ in quality far more than K samples of
@@ -22,10 +29,13 @@ one policy at one temperature do.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import sys
 from typing import Sequence
+
+PAPER_AGREEMENT = 0.726  # Ouyang et al. 2022, sec. 3.4: training labelers agree with each other 72.6 +- 1.5%
 
 
 def perceived(gold: float, resolution: str = "score") -> float:
@@ -39,52 +49,94 @@ def perceived(gold: float, resolution: str = "score") -> float:
 
 def noisy_ranks(gold: Sequence[float], rng: random.Random, noise: str = "flip", flip_prob: float = 0.25,
                 bt_scale: float = 0.1, resolution: str = "score") -> list[int]:
-    """Dense ranks (1 = best, equal = tie) of K responses from their gold scores under the given noise model."""
-    k = len(gold)
-    gold = [perceived(g, resolution) for g in gold]
+    """Dense ranks (1 = best, equal = tie) of K responses from their gold scores under the given noise model; responses
+    of equal (perceived) gold are one answer to the labeler, so they tie."""
+    seen = [perceived(g, resolution) for g in gold]
+    levels = list(dict.fromkeys(seen))  # the distinct answers as the labeler sees them
+    k = len(levels)
     if noise == "bt":
-        util = [g + bt_scale * -math.log(-math.log(max(rng.random(), 1e-12))) for g in gold]
+        util = [g + bt_scale * -math.log(-math.log(max(rng.random(), 1e-12))) for g in levels]
     elif noise == "flip":
         util = [0.0] * k
         for i in range(k):
             for j in range(i + 1, k):
-                if gold[i] == gold[j]:
-                    util[i] += 0.5
-                    util[j] += 0.5
-                    continue
-                i_wins = gold[i] > gold[j]
+                i_wins = levels[i] > levels[j]
                 if rng.random() < flip_prob:
                     i_wins = not i_wins
                 util[i if i_wins else j] += 1.0
     else:
         raise ValueError(f"unknown noise model '{noise}' (flip or bt)")
-    levels = sorted(set(util), reverse=True)
-    return [levels.index(u) + 1 for u in util]
+    order = sorted(set(util), reverse=True)
+    rank_of = {g: order.index(u) + 1 for g, u in zip(levels, util)}
+    return [rank_of[g] for g in seen]
 
 
 def label(responses: Sequence[str], gold: Sequence[float], rng: random.Random, noise: str = "flip",
-          flip_prob: float = 0.25, bt_scale: float = 0.1, resolution: str = "score") -> tuple[list[int], list[int]]:
-    """(ranks, ratings) of K responses as one labeler gives them: each distinct text is judged once, so identical
-    responses (frequent among near-greedy samples) tie and share a rating. Judged one by one, the noise on their pairs
-    with the other responses could rank a text above its own copy."""
+          flip_prob: float = 0.25, bt_scale: float = 0.1, resolution: str = "score",
+          ratings: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+    """(ranks, ratings) of K responses as one labeler gives them: each distinct text is judged once (identical
+    responses, frequent among near-greedy samples, tie and share a rating). `ratings`: the gold 1-7 ratings (else
+    the gold score on the 7-point scale); the labeler moves each one step with its noise rate."""
     distinct = list(dict.fromkeys(responses))
-    g = [gold[responses.index(t)] for t in distinct]
+    first = [responses.index(t) for t in distinct]
+    g = [gold[i] for i in first]
     ranks = noisy_ranks(g, rng, noise, flip_prob, bt_scale, resolution)
-    ratings = [rating_of(x, rng, flip_prob) for x in g]
+    base = [ratings[i] if ratings is not None else 1 + round(6 * gold[i]) for i in first]
+    noisy = [rating_of(r, rng, flip_prob if noise == "flip" else 0.0) for r in base]
     at = {t: i for i, t in enumerate(distinct)}
-    return [ranks[at[t]] for t in responses], [ratings[at[t]] for t in responses]
+    return [ranks[at[t]] for t in responses], [noisy[at[t]] for t in responses]
 
 
-def rating_of(gold: float, rng: random.Random, flip_prob: float) -> int:
-    """A 1-7 Likert rating: the gold score on the 7-point scale, moved one step with the labeler's noise rate."""
-    r = 1 + round(6 * gold)
+def rating_of(rating: int, rng: random.Random, flip_prob: float) -> int:
+    """A 1-7 Likert rating as a labeler gives it: the gold rating, moved one step with the labeler's noise rate."""
     if rng.random() < flip_prob:
-        r += rng.choice((-1, 1))
-    return min(7, max(1, r))
+        rating += rng.choice((-1, 1))
+    return min(7, max(1, rating))
+
+
+def agreement(golds: Sequence[Sequence[float]], rng: random.Random, noise: str, level: float,
+              resolution: str = "score", repeats: int = 1) -> tuple[float | None, int]:
+    """How often two simulated labelers, each ranking every prompt's responses independently at noise `level` (the
+    flip probability or the BT scale), order a pair whose gold differs the same way (both ahead, both behind, or
+    both tied); over `repeats` draws of the two. -> (agreement or None, pairs compared in all)."""
+    agree = pairs = 0
+    kw = {"flip_prob": level} if noise == "flip" else {"bt_scale": level}
+    for _ in range(repeats):
+        for g in golds:
+            a = noisy_ranks(g, rng, noise, resolution=resolution, **kw)
+            b = noisy_ranks(g, rng, noise, resolution=resolution, **kw)
+            seen = [perceived(x, resolution) for x in g]
+            for i in range(len(g)):
+                for j in range(i + 1, len(g)):
+                    if seen[i] != seen[j]:
+                        pairs += 1
+                        agree += (a[i] > a[j]) - (a[i] < a[j]) == (b[i] > b[j]) - (b[i] < b[j])
+    return (agree / pairs if pairs else None), pairs
+
+
+def calibrate(golds: Sequence[Sequence[float]], target: float, noise: str = "flip", resolution: str = "score",
+              seed: int = 0, repeats: int = 8) -> float:
+    """The noise level (flip probability, or BT scale) at which two simulated labelers agree on `target` of the pairs
+    of these responses, by bisection; every evaluation draws the same random numbers, so agreement falls smoothly as
+    the noise rises."""
+    if not 0.5 < target <= 1.0:
+        raise ValueError(f"agreement: must be in (0.5, 1], got {target}")
+
+    def at(level: float) -> float:
+        acc, _ = agreement(golds, random.Random(seed), noise, level, resolution, repeats)
+        return 1.0 if acc is None else acc
+
+    lo, hi = 0.0, 0.5 if noise == "flip" else 1.0
+    while noise == "bt" and at(hi) > target and hi < 1e3:
+        hi *= 2
+    for _ in range(20):  # to within 1e-6 of the flip probability
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if at(mid) > target else (lo, mid)
+    return (lo + hi) / 2
 
 
 def main(argv: list[str]) -> int:
-    from instructgpt import tasks
+    from instructgpt import gold
     from instructgpt.data import DataError, load_prompts, write_jsonl
     from instructgpt.generation import SamplingParams, autocast, generate
     from instructgpt.modeling import load_model, pick_device
@@ -96,6 +148,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="rankings JSONL to write")
     p.add_argument("--k", type=int, default=4, help="responses per prompt (the paper: 4..9)")
     p.add_argument("--noise", choices=("flip", "bt"), default="flip")
+    p.add_argument("--agreement", default=str(PAPER_AGREEMENT),
+                   help="two simulated labelers' pairwise agreement the noise is set to (default: the paper's "
+                        "0.726); 'none': use --flip-prob or --bt-scale as given")
     p.add_argument("--flip-prob", type=float, default=0.25)
     p.add_argument("--bt-scale", type=float, default=0.1)
     p.add_argument("--resolution", choices=("score", "rating"), default="score",
@@ -109,12 +164,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="sample under bf16 autocast")
     p.add_argument("--device", default="auto", help="where the policy samples: auto (cuda when available), cpu, ...")
     args = p.parse_args(argv)
-    if not 2 <= args.k <= 9:
-        print("instructgpt label-sim: error: --k must be in 2..9", file=sys.stderr)
-        return 2
     try:
+        if not 2 <= args.k <= 9:
+            raise ValueError("--k must be in 2..9")
+        target = None if args.agreement.lower() == "none" else float(args.agreement)
+        if target is not None and not 0.5 < target <= 1.0:
+            raise ValueError(f"--agreement must be in (0.5, 1] or 'none', got {args.agreement}")
         device = pick_device(args.device)
         prompts = load_prompts(args.prompts)
+        unknown = next((r.text for r in prompts if gold.suite_of(r.text) is None), None)
+        if unknown is not None:
+            raise ValueError(f"{args.prompts}: not a prompt of a built-in suite, which the gold labeler judges: "
+                             f"{unknown[:80]!r}")
     except (DataError, ValueError) as e:
         print(f"instructgpt label-sim: error: {e}", file=sys.stderr)
         return 2
@@ -128,21 +189,44 @@ def main(argv: list[str]) -> int:
                                                                seed=args.seed + j), batch_size=args.batch_size)
                     for j, (t, c) in enumerate(zip(temps, counts)) if c]
     outs = [[c for group in per_temp for c in group[i]] for i in range(len(texts))]  # K responses per prompt
-    rng = random.Random(args.seed)
-    rows, skipped = [], 0
+    # 1. the gold labeler judges every response
+    judged, skipped = [], 0
     for rec, comps in zip(prompts, outs):
         responses = [c.text.strip() for c in comps]
         if any(not r for r in responses):
             skipped += 1  # an empty response cannot be ranked (and is an error in the rankings format)
             continue
-        gold = [tasks.gold_score(rec.text, r) for r in responses]
-        ranks, ratings = label(responses, gold, rng, args.noise, args.flip_prob, args.bt_scale, args.resolution)
+        judged.append((rec, responses, [gold.judge(rec.text, r) for r in responses]))
+    golds = [[j.score for j in js] for _, _, js in judged]
+    # 2. the noise: set to the target agreement, or as given
+    level = args.flip_prob if args.noise == "flip" else args.bt_scale
+    if target is not None:
+        level = calibrate(golds, target, args.noise, args.resolution, seed=args.seed)
+    kw = {"flip_prob": level} if args.noise == "flip" else {"bt_scale": level}
+    # 3. one labeler ranks each prompt's responses
+    rng = random.Random(args.seed)
+    rows = []
+    for rec, responses, js in judged:
+        ranks, ratings = label(responses, [j.score for j in js], rng, args.noise, resolution=args.resolution,
+                               ratings=[j.rating for j in js], **kw)
         if len(set(ranks)) == 1:
             skipped += 1  # all tied: nothing for the reward model to learn
             continue
         rows.append({"prompt": rec.text, "responses": responses, "ranks": ranks, "ratings": ratings,
-                     "labeler": f"sim-{args.noise}"})
+                     "flags": [list(j.flags) for j in js], "labeler": f"sim-{args.noise}"})
+    # 4. what a second labeler would say: the agreement these rankings carry (pairs of one prompt rise and fall
+    # together, with a Copeland cycle say, so the expectation is taken over 20 draws of the two labelers)
+    measured, pairs = agreement(golds, random.Random(args.seed + 1), args.noise, level, args.resolution, repeats=20)
+    pairs //= 20
     write_jsonl(args.out, rows)
+    stats = {"rankings": len(rows), "skipped": skipped, "k": args.k, "noise": args.noise, "noise_level": level,
+             "agreement_target": target, "agreement": measured, "agreement_pairs": pairs}
+    with open(args.out + ".stats.json", "w", encoding="utf-8") as fh:
+        json.dump(stats, fh, indent=2)
     print(f"wrote {len(rows)} rankings (K={args.k}) to {args.out}; skipped {skipped} (all tied or empty)",
           file=sys.stderr)
+    if measured is not None:
+        print(f"two simulated labelers agree on {100 * measured:.1f}% of {pairs} pairs whose gold differs "
+              f"({args.noise} noise {level:.4f}" + (f", set for {100 * target:.1f}%)" if target else ")"),
+              file=sys.stderr)
     return 0

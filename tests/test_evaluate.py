@@ -47,6 +47,43 @@ def test_rm_accuracy_against_gold_by_hand():
     assert ev.rm_accuracy([[1.0, 2.0]], [[0.5, 0.5]]) == (None, 0)
 
 
+def test_best_of_n_expectations_equal_every_subset_enumerated():
+    import itertools
+
+    rng = np.random.default_rng(0)
+    rm = rng.normal(size=(3, 6))
+    gold = rng.integers(1, 8, size=(3, 6)).astype(float)
+    for n in (1, 2, 3, 6):
+        got = ev.best_of_n_expectations(rm, gold, n)
+        want = [np.mean([gold[i][max(sub, key=lambda k: rm[i][k])] for sub in itertools.combinations(range(6), n)])
+                for i in range(3)]
+        assert got == pytest.approx(want)
+    assert ev.best_of_n_expectations(rm, gold, 1) == pytest.approx(gold.mean(1))  # n = 1: a random sample
+    assert ev.best_of_n_expectations(rm, rm, 6) == pytest.approx(rm.max(1))  # n = N: the RM's best
+    with pytest.raises(ValueError, match="1..6"):
+        ev.best_of_n_expectations(rm, gold, 7)
+    curve = ev.best_of_n_curve(rm, gold, [1, 2, 4])
+    assert [c["n"] for c in curve] == [1, 2, 4] and curve[1]["kl"] == pytest.approx(math.log(2) - 0.5)
+    assert all(c["gold_oracle"] >= c["gold"] - 1e-12 for c in curve)
+    assert [c["rm"] for c in curve] == sorted(c["rm"] for c in curve)  # the proxy only rises with n
+
+
+def test_flag_rates_and_the_rms_accuracy_by_flag():
+    from instructgpt.assistant import Judgement
+
+    ok = Judgement(7, ("satisfies_constraint",), has_constraints=True)
+    rude = Judgement(4, ("inappropriate_for_customer_assistant", "satisfies_constraint"), has_constraints=True)
+    plain, wrong = Judgement(7), Judgement(2, ("fails_instruction",))
+    rates = ev.flag_rates([ok, rude, plain, wrong])
+    assert rates["inappropriate_for_customer_assistant"] == 0.25 and rates["fails_instruction"] == 0.25
+    assert rates["satisfies_constraint"] == 1.0  # of the two answers to prompts with constraints
+    assert rates["all_properties"] == 0.5 and rates["hallucination"] == 0.0
+    # prompt 0: ok > rude (RM right); prompt 1: plain > wrong (RM wrong), plain = plain (a gold tie: no pair)
+    acc = ev.rm_accuracy_by_flag([[1.0, 0.0], [-1.0, 0.0, 5.0]], [[ok, rude], [plain, wrong, plain]])
+    assert acc == {"inappropriate_for_customer_assistant": {"accuracy": 1.0, "pairs": 1},
+                   "fails_instruction": {"accuracy": 0.5, "pairs": 2}}
+
+
 def test_sequence_kl_and_best_of_n_kl_by_hand():
     lp = [[-1.0, -2.0], [-0.5]]
     ref = [[-1.5, -2.5], [-0.25]]
@@ -76,7 +113,7 @@ def test_targets_are_checked_only_when_present():
 def test_a_reports_own_targets_move_or_drop_the_defaults():
     report = {"seconds.total": 3000.0, "win_rate_no_ties.ppo_vs_sft": 0.7, "gold_gain.ppo_vs_sft": 0.05}
     default = {t.key: (th, ok) for t, v, th, ok in check_targets(report)}
-    assert default == {"seconds.total": (600.0, False), "win_rate_no_ties.ppo_vs_sft": (0.75, False),
+    assert default == {"seconds.total": (600.0, False), "win_rate_no_ties.ppo_vs_sft": (0.8, False),
                        "gold_gain.ppo_vs_sft": (0.15, False)}
     report["targets"] = {"seconds.total": 3600, "win_rate_no_ties.ppo_vs_sft": 0.65, "gold_gain.ppo_vs_sft": None}
     moved = {t.key: (th, ok) for t, v, th, ok in check_targets(report)}
@@ -95,7 +132,8 @@ def test_stage_kind_from_logged_keys():
 
 
 def test_summarize_by_hand():
-    from instructgpt import tasks
+    from instructgpt import assistant
+    from instructgpt import gold as gold_labeler
 
     held = ev.heldout_prompts(4, seed=0)
     gold = {"sft": [1.0, 0.5, 0.2, 0.0], "ppo": [1.0, 0.7, 0.1, 0.4]}
@@ -109,8 +147,10 @@ def test_summarize_by_hand():
     # gold pairs: prompt 0 tie (dropped); 1: gold sft < ppo, rm sft > ppo (wrong); 2: RM tie (1/2); 3: right
     assert r["rm_accuracy_gold"] == pytest.approx(1.5 / 3) and r["rm_accuracy_gold_pairs"] == 3
     assert r["bleu.sft"] == pytest.approx(100.0) and r["rouge_l.sft"] == pytest.approx(1.0)
-    fams = [t.family for t in tasks.make_tasks("heldout", 4, seed=0)]
-    assert r["per_family.ppo"] == {f: g for f, g in sorted(zip(fams, gold["ppo"]))}
+    fams = [t.family for t in gold_labeler.make_tasks("heldout", 4, seed=0)]
+    assert fams == [p.family for p in held] and set(fams) <= set(assistant.FAMILIES)
+    per = {f: np.mean([g for g, f2 in zip(gold["ppo"], fams) if f2 == f]) for f in fams}
+    assert r["per_family.ppo"] == pytest.approx(per)
     assert r["judge"] == "gold" and len(r["win_rate_ci95.ppo_vs_sft"]) == 2
 
 
@@ -288,7 +328,8 @@ def test_eval_cli_end_to_end(tiny_model_dir, eval_models, tmp_path):
     assert report["ptx_perplexity.base"] == report["ptx_perplexity.sft"] != report["ptx_perplexity.ppo"]
     lo, hi = report["win_rate_ci95.ppo_vs_sft"]
     assert 0 <= lo <= report["win_rate.ppo_vs_sft"] <= hi <= 1
-    assert set(report["per_family.ppo"]) == set(report["per_family.sft"]) and len(report["per_family.sft"]) == 13
+    assert set(report["per_family.ppo"]) == set(report["per_family.sft"]) == {
+        p.family for p in ev.heldout_prompts(26)}
     samples = _read_jsonl(out / "samples_ppo.jsonl")
     assert len(samples) == 26 and all({"prompt", "reference", "response", "gold", "rm"} <= set(s) for s in samples)
     assert report["gold_score.ppo"] == pytest.approx(sum(s["gold"] for s in samples) / 26, abs=1e-3)

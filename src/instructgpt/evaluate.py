@@ -34,7 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_PTX = "builtin:shakespeare?split=heldout"  # plays held out of every training stage (builtin.HELDOUT_PLAYS)
+# held-out pretraining text: plays held out of every training stage (builtin.HELDOUT_PLAYS) and short documents about
+# the assistant suite's held-out shops and topics
+DEFAULT_PTX = "builtin:pretrain?split=heldout&assistant=3000"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -59,12 +61,16 @@ def win_rate_no_ties(outcomes: np.ndarray) -> np.ndarray:
     return np.where(decided > 0, wins / np.maximum(decided, 1), np.nan)
 
 
-def right_answer_changes(a: Sequence[float], b: Sequence[float], right: float) -> tuple[int, int, np.ndarray]:
-    """Gold scores `a` and `b` of two answers per prompt, an answer being right at `right` or above: the prompts `a`
-    answers right and `b` wrong (gained), the reverse (lost), and the outcomes (:func:`pairwise_outcomes`) on the
-    prompts both answer wrong, where only partial credit decides."""
+def right_answer_changes(a: Sequence[float], b: Sequence[float], right: float | tuple[Sequence[bool], Sequence[bool]]
+                         ) -> tuple[int, int, np.ndarray]:
+    """Gold scores `a` and `b` of two answers per prompt, an answer being right at `right` or above (or as the pair
+    of boolean sequences `right` says): the prompts `a` answers right and `b` wrong (gained), the reverse (lost), and
+    the outcomes (:func:`pairwise_outcomes`) on the prompts both answer wrong, where only partial credit decides."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    ra, rb = a >= right, b >= right
+    if isinstance(right, tuple):
+        ra, rb = np.asarray(right[0], dtype=bool), np.asarray(right[1], dtype=bool)
+    else:
+        ra, rb = a >= right, b >= right
     both_wrong = ~ra & ~rb
     return int(np.sum(ra & ~rb)), int(np.sum(~ra & rb)), pairwise_outcomes(a[both_wrong], b[both_wrong])
 
@@ -127,6 +133,62 @@ def best_of_n_kl(n: int) -> float:
     """KL(best-of-n || pi) = log n - (n - 1) / n, the analytic value for best-of-n sampling (Stiennon et al. 2020,
     appendix G.3; Gao et al. 2023, sec. 2.3): exact when the n samples' rewards are distinct."""
     return math.log(n) - (n - 1) / n
+
+
+def best_of_n_expectations(rm: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Per prompt, the expected `values` of the response the reward model picks from n of the N samples drawn at
+    random without replacement (Nakano et al. 2021, appendix: one set of N samples serves every n <= N).
+
+    rm, values: (P, N). Sorting each prompt's samples by RM score, the k-th lowest (k = 0..N-1) is the pick exactly
+    when it is in the subset and the other n - 1 are among the k below it: probability C(k, n-1) / C(N, n). -> (P,)."""
+    P, N = rm.shape
+    if not 1 <= n <= N:
+        raise ValueError(f"best-of-n: n must be in 1..{N}, got {n}")
+    weights = np.array([math.comb(k, n - 1) for k in range(N)], dtype=float) / math.comb(N, n)  # (N,), sums to 1
+    order = np.argsort(rm, axis=1, kind="stable")  # (P, N) ascending RM score
+    return np.take_along_axis(values, order, axis=1) @ weights
+
+
+def best_of_n_curve(rm: Sequence[Sequence[float]], gold: Sequence[Sequence[float]],
+                    ns: Sequence[int]) -> list[dict]:
+    """The best-of-n curve of Gao et al. (2023): for each n, KL_bon = log n - (n-1)/n and the mean (over prompts) gold
+    and RM score of the RM's pick, with the gold labeler's own pick ("gold_oracle") beside it."""
+    r, g = np.asarray(rm, dtype=float), np.asarray(gold, dtype=float)
+    return [{"n": n, "kl": best_of_n_kl(n), "gold": float(best_of_n_expectations(r, g, n).mean()),
+             "rm": float(best_of_n_expectations(r, r, n).mean()),
+             "gold_oracle": float(best_of_n_expectations(g, g, n).mean())} for n in ns]
+
+
+def flag_rates(judgements: Sequence) -> dict[str, float]:
+    """Share of answers carrying each of the rubric's flags (`satisfies_constraint`: of the answers to prompts with
+    constraints), and `all_properties`: no fault flagged and every constraint followed."""
+    from instructgpt.assistant import NEGATIVE_FLAGS
+
+    out = {f: float(np.mean([f in j.flags for j in judgements])) for f in NEGATIVE_FLAGS}
+    constrained = [j for j in judgements if j.has_constraints]
+    if constrained:
+        out["satisfies_constraint"] = float(np.mean(["satisfies_constraint" in j.flags for j in constrained]))
+    out["all_properties"] = float(np.mean([j.all_properties for j in judgements]))
+    return out
+
+
+def rm_accuracy_by_flag(rm_scores: Sequence[Sequence[float]], judgements: Sequence[Sequence]) -> dict[str, dict]:
+    """The RM's accuracy against the gold order on the pairs whose gold differs and where one answer carries a flag
+    the other does not, flag by flag: which of the rubric's properties the reward model can see."""
+    agree: dict[str, float] = defaultdict(float)
+    pairs: dict[str, int] = defaultdict(int)
+    for rm_i, js in zip(rm_scores, judgements):
+        for a in range(len(js)):
+            for b in range(a + 1, len(js)):
+                g = js[a].score - js[b].score
+                if g == 0:
+                    continue
+                r = rm_i[a] - rm_i[b]
+                hit = 0.5 if r == 0 else float((r > 0) == (g > 0))
+                for f in set(js[a].flags) ^ set(js[b].flags):
+                    agree[f] += hit
+                    pairs[f] += 1
+    return {f: {"accuracy": agree[f] / pairs[f], "pairs": pairs[f]} for f in sorted(pairs)}
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
@@ -249,12 +311,13 @@ class EvalPrompt:
         return getattr(self.task, "family", None)
 
 
-def heldout_prompts(n: int, seed: int = 0) -> list[EvalPrompt]:
-    """`n` held-out prompts of the built-in task, every family in turn; the reference is the canonical answer."""
-    from instructgpt import tasks
+def heldout_prompts(n: int, seed: int = 0, suite: str | None = None) -> list[EvalPrompt]:
+    """`n` held-out prompts of a built-in suite (the default one unless named); the reference is the suite's
+    reference answer."""
+    from instructgpt import gold
 
     return [EvalPrompt([{"role": "user", "content": t.prompt}], t.prompt, t, t.answer)
-            for t in tasks.make_tasks("heldout", n, seed=seed)]
+            for t in gold.make_tasks("heldout", n, seed=seed, suite=suite or gold.DEFAULT_SUITE)]
 
 
 _REFERENCE_KEYS = ("reference", "response", "answer", "output")
@@ -263,7 +326,7 @@ _REFERENCE_KEYS = ("reference", "response", "answer", "output")
 def load_eval_prompts(source: str, n: int | None = None) -> list[EvalPrompt]:
     """Prompts from any prompt source (the first `n`); a reference answer is taken from a row's "reference",
     "response", "answer" or "output" field; the gold labeler applies to prompts of the built-in task."""
-    from instructgpt import tasks
+    from instructgpt import gold
     from instructgpt.data import DataError, iter_rows, parse_prompt
 
     out = []
@@ -273,7 +336,7 @@ def load_eval_prompts(source: str, n: int | None = None) -> list[EvalPrompt]:
         if not isinstance(row, dict):
             raise DataError(file, line, None, "expected a JSON object")
         rec = parse_prompt(file, line, row)
-        task = tasks.parse_task(rec.text)
+        task = gold.parse_task(rec.text)
         ref = next((row[k] for k in _REFERENCE_KEYS if isinstance(row.get(k), str)), None)
         out.append(EvalPrompt(rec.messages, rec.text, task, ref if ref is not None else getattr(task, "answer", None)))
     if not out:
@@ -311,11 +374,15 @@ def family_means(families: Sequence[str], values: Sequence[float]) -> dict[str, 
 
 def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]], sft: str,
               gold: dict[str, Sequence[float]] | None = None, rm: dict[str, Sequence[float]] | None = None,
-              rm_pool: Sequence[str] = (), n_resamples: int = 2000, seed: int = 0) -> dict:
+              rm_pool: Sequence[str] = (), n_resamples: int = 2000, seed: int = 0,
+              judged: dict[str, Sequence] | None = None) -> dict:
     """The flat report of everything computed from per-prompt responses and scores (KL and perplexity excluded).
 
     Win rates against `sft` are judged by `gold` when given, else by `rm` (`judge` says which); `win_rate_rm.*`
     adds the RM's verdict when both exist. `rm_accuracy_gold` uses the responses of the policies in `rm_pool`.
+    `judged`: the gold labeler's judgements (:class:`instructgpt.gold.Judgement`) behind `gold`: they add the rubric's
+    flag rates (`flag_rate.<policy>`), and "right" for the answers gained and lost means every property kept (no
+    fault flagged, every constraint followed) instead of a gold score of tasks.RIGHT_CONTENT or more.
     """
     report: dict = {"heldout_prompts": len(prompts), "policies": list(responses), "sft_policy": sft}
     judge = gold if gold is not None else rm
@@ -330,6 +397,9 @@ def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]]
             report[f"accuracy.{name}"] = float(exact.mean())
             report[f"per_family.{name}"] = family_means(families, g)
             report[f"per_family_accuracy.{name}"] = family_means(families, exact)
+        if judged is not None:
+            report[f"flag_rate.{name}"] = flag_rates(judged[name])
+            report[f"all_properties.{name}"] = report[f"flag_rate.{name}"]["all_properties"]
         if rm is not None:
             report[f"rm_score.{name}"] = float(np.mean(rm[name]))
         with_ref = [(r, p.reference) for r, p in zip(resp, prompts) if p.reference is not None]
@@ -345,7 +415,9 @@ def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]]
                 # credit): the split shows which of the two a win rate is made of
                 from instructgpt.tasks import RIGHT_CONTENT
 
-                gained, lost, wrong = right_answer_changes(gold[name], gold[sft], RIGHT_CONTENT)
+                right = RIGHT_CONTENT if judged is None else ([j.all_properties for j in judged[name]],
+                                                              [j.all_properties for j in judged[sft]])
+                gained, lost, wrong = right_answer_changes(gold[name], gold[sft], right)
                 report[f"right_gained.{vs}"], report[f"right_lost.{vs}"] = gained, lost
                 report[f"win_rate_no_ties_both_wrong.{vs}"] = _finite(win_rate_no_ties(wrong))
                 report[f"win_rate_no_ties_both_wrong_pairs.{vs}"] = int(np.sum(wrong != 0.5))
@@ -449,7 +521,7 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
              prompts: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
              batch_size: int = 64, kl_prompts: int | None = 256, ptx_blocks: int = 32, ptx_block_size: int = 256,
              ptx_max_tokens: int | None = None, n_resamples: int = 2000, mixed_precision: str = "no",
-             device: str = "auto") -> dict:
+             device: str = "auto", suite: str | None = None, bon_curve: int = 0, bon_prompts: int = 160) -> dict:
     """Evaluate every policy (name -> model directory, hub id or builtin:base) against the SFT one (`policies[sft]`).
 
     Prompts: `heldout` held-out prompts of the built-in task, or the first `heldout` of the prompt source `prompts`.
@@ -458,18 +530,24 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     `ptx_perplexity.<policy>` (`ptx_blocks` blocks of `ptx_block_size` tokens spread evenly through `ptx_text`, or
     through its first `ptx_max_tokens` tokens, a Hugging Face dataset then streamed; None skips it).
     Greedy answers by default (`temperature` 0); the policies are loaded one at a time beside the SFT model.
+    `suite`: the built-in suite of the held-out prompts (default: the default suite). `bon_curve` N (a power of 2):
+    the best-of-n curve for n = 1, 2, 4, ..., N from N samples of the SFT model on the first `bon_prompts` prompts
+    (:func:`best_of_n_curve`), the RM's accuracy on pairs of those samples, by flag too, and the flag rates of the
+    RM's pick of N.
     `mixed_precision` "bf16" samples (answers, KL samples, best-of-n candidates) under bf16 autocast; the KL,
     perplexity and reward-model passes stay in the models' own precision.
     """
-    from instructgpt import tasks
+    from instructgpt import gold as gold_labeler
     from instructgpt.generation import SamplingParams, autocast
     from instructgpt.modeling import load_model, pick_device
     from instructgpt.prompting import encode_prompt, render_prompt
 
     if sft not in policies:
         raise ValueError(f"the SFT policy '{sft}' is not among the policies {list(policies)}")
-    if best_of and not reward_model:
+    if (best_of or bon_curve) and not reward_model:
         raise ValueError("best-of-n needs a reward model")
+    if bon_curve and (bon_curve & (bon_curve - 1) or bon_prompts < 1):
+        raise ValueError(f"bon_curve: a power of 2 with bon_prompts >= 1, got {bon_curve} and {bon_prompts}")
     for name, t in (("temperature", temperature), ("best_of_temperature", best_of_temperature)):
         if not t >= 0:  # NaN too
             raise ValueError(f"{name}: must be >= 0 (0: greedy), got {t}")
@@ -479,7 +557,7 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     t_start = time.time()
     os.makedirs(out_dir, exist_ok=True)
     # 1. prompts, never seen in training, and the models every policy is compared with
-    items = load_eval_prompts(prompts, heldout) if prompts else heldout_prompts(heldout, seed)
+    items = load_eval_prompts(prompts, heldout) if prompts else heldout_prompts(heldout, seed, suite)
     has_gold = all(p.task is not None for p in items)
     _log(f"{len(items)} prompts ({'gold labeler' if has_gold else 'no gold labeler'}), policies: {list(policies)}"
          + (f" + best_of_{best_of}" if best_of else ""))
@@ -550,7 +628,7 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
         responses[name] = [k[0].text for k in ranked]
         finish[name] = [k[0].finish_reason for k in ranked]
         if has_gold:
-            cand_gold = [[tasks.gold_score(p.task, c.text) for c in comps] for p, comps in zip(items, ranked)]
+            cand_gold = [[gold_labeler.gold_score(p.text, c.text) for c in comps] for p, comps in zip(items, ranked)]
             acc, pairs = rm_accuracy(ranked_rm, cand_gold)
             report["rm_accuracy_gold_sft_samples"], report["rm_accuracy_gold_sft_samples_pairs"] = acc, pairs
             # the same n candidates picked by the gold labeler (the headroom a perfect RM would have) and at random
@@ -562,16 +640,48 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
         seconds[name] = time.time() - t0
         _log(f"{name}: {seconds[name]:.1f}s")
 
+    # 3b. the best-of-n curve: N samples of the SFT model on a subset of the prompts, the RM's pick of n for each n
+    if bon_curve:
+        t0 = time.time()
+        sub = items[:bon_prompts]
+        texts = [render_prompt(sft_tok, p.messages) for p in sub]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=best_of_temperature, n=bon_curve,
+                                seed=seed + 3)
+        with autocast(sft_model, mixed_precision):
+            cands = generate_sorted(sft_model, sft_tok, texts, params, batch_size)
+        flat = rm_scores(scorer, [p for p, comps in zip(sub, cands) for _ in comps],
+                         {"c": [c.text for comps in cands for c in comps]}, batch_size)["c"]
+        cand_rm = np.asarray(flat).reshape(len(sub), bon_curve)  # (P, N)
+        ns = [2 ** i for i in range(bon_curve.bit_length())]
+        report["best_of_n_prompts"] = len(sub)
+        if has_gold:
+            cand_judged = [[gold_labeler.judge(p.text, c.text) for c in comps] for p, comps in zip(sub, cands)]
+            cand_gold = np.asarray([[j.score for j in js] for js in cand_judged])  # (P, N)
+            report["best_of_n_curve"] = best_of_n_curve(cand_rm, cand_gold, ns)
+            acc, pairs = rm_accuracy(cand_rm.tolist(), cand_gold.tolist())
+            report["rm_accuracy_gold_sft_samples"], report["rm_accuracy_gold_sft_samples_pairs"] = acc, pairs
+            report["rm_accuracy_gold_sft_samples_by_flag"] = rm_accuracy_by_flag(cand_rm.tolist(), cand_judged)
+            pick = np.argmax(cand_rm, axis=1)  # the RM's pick of all N
+            report[f"flag_rate.best_of_{bon_curve}"] = flag_rates([js[k] for js, k in zip(cand_judged, pick)])
+        else:
+            report["best_of_n_curve"] = [{"n": n, "kl": best_of_n_kl(n),
+                                          "rm": float(best_of_n_expectations(cand_rm, cand_rm, n).mean())} for n in ns]
+        seconds["best_of_n_curve"] = time.time() - t0
+        _log(f"best-of-n curve (n <= {bon_curve}, {len(sub)} prompts): {seconds['best_of_n_curve']:.1f}s")
+
     # 4. judges: the gold labeler, the reward model
-    gold = rm = None
+    gold = rm = judged = None
     if has_gold:
-        gold = {n: [tasks.gold_score(p.task, r) for p, r in zip(items, resp)] for n, resp in responses.items()}
+        judged = {n: [gold_labeler.judge(p.text, r) for p, r in zip(items, resp)] for n, resp in responses.items()}
+        gold = {n: [j.score for j in js] for n, js in judged.items()}
     if scorer is not None:
         t0 = time.time()
         rm = rm_scores(scorer, items, responses, batch_size)
         seconds["reward_model"] = time.time() - t0
     # 5. the report. RM accuracy on the policies' own answers: best-of-n's were picked by the RM, which would bias it
-    report = {**summarize(items, responses, sft, gold, rm, list(policies), n_resamples, seed), **report}
+    report = {**summarize(items, responses, sft, gold, rm, list(policies), n_resamples, seed, judged), **report}
+    if bon_curve and gold is not None:  # what the curve's n = 1 is measured against: SFT's greedy answer there
+        report["best_of_n_sft_greedy_gold"] = float(np.mean(gold[sft][:report["best_of_n_prompts"]]))
     report["decoding"] = {"temperature": temperature, "max_new_tokens": max_new_tokens, "kl_prompts": n_kl,
                           "kl_temperature": 1.0, "mixed_precision": mixed_precision, "device": device}
     if best_of:
@@ -611,6 +721,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best-of", type=int, default=0, help="add best-of-N of the SFT model reranked by the RM")
     p.add_argument("--best-of-temperature", type=float, default=1.0,
                    help="sampling temperature of the best-of-N candidates (default 1)")
+    p.add_argument("--bon-curve", type=int, default=0, metavar="N",
+                   help="the best-of-n curve for n = 1, 2, 4, ..., N (a power of 2) from N samples of the SFT model")
+    p.add_argument("--bon-prompts", type=int, default=160, help="prompts the best-of-n curve is measured on")
+    p.add_argument("--suite", default=None, help="the built-in suite of the held-out prompts: assistant (default) "
+                                                 "or puzzles")
     p.add_argument("--heldout", type=int, default=500, help="number of held-out prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ptx-text", default=DEFAULT_PTX, help="held-out pretraining text for perplexity ('none': skip)")
@@ -709,7 +824,7 @@ def main(argv: list[str]) -> int:
                           prompts=args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           batch_size=args.batch_size, kl_prompts=args.kl_prompts or None,
                           ptx_max_tokens=args.ptx_max_tokens, mixed_precision=args.mixed_precision,
-                          device=args.device)
+                          device=args.device, suite=args.suite, bon_curve=args.bon_curve, bon_prompts=args.bon_prompts)
     except (ValueError, DataError, FileNotFoundError) as e:
         print(f"instructgpt eval: error: {e}", file=sys.stderr)
         return 2

@@ -310,11 +310,11 @@ class GoldReward:
     model = None
 
     def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32) -> list[float]:
-        from instructgpt import tasks
+        from instructgpt import gold
         from instructgpt.prompting import as_messages
 
         users = [as_messages(p)[-1]["content"] for p in prompts]
-        return [2.0 * tasks.gold_score(u, r) - 1.0 for u, r in zip(users, responses)]
+        return [2.0 * gold.gold_score(u, r) - 1.0 for u, r in zip(users, responses)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -375,7 +375,7 @@ def rollout(models: Models, policy, value, value_head, queries: Sequence[Sequenc
 
 @torch.no_grad()
 def monitor(models: Models, policy, cfg: PPOConfig, eval_prompts: list, device) -> dict:
-    from instructgpt import tasks
+    from instructgpt import gold
     from instructgpt.generation import SamplingParams, generate
     from instructgpt.prompting import render_prompt
 
@@ -416,10 +416,9 @@ def monitor(models: Models, policy, cfg: PPOConfig, eval_prompts: list, device) 
         rlp = gather_logprobs(response_logits(ref_logits, p.temperature), r)
         kls += ((lp - rlp) * rm_).sum(-1).tolist()
     out["eval/kl"] = sum(kls) / len(kls)
-    golds = [tasks.gold_score(u, c.text) if tasks.parse_task(u) else None for u, c in zip(user, sampled)]
-    if all(g is not None for g in golds):
-        out["eval/gold_score"] = sum(golds) / len(golds)
-        out["eval/gold_score_greedy"] = sum(tasks.gold_score(u, c.text) for u, c in zip(user, greedy)) / len(greedy)
+    if all(gold.suite_of(u) for u in user):
+        out["eval/gold_score"] = sum(gold.gold_score(u, c.text) for u, c in zip(user, sampled)) / len(sampled)
+        out["eval/gold_score_greedy"] = sum(gold.gold_score(u, c.text) for u, c in zip(user, greedy)) / len(greedy)
     return out
 
 
@@ -749,14 +748,14 @@ def train(cfg: PPOConfig) -> str:
 
 
 def _gold_scores(prompts: list, tok, response: torch.Tensor, mask: torch.Tensor) -> float | None:
-    """Mean gold score of the rollouts when every prompt is from the built-in task (else None)."""
-    from instructgpt import tasks
+    """Mean gold score of the rollouts when every prompt is from a built-in suite (else None)."""
+    from instructgpt import gold
 
     users = [m[-1]["content"] for m in prompts]
-    if not all(tasks.parse_task(u) for u in users):
+    if not all(gold.suite_of(u) for u in users):
         return None
     texts = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(response, mask)]
-    return sum(tasks.gold_score(u, x) for u, x in zip(users, texts)) / len(texts)
+    return sum(gold.gold_score(u, x) for u, x in zip(users, texts)) / len(texts)
 
 
 def _write_samples(run: StageRun, step: int, b: Rollout, kl: torch.Tensor, tok, n: int = 4) -> None:

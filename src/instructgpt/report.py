@@ -30,19 +30,23 @@ class Target:
     threshold: str | float  # another report key, or a number
 
 
-# The issue's targets for the default run (issue 5); checked when their keys are in the report. A recipe's
-# `targets:` section (e.g. the SmolLM2 recipe's: issue 9's hour and 0.65 win rate) moves a threshold or drops a
-# target; the pipeline stores those overrides in report.json under "targets".
+# The default run's targets; checked when their keys are in the report. A recipe's `targets:` section (e.g. the
+# SmolLM2 recipe's) moves a threshold or drops a target; the pipeline stores those overrides in report.json under
+# "targets".
 TARGETS: tuple[Target, ...] = (
     Target("held-out prompts", "heldout_prompts", ">=", 500),
     Target("total wall time (seconds)", "seconds.total", "<=", 600),
-    Target("PPO-ptx beats SFT: win rate, ties left out", "win_rate_no_ties.ppo_vs_sft", ">=", 0.75),
-    Target("... with its 95% interval above 0.5", "win_rate_no_ties_ci95.ppo_vs_sft[0]", ">", 0.5),
+    Target("reward-model accuracy against gold, held-out pairs of SFT samples", "rm_accuracy_gold_sft_samples", ">=",
+           0.80),
+    Target("PPO-ptx beats SFT: win rate, ties left out", "win_rate_no_ties.ppo_vs_sft", ">=", 0.80),
+    Target("... the low end of its 95% interval", "win_rate_no_ties_ci95.ppo_vs_sft[0]", ">=", 0.70),
     Target("PPO-ptx gold-score gain over SFT", "gold_gain.ppo_vs_sft", ">=", 0.15),
-    Target("reward-model accuracy against gold", "rm_accuracy_gold", ">=", 0.80),
     Target("alignment tax: PPO-ptx held-out perplexity over SFT's", "ptx_perplexity_ratio.ppo_vs_sft", "<=", 1.05),
+    Target("... and over the base model's", "ptx_perplexity_ratio.ppo_vs_base", "<=", 1.5),
+    Target("best-of-n at its largest n beats SFT's greedy answer (gold gain)", "best_of_n_gain", ">", 0.0),
+    Target("SFT leaves room: share of its answers with every property", "all_properties.sft", "<=", 0.70),
     Target("SFT beats the base model on gold score", "gold_score.sft", ">", "gold_score.base"),
-    Target("fits this 24 GiB machine: peak resident memory (GiB)", "peak_rss_gib.total", "<=", 24),
+    Target("peak resident memory (GiB)", "peak_rss_gib.total", "<=", 24),
 )
 TARGET_KEYS = tuple(t.key for t in TARGETS)
 
@@ -74,9 +78,14 @@ def derived_keys(report: dict) -> dict:
     for name in ("ppo", "ppo_noptx"):
         if f"gold_score.{name}" in report and "gold_score.sft" in report:
             out[f"gold_gain.{name}_vs_sft"] = report[f"gold_score.{name}"] - report["gold_score.sft"]
-        sft_ppl, ppl = report.get("ptx_perplexity.sft"), report.get(f"ptx_perplexity.{name}")
-        if isinstance(sft_ppl, (int, float)) and isinstance(ppl, (int, float)) and sft_ppl > 0:
-            out[f"ptx_perplexity_ratio.{name}_vs_sft"] = ppl / sft_ppl
+        ppl = report.get(f"ptx_perplexity.{name}")
+        for ref in ("sft", "base"):
+            ref_ppl = report.get(f"ptx_perplexity.{ref}")
+            if isinstance(ref_ppl, (int, float)) and isinstance(ppl, (int, float)) and ref_ppl > 0:
+                out[f"ptx_perplexity_ratio.{name}_vs_{ref}"] = ppl / ref_ppl
+    curve = report.get("best_of_n_curve") or []
+    if curve and "gold" in curve[-1] and isinstance(report.get("best_of_n_sft_greedy_gold"), (int, float)):
+        out["best_of_n_gain"] = curve[-1]["gold"] - report["best_of_n_sft_greedy_gold"]
     return out
 
 _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
@@ -219,11 +228,12 @@ def plot_overoptimisation(metrics: dict[str, list[dict]], report: dict, path: st
             runs.append((stage, pts))
     policies = [p for p in report.get("policies", [])
                 if report_value(report, f"kl.{p}") is not None and p not in NOT_FROM_SFT]
-    if not runs and not policies:
+    if not runs and not policies and not report.get("best_of_n_curve"):
         return False
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "gold_score", "gold score"), (axes[1], "rm_score", "RM score (proxy)")):
+    for ax, key, bon_key, title in ((axes[0], "gold_score", "gold", "gold score"),
+                                    (axes[1], "rm_score", "rm", "RM score (proxy)")):
         drawn = False
         for stage, pts in runs:
             xy = [(math.sqrt(max(r["eval/kl"], 0.0)), r[f"eval/{key}"]) for r in pts
@@ -231,6 +241,11 @@ def plot_overoptimisation(metrics: dict[str, list[dict]], report: dict, path: st
             if xy:
                 ax.plot([a for a, _ in xy], [b for _, b in xy], marker="o", markersize=3, label=stage)
                 drawn = True
+        curve = [c for c in report.get("best_of_n_curve") or [] if isinstance(c.get(bon_key), (int, float))]
+        if curve:
+            ax.plot([math.sqrt(c["kl"]) for c in curve], [c[bon_key] for c in curve], marker="s",
+                    markersize=3, linestyle="--", label="best-of-n (SFT samples)")
+            drawn = True
         for p in policies:
             y = report_value(report, f"{key}.{p}")
             if y is not None:
@@ -242,7 +257,7 @@ def plot_overoptimisation(metrics: dict[str, list[dict]], report: dict, path: st
         ax.set_ylabel(title)
         ax.set_title(f"{title} vs sqrt(KL)" + ("" if drawn else " (no data)"))
         ax.grid(alpha=0.3)
-        if runs:
+        if runs or report.get("best_of_n_curve"):
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -356,6 +371,16 @@ def family_table(report: dict) -> list[str]:
     return _table(["family"] + names, rows)
 
 
+def flag_table(report: dict) -> list[str]:
+    """Rows: the rubric's flags; columns: every policy with flag rates (the best-of-n pick included)."""
+    names = [k.removeprefix("flag_rate.") for k, v in report.items() if k.startswith("flag_rate.") and v]
+    if not names:
+        return []
+    flags = list(dict.fromkeys(f for n in names for f in report[f"flag_rate.{n}"]))
+    return _table(["flag", *names], [[f, *[_cell(report[f"flag_rate.{n}"].get(f), True) for n in names]]
+                                     for f in flags])
+
+
 def read_samples(run_dir: str, policy: str) -> list[dict]:
     path = os.path.join(run_dir, f"samples_{policy}.jsonl")
     if not os.path.exists(path):
@@ -411,8 +436,10 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
                     f"{_cell(report.get(f'win_rate_no_ties_both_wrong.{vs}'), True)} of "
                     f"{report.get(f'win_rate_no_ties_both_wrong_pairs.{vs}')}")
 
-        lines += ["", (f"Right answers (gold >= {RIGHT_CONTENT}) gained / lost against {sft}, and the win rate without "
-                       "ties where both answers are wrong (partial credit alone decides): "
+        right = ("answers with every property (no fault flagged, every constraint followed)" if any(
+            k.startswith("flag_rate.") for k in report) else f"right answers (gold >= {RIGHT_CONTENT})")
+        lines += ["", (f"{right[0].upper() + right[1:]} gained / lost against {sft}, and the win rate without ties "
+                       "where neither answer has them (the rest of the rubric alone decides): "
                        + "; ".join(split(p) for p in changes) + ".")]
     if report.get("rm_accuracy_gold") is not None:
         lines += ["", (f"Reward-model accuracy against the gold order: **{report['rm_accuracy_gold']:.3f}** on "
@@ -442,6 +469,26 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
         lines += ["", (f"On pairs of the SFT model's own samples (best-of-n's candidates): "
                        f"**{report['rm_accuracy_gold_sft_samples']:.3f}** "
                        f"({report.get('rm_accuracy_gold_sft_samples_pairs')} pairs).")]
+    by_flag = report.get("rm_accuracy_gold_sft_samples_by_flag") or {}
+    if by_flag:
+        lines += ["", "... by flag (pairs where one answer carries the flag and the other does not): " + ", ".join(
+            f"{f} {v['accuracy']:.3f} ({v['pairs']})" for f, v in by_flag.items()) + "."]
+    curve = report.get("best_of_n_curve") or []
+    if curve:
+        cols = [c for c in ("gold", "rm", "gold_oracle") if c in curve[0]]
+        head = {"gold": "gold of the RM's pick", "rm": "RM score of its pick", "gold_oracle": "gold of gold's pick"}
+        lines += ["", "## Best-of-n", "", (f"The RM picks the best of n samples of the SFT model (temperature "
+                                           f"{dec.get('best_of_temperature', 1)}) on {report.get('best_of_n_prompts')} "
+                                           f"held-out prompts; KL = log n - (n-1)/n.")
+                  + (f" SFT's greedy answer there: gold {report['best_of_n_sft_greedy_gold']:.3f}."
+                     if "best_of_n_sft_greedy_gold" in report else ""), ""]
+        lines += _table(["n", "KL", *[head[c] for c in cols]],
+                        [[str(c["n"]), f"{c['kl']:.3f}", *[f"{c[k]:.3f}" for k in cols]] for c in curve])
+    flags = flag_table(report)
+    if flags:
+        lines += ["", "## The rubric's flags", "", "Share of answers with each flag (`satisfies_constraint`: of the "
+                  "answers to prompts with constraints); `all_properties`: no fault and every constraint kept.", ""]
+        lines += flags
     oracle = [k for k in report if k.startswith("gold_score.") and k.endswith("_oracle")]
     for k in oracle:
         name = k[len("gold_score."):-len("_oracle")]

@@ -606,3 +606,44 @@ def test_cli_serve_binds_loopback_and_warns_otherwise(tmp_path, monkeypatch, cap
     assert calls[-1][1:] == ("0.0.0.0", 9000)
     assert "WARNING: binding 0.0.0.0, not loopback" in capsys.readouterr().err
     assert label_main(["serve", "--db", db, "--model", "some/dir"]) == 2  # a model without prompts
+
+
+def test_the_built_in_suites_prompts_through_the_app(tmp_path, tiny_model_dir):
+    """The default suite's prompts (cards span lines) imported with outputs, labeled with the gold labeler's own
+    ratings and flags (the ids the app collects), exported, and read back as the RM reads rankings; outputs a model
+    generates for them at import come back too."""
+    import random
+
+    from instructgpt import assistant, builtin, gold
+    from instructgpt.data import load_comparisons
+    from instructgpt.labeling.outputs import model_generator
+
+    rows = list(builtin.rows("builtin:task-prompts?split=train&n=9&seed=4"))
+    assert any("\nCard: " in r["prompt"] for r in rows)
+    rng, sloppy = random.Random(0), assistant.DemoRates(miss=1, embellish=1, comply=1, rude=0.5)
+    given = [{"prompt": r["prompt"], "responses": [assistant.reference_answer(r["prompt"]),
+                                                   assistant.demonstrate(r["prompt"], rng, sloppy)]} for r in rows]
+    db = str(tmp_path / "l.sqlite")
+    store = Store(db)
+    assert import_prompts(store, write_jsonl(tmp_path / "given.jsonl", given)).added == 9
+    sampled = import_prompts(store, write_jsonl(tmp_path / "p.jsonl", rows[:3]),
+                             generator=model_generator(tiny_model_dir, 3, max_new_tokens=8), k=3)
+    assert sampled.generated == 3
+    user = store.add_user("ann", PASSWORD).id
+    while (task_id := store.claim_next(user)) is not None:
+        task = store.task(task_id)
+        prompt = task.messages[-1]["content"]
+        assert prompt in [r["prompt"] for r in rows]  # the card's lines kept as written
+        judged = [gold.judge(prompt, r) for r in task.responses]
+        levels = sorted({j.rating for j in judged}, reverse=True)
+        sub = check_ranking(len(judged), [levels.index(j.rating) + 1 for j in judged], [j.rating for j in judged],
+                            [list(j.flags) for j in judged])
+        assert store.submit_ranking(task_id, user, sub).status == "ok"
+    out = tmp_path / "labels"
+    assert label_main(["export", "--db", db, "--out-dir", str(out)]) == 0
+    recs = load_comparisons(str(out / "rankings.jsonl"))
+    assert len(recs) >= 9 and all(r.flags is not None and r.ratings for r in recs)
+    for r in recs:  # what the labeler recorded is the gold labeler's verdict, flag for flag
+        prompt = r.messages[-1]["content"]
+        assert r.flags == [list(gold.judge(prompt, x).flags) for x in r.responses]
+        assert r.ratings == [gold.judge(prompt, x).rating for x in r.responses]

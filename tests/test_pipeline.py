@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from conftest import write_jsonl
@@ -11,21 +12,23 @@ from conftest import write_jsonl
 from instructgpt.cli import main as cli_main
 from instructgpt.config import ConfigError
 from instructgpt.pipeline import load_recipe, memory_report, peak_memory_gib, stage_configs
-from instructgpt.report import time_and_memory_table
+from instructgpt.report import targets_with, time_and_memory_table
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "configs", "recipes")
 
 
 def _tiny_overrides(model_dir):
     return [f"sft.model.name_or_path={model_dir}", "sft.train.max_steps=4", "sft.train.batch_size=8",
-            "sft.data.train=builtin:task-demos?n=64&seed=0", "sft.data.eval_size=0",
+            "sft.data.train=builtin:task-demos?n=64&seed=0", "sft.data.eval_size=0", "sft.data.max_length=256",
+            "sft.data.skip_bad_lines=true", "rm.data.skip_bad_lines=true",
+            "rm.data.max_length=256",
             "label_sim.prompts=builtin:task-prompts?split=train&n=24&seed=1", "label_sim.k=3",
             "label_sim.max_new_tokens=8", "rm.train.batch_size=8", "rm.data.eval_size=0",
             "rm.normalize.max_demonstrations=16",
             "ppo.train.max_steps=2", "ppo.train.batch_size=8", "ppo.ppo.num_minibatches=2", "ppo.ppo.ppo_epochs=1",
             "ppo.ppo.response_length=8", "ppo.ppo.eval_prompts=8", "ppo.train.eval_every=2",
             "ppo.data.pretrain=builtin:shakespeare?split=train", "ppo.data.skip_bad_lines=true", "eval.heldout=26", "eval.best_of=2",
-            "eval.max_new_tokens=8"]
+            "eval.max_new_tokens=8", "eval.bon_curve=4", "eval.bon_prompts=6"]
 
 
 def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tiny_model_dir, tmp_path):
@@ -72,6 +75,12 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tiny_model_dir,
         assert again[f"seconds.{stage}"] == round(json.load(open(out / stage / "DONE.json"))["seconds"], 1) > 0
 
 
+def _weights(model_dir) -> list[float]:
+    from safetensors.torch import load_file
+
+    return [float(v.float().sum()) for _, v in sorted(load_file(str(model_dir / "model.safetensors")).items())]
+
+
 def test_dpo_and_rloo_sections_add_baselines_beside_ppo(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     overrides = [*_tiny_overrides(tiny_model_dir), "ppo_noptx=false", "eval.best_of=0", "dpo.train.batch_size=8",
@@ -99,7 +108,8 @@ def test_dpo_and_rloo_sections_add_baselines_beside_ppo(tiny_model_dir, tmp_path
         keys = {f"gold_score.{name}", f"win_rate_no_ties.{name}_vs_sft", f"kl.{name}", f"seconds.{name}",
                 f"peak_rss_gib.{name}"}
         assert keys <= set(report)
-        assert report[f"kl.{name}"] > 0  # a policy that moved, evaluated like PPO's
+        assert report[f"kl.{name}"] != 0.0  # a policy that moved (a KL estimate from 26 samples), evaluated like PPO's
+        assert _weights(out / name / "model") != _weights(out / "sft" / "model")
     rows = [json.loads(line) for line in open(out / "rloo" / "metrics.jsonl")]
     assert any("objective/scores" in r for r in rows) and not any("ppo/val/var_explained" in r for r in rows)
     md = open(out / "report.md").read()
@@ -117,6 +127,28 @@ def test_unknown_recipe_section_and_key_are_errors(tmp_path):
         load_recipe(None, ["label_sim.kk=3"])
     with pytest.raises(ConfigError, match="unknown key.*seconds.ppo"):
         load_recipe(None, ["targets.seconds.ppo=60"])
+
+
+def test_one_override_switches_every_stage_to_the_control_suite(tmp_path):
+    """suite=puzzles: demonstrations, the prompts labelers rank, PPO's prompts and monitor, and the held-out prompts
+    all come from the control suite; a source a recipe names itself is kept; an unknown suite is an error."""
+    from instructgpt import gold
+    from instructgpt.builtin import rows
+
+    for suite in ("assistant", "puzzles"):
+        recipe = load_recipe(None, [f"suite={suite}"])
+        cfgs = stage_configs(recipe, str(tmp_path / suite))
+        sources = [cfgs["sft"].data.train, recipe["label_sim"]["prompts"], cfgs["ppo"].data.train,
+                   cfgs["ppo"].data.eval]
+        assert recipe["eval"]["suite"] == suite and cfgs["ppo_noptx"].data.train == cfgs["ppo"].data.train
+        for src in sources:  # every prompt of every stream belongs to the suite the recipe names (20 of each)
+            prompts = [r["prompt"] for r in rows(re.sub(r"\bn=\d+", "n=20", src))]
+            assert len(prompts) == 20
+            assert {gold.suite_of(p) for p in prompts} == {suite}, src
+    kept = load_recipe(None, ["suite=puzzles", "sft.data.train=demos.jsonl"])
+    assert kept["sft"]["data"]["train"] == "demos.jsonl" and "puzzles" in kept["ppo"]["data"]["train"]
+    with pytest.raises(ConfigError, match="unknown suite 'poems'"):
+        load_recipe(None, ["suite=poems"])
 
 
 @pytest.mark.parametrize("name", ["gpt2-hh.yaml", "pythia-tldr.yaml"])
@@ -174,8 +206,11 @@ def test_smollm2_recipe_is_valid_and_uses_lora_everywhere(tiny_model_dir, tmp_pa
     assert cfgs["ppo"].ppo.value_lora and cfgs["ppo"].ppo.ptx_coef > 0
     recipe = load_recipe(path, [])
     assert recipe["sft"]["model"]["name_or_path"] == "builtin:smollm2"
-    # issue 9's targets, not the tiny default's: an hour, and a 0.65 win rate over SFT with ties left out
-    assert recipe["targets"]["seconds.total"] == 3600 and recipe["targets"]["win_rate_no_ties.ppo_vs_sft"] == 0.65
+    # the recipe runs on the default suite, and its own targets are ones the report knows, moved from the default's
+    assert recipe["suite"] == "assistant" and "error_rate" not in recipe["sft"]["data"]["train"]
+    moved = {t.key: t.threshold for t in targets_with(recipe["targets"])}
+    default = {t.key: t.threshold for t in targets_with({})}
+    assert moved["seconds.total"] > default["seconds.total"] and "gold_gain.ppo_vs_sft" not in moved
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
@@ -243,7 +278,7 @@ def test_hub_recipe_runs_end_to_end_on_a_fake_hub(name, tiny_model_dir, tmp_path
                  "rm.normalize.max_demonstrations=8", "rm.epochs=0.2", "ppo.train.max_steps=1",
                  "ppo.train.batch_size=8", "ppo.ppo.response_length=8", "ppo.ppo.num_minibatches=2",
                  "ppo.ppo.eval_prompts=4", "ppo.data.pretrain_max_tokens=2048", "eval.heldout=6", "eval.best_of=2",
-                 "eval.max_new_tokens=8"]
+                 "eval.max_new_tokens=8", "eval.bon_curve=4", "eval.bon_prompts=6"]
     # the tiny model has 256 positions, the recipes' SFT 512 or 640 tokens: a clear error before any step; the stage
     # had not checkpointed, so the corrected config runs in the same directory
     assert cli_main(["pipeline", "--config", os.path.join(RECIPES, name), "--out", str(out), *overrides]) == 2

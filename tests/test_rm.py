@@ -187,3 +187,25 @@ def test_policy_normalization_scales_rewards_of_the_policy_samples_to_std_one(ti
     outs = generate(policy, ptok, texts, SamplingParams(temperature=1.0, seed=0))  # the samples fit_normalization drew
     r = raw_rewards(model, tok, prompts[:16], [o[0].text for o in outs], torch.device("cpu"))
     assert float((r * norm.gain).std()) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_normalization_leaves_out_demonstrations_too_long_to_score(tiny_model_dir, tmp_path):
+    """The bias is the mean raw reward of the demonstrations that fit data.max_length (a longer one would run past
+    the model's positions); when none fits, a clear error names the source and the limit."""
+    from instructgpt.reward import encode_pair, raw_rewards
+    from instructgpt.rm import NormalizeConfig, fit_normalization
+
+    model, tok = load_model(tiny_model_dir, model_class="sequence_classification")
+    torch.manual_seed(0)
+    init_reward_head(model.score)
+    rows = [{"prompt": f"say {i}", "response": f"{i} it is"} for i in range(6)]
+    rows += [{"prompt": "tell me a long story " * 40, "response": "once upon a time " * 40}]  # past 256 positions
+    demos = write_jsonl(tmp_path / "d.jsonl", rows)
+    short = [([{"role": "user", "content": r["prompt"]}], r["response"]) for r in rows[:6]]
+    limit = max(len(encode_pair(tok, p, r)) for p, r in short)
+    assert len(encode_pair(tok, [{"role": "user", "content": rows[-1]["prompt"]}], rows[-1]["response"])) > 256
+    norm = fit_normalization(model, tok, NormalizeConfig(demonstrations=demos), [], torch.device("cpu"), limit)
+    expect = raw_rewards(model, tok, [p for p, _ in short], [r for _, r in short], torch.device("cpu")).mean()
+    assert norm.bias == pytest.approx(float(expect), abs=1e-6)
+    with pytest.raises(ConfigError, match="fits data.max_length=3"):
+        fit_normalization(model, tok, NormalizeConfig(demonstrations=demos), [], torch.device("cpu"), 3)

@@ -10,6 +10,7 @@ optional gain makes SFT-policy samples' std 1 (lm-human-preferences); both are s
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from instructgpt.config import ConfigError, StageConfig, TrainConfig
 from instructgpt.data import Ranking, load_comparisons, load_demonstrations
 from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.prompting import encode_prompt, encode_response
-from instructgpt.reward import RewardNorm, init_reward_head, last_token_rewards, raw_rewards, right_pad
+from instructgpt.reward import (RewardNorm, encode_pair, init_reward_head, last_token_rewards, raw_rewards,
+                                right_pad)
 from instructgpt.runs import StageRun
 from instructgpt.sft import (batch_indices, checkpoint_or_stop, make_accelerator, make_optimizer,
                              micro_batch_size, optimizer_step, resume_step)
@@ -145,15 +147,23 @@ def evaluate(model, items: Sequence[Encoded], pad_token_id: int, device, batch_s
             "eval/reward_mean": float(t.mean()), "eval/reward_std": float(t.std()) if len(t) > 1 else 0.0}
 
 
-def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence, device) -> RewardNorm:
-    """Bias: mean raw reward of the demonstrations (-> 0). Gain (optional): 1 / std of SFT-policy samples."""
+def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence, device,
+                      max_length: Optional[int] = None) -> RewardNorm:
+    """Bias: mean raw reward of the demonstrations (-> 0), those longer than `max_length` tokens (the RM's
+    data.max_length) left out: the model could not score them. Gain (optional): 1 / std of SFT-policy samples."""
     norm = RewardNorm()
     model.eval()
     if cfg.demonstrations:
         demos = list(load_demonstrations(cfg.demonstrations))[: cfg.max_demonstrations]
-        ps = [d.messages[:-1] for d in demos if d.messages[-1]["role"] == "assistant"]
-        rs = [d.messages[-1]["content"] for d in demos if d.messages[-1]["role"] == "assistant"]
-        norm.bias = float(raw_rewards(model, tokenizer, ps, rs, device).mean())
+        pairs = [(d.messages[:-1], d.messages[-1]["content"]) for d in demos if d.messages[-1]["role"] == "assistant"]
+        fit = [(p, r) for p, r in pairs if max_length is None or len(encode_pair(tokenizer, p, r)) <= max_length]
+        if not fit:
+            raise ConfigError(f"normalize.demonstrations: none of the {len(pairs)} demonstrations of "
+                              f"{cfg.demonstrations} fits data.max_length={max_length}")
+        if len(fit) < len(pairs):
+            print(f"rm: normalisation over {len(fit)} of {len(pairs)} demonstrations (the rest are longer than "
+                  f"data.max_length={max_length})", file=sys.stderr)
+        norm.bias = float(raw_rewards(model, tokenizer, [p for p, _ in fit], [r for _, r in fit], device).mean())
     if cfg.policy:
         from instructgpt.generation import SamplingParams, generate
         from instructgpt.modeling import load_model
@@ -197,7 +207,8 @@ def train(cfg: RMConfig) -> str:
         return cfg.out_dir
     # 4. normalise, save with the normalisation beside the model
     bare = acc.unwrap_model(model)
-    norm = fit_normalization(bare, tok, cfg.normalize, [r.messages for r in rankings], acc.device)
+    norm = fit_normalization(bare, tok, cfg.normalize, [r.messages for r in rankings], acc.device,
+                             cfg.data.max_length)
     if acc.is_main_process:
         save_model(bare, tok, run.path("model"), consume=True)
         norm.save(run.path("model"))

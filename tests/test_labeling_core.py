@@ -620,7 +620,7 @@ def test_the_built_in_suites_prompts_through_the_app(tmp_path, tiny_model_dir):
 
     rows = list(builtin.rows("builtin:task-prompts?split=train&n=9&seed=4"))
     assert any("\nCard: " in r["prompt"] for r in rows)
-    rng, sloppy = random.Random(0), assistant.DemoRates(miss=1, embellish=1, comply=1, rude=0.5)
+    rng, sloppy = random.Random(0), assistant.DemoRates(miss=1, embellish=1, comply=1, rude=0.5, chatty=0.0)
     given = [{"prompt": r["prompt"], "responses": [assistant.reference_answer(r["prompt"]),
                                                    assistant.demonstrate(r["prompt"], rng, sloppy)]} for r in rows]
     db = str(tmp_path / "l.sqlite")

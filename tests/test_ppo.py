@@ -481,7 +481,8 @@ def test_keep_best_with_a_lora_policy_saves_mid_run_and_training_goes_on(ppo_inp
                                              "ppo.eval_prompts=8", "ppo.keep_best=reward", "ppo.kl_budget=100")))
     rows = read_metrics(str(out))
     kls = [r["objective/kl"] for r in rows if "objective/kl" in r]
-    assert len(kls) == 3 and kls[0] == pytest.approx(0.0, abs=1e-5) and min(kls[1:]) > 1e-4  # the adapter moved it
+    # the adapter moved it: the KL estimate (log pi - log pi_ref on the policy's own samples) leaves 0, either way
+    assert len(kls) == 3 and kls[0] == pytest.approx(0.0, abs=1e-5) and min(abs(k) for k in kls[1:]) > 1e-4
     scores = {r["step"]: r["eval/rm_score"] for r in rows if "eval/rm_score" in r}
     assert sorted(scores) == [0, 1, 2, 3]
     with open(out / "DONE.json", encoding="utf-8") as fh:
@@ -512,17 +513,20 @@ def test_gradient_checkpointing_runs_the_updates_in_train_mode_without_dropout(p
 
 
 def test_gold_labeler_as_the_reward_oracle(ppo_inputs, tmp_path):
-    from instructgpt import tasks
+    from instructgpt import gold, tasks
+    from instructgpt.assistant import reference_answer
     from instructgpt.ppo import GoldReward
     t = tasks.make_tasks("train", 1, seed=0)[0]
     assert GoldReward().score([t.prompt, [{"role": "user", "content": t.prompt}]], [t.answer, ""]) == [1.0, -1.0]
+    a = gold.make_tasks("train", 1, seed=0)[0]  # the default suite's prompt, its reference answer a perfect 7
+    assert GoldReward().score([a.prompt], [reference_answer(a.prompt)]) == [1.0]
     with pytest.raises(ConfigError, match="ppo.value_model=policy"):
         load_config(PPOConfig, None, ["reward_model.name_or_path=builtin:gold"])
     out = tmp_path / "gold"
     train(load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=2",
                                              "reward_model.name_or_path=builtin:gold",
                                              "ppo.value_model=policy", "ppo.missing_eos_penalty=null",
-                                             "data.train=builtin:task-prompts?split=train&n=64&seed=0",
+                                             "data.train=builtin:task-prompts?split=train&n=64&seed=0&suite=puzzles",
                                              "data.max_length=96")))
     rows = [r for r in read_metrics(str(out)) if "objective/scores" in r]
     assert len(rows) == 2

@@ -532,3 +532,13 @@ def test_gold_labeler_as_the_reward_oracle(ppo_inputs, tmp_path):
     assert len(rows) == 2
     for r in rows:  # the reward is exactly the gold score of the rollouts, on [-1, 1]
         assert r["objective/scores"] == pytest.approx(2 * r["objective/gold_score"] - 1, abs=1e-4)
+
+
+def test_a_temperature_too_small_to_divide_by_is_refused():
+    """PPO's log-probs divide the logits by ppo.temperature; below generation.GREEDY_BELOW sampling is greedy, and
+    the division overflows (1e-39), so the config is refused before any model loads."""
+    for t in ("0", "1e-39", "9e-6"):
+        with pytest.raises(ConfigError, match="ppo.temperature: must be at least 1e-05"):
+            load_config(PPOConfig, None, ["reward_model.name_or_path=rm", f"ppo.temperature={t}"])
+    ok = ["reward_model.name_or_path=rm", "ppo.ptx_coef=0", "ppo.temperature=1e-5"]
+    assert load_config(PPOConfig, None, ok).ppo.temperature == 1e-5

@@ -731,3 +731,48 @@ def test_vllm_runner_maps_requests_and_outputs(monkeypatch):
     assert (c.text, c.token_ids, c.logprobs, c.finish_reason, c.prompt_tokens) == ("hi", [7, 8], [-0.5, -1.5], "stop",
                                                                                    3)
     assert c.top_logprobs == [{3: -0.1, 7: -0.5}, {8: -1.5}] and deltas == [(0, "hi")]
+
+
+def test_tiny_temperatures_decode_greedily_and_lone_surrogates_are_400(open_server, ref):
+    """A positive temperature too small to divide by (1e-39 overflows the logits to inf) is greedy decoding, as in
+    vLLM; a lone UTF-16 surrogate, which JSON can escape but no text holds, is a 400 naming the field, also in the
+    model id of the URL."""
+    server, url = open_server
+    model, tok = ref
+    greedy = client(url).completions.create(model=NAME, prompt="the king", max_tokens=6, temperature=0)
+    for t in (1e-39, 2.2e-308, 1e-6):
+        r = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "the king", "max_tokens": 6,
+                                                       "temperature": t}, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy.choices[0].text, t
+    bodies = [('{"model": "base", "prompt": "hi \\ud800", "max_tokens": 2}', "/v1/completions", "prompt"),
+              ('{"model": "base\\udfff", "prompt": "hi", "max_tokens": 2}', "/v1/completions", "model"),
+              ('{"model": "base", "messages": [{"role": "user", "content": "\\ud800"}]}', "/v1/chat/completions",
+               "messages"),
+              ('{"model": "base", "prompt": "hi", "stop": ["\\udc00x"]}', "/v1/completions", "stop")]
+    for body, path, param in bodies:
+        r = httpx.post(url + path, content=body.encode(), headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, body
+        assert "surrogate" in r.json()["error"]["message"]
+    r = httpx.get(url + "/v1/models/base%ED%A0%80")  # the surrogate's UTF-8-style bytes in the path
+    assert r.status_code in (400, 404) and "error" in r.json()
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_types_are_strict_as_openai_s(open_server):
+    """A string for a number, a boolean for an integer, a string for a boolean: 400 invalid_type naming the
+    parameter, as OpenAI answers; an integer where a decimal goes is a number and accepted."""
+    server, url = open_server
+    ok = {"model": NAME, "prompt": "hello", "max_tokens": 2}
+    lax = [("max_tokens", "16", "a string"), ("n", True, "a boolean"), ("temperature", "0.5", "a string"),
+           ("stream", "yes", "a string"), ("seed", "12", "a string"), ("logprobs", True, "a boolean"),
+           ("top_p", [1], "an array")]
+    for param, value, got in lax:
+        r = httpx.post(url + "/v1/completions", json={**ok, param: value}, timeout=30)
+        err = r.json()["error"]
+        assert (r.status_code, err["param"], err["code"]) == (400, param, "invalid_type"), param
+        assert err["message"].startswith(f"Invalid type for '{param}'") and f"got {got} instead" in err["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 2, "logprobs": "true"}, timeout=30)
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_type")
+    r = httpx.post(url + "/v1/completions", json={**ok, "temperature": 1, "top_p": 1, "frequency_penalty": 0})
+    assert r.status_code == 200

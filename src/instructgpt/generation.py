@@ -29,10 +29,19 @@ def autocast(model, mixed_precision: str = "no"):
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
+# Below this temperature, sampling is greedy decoding (vLLM's _SAMPLING_EPS): the distribution is the argmax's to
+# float precision long before 0, and logits / 1e-39 overflow to inf (softmax of inf - inf is NaN)
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     n: int = 1  # completions per prompt
@@ -154,7 +163,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params:
     for t in range(params.max_new_tokens):
         if vocab is not None and logits.shape[-1] > vocab:
             logits = logits[:, :vocab]
-        greedy = params.temperature <= 0
+        greedy = is_greedy(params.temperature)
         scaled = logits if greedy else logits / params.temperature
         logp_all = torch.log_softmax(scaled, dim=-1)  # (B, V) the policy's distribution at this temperature
         work = scaled if counts is None else apply_penalties(scaled, counts, params.frequency_penalty,

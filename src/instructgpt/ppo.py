@@ -42,6 +42,7 @@ from instructgpt.advantages import (
     whiten,
 )
 from instructgpt.config import ConfigError, ModelConfig, StageConfig, TrainConfig
+from instructgpt.generation import GREEDY_BELOW, is_greedy
 from instructgpt.kl_control import AdaptiveKLController, FixedKLController
 from instructgpt.losses import lm_loss, masked_mean, policy_loss, value_loss
 from instructgpt.runs import StageRun
@@ -143,8 +144,9 @@ class PPOConfig(StageConfig):
         for k in ("ppo_epochs", "num_minibatches", "response_length", "samples_per_prompt"):
             if getattr(p, k) < 1:
                 raise ConfigError(f"ppo.{k}: must be >= 1, got {getattr(p, k)}")
-        if p.temperature <= 0:
-            raise ConfigError(f"ppo.temperature: must be > 0 (log-probs divide by it), got {p.temperature}")
+        if is_greedy(p.temperature):
+            raise ConfigError(f"ppo.temperature: must be at least {GREEDY_BELOW} (log-probs divide by it; below, "
+                              f"sampling is greedy), got {p.temperature}")
         if p.ptx_coef < 0 or p.kl_coef < 0:
             raise ConfigError("ppo.ptx_coef and ppo.kl_coef must be >= 0")
         if p.ptx_coef > 0 and not self.data.pretrain:

@@ -44,7 +44,9 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(S.error_body(self.message, self.type, self.param, self.code), status_code=self.status,
+        # a message quoting the request (a model id) may hold a lone surrogate, which UTF-8 cannot encode
+        message = self.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return JSONResponse(S.error_body(message, self.type, self.param, self.code), status_code=self.status,
                             headers=self.headers)
 
 
@@ -195,6 +197,48 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _lone_surrogate(obj, loc: tuple = ()) -> Optional[tuple]:
+    """The location of the first string (key or value) in decoded JSON holding a lone surrogate, which JSON's \\u
+    escapes can spell but no UTF-8 text (nor a tokenizer) can hold; None when there is none."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return loc
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        where = loc + (k.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(k, str) else k,)
+        if isinstance(k, str) and _lone_surrogate(k) is not None:
+            return where
+        found = _lone_surrogate(v, where)
+        if found is not None:
+            return found
+    return None
+
+
+# pydantic's type errors, as OpenAI names the type it expected
+_TYPE_ERRORS = {"int_type": "an integer", "float_type": "a decimal", "bool_type": "a boolean",
+                "string_type": "a string", "list_type": "an array", "dict_type": "an object",
+                "model_type": "an object", "model_attributes_type": "an object"}
+
+
+def _at(obj, loc: tuple):
+    """The value at a pydantic error location in the decoded JSON (its union-branch labels skipped), or None."""
+    for k in loc:
+        if isinstance(obj, dict) and k in obj:
+            obj = obj[k]
+        elif isinstance(obj, list) and isinstance(k, int) and 0 <= k < len(obj):
+            obj = obj[k]
+    return obj
+
+
+def _json_type(v) -> str:
+    return ("a boolean" if isinstance(v, bool) else "an integer" if isinstance(v, int) else "a decimal"
+            if isinstance(v, float) else "a string" if isinstance(v, str) else "an array" if isinstance(v, list)
+            else "an object" if isinstance(v, dict) else "null")
+
+
 def parse_request(model_cls: type[BaseModel], body: bytes) -> BaseModel:
     """JSON -> pydantic model; any problem is a 400 naming the parameter."""
     try:
@@ -204,6 +248,10 @@ def parse_request(model_cls: type[BaseModel], body: bytes) -> BaseModel:
                       "your HTTP library correctly.)")
     if not isinstance(obj, dict):
         raise invalid("the request body must be a JSON object")
+    bad = _lone_surrogate(obj)
+    if bad is not None:
+        raise invalid(f"Invalid value for '{'.'.join(map(str, bad)) or 'body'}': a lone UTF-16 surrogate "
+                      "('\\ud800'..'\\udfff' unpaired) is not text", param=str(bad[0]) if bad else None)
     try:
         return model_cls.model_validate(obj)
     except ValidationError as e:
@@ -212,6 +260,9 @@ def parse_request(model_cls: type[BaseModel], body: bytes) -> BaseModel:
         where = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
             raise invalid(f"Unrecognized request argument supplied: {where}", param=param)
+        if err["type"] in _TYPE_ERRORS:
+            raise invalid(f"Invalid type for '{where}': expected {_TYPE_ERRORS[err['type']]}, but got "
+                          f"{_json_type(_at(obj, err['loc']))} instead.", param=param, code="invalid_type")
         raise invalid(f"Invalid value for '{where}': {err['msg']}", param=param)
     except RecursionError:
         raise invalid("the request is nested too deeply")

@@ -34,7 +34,7 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
-from instructgpt.generation import Completion, SamplingParams, _first_stop, eos_ids, left_pad, sample
+from instructgpt.generation import Completion, SamplingParams, _first_stop, eos_ids, is_greedy, left_pad, sample
 
 STOP_KEEP_ALL = 1 << 62  # what our stop_check returns to end a row without cutting its text
 # A batch short of its wave waits for the rest up to this fraction of the previous batch's run time (or batch_wait_s,
@@ -74,7 +74,7 @@ def batch_key(params: SamplingParams) -> Optional[Hashable]:
     """What must be equal for two jobs to share a `sample` call; None: the job runs alone (it has a seed)."""
     if params.seed is not None:
         return None
-    if params.temperature <= 0:  # greedy: top-p/top-k do not matter
+    if is_greedy(params.temperature):  # greedy: top-p/top-k do not matter
         return ("greedy", params.frequency_penalty, params.presence_penalty, params.stop_at_eos)
     return (params.temperature, params.top_p, params.top_k, params.frequency_penalty, params.presence_penalty,
             params.stop_at_eos)

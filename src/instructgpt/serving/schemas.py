@@ -17,7 +17,8 @@ from instructgpt.serving.engine import token_pieces
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict, as OpenAI's types are: "16" is no integer, true no number, "yes" no boolean (an integer is a number)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(BaseModel):

@@ -70,6 +70,26 @@ def test_skip_bad_lines_counts_them(tmp_path):
     assert len(recs) == 2 and recs.skipped == 2
 
 
+def test_a_byte_that_is_not_utf8_is_an_error_naming_file_line_and_column(tmp_path):
+    """One Latin-1 byte (0xe9, "é") on line 2: the line's error, as any other malformed line's; skip_bad_lines skips
+    it; in a .json file the error names the line too."""
+    lines = [b'{"prompt": "a", "response": "b"}', b'{"prompt": "caf\xe9", "response": "x"}',
+             b'{"prompt": "c", "response": "\xc3\xa9t\xc3\xa9"}']  # line 3: "été", good UTF-8
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError) as e:
+        load_demonstrations(str(p))
+    assert (e.value.file, e.value.line) == (str(p), 2)
+    assert "not UTF-8 text (byte 0xe9 at column 16" in str(e.value)
+    recs = load_demonstrations(str(p), skip_bad=True)
+    assert len(recs) == 2 and recs.skipped == 1 and recs[1].messages[-1]["content"] == "\u00e9t\u00e9"
+    j = tmp_path / "latin1.json"
+    j.write_bytes(b'[\n{"prompt": "a", "response": "b"},\n{"prompt": "caf\xe9", "response": "x"}\n]')
+    with pytest.raises(DataError) as e:
+        load_demonstrations(str(j))
+    assert (e.value.file, e.value.line) == (str(j), 3) and "byte 0xe9 at column 16" in str(e.value)
+
+
 def test_json_parquet_and_jsonl_agree(tmp_path):
     rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(5)]
     a = load_demonstrations(write_jsonl(tmp_path / "x.jsonl", rows))

@@ -91,6 +91,13 @@ class Loaded(list):
 # Reading raw rows: (file, line, dict)
 
 
+def _not_utf8(line: bytes, start: int) -> str:
+    """What a line that is not UTF-8 gets as its error: its first bad byte (at `start`) and that byte's column
+    (1-based, in characters)."""
+    col = len(line[:start].decode("utf-8", "replace")) + 1
+    return f"not UTF-8 text (byte 0x{line[start]:02x} at column {col}; save the file as UTF-8)"
+
+
 def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, Any]]:
     """Yield (file, 1-based line or row number, raw object) from any supported source. `streaming`: read a Hugging
     Face dataset as it downloads (for a reader that stops early) instead of downloading it whole first."""
@@ -108,8 +115,13 @@ def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, 
     if os.path.isfile(source):
         ext = os.path.splitext(source)[1].lower()
         if ext in (".jsonl", ".ndjson"):
-            with open(source, encoding="utf-8") as fh:
-                for i, raw in enumerate(fh, start=1):
+            with open(source, "rb") as fh:  # decoded line by line: a byte that is not UTF-8 is that line's error
+                for i, raw_bytes in enumerate(fh, start=1):
+                    try:
+                        raw = raw_bytes.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        yield source, i, _Malformed(_not_utf8(raw_bytes, e.start))
+                        continue
                     if not raw.strip():
                         continue
                     try:
@@ -118,11 +130,18 @@ def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, 
                         yield source, i, _Malformed(f"malformed JSON ({e.msg} at column {e.colno})")
             return
         if ext == ".json":
-            with open(source, encoding="utf-8") as fh:
-                try:
-                    obj = json.load(fh)
-                except json.JSONDecodeError as e:
-                    raise DataError(source, e.lineno, None, f"malformed JSON ({e.msg})") from None
+            with open(source, "rb") as fh:
+                data = fh.read()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line_start = data.rfind(b"\n", 0, e.start) + 1
+                raise DataError(source, data.count(b"\n", 0, e.start) + 1, None,
+                                _not_utf8(data[line_start:], e.start - line_start)) from None
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(source, e.lineno, None, f"malformed JSON ({e.msg})") from None
             if isinstance(obj, dict) and isinstance(obj.get("data"), list):
                 obj = obj["data"]
             if not isinstance(obj, list):

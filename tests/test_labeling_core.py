@@ -593,7 +593,9 @@ def test_cli_serve_binds_loopback_and_warns_otherwise(tmp_path, monkeypatch, cap
     import uvicorn
 
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: calls.append((app, host, port)))
+    proxy = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: calls.append((app, host, port))
+                        or proxy.append({k: kw.get(k) for k in ("proxy_headers", "forwarded_allow_ips")}))
     db = str(tmp_path / "l.sqlite")
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p"}])
     assert label_main(["serve", "--db", db, "--prompts", prompts]) == 0
@@ -605,6 +607,10 @@ def test_cli_serve_binds_loopback_and_warns_otherwise(tmp_path, monkeypatch, cap
     assert label_main(["serve", "--db", db, "--host", "0.0.0.0", "--port", "9000"]) == 0
     assert calls[-1][1:] == ("0.0.0.0", 9000)
     assert "WARNING: binding 0.0.0.0, not loopback" in capsys.readouterr().err
+    # forwarding headers are trusted from no one unless the proxies are named
+    assert proxy == [{"proxy_headers": False, "forwarded_allow_ips": None}] * 2
+    assert label_main(["serve", "--db", db, "--forwarded-allow-ips", "10.0.0.1"]) == 0
+    assert proxy[-1] == {"proxy_headers": True, "forwarded_allow_ips": "10.0.0.1"}
     assert label_main(["serve", "--db", db, "--model", "some/dir"]) == 2  # a model without prompts
 
 

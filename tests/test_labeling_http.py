@@ -366,3 +366,26 @@ def test_simultaneous_duplicate_posts_store_one_submission(setup):
             t.join(timeout=30)
     assert codes == [303] * 6
     assert [(s["task_id"], s["labeler"], s["ranks"]) for s in submissions(setup)] == [(1, "ann", [2, 1, 3])]
+
+
+@pytest.mark.parametrize("trusted", [None, "127.0.0.1"])
+def test_the_per_address_login_limit_trusts_forwarding_headers_only_from_configured_proxies(setup, trusted):
+    """25 failed logins, each for another account and with another spoofed X-Forwarded-For: served as `label serve`
+    serves by default, they all come from the connection's own address, and its limit (20) refuses the 21st; with
+    the proxy's address trusted (--forwarded-allow-ips 127.0.0.1, the test client's), each header is a client of
+    its own and none is refused."""
+    from instructgpt.labeling.cli import proxy_settings
+    from instructgpt.labeling.security import LoginThrottle
+
+    app = create_app(setup, login_throttle=LoginThrottle({"user": 5, "addr": 20}, window=900))
+    statuses = []
+    with live_server(app, **proxy_settings(trusted)) as url, httpx.Client(base_url=url) as c:
+        for i in range(25):
+            token = csrf_of(c.get("/login").text)
+            r = c.post("/login", data={"username": f"nobody{i}", "password": "wrong", "csrf_token": token},
+                       headers={"X-Forwarded-For": f"203.0.113.{i}"}, follow_redirects=False)
+            statuses.append(r.status_code)
+    if trusted is None:
+        assert statuses == [401] * 20 + [429] * 5
+    else:
+        assert statuses == [401] * 25

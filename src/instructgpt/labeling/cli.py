@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (when served behind HTTPS)")
+    s.add_argument("--forwarded-allow-ips", metavar="IPS",
+                   help="trust X-Forwarded-For / X-Forwarded-Proto only from these proxy addresses (comma-separated, "
+                        "as uvicorn's option; '*' trusts any). Default: trust no one, so a client cannot pick the "
+                        "address the per-address login limit counts")
 
     s = sub.add_parser("add-user", help="create a labeler (or an admin)")
     _db(s)
@@ -187,8 +191,17 @@ def _serve(store, args: argparse.Namespace, log: Callable[[str], None]) -> int:
     app = create_app(store, allowed_hosts=LOOPBACK_HOSTS if loopback else None, secure_cookies=args.secure_cookies)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     log(f"labeling app on http://{shown}:{args.port}/")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **proxy_settings(args.forwarded_allow_ips))
     return 0
+
+
+def proxy_settings(forwarded_allow_ips: str | None) -> dict:
+    """uvicorn's forwarding-header settings: none trusted by default (uvicorn's own default trusts 127.0.0.1, so any
+    local client, or a proxy that passes a client's header through, could name its own address); behind a reverse
+    proxy, the proxy's addresses."""
+    if not forwarded_allow_ips:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": forwarded_allow_ips}
 
 
 if __name__ == "__main__":

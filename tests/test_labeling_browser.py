@@ -145,3 +145,36 @@ def test_label_rate_rank_submit_next_in_chromium(tmp_path):
     letter2 = {chr(ord("A") + n): i for n, i in enumerate(display_order(2, ann.id, 3))}
     assert {L: subs[1]["ranks"][i] for L, i in letter2.items()} == {"B": 1, "C": 1, "A": 2}
     assert subs[2]["response"].startswith("Crisp leaves letting go,\nthe maple")
+
+
+def test_pages_fit_a_390_px_phone_without_scrolling_sideways(tmp_path):
+    """At a phone's 390 px, the ranking task, the demonstration task and the admin page are no wider than the
+    screen: the top bar wraps, and a wide table scrolls inside itself."""
+    store = Store(str(tmp_path / "labels.sqlite"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Explain why the sky is blue to a six-year-old.", "responses": [
+            "Sunlight is made of all the colors; air scatters the blue part most.", "Rayleigh scattering.",
+            "It reflects the ocean.", "Blue light scatters."]},
+        {"prompt": "Write a haiku about autumn."},
+    ]) + "\n", encoding="utf-8")
+    import_prompts(store, str(prompts))
+    store.add_user("root", PASSWORD, is_admin=True)
+    widths = {}
+    with live_server(create_app(store)) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 800})
+            page.set_default_timeout(15_000)
+            page.goto(url + "/")
+            page.fill("input[name=username]", "root")
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            expect(page.locator(".account")).to_be_visible()
+            for path in ("/task/1", "/task/2", "/admin"):
+                page.goto(url + path)
+                expect(page.locator(".topbar")).to_be_visible()
+                widths[path] = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+        finally:
+            browser.close()
+    assert widths == {p: [390, 390] for p in ("/task/1", "/task/2", "/admin")}

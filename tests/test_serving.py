@@ -776,3 +776,36 @@ def test_types_are_strict_as_openai_s(open_server):
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_type")
     r = httpx.post(url + "/v1/completions", json={**ok, "temperature": 1, "top_p": 1, "frequency_penalty": 0})
     assert r.status_code == 200
+
+
+def test_a_client_that_disconnects_frees_its_rows_at_the_next_step(open_server, monkeypatch):
+    """A non-streaming request whose client goes away is cancelled: its rows end at the engine's next step instead
+    of generating all of max_tokens, and the audit log records 499; the server goes on answering."""
+    import instructgpt.serving.engine as engine_mod
+
+    server, url = open_server
+    ran = []
+    real = engine_mod.sample
+
+    def recording(*a, **kw):
+        out = real(*a, **kw)
+        ran.append((out.lengths.tolist(), out.ended.tolist()))
+        return out
+
+    monkeypatch.setattr(engine_mod, "sample", recording)
+    body = {"model": NAME, "prompt": "the king", "max_tokens": 480, "temperature": 0}
+    full = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+    assert full["choices"][0]["finish_reason"] == "length"  # the whole 480 when nobody leaves
+    n_audit = len(audit_rows(server))
+    ran.clear()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, timeout=0.3)  # the client gives up and closes
+    deadline = time.monotonic() + 60
+    while not ran and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (lengths, ended), = ran
+    assert lengths[0] < 480 / 2 and not ended[0]  # cut off where it was, well before max_tokens, not by EOS
+    while len(audit_rows(server)) == n_audit and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert audit_rows(server)[-1]["status"] == 499 and audit_rows(server)[-1]["error"] == "client disconnected"
+    assert httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}).status_code == 200

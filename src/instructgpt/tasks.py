@@ -40,6 +40,7 @@ __all__ = [
     "ADJECTIVES",
     "VERBS",
     "PLURAL_SAFE_NOUNS",
+    "stable_hash",
 ]
 
 HELDOUT_FRACTION = 0.2
@@ -141,13 +142,14 @@ _SHORT_WORDS: tuple[str, ...] = tuple(w for w in _ALL_WORDS if 3 <= len(w) <= 6 
 
 
 # ---------------------------------------------------------------------------------------------- hashing
-def _h(text: str) -> int:
+def stable_hash(text: str) -> int:
+    """A seed- and process-independent 64-bit hash (Python's hash() is salted per process): splits and streams."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
 def _split_for(family: str, key: str) -> str:
     # Seed-independent on purpose: train drawn with any seed stays disjoint from held-out.
-    return "heldout" if _h(f"split|{family}|{key}") % 10_000 < HELDOUT_FRACTION * 10_000 else "train"
+    return "heldout" if stable_hash(f"split|{family}|{key}") % 10_000 < HELDOUT_FRACTION * 10_000 else "train"
 
 
 # Nouns whose plural is held out: no other family (nor pretraining text) shows their plural form.
@@ -236,7 +238,7 @@ def _sample_sub(rng: random.Random) -> Params:
 def _absent_letter(word: str) -> str:
     # A deterministic letter not in the word, so "0" answers exist without growing the pool much.
     missing = [c for c in string.ascii_lowercase if c not in word]
-    return missing[_h("absent|" + word) % len(missing)]
+    return missing[stable_hash("absent|" + word) % len(missing)]
 
 
 def _count_pool() -> list[Params]:
@@ -556,7 +558,7 @@ def split_of(task: Task | str) -> str:
 
 
 def _family_stream(fam: _Family, split: str, seed: int) -> Iterator[Task]:
-    rng = random.Random(_h(f"stream|{seed}|{split}|{fam.name}"))
+    rng = random.Random(stable_hash(f"stream|{seed}|{split}|{fam.name}"))
     if fam.pool is not None:
         cands = [(p, t) for p in fam.pool() if _split_for(fam.name, fam.key(p)) == split
                  for t in range(len(fam.templates))]
@@ -974,7 +976,7 @@ def pretraining_text(n: int, seed: int = 0) -> list[str]:
     model's pretraining mix. No instruction/answer pairs, and nothing from held-out instances."""
     if n < 0:
         raise ValueError("n must be >= 0")
-    rng = random.Random(_h(f"pretrain|{seed}"))
+    rng = random.Random(stable_hash(f"pretrain|{seed}"))
     out: list[str] = []
     while len(out) < n:
         s = _pt_sentence(rng)

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,17 +97,22 @@ def rm_accuracy(rm_scores: Sequence[Sequence[float]], gold_scores: Sequence[Sequ
     """The reward model's pairwise accuracy against the gold order: over every pair of responses to the same prompt
     whose gold scores differ (gold ties carry no order), the fraction the RM orders the same way (an RM tie counts
     half). `rm_scores[i][j]` and `gold_scores[i][j]` score response j to prompt i. -> (accuracy or None, pairs)."""
-    agree, pairs = 0.0, 0
-    for rm_i, gold_i in zip(rm_scores, gold_scores):
+    hits = [hit for *_, hit in ordered_pairs(rm_scores, gold_scores, tol)]
+    return (sum(hits) / len(hits) if hits else None), len(hits)
+
+
+def ordered_pairs(rm_scores: Sequence[Sequence[float]], gold_scores: Sequence[Sequence[float]], tol: float = 1e-9
+                  ) -> Iterator[tuple[int, int, int, float]]:
+    """(prompt i, response j, response k, hit) for every pair of responses to the same prompt whose gold scores
+    differ: hit 1 when the RM orders them as gold does, 0 when the other way, 0.5 for an RM tie."""
+    for i, (rm_i, gold_i) in enumerate(zip(rm_scores, gold_scores)):
         for j in range(len(gold_i)):
             for k in range(j + 1, len(gold_i)):
                 g = gold_i[j] - gold_i[k]
                 if abs(g) <= tol:
                     continue
                 r = rm_i[j] - rm_i[k]
-                pairs += 1
-                agree += 0.5 if abs(r) <= tol else float((r > 0) == (g > 0))
-    return (agree / pairs if pairs else None), pairs
+                yield i, j, k, 0.5 if abs(r) <= tol else float((r > 0) == (g > 0))
 
 
 def prefers_longer(a: Sequence[float], b: Sequence[float], len_a: Sequence[int], len_b: Sequence[int]
@@ -177,17 +182,11 @@ def rm_accuracy_by_flag(rm_scores: Sequence[Sequence[float]], judgements: Sequen
     the other does not, flag by flag: which of the rubric's properties the reward model can see."""
     agree: dict[str, float] = defaultdict(float)
     pairs: dict[str, int] = defaultdict(int)
-    for rm_i, js in zip(rm_scores, judgements):
-        for a in range(len(js)):
-            for b in range(a + 1, len(js)):
-                g = js[a].score - js[b].score
-                if g == 0:
-                    continue
-                r = rm_i[a] - rm_i[b]
-                hit = 0.5 if r == 0 else float((r > 0) == (g > 0))
-                for f in set(js[a].flags) ^ set(js[b].flags):
-                    agree[f] += hit
-                    pairs[f] += 1
+    gold_scores = [[j.score for j in js] for js in judgements]
+    for i, a, b, hit in ordered_pairs(rm_scores, gold_scores):
+        for f in set(judgements[i][a].flags) ^ set(judgements[i][b].flags):
+            agree[f] += hit
+            pairs[f] += 1
     return {f: {"accuracy": agree[f] / pairs[f], "pairs": pairs[f]} for f in sorted(pairs)}
 
 

@@ -124,12 +124,36 @@ def generate(spec: dict, out: str) -> dict:
     return {"unit": "new tokens/s", "batches": res}
 
 
-def ppo(spec: dict, out: str, configs: list[dict]) -> dict:
-    from run import ours_ppo_update
+def ppo_update(policy_dir: str, reward_dir: str, batch_size: int, response_length: int, ppo_epochs: int,
+               num_minibatches: int, updates: int, overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """`updates` plain-PPO updates of `instructgpt ppo` (no ptx, no monitor), timed from its own metrics:
+    {episodes_per_s, seconds_per_update, mean_response_length}; `overrides` (``key=value``) go last, e.g.
+    ``ppo.advantage_estimator=rloo`` for the critic-free race."""
+    import tempfile
 
+    from instructgpt.config import load_config
+    from instructgpt.ppo import PPOConfig
+    from instructgpt.ppo import train as ppo_train
+    from instructgpt.runs import read_metrics
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = load_config(PPOConfig, None, [
+            f"model.name_or_path={policy_dir}", f"reward_model.name_or_path={reward_dir}",
+            f"train.max_steps={updates}", f"train.batch_size={batch_size}", "train.save_every=0",
+            "train.warmup_steps=0", f"ppo.response_length={response_length}", f"ppo.ppo_epochs={ppo_epochs}",
+            f"ppo.num_minibatches={num_minibatches}", "ppo.ptx_coef=0", "ppo.eval_prompts=0", "ppo.sample_every=0",
+            f"out_dir={d}/ppo", *overrides])
+        ppo_train(cfg)
+        rows = [r for r in read_metrics(f"{d}/ppo") if "time/update_s" in r]
+    secs = [r["time/update_s"] for r in rows]
+    return {"episodes_per_s": batch_size * len(secs) / sum(secs), "seconds_per_update": secs,
+            "mean_response_length": sum(r["ppo/mean_response_length"] for r in rows) / len(rows)}
+
+
+def ppo(spec: dict, out: str, configs: list[dict]) -> dict:
     p, res = spec["ppo"], []
     for c in configs:
-        r = ours_ppo_update(p["policy_dir"], p["reward_dir"], c["batch"], c["length"], p["epochs"],
+        r = ppo_update(p["policy_dir"], p["reward_dir"], c["batch"], c["length"], p["epochs"],
                             p["minibatches"], c["updates"])
         if "skipped" in r:
             return {"skipped": r["skipped"]}
@@ -140,10 +164,8 @@ def ppo(spec: dict, out: str, configs: list[dict]) -> dict:
 def rloo(spec: dict, out: str) -> dict:
     """RLOO through the PPO loop: ppo.advantage_estimator=rloo, one epoch over the whole batch, TRL's beta, no
     advantage whitening (TRL's normalize_advantages=False)."""
-    from run import ours_ppo_update
-
     r = spec["rloo"]
-    res = ours_ppo_update(r["policy_dir"], r["reward_dir"], r["batch"], r["length"], 1, 1, r["updates"],
+    res = ppo_update(r["policy_dir"], r["reward_dir"], r["batch"], r["length"], 1, 1, r["updates"],
                           overrides=["ppo.advantage_estimator=rloo", f"ppo.samples_per_prompt={r['k']}",
                                      f"ppo.kl_coef={r['beta']}", "ppo.whiten_advantages=false", f"train.lr={r['lr']}"])
     if "skipped" in res:

@@ -13,7 +13,7 @@ back-to-back figures). The workload (workload.py) is built once and read by both
 | ratio.sft | `instructgpt.sft.train`, tokens/s | TRL `SFTTrainer` (current TRL) |
 | ratio.rm_k4, ratio.rm_k9 | `instructgpt.rm.train` on K-way rankings | TRL `RewardTrainer`, same rankings as pairs |
 | ratio.generate_b{1,8,32} | `instructgpt.generation.sample`, new tokens/s | `model.generate` |
-| ratio.ppo | `instructgpt.ppo.benchmark_update`, episodes/s | TRL 1.12.0 `trl.experimental.ppo.PPOTrainer` |
+| ratio.ppo | `ours.ppo_update` (instructgpt's PPO loop), episodes/s | TRL 1.12.0 `trl.experimental.ppo.PPOTrainer` |
 | ratio.rloo | the same with `ppo.advantage_estimator=rloo`, episodes/s | TRL `RLOOTrainer` (current TRL) |
 """
 
@@ -36,34 +36,6 @@ TRL_CURRENT = os.path.join(HERE, ".trl", "current")
 TRL_PPO = os.path.join(HERE, ".trl", "ppo")
 TARGETS = {"ratio.sft": 1.0, "ratio.rm_k9": 3.0, "ratio.ppo": 1.5}
 BENCHMARKS = ("sft", "rm_k4", "rm_k9", "generate", "ppo", "scaling", "rloo")
-
-
-# ====================================================================================================================
-# OUR PPO SIDE. The lead implements `instructgpt.ppo.benchmark_update` with exactly this signature:
-#
-#   benchmark_update(policy_dir, reward_dir, batch_size, response_length, ppo_epochs, num_minibatches, updates)
-#       -> {"episodes_per_s": float, "seconds_per_update": [float] * updates}
-#
-# `updates` whole PPO updates (rollout of `batch_size` prompts, responses of exactly `response_length` tokens as on
-# TRL's side (no EOS stop), scoring with the reward model at `reward_dir`, value model initialised from it,
-# `ppo_epochs` epochs over `num_minibatches` minibatches), fp32, on the threads already set. Prompts: its own choice
-# of built-in task prompts. run.py recomputes episodes/s from seconds_per_update, leaving out the first update as
-# warm-up exactly as on TRL's side. Until the function exists, ratio.ppo is null with the reason.
-
-
-def ours_ppo_update(policy_dir: str, reward_dir: str, batch_size: int, response_length: int, ppo_epochs: int,
-                    num_minibatches: int, updates: int, overrides: list[str] | None = None) -> dict:
-    try:
-        from instructgpt import ppo
-    except ImportError as e:
-        return {"skipped": f"instructgpt.ppo is not importable ({e})"}
-    fn = getattr(ppo, "benchmark_update", None)
-    if fn is None:
-        return {"skipped": "instructgpt.ppo has no benchmark_update(...) yet"}
-    extra = {"overrides": overrides} if overrides else {}  # config keys after the PPO settings (RLOO's race)
-    return dict(fn(policy_dir, reward_dir, batch_size, response_length, ppo_epochs, num_minibatches, updates, **extra))
-
-# ====================================================================================================================
 
 
 def log(msg: str) -> None:

@@ -65,14 +65,14 @@ class Settings:
     gen_batches: tuple = (1, 8, 32)
     gen_new_tokens: int = 32
     gen_calls: dict = field(default_factory=lambda: {1: 5, 8: 3, 32: 3})  # timed calls after one warm-up call
-    # PPO (TRL 1.12 against instructgpt.ppo.benchmark_update)
+    # PPO (TRL 1.12 against ours.ppo_update)
     ppo_batch: int = 32
     ppo_response_length: int = 32
     ppo_epochs: int = 4
     ppo_minibatches: int = 1  # TRL's default; with more, TRL 1.12 steps the optimizer once per minibatch group
     ppo_updates: int = 3  # the first is warm-up, left out of episodes/s
     ppo_lr: float = 1e-5
-    # RLOO (TRL's RLOOTrainer against instructgpt.ppo.benchmark_update with ppo.advantage_estimator=rloo): one
+    # RLOO (TRL's RLOOTrainer against ours.ppo_update with ppo.advantage_estimator=rloo): one
     # epoch over the whole batch, k responses to each prompt, the KL in the reward at TRL's default beta
     rloo_batch: int = 32  # responses per update
     rloo_k: int = 4

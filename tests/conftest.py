@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random GPT-2 and tokenizer built in-process (offline, seconds)."""
+"""Shared fixtures and helpers: a tiny random GPT-2 and tokenizer built in-process (offline, seconds), JSONL files,
+ranking data sets, saved weights, a live server and a killed training run."""
 
 from __future__ import annotations
 
@@ -47,10 +48,75 @@ def tiny(tiny_model_dir):
 
 
 def write_jsonl(path, rows) -> str:
+    """One line per row: a dict as JSON, a string as it is (for malformed lines); returns the path as a string."""
     with open(path, "w", encoding="utf-8") as fh:
         for r in rows:
             fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return str(path)
+
+
+def read_jsonl(path) -> list:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def fruit_over_animal_rankings(n: int, seed: int) -> list[dict]:
+    """K = 3 to 5 responses per prompt, shuffled: the good ones mention fruit, the bad ones animals, tied within each
+    group (ranks 1 and 2). A surface feature a tiny reward model learns in seconds."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = rng.randint(3, 5)
+        good = [rng.choice(["apple", "pear", "plum"]) + " " + rng.choice(["one", "two"]) for _ in range(k // 2 + 1)]
+        bad = [rng.choice(["cat", "dog", "bird"]) + " " + rng.choice(["one", "two"]) for _ in range(k - len(good))]
+        resp = good + bad
+        ranks = [1] * len(good) + [2] * len(bad)  # ties within each group
+        order = list(range(k))
+        rng.shuffle(order)
+        rows.append({"prompt": f"what is {i}", "responses": [resp[o] for o in order], "ranks": [ranks[o] for o in order]})
+    return rows
+
+
+def fruit_pairs_over_other_pairs_rankings(n: int, seed: int) -> list[dict]:
+    """Four two-word responses per prompt, in a fixed order: two of fruit words (rank 1) above two of animal, colour or
+    number words (rank 2). A reward a tiny RM learns and a tiny policy can chase."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        good = [" ".join(rng.choice(["apple", "pear", "plum"]) for _ in range(2)) for _ in range(2)]
+        bad = [" ".join(rng.choice(["cat", "dog", "bird", "red", "two"]) for _ in range(2)) for _ in range(2)]
+        rows.append({"prompt": f"what is {i}", "responses": good + bad, "ranks": [1, 1, 2, 2]})
+    return rows
+
+
+def saved_weights(run_dir) -> dict:
+    """The tensors of the model a stage saved under `run_dir` (its model/model.safetensors)."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "model", "model.safetensors"))
+
+
+def sigkill_after_checkpoint(cmd: list[str], out_dir, step: int, timeout: float = 120.0) -> None:
+    """Start a training command, wait until its checkpoint under `out_dir` has reached `step` (at most `timeout`
+    seconds), then SIGKILL it; asserts it died of the signal before finishing (no DONE.json)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = os.path.join(out_dir, "checkpoint", "trainer_state.json")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open(state, encoding="utf-8") as fh:
+                if json.load(fh)["step"] >= step:
+                    break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not os.path.exists(os.path.join(out_dir, "DONE.json"))
 
 
 @pytest.fixture()

@@ -15,7 +15,9 @@ from instructgpt.config import load_config
 from instructgpt.data import load_demonstrations
 from instructgpt.modeling import load_model, set_seed
 from instructgpt.runs import StageRun
-from instructgpt.sft import SFTConfig, build_examples, fit, make_accelerator
+from instructgpt.sft import SFTConfig, build_examples
+from instructgpt.supervised import fit
+from instructgpt.training import make_accelerator
 
 if sys.argv[1] == "dpo":  # usage: ddp_worker.py dpo MODEL_DIR RANKINGS OUT_DIR: the ranking loop (RM and DPO share it)
     from instructgpt.dpo import DPOConfig, train

@@ -129,8 +129,8 @@ def test_a_hub_pretraining_corpus_is_streamed_when_read_only_so_far(tmp_path, mo
     """The hub is out of reach: load_dataset is replaced by one that records its arguments and counts the rows read."""
     import datasets
 
+    from instructgpt.batching import pretrain_blocks, text_blocks
     from instructgpt.config import DataConfig
-    from instructgpt.sft import pretrain_blocks, text_blocks
     from instructgpt.modeling import load_tokenizer
 
     calls, read = [], [0]
@@ -159,7 +159,7 @@ def test_text_blocks_are_the_joined_documents_as_int32_read_at_most_twice_as_far
     """The blocks are the documents' own token ids joined by EOS (each document tokenised alone, as a reference), held
     in one int32 tensor; with max_tokens, fewer than twice the documents needed are read."""
     from instructgpt.modeling import load_tokenizer
-    from instructgpt.sft import TokenBlocks, text_blocks
+    from instructgpt.batching import TokenBlocks, text_blocks
 
     tok = load_tokenizer("builtin:base")
     docs = [f"document {i} says" + " the cat sat" * (i % 13) + "." for i in range(600)]
@@ -210,8 +210,8 @@ def _fake_hub(monkeypatch, rows=({"prompt": "hi"},), fail=None):
 
 
 def test_hub_dataset_ids_go_to_the_hub(monkeypatch):
-    """Every dataset the shipped recipes name is read from the hub (an owner/name id was once taken for a missing
-    local path); the hub is out of reach here, so load_dataset is replaced by one that records its arguments."""
+    """Every dataset the shipped recipes name is read from the hub, an owner/name id included (not taken for a
+    missing local path); the hub is out of reach here, so load_dataset is replaced by one that records its arguments."""
     import os
 
     import yaml
@@ -243,7 +243,7 @@ def test_hub_failure_is_a_data_error_naming_the_source(monkeypatch):
         load_prompts("someone/data:test")
 
 
-# ---- comparisons (the reward-model issue's formats, in the same data layer)
+# ---- comparisons: the ranking and preference-pair formats the reward model reads, in the same data layer
 
 USER = {"role": "user", "content": "What is 2 plus 2?"}
 SYSTEM = {"role": "system", "content": "Answer with a number."}

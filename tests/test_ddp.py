@@ -46,14 +46,12 @@ def test_two_rank_dpo_equals_one_process_on_the_same_global_batches(tiny_model_d
     is scaled so the averaged gradient is the global batch's, and the saved policy equals one process's."""
     from safetensors.torch import load_file
 
-    from conftest import write_jsonl
-    from test_rm import _rankings
+    from conftest import fruit_over_animal_rankings, saved_weights, write_jsonl
 
-    rankings = write_jsonl(tmp_path / "r.jsonl", _rankings(32, 0))
+    rankings = write_jsonl(tmp_path / "r.jsonl", fruit_over_animal_rankings(32, 0))
     _launch(2, "dpo", tiny_model_dir, rankings, str(tmp_path / "two"))
     _launch(1, "dpo", tiny_model_dir, rankings, str(tmp_path / "one"))
-    two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
-    one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    two, one = saved_weights(tmp_path / "two"), saved_weights(tmp_path / "one")
     start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert any(not (one[k] == start[k]).all() for k in one)  # it trained
     for k in one:
@@ -65,22 +63,21 @@ def test_two_rank_rloo_keeps_each_prompts_responses_on_one_rank(tiny_model_dir, 
     from the other rank; the policy alone is prepared (no critic) and the run finishes and saves a moved policy."""
     from safetensors.torch import load_file
 
-    from conftest import write_jsonl
+    from conftest import fruit_pairs_over_other_pairs_rankings, saved_weights, write_jsonl
     from instructgpt.config import load_config
     from instructgpt.rm import RMConfig
     from instructgpt.rm import train as rm_train
     from instructgpt.runs import read_metrics
-    from test_ppo import _rankings
 
+    rankings = write_jsonl(tmp_path / "r.jsonl", fruit_pairs_over_other_pairs_rankings(64, 0))
     rm_train(load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"out_dir={tmp_path / 'rm'}",
-                                          f"data.train={write_jsonl(tmp_path / 'r.jsonl', _rankings(64, 0))}",
-                                          "train.batch_size=8", "train.lr=3e-3", "data.eval_size=0",
-                                          "normalize.demonstrations=null"]))
+                                          f"data.train={rankings}", "train.batch_size=8", "train.lr=3e-3",
+                                          "data.eval_size=0", "normalize.demonstrations=null"]))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"what is {i}"} for i in range(32)])
     out = tmp_path / "rloo"
     _launch(2, "rloo", tiny_model_dir, str(tmp_path / "rm"), prompts, str(out))
     rows = [r for r in read_metrics(str(out)) if "objective/scores" in r]
     assert [r["step"] for r in rows] == [1, 2] and not any("ppo/val/var_explained" in r for r in rows)
-    saved = load_file(str(out / "model" / "model.safetensors"))
+    saved = saved_weights(out)
     start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert any(not (saved[k] == start[k]).all() for k in saved if k in start)

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import fruit_over_animal_rankings, read_jsonl, saved_weights, write_jsonl
 from instructgpt.config import load_config
-from instructgpt.dpo import DPOConfig, Item, dpo_loss, response_logprobs, train
+from instructgpt.dpo import DPOConfig, Item, summed_response_logprobs, train
+from instructgpt.losses import dpo_loss
 from instructgpt.losses import ranking_pairs
 from instructgpt.modeling import load_model
-from test_rm import _rankings
 
 
 def test_dpo_loss_is_the_sigmoid_loss_on_every_pair():
@@ -31,14 +31,14 @@ def test_dpo_loss_is_the_sigmoid_loss_on_every_pair():
     assert float(dpo_loss(ref, ref, ranks, beta)) == pytest.approx(math.log(2))  # the policy at the reference
 
 
-def test_response_logprobs_sum_the_response_tokens_in_one_forward(tiny_model_dir):
+def test_summed_response_logprobs_sum_the_response_tokens_in_one_forward(tiny_model_dir):
     model, tok = load_model(tiny_model_dir)
     items = [Item([[5, 6, 7, 8, 9], [5, 6, 7, 10]], [1, 2], 3), Item([[11, 12, 13], [11, 12, 14, 15, 16, 17]],
                                                                     [2, 1], 1)]
     rows_seen = []
     h = model.register_forward_hook(lambda m, args, kwargs, out: rows_seen.append(kwargs["input_ids"].shape[0]),
                                     with_kwargs=True)
-    got = response_logprobs(model, items, tok.pad_token_id, "cpu")
+    got = summed_response_logprobs(model, items, tok.pad_token_id, "cpu")
     h.remove()
     assert rows_seen == [4]  # every response of every prompt once, padded together
     for it, lp in zip(items, got):
@@ -51,8 +51,8 @@ def test_response_logprobs_sum_the_response_tokens_in_one_forward(tiny_model_dir
 
 
 def _config(tiny_model_dir, tmp_path, out, *extra):
-    tr = write_jsonl(tmp_path / "train.jsonl", _rankings(96, 0))
-    ev = write_jsonl(tmp_path / "eval.jsonl", _rankings(32, 1))
+    tr = write_jsonl(tmp_path / "train.jsonl", fruit_over_animal_rankings(96, 0))
+    ev = write_jsonl(tmp_path / "eval.jsonl", fruit_over_animal_rankings(32, 1))
     return load_config(DPOConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}",
                                          f"data.eval={ev}", f"out_dir={tmp_path / out}", "train.batch_size=8",
                                          "train.lr=3e-3", "beta=0.5", "train.eval_every=6", *extra])
@@ -64,14 +64,14 @@ def _response_logp(model_dir, prompt, response):
     model, tok = load_model(model_dir)
     p = encode_prompt(tok, prompt)
     with torch.no_grad():
-        return float(response_logprobs(model, [Item([p + encode_response(tok, response)], [1], len(p))],
+        return float(summed_response_logprobs(model, [Item([p + encode_response(tok, response)], [1], len(p))],
                                        tok.pad_token_id, "cpu")[0][0])
 
 
 def test_dpo_learns_the_labelers_preference_on_heldout_rankings(tiny_model_dir, tmp_path):
     train(_config(tiny_model_dir, tmp_path, "dpo", "epochs=2"))
     done = json.load(open(tmp_path / "dpo" / "DONE.json"))
-    metrics = [json.loads(line) for line in open(tmp_path / "dpo" / "metrics.jsonl")]
+    metrics = read_jsonl(tmp_path / "dpo" / "metrics.jsonl")
     first = next(m for m in metrics if "eval/accuracy" in m)
     assert done["steps"] == 24 and done["eval_accuracy"] > 0.9 and done["eval_loss"] < math.log(2)
     assert done["eval_reward_best"] > 0 > done["eval_reward_worst"]
@@ -85,7 +85,7 @@ def test_dpo_learns_the_labelers_preference_on_heldout_rankings(tiny_model_dir, 
 def test_dpo_with_lora_saves_a_merged_model(tiny_model_dir, tmp_path):
     train(_config(tiny_model_dir, tmp_path, "lora", "train.max_steps=6", "model.lora.enabled=true",
                   "model.lora.r=4", "model.lora.target_modules=[c_attn]"))
-    weights = load_file(str(tmp_path / "lora" / "model" / "model.safetensors"))
+    weights = saved_weights(tmp_path / "lora")
     start = load_file(f"{tiny_model_dir}/model.safetensors")
     assert weights.keys() == start.keys()  # a plain checkpoint, the adapter merged in
     changed = {k for k in start if not torch.equal(weights[k], start[k])}
@@ -101,8 +101,7 @@ def test_an_interrupted_dpo_run_resumes_to_the_same_weights(tiny_model_dir, tmp_
     assert not (tmp_path / "resumed" / "DONE.json").exists()
     cfg.train.stop_after = None
     train(cfg)
-    a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
+    a, b = saved_weights(tmp_path / "whole"), saved_weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -114,7 +113,7 @@ def test_gradient_checkpointing_trains_in_train_mode_without_dropout_to_the_same
         train(_config(tiny_model_dir, tmp_path, gc, "train.max_steps=3", "model.dropout=0.1",
                       f"model.gradient_checkpointing={gc}"))
         assert (mlp_forwards["train"] > 0) == (gc == "true")
-    a, b = (load_file(str(tmp_path / gc / "model" / "model.safetensors")) for gc in ("false", "true"))
+    a, b = (saved_weights(tmp_path / gc) for gc in ("false", "true"))
     assert any(not torch.allclose(a[k], w) for k, w in load_file(f"{tiny_model_dir}/model.safetensors").items())
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)

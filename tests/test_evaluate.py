@@ -5,11 +5,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_corpus, write_jsonl
+from conftest import read_jsonl, tiny_corpus, write_jsonl
 
 from instructgpt import evaluate as ev
-from instructgpt.report import Target, check_targets, render_markdown, stage_kind
-from instructgpt.sft import text_blocks
+from instructgpt.report import check_expectations, render_markdown, stage_kind
+from instructgpt.batching import text_blocks
 
 
 # ------------------------------------------------------------------------------------------------ pure math
@@ -101,27 +101,22 @@ def test_bleu_and_rouge_l():
     assert ev.rouge_l(["red dog"], ["red cat"]) == pytest.approx(0.5)
 
 
-def test_targets_are_checked_only_when_present():
-    report = {"gold_score.ppo": 0.4, "gold_score.sft": 0.3, "win_rate_ci95.ppo_vs_sft": [0.45, 0.6]}
-    targets = (Target("a", "gold_score.ppo", ">", "gold_score.sft"),
-               Target("b", "win_rate_ci95.ppo_vs_sft[0]", ">", 0.5),
-               Target("c", "rm_accuracy_gold", ">", 0.5))
-    res = [(t.description, v, th, ok) for t, v, th, ok in check_targets(report, targets)]
-    assert res == [("a", 0.4, 0.3, True), ("b", 0.45, 0.5, False)]
-
-
-def test_a_reports_own_targets_move_or_drop_the_defaults():
-    report = {"seconds.total": 3000.0, "win_rate_no_ties.ppo_vs_sft": 0.7, "gold_gain.ppo_vs_sft": 0.05}
-    default = {t.key: (th, ok) for t, v, th, ok in check_targets(report)}
-    assert default == {"seconds.total": (600.0, False), "win_rate_no_ties.ppo_vs_sft": (0.8, False),
-                       "gold_gain.ppo_vs_sft": (0.15, False)}
-    report["targets"] = {"seconds.total": 3600, "win_rate_no_ties.ppo_vs_sft": 0.65, "gold_gain.ppo_vs_sft": None}
-    moved = {t.key: (th, ok) for t, v, th, ok in check_targets(report)}
-    assert moved == {"seconds.total": (3600.0, True), "win_rate_no_ties.ppo_vs_sft": (0.65, True)}
+def test_expectations_are_checked_and_keys_the_report_lacks_are_marked_missing():
+    report = {"gold_score.ppo": 0.4, "gold_score.sft": 0.3, "win_rate_ci95.ppo_vs_sft": [0.45, 0.6],
+              "expectations": {"gold_score.ppo": {"min": "gold_score.sft"}, "win_rate_ci95.ppo_vs_sft[0]": {"min": 0.5},
+                               "rm_accuracy_gold": {"min": 0.5}, "gold_score.sft": {"min": 0.2, "max": 0.35},
+                               "kl.ppo": {"max": "kl.best_of_4"}}}
+    res = [(key, value, status) for key, _, value, status in check_expectations(report)]
+    assert res == [("gold_score.ppo", 0.4, "met"), ("win_rate_ci95.ppo_vs_sft[0]", 0.45, "not met"),
+                   ("rm_accuracy_gold", None, "missing"), ("gold_score.sft", 0.3, "met"), ("kl.ppo", None, "missing")]
     md = render_markdown("/nonexistent", dict(report, policies=[]), [])
-    assert "| 3600 |" in md.replace("3600.0", "3600") and "gold_gain" not in md
-    with pytest.raises(ValueError, match="unknown key.*win_rate.ppo"):
-        check_targets({"targets": {"win_rate.ppo": 0.5}})
+    assert "## Expected results" in md
+    for row in ("| `gold_score.ppo` | ≥ `gold_score.sft` (0.300) | 0.400 | ✅ met |",
+                "| `win_rate_ci95.ppo_vs_sft[0]` | ≥ 0.500 | 0.450 | ❌ not met |",
+                "| `rm_accuracy_gold` | ≥ 0.500 | — | — missing |",
+                "| `gold_score.sft` | ≥ 0.200, ≤ 0.350 | 0.300 | ✅ met |"):
+        assert row in md, row
+    assert "## Expected results" not in render_markdown("/nonexistent", {"policies": []}, [])  # none given
 
 
 def test_stage_kind_from_logged_keys():
@@ -284,11 +279,6 @@ def eval_models(tiny_model_dir, tmp_path_factory):
     return {"ppo": str(root / "ppo"), "rm": str(root / "rm")}
 
 
-def _read_jsonl(path):
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh]
-
-
 def _fake_stage(path, rows):
     os.makedirs(path, exist_ok=True)
     write_jsonl(os.path.join(path, "metrics.jsonl"), rows)
@@ -330,11 +320,11 @@ def test_eval_cli_end_to_end(tiny_model_dir, eval_models, tmp_path):
     assert 0 <= lo <= report["win_rate.ppo_vs_sft"] <= hi <= 1
     assert set(report["per_family.ppo"]) == set(report["per_family.sft"]) == {
         p.family for p in ev.heldout_prompts(26)}
-    samples = _read_jsonl(out / "samples_ppo.jsonl")
+    samples = read_jsonl(out / "samples_ppo.jsonl")
     assert len(samples) == 26 and all({"prompt", "reference", "response", "gold", "rm"} <= set(s) for s in samples)
     assert report["gold_score.ppo"] == pytest.approx(sum(s["gold"] for s in samples) / 26, abs=1e-3)
     assert report["rm_score.ppo"] == pytest.approx(sum(s["rm"] for s in samples) / 26, abs=1e-3)
-    best = _read_jsonl(out / "samples_best_of_2.jsonl")
+    best = read_jsonl(out / "samples_best_of_2.jsonl")
     assert len(best) == 26
     # the same candidates picked by gold (a perfect RM): never worse than the RM's pick or a random one
     oracle, rnd = report["gold_score.best_of_2_oracle"], report["gold_score.best_of_2_random"]
@@ -342,8 +332,9 @@ def test_eval_cli_end_to_end(tiny_model_dir, eval_models, tmp_path):
     for png in ("training_curves.png", "overoptimisation.png", "per_family.png"):
         assert (out / png).stat().st_size > 5000
     md = (out / "report.md").read_text()
-    for section in ("## Policies", "## Targets", "## Gold score per task family", "## Samples", "per_family.png"):
+    for section in ("## Policies", "## Gold score per task family", "## Samples", "per_family.png"):
         assert section in md
+    assert "## Expected results" not in md  # a recipe's, not the eval command's
 
 
 def test_eval_without_gold_is_judged_by_the_reward_model(tiny_model_dir, eval_models, tmp_path):
@@ -354,7 +345,7 @@ def test_eval_without_gold_is_judged_by_the_reward_model(tiny_model_dir, eval_mo
                          out_dir=str(tmp_path / "out"), max_new_tokens=6, n_resamples=100)
     assert report["judge"] == "reward_model" and report["heldout_prompts"] == 4
     assert "gold_score.sft" not in report and "rm_accuracy_gold" not in report
-    rm_sft, rm_ppo = ([r["rm"] for r in _read_jsonl(tmp_path / "out" / f"samples_{p}.jsonl")] for p in ("sft", "ppo"))
+    rm_sft, rm_ppo = ([r["rm"] for r in read_jsonl(tmp_path / "out" / f"samples_{p}.jsonl")] for p in ("sft", "ppo"))
     assert report["win_rate.ppo_vs_sft"] == pytest.approx(float(ev.win_rate(ev.pairwise_outcomes(rm_ppo, rm_sft))),
                                                           abs=1e-3)
     assert 0.0 <= report["rouge_l.ppo"] <= 1.0 and "bleu.sft" in report
@@ -396,7 +387,7 @@ def test_bf16_evaluation_samples_under_autocast_and_scores_in_fp32(tiny_model_di
         seen["rm"].append(torch.is_autocast_enabled(dev))
         return real_raw(*a, **k)
 
-    monkeypatch.setattr(generation, "generate", generate)
+    monkeypatch.setattr(ev, "generate", generate)  # the evaluation's sampler
     monkeypatch.setattr(reward, "raw_rewards", raw_rewards)
     report = evaluate({"sft": tiny_model_dir, "ppo": eval_models["ppo"]}, reward_model=eval_models["rm"], heldout=13,
                       best_of=2, ptx_text=None, out_dir=str(tmp_path / "ev"), max_new_tokens=6, batch_size=8,
@@ -413,8 +404,8 @@ def test_best_of_candidates_are_sampled_at_best_of_temperature(tiny_model_dir, e
               kl_prompts=4)
     cold = ev.evaluate({"sft": tiny_model_dir}, best_of_temperature=0.0, out_dir=str(tmp_path / "cold"), **kw)
     assert cold["decoding"]["best_of_temperature"] == 0.0
-    sft = [s["response"] for s in _read_jsonl(tmp_path / "cold" / "samples_sft.jsonl")]
-    assert [s["response"] for s in _read_jsonl(tmp_path / "cold" / "samples_best_of_3.jsonl")] == sft
+    sft = [s["response"] for s in read_jsonl(tmp_path / "cold" / "samples_sft.jsonl")]
+    assert [s["response"] for s in read_jsonl(tmp_path / "cold" / "samples_best_of_3.jsonl")] == sft
     assert cold["gold_score.best_of_3_oracle"] == pytest.approx(cold["gold_score.best_of_3_random"])
     assert cold["gold_score.best_of_3"] == pytest.approx(cold["gold_score.sft"])
     warm = ev.evaluate({"sft": tiny_model_dir}, out_dir=str(tmp_path / "warm"), **kw)

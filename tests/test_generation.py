@@ -7,10 +7,10 @@ from instructgpt.generation import (
     apply_penalties,
     filter_logits,
     generate,
-    left_pad,
     sample,
     sample_from,
 )
+from instructgpt.batching import left_pad
 from instructgpt.modeling import logprobs_from_logits, sequence_logprobs
 from instructgpt.prompting import render_prompt
 

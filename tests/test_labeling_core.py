@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -13,6 +12,7 @@ import time
 
 import pytest
 
+from conftest import read_jsonl, write_jsonl
 from instructgpt import data
 from instructgpt.data import DataError
 from instructgpt.labeling import security
@@ -25,13 +25,6 @@ from instructgpt.labeling.rubric import FLAGS, SubmissionError, check_demonstrat
 from instructgpt.labeling.store import CLAIM_LEASE_SECONDS, Store, StoreError, User, display_order
 
 PASSWORD = "correct horse battery"
-
-
-def write_jsonl(path, rows) -> str:
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
 
 
 @pytest.fixture
@@ -385,7 +378,6 @@ def test_model_generator_wiring(monkeypatch):
     """model_generator goes through load_model, render_prompt and generate(n=K), a new seed per batch."""
     import types
 
-    from instructgpt import generation, modeling
     from instructgpt.labeling import outputs
 
     seen = []
@@ -402,8 +394,8 @@ def test_model_generator_wiring(monkeypatch):
         seen.append((list(prompts), params.n, params.seed, params.max_new_tokens))
         return [[types.SimpleNamespace(text=f"out{j}") for j in range(params.n)] for p in prompts]
 
-    monkeypatch.setattr(modeling, "load_model", lambda d: ("model", Tok()))
-    monkeypatch.setattr(generation, "generate", fake_generate)
+    monkeypatch.setattr(outputs, "load_model", lambda d: ("model", Tok()))
+    monkeypatch.setattr(outputs, "generate", fake_generate)
     gen = outputs.model_generator("some/dir", 3, max_new_tokens=16, seed=10)
     assert gen([[{"role": "user", "content": "hello"}]]) == [["out0", "out1", "out2"]]
     gen([[{"role": "user", "content": "again"}]])
@@ -433,7 +425,7 @@ def test_export_round_trip_through_the_loaders(tmp_path, store):
     assert demos[0].messages == [{"role": "user", "content": "demo prompt"},
                                  {"role": "assistant", "content": "answer 1"}]
     assert demos[1].messages == conversation + [{"role": "assistant", "content": "answer 2"}]
-    rows = [json.loads(x) for x in open(s.rankings_path, encoding="utf-8")]
+    rows = read_jsonl(s.rankings_path)
     assert rows[0] == {"prompt": "rank me", "responses": ["r0", "r1", "r2", "r3"], "ranks": [2, 1, 2, 3],
                        "ratings": [4, 4, 4, 4], "flags": [[], [], [], []], "labeler": "ann"}
     rankings = data.load_comparisons(s.rankings_path)

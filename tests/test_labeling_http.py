@@ -3,7 +3,6 @@ concurrent labelers against a real uvicorn server on 127.0.0.1."""
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import threading
@@ -14,7 +13,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import live_server
+from conftest import live_server, write_jsonl
 from instructgpt import data
 from instructgpt.labeling.app import LOOPBACK_HOSTS, create_app
 from instructgpt.labeling.formats import export, import_prompts
@@ -22,13 +21,6 @@ from instructgpt.labeling.store import Store
 
 PASSWORD = "correct horse battery"
 XSS = '<script>alert("xss")</script>"><img src=x onerror=alert(1)>'
-
-
-def write_jsonl(path, rows) -> str:
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    return str(path)
 
 
 def csrf_of(html: str) -> str:

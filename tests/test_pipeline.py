@@ -12,7 +12,7 @@ from conftest import write_jsonl
 from instructgpt.cli import main as cli_main
 from instructgpt.config import ConfigError
 from instructgpt.pipeline import load_recipe, memory_report, peak_memory_gib, stage_configs
-from instructgpt.report import targets_with, time_and_memory_table
+from instructgpt.report import time_and_memory_table
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "configs", "recipes")
 
@@ -55,12 +55,17 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tiny_model_dir,
     # rerun on the same directory: every stage is finished, only the evaluation runs again
     before = {s: os.path.getmtime(out / s / "DONE.json") for s in ("sft", "rm", "ppo")}
     rankings_mtime = os.path.getmtime(out / "rankings.jsonl")
-    held = [x for x in open(out / "report.md") if x.startswith("| held-out prompts |")]
-    assert len(held) == 1 and "fail" in held[0]  # 26 of the default's 500
-    # ... with the recipe's own target for the report
-    assert cli_main(["pipeline", "--out", str(out), *_tiny_overrides(tiny_model_dir), "targets.heldout_prompts=20"]) == 0
-    held = [x for x in open(out / "report.md") if x.startswith("| held-out prompts |")]
-    assert len(held) == 1 and "`heldout_prompts` >= 20" in held[0] and "pass" in held[0]
+    # the default recipe's expected results, each checked against what this tiny run measured
+    expected = [x for x in open(out / "report.md") if x.startswith("| `")]
+    assert len(expected) == len(report["expectations"])
+    assert "| `gold_gain.ppo_vs_sft` | ≥ 0.150 |" in "".join(expected)
+    assert all(x.rstrip().endswith(("| ✅ met |", "| ❌ not met |", "| — missing |")) for x in expected)
+    # ... and the recipe's own: one the report has, and one it cannot know (marked missing, not an error)
+    assert cli_main(["pipeline", "--out", str(out), *_tiny_overrides(tiny_model_dir),
+                     "expectations.heldout_prompts.min=20", "expectations.gold_score.dpo.min=0.5"]) == 0
+    expected = [x for x in open(out / "report.md") if x.startswith("| `")]
+    assert expected[-2:] == ["| `heldout_prompts` | ≥ 20 | 26 | ✅ met |\n",
+                             "| `gold_score.dpo` | ≥ 0.500 | — | — missing |\n"]
     assert before == {s: os.path.getmtime(out / s / "DONE.json") for s in ("sft", "rm", "ppo")}
     first = json.load(open(out / "report.json"))
     assert first["seconds.sft"] == report["seconds.sft"] and first["seconds.ppo"] == report["seconds.ppo"]
@@ -121,12 +126,26 @@ def test_dpo_and_rloo_sections_add_baselines_beside_ppo(tiny_model_dir, tmp_path
 def test_unknown_recipe_section_and_key_are_errors(tmp_path):
     bad = tmp_path / "r.yaml"
     bad.write_text("sft: {}\nppo_ptx: {}\n")
-    with pytest.raises(ConfigError, match="unknown section 'ppo_ptx'"):
+    with pytest.raises(ConfigError, match="r.yaml: unknown config key 'ppo_ptx'"):
         load_recipe(str(bad), [])
-    with pytest.raises(ConfigError, match="label_sim.kk"):
+    with pytest.raises(ConfigError, match="unknown config key 'label_sim.kk'"):
         load_recipe(None, ["label_sim.kk=3"])
-    with pytest.raises(ConfigError, match="unknown key.*seconds.ppo"):
-        load_recipe(None, ["targets.seconds.ppo=60"])
+    with pytest.raises(ConfigError, match="unknown config key 'expectations.seconds.ppo.minimum'"):
+        load_recipe(None, ["expectations.seconds.ppo.minimum=60"])
+    with pytest.raises(ConfigError, match="expectations.seconds.ppo: give min, max or both"):
+        load_recipe(None, ["expectations.seconds.ppo={}"])
+    with pytest.raises(ConfigError, match="label_sim.policy: set by the pipeline"):
+        load_recipe(None, ["label_sim.policy=some/model"])
+
+
+def test_expectations_are_a_recipes_own_and_overrides_reach_nested_keys(tmp_path):
+    default = load_recipe(None, []).expectations
+    assert default["win_rate_no_ties.ppo_vs_sft"].min == 0.75 and default["gold_score.sft"].min == "gold_score.base"
+    assert load_recipe(os.path.join(RECIPES, "gpt2-hh.yaml"), []).expectations == {}  # not the default run's
+    moved = load_recipe(None, ["expectations.gold_gain.ppo_vs_sft.min=0.2", "expectations.seconds.total=null",
+                               "expectations.all_properties.sft.min=0.1"]).expectations
+    assert moved["gold_gain.ppo_vs_sft"].min == 0.2 and "seconds.total" not in moved
+    assert (moved["all_properties.sft"].min, moved["all_properties.sft"].max) == (0.1, 0.7)  # bounds add up
 
 
 def test_one_override_switches_every_stage_to_the_control_suite(tmp_path):
@@ -138,15 +157,14 @@ def test_one_override_switches_every_stage_to_the_control_suite(tmp_path):
     for suite in ("assistant", "puzzles"):
         recipe = load_recipe(None, [f"suite={suite}"])
         cfgs = stage_configs(recipe, str(tmp_path / suite))
-        sources = [cfgs["sft"].data.train, recipe["label_sim"]["prompts"], cfgs["ppo"].data.train,
-                   cfgs["ppo"].data.eval]
-        assert recipe["eval"]["suite"] == suite and cfgs["ppo_noptx"].data.train == cfgs["ppo"].data.train
+        sources = [cfgs["sft"].data.train, recipe.label_sim.prompts, cfgs["ppo"].data.train, cfgs["ppo"].data.eval]
+        assert recipe.eval.suite == suite and cfgs["ppo_noptx"].data.train == cfgs["ppo"].data.train
         for src in sources:  # every prompt of every stream belongs to the suite the recipe names (20 of each)
             prompts = [r["prompt"] for r in rows(re.sub(r"\bn=\d+", "n=20", src))]
             assert len(prompts) == 20
             assert {gold.suite_of(p) for p in prompts} == {suite}, src
     kept = load_recipe(None, ["suite=puzzles", "sft.data.train=demos.jsonl"])
-    assert kept["sft"]["data"]["train"] == "demos.jsonl" and "puzzles" in kept["ppo"]["data"]["train"]
+    assert kept.sft["data"]["train"] == "demos.jsonl" and "puzzles" in kept.ppo["data"]["train"]
     with pytest.raises(ConfigError, match="unknown suite 'poems'"):
         load_recipe(None, ["suite=poems"])
 
@@ -181,10 +199,8 @@ def test_real_model_recipes_are_valid_with_tiny_stand_ins(name, tiny_model_dir, 
 @pytest.mark.parametrize("name", [None, "smollm2.yaml", "gpt2-hh.yaml", "pythia-tldr.yaml"])
 def test_recipes_measure_the_alignment_tax_on_text_ppo_does_not_train_on(name, tmp_path):
     recipe = load_recipe(name and os.path.join(RECIPES, name), [])
-    ppo_text = recipe["ppo"]["data"]["pretrain"]
-    from instructgpt.evaluate import DEFAULT_PTX
-
-    eval_text = recipe["eval"].get("ptx_text", DEFAULT_PTX)  # a recipe's eval section replaces the default's
+    ppo_text = recipe.ppo["data"]["pretrain"]
+    eval_text = recipe.eval.ptx_text  # a recipe's eval section replaces the default's
     assert eval_text and eval_text != ppo_text
     if not ppo_text.startswith("builtin:"):  # a hub corpus is read only as far as PPO needs, never whole
         assert 0 < stage_configs(recipe, str(tmp_path))["ppo"].data.pretrain_max_tokens <= 64_000_000
@@ -205,12 +221,12 @@ def test_smollm2_recipe_is_valid_and_uses_lora_everywhere(tiny_model_dir, tmp_pa
     assert cfgs["sft"].model.lora.enabled and cfgs["rm"].model.lora.enabled and cfgs["ppo"].model.lora.enabled
     assert cfgs["ppo"].ppo.value_lora and cfgs["ppo"].ppo.ptx_coef > 0
     recipe = load_recipe(path, [])
-    assert recipe["sft"]["model"]["name_or_path"] == "builtin:smollm2"
-    # the recipe runs on the default suite, and its own targets are ones the report knows, moved from the default's
-    assert recipe["suite"] == "assistant" and "error_rate" not in recipe["sft"]["data"]["train"]
-    moved = {t.key: t.threshold for t in targets_with(recipe["targets"])}
-    default = {t.key: t.threshold for t in targets_with({})}
-    assert moved["seconds.total"] > default["seconds.total"] and "gold_gain.ppo_vs_sft" not in moved
+    assert recipe.sft["model"]["name_or_path"] == "builtin:smollm2"
+    # the recipe runs on the default suite, with expected results of its own: more time than the default's
+    assert recipe.suite == "assistant" and "error_rate" not in recipe.sft["data"]["train"]
+    default = load_recipe(None, []).expectations
+    assert recipe.expectations["seconds.total"].max > default["seconds.total"].max
+    assert "gold_gain.ppo_vs_sft" not in recipe.expectations
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
@@ -282,7 +298,7 @@ def test_hub_recipe_runs_end_to_end_on_a_fake_hub(name, tiny_model_dir, tmp_path
     # the tiny model has 256 positions, the recipes' SFT 512 or 640 tokens: a clear error before any step; the stage
     # had not checkpointed, so the corrected config runs in the same directory
     assert cli_main(["pipeline", "--config", os.path.join(RECIPES, name), "--out", str(out), *overrides]) == 2
-    sft_length = load_recipe(os.path.join(RECIPES, name), [])["sft"]["data"]["max_length"]
+    sft_length = load_recipe(os.path.join(RECIPES, name), []).sft["data"]["max_length"]
     assert (f"data.max_length={sft_length} is longer than the model's context (256 positions)"
             in capsys.readouterr().err)
     overrides += [f"{stage}.data.max_length=256" for stage in ("sft", "rm", "ppo")]
@@ -291,9 +307,9 @@ def test_hub_recipe_runs_end_to_end_on_a_fake_hub(name, tiny_model_dir, tmp_path
     assert report["heldout_prompts"] == 6 and report["judge"] == "reward_model" and "win_rate.ppo_vs_sft" in report
     assert report["ptx_perplexity.sft"] > 1 and report["peak_rss_gib.total"] > 0.1
     recipe = load_recipe(os.path.join(RECIPES, name), [])
-    for src in (recipe["sft"]["data"]["train"], recipe["rm"]["data"]["train"], recipe["ppo"]["data"]["train"]):
+    for src in (recipe.sft["data"]["train"], recipe.rm["data"]["train"], recipe.ppo["data"]["train"]):
         assert any(c[0] == src.partition("@")[0].partition(":")[0] for c in calls), src
     # PPO's ptx text streamed and read only as far as its 2,048 tokens; the perplexity text read whole
-    ptx = recipe["ppo"]["data"]["pretrain"].partition(":")[0]
+    ptx = recipe.ppo["data"]["pretrain"].partition(":")[0]
     assert (ptx, None, "train", True) in calls and 0 < read["text"] < len(text) / 2
     assert ("Salesforce/wikitext", "wikitext-103-raw-v1", "test", False) in calls

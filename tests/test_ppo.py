@@ -5,30 +5,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import (fruit_pairs_over_other_pairs_rankings, read_jsonl, saved_weights, sigkill_after_checkpoint,
+                      write_jsonl)
 from safetensors.torch import load_file
 
 from instructgpt.advantages import gae, gae_loop, group_advantages, kl_per_token, token_rewards, whiten
 from instructgpt.config import ConfigError, load_config
 from instructgpt.kl_control import AdaptiveKLController
 from instructgpt.losses import lm_loss, policy_loss, value_loss
-from instructgpt.ppo import (
-    PPOConfig,
-    gather_logprobs,
-    load_models,
-    policy_forward,
-    response_logits,
-    rollout,
-    train,
-)
+from instructgpt.modeling import logprobs_from_logits
+from instructgpt.policy import policy_forward, response_logits
+from instructgpt.ppo import PPOConfig, load_models, rollout, train
 from instructgpt.runs import read_metrics
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -154,23 +146,12 @@ def test_ptx_term_is_the_lm_loss_of_the_pretraining_batch(tiny):
 # The stage on a tiny model
 
 
-def _rankings(n, seed):
-    """Responses with fruit words rank above animal words: a reward a tiny RM learns and a tiny policy can chase."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        good = [" ".join(rng.choice(["apple", "pear", "plum"]) for _ in range(2)) for _ in range(2)]
-        bad = [" ".join(rng.choice(["cat", "dog", "bird", "red", "two"]) for _ in range(2)) for _ in range(2)]
-        rows.append({"prompt": f"what is {i}", "responses": good + bad, "ranks": [1, 1, 2, 2]})
-    return rows
-
-
 @pytest.fixture(scope="module")
 def ppo_inputs(tiny_model_dir, tmp_path_factory):
     from instructgpt.rm import RMConfig
     from instructgpt.rm import train as rm_train
     d = tmp_path_factory.mktemp("ppo")
-    tr = write_jsonl(d / "rank.jsonl", _rankings(200, 0))
+    tr = write_jsonl(d / "rank.jsonl", fruit_pairs_over_other_pairs_rankings(200, 0))
     rm_train(load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}",
                                           f"out_dir={d / 'rm'}", "train.batch_size=8", "train.lr=3e-3",
                                           "data.eval_size=0", "normalize.demonstrations=null"]))
@@ -196,39 +177,39 @@ def test_policy_equal_to_reference_gives_zero_kl_and_first_ratio_one(ppo_inputs,
     from instructgpt.generation import eos_ids
     from instructgpt.prompting import encode_prompt
     prompts = [[{"role": "user", "content": f"what is {i}"}] for i in range(8)]
-    b = rollout(models, models.policy, models.value, None, [encode_prompt(tok, m) for m in prompts], prompts,
-                cfg.ppo, eos_ids(models.policy, tok), tok.pad_token_id, torch.Generator().manual_seed(0), "cpu")
+    b = rollout(models, models.policy, [encode_prompt(tok, m) for m in prompts], prompts, cfg.ppo,
+                eos_ids(models.policy, tok), torch.Generator().manual_seed(0), "cpu")
     # same weights: no penalty (to float rounding: the sampler's log-probs against a full forward's)
     assert float(kl_per_token(b.logprobs, b.ref_logprobs).abs().max()) < 1e-5
     # the first minibatch of the first epoch sees exactly the rollout's policy: ratio 1, nothing clipped
     with torch.no_grad():
         logits, _ = policy_forward(models.policy, b.input_ids, b.attention_mask, response_len=b.response.shape[1])
-        new = gather_logprobs(response_logits(logits, cfg.ppo.temperature), b.response)
+        new = logprobs_from_logits(response_logits(logits, cfg.ppo.temperature), b.response)
         # the same as slicing the full forward's logits at the response positions
         full, _ = policy_forward(models.policy, b.input_ids, b.attention_mask)
     P = b.query.shape[1]
     torch.testing.assert_close(logits, full[:, P - 1:-1])
-    adv = whiten(torch.randn_like(new), b.response_mask)
+    adv = whiten(torch.randn_like(new), b.mask)
     # the rollout keeps the sampler's log-probs: the full forward's, up to float rounding
-    assert float(((new - b.logprobs) * b.response_mask).abs().max()) < 1e-4
-    _, st = policy_loss(new, b.logprobs, adv, b.response_mask, 0.2)
+    assert float(((new - b.logprobs) * b.mask).abs().max()) < 1e-4
+    _, st = policy_loss(new, b.logprobs, adv, b.mask, 0.2)
     assert float(st["ratio"]) == pytest.approx(1.0, abs=1e-5)
     assert float(st["clipfrac"]) == 0.0 and float(st["approxkl"]) == pytest.approx(0.0, abs=1e-9)
     # ppo.recompute_logprobs: the old log-probs come from that same full forward, the ratio is exactly 1
     cfg.ppo.recompute_logprobs = True
-    b2 = rollout(models, models.policy, models.value, None, [encode_prompt(tok, m) for m in prompts], prompts,
-                 cfg.ppo, eos_ids(models.policy, tok), tok.pad_token_id, torch.Generator().manual_seed(0), "cpu")
+    b2 = rollout(models, models.policy, [encode_prompt(tok, m) for m in prompts], prompts, cfg.ppo,
+                 eos_ids(models.policy, tok), torch.Generator().manual_seed(0), "cpu")
     assert float(kl_per_token(b2.logprobs, b2.ref_logprobs).abs().max()) == 0.0  # exactly
-    _, st = policy_loss(new, b2.logprobs, adv, b2.response_mask, 0.2)
+    _, st = policy_loss(new, b2.logprobs, adv, b2.mask, 0.2)
     assert float(st["ratio"]) == 1.0 and float(st["approxkl"]) == 0.0
     # the reward is the reward model's score of the decoded response, as every other consumer computes it
-    texts = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(b.response, b.response_mask)]
+    texts = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(b.response, b.mask)]
     expected = torch.tensor(models.reward.score(prompts, texts))
     expected = torch.where(b.ended, expected, torch.full_like(expected, cfg.ppo.missing_eos_penalty))
     torch.testing.assert_close(b.scores, expected, atol=1e-5, rtol=1e-5)
     # responses stop at EOS and pad (distinct from EOS) after it
     assert tok.pad_token_id not in tok.all_special_ids or tok.pad_token_id != tok.eos_token_id
-    for row, n in zip(b.response, b.response_mask.sum(-1)):
+    for row, n in zip(b.response, b.mask.sum(-1)):
         assert (row[int(n):] == tok.pad_token_id).all()
 
 
@@ -286,7 +267,7 @@ def test_critic_free_estimators_raise_the_reward_without_a_value_model(ppo_input
                                              f"ppo.advantage_estimator={estimator}", "ppo.samples_per_prompt=4",
                                              "ppo.sample_every=1"))
     models = load_models(cfg)
-    assert models.value is None and models.value_head is None  # no critic is even loaded
+    assert models.critic is None  # no critic is even loaded
     train(cfg)
     rows = [r for r in read_metrics(str(out)) if "objective/scores" in r]
     assert len(rows) == 24 and not {"ppo/val/var_explained", "ppo/val/clipfrac", "ppo/loss/value"} & set(rows[0])
@@ -294,7 +275,7 @@ def test_critic_free_estimators_raise_the_reward_without_a_value_model(ppo_input
     last = sum(r["objective/scores"] for r in rows[-4:]) / 4
     assert last > first + 0.5, (first, last)
     # each rollout batch holds 4 responses to each of its prompts, in consecutive rows (its first 4 rows are logged)
-    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    samples = read_jsonl(out / "samples.jsonl")
     by_step = {}
     for row in samples:
         by_step.setdefault(row["step"], []).append(row["query"])
@@ -352,10 +333,6 @@ def test_critic_free_config_is_checked():
                                   "ppo.samples_per_prompt=4", "ppo.ptx_coef=0"])
 
 
-def _weights(d):
-    return load_file(str(d / "model" / "model.safetensors"))
-
-
 @pytest.mark.parametrize("estimator,lora", [("gae", False), ("rloo", False), ("gae", True)])
 def test_resume_equals_uninterrupted(ppo_inputs, tmp_path, estimator, lora):
     """A run stopped after 2 updates and rerun ends where an uninterrupted one does (LoRA: the SmolLM2 recipe's
@@ -367,7 +344,7 @@ def test_resume_equals_uninterrupted(ppo_inputs, tmp_path, estimator, lora):
     train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "b", *extra, "train.stop_after=2")))
     assert not (tmp_path / "b" / "DONE.json").exists()
     train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "b", *extra)))
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    wa, wb = saved_weights(tmp_path / "a"), saved_weights(tmp_path / "b")
     first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
     assert any(not torch.allclose(wa[k], first[k], atol=1e-6) for k in first)  # the updates moved the policy
     for k in wa:
@@ -390,7 +367,7 @@ def test_ema_of_the_policy_is_the_saved_model_and_resumes_exactly(ppo_inputs, tm
     run("half_resumed", "ppo.ema_decay=0.5", "train.stop_after=2")
     run("half_resumed", "ppo.ema_decay=0.5")
     first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
-    last, ema0, ema1, half = (_weights(tmp_path / n) for n in ("last", "ema0", "ema1", "half"))
+    last, ema0, ema1, half = (saved_weights(tmp_path / n) for n in ("last", "ema0", "ema1", "half"))
     moved = [k for k in last if not torch.allclose(last[k], first[k], atol=1e-4)]
     assert moved  # the policy's weights changed
     for k in last:
@@ -398,14 +375,14 @@ def test_ema_of_the_policy_is_the_saved_model_and_resumes_exactly(ppo_inputs, tm
         torch.testing.assert_close(ema1[k], first[k], atol=1e-6, rtol=1e-6)
     for k in moved:  # an average of the weights it went through: neither end
         assert not torch.allclose(half[k], last[k], atol=1e-5) and not torch.allclose(half[k], first[k], atol=1e-5)
-    for k, v in _weights(tmp_path / "half_resumed").items():
+    for k, v in saved_weights(tmp_path / "half_resumed").items():
         torch.testing.assert_close(v, half[k], atol=1e-6, rtol=1e-5)
 
 
 def test_ema_of_a_lora_policy_averages_the_adapter_only(ppo_inputs, tmp_path):
     from instructgpt.config import LoraConfig
     from instructgpt.modeling import apply_lora, load_model
-    from instructgpt.ppo import EMA
+    from instructgpt.training import EMA
     lora = ("model.lora.enabled=true", "model.lora.target_modules=[c_attn]")
     model = apply_lora(load_model(ppo_inputs["policy"])[0], LoraConfig(enabled=True, target_modules=["c_attn"]))
     ema = EMA(model, 0.5)
@@ -426,8 +403,8 @@ def test_ema_of_a_lora_policy_averages_the_adapter_only(ppo_inputs, tmp_path):
     # in the loop: an EMA that forgets at once saves the last policy, as a run without one does
     for name, extra in (("plain", ()), ("ema0", ("ppo.ema_decay=1e-9",))):
         train(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / name, "train.max_steps=2", *lora, *extra)))
-    for k, v in _weights(tmp_path / "plain").items():
-        torch.testing.assert_close(_weights(tmp_path / "ema0")[k], v, atol=1e-6, rtol=1e-6)
+    for k, v in saved_weights(tmp_path / "plain").items():
+        torch.testing.assert_close(saved_weights(tmp_path / "ema0")[k], v, atol=1e-6, rtol=1e-6)
 
 
 def test_sigkill_mid_update_then_rerun_matches_uninterrupted(ppo_inputs, tmp_path):
@@ -437,21 +414,9 @@ def test_sigkill_mid_update_then_rerun_matches_uninterrupted(ppo_inputs, tmp_pat
     subprocess.run(cli + [a if a != "out_dir=X" else f"out_dir={ref}" for a in args], check=True, capture_output=True)
     out = tmp_path / "killed"
     killed_args = [a if a != "out_dir=X" else f"out_dir={out}" for a in args]
-    proc = subprocess.Popen(cli + killed_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if json.load(open(state))["step"] >= 4:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)  # during update 5 (or later): far from the end
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (out / "DONE.json").exists()
+    sigkill_after_checkpoint(cli + killed_args, out, step=4)  # during update 5 (or later): far from the end
     subprocess.run(cli + killed_args, check=True, capture_output=True)
-    wa, wb = _weights(ref), _weights(out)
+    wa, wb = saved_weights(ref), saved_weights(out)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 
@@ -463,7 +428,7 @@ def test_lora_policy_shares_the_frozen_base_as_reference_and_lora_value(ppo_inpu
     cfg = load_config(PPOConfig, None, args)
     models = load_models(cfg)
     assert models.ref is None and hasattr(models.policy, "disable_adapter")
-    trainable = [n for n, p in models.value.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in models.critic.module.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n or "score" in n for n in trainable)
     train(cfg)
     rows = [r for r in read_metrics(str(tmp_path / "lora")) if "objective/kl" in r]
@@ -473,8 +438,8 @@ def test_lora_policy_shares_the_frozen_base_as_reference_and_lora_value(ppo_inpu
 
 
 def test_keep_best_with_a_lora_policy_saves_mid_run_and_training_goes_on(ppo_inputs, tmp_path):
-    """keep_best saves the policy at every evaluation that improves; with LoRA that save merged the adapter in place,
-    so the next update found no adapter to switch off for the reference. Now it merges a copy."""
+    """keep_best saves the policy at every evaluation that improves; with LoRA the save merges a copy, so the policy
+    keeps its adapter to switch off for the reference in the updates that follow."""
     out = tmp_path / "best"
     train(load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=3", "train.eval_every=1",
                                              "model.lora.enabled=true", "model.lora.target_modules=[c_attn]",
@@ -508,18 +473,18 @@ def test_gradient_checkpointing_runs_the_updates_in_train_mode_without_dropout(p
         assert (mlp_forwards["train"] > 0) == (gc == "true")
     for key in ("objective/kl", "objective/scores", "ppo/loss/policy", "ppo/loss/value"):
         assert [r[key] for r in rows["true"]] == pytest.approx([r[key] for r in rows["false"]], abs=1e-5)
-    for k, w in _weights(tmp_path / "false").items():
-        torch.testing.assert_close(_weights(tmp_path / "true")[k], w, atol=1e-5, rtol=1e-4)
+    for k, w in saved_weights(tmp_path / "false").items():
+        torch.testing.assert_close(saved_weights(tmp_path / "true")[k], w, atol=1e-5, rtol=1e-4)
 
 
 def test_gold_labeler_as_the_reward_oracle(ppo_inputs, tmp_path):
     from instructgpt import gold, tasks
     from instructgpt.assistant import reference_answer
-    from instructgpt.ppo import GoldReward
+    from instructgpt.judges import GoldJudge, JudgeReward
     t = tasks.make_tasks("train", 1, seed=0)[0]
-    assert GoldReward().score([t.prompt, [{"role": "user", "content": t.prompt}]], [t.answer, ""]) == [1.0, -1.0]
+    assert JudgeReward(GoldJudge()).score([t.prompt, [{"role": "user", "content": t.prompt}]], [t.answer, ""]) == [1.0, -1.0]
     a = gold.make_tasks("train", 1, seed=0)[0]  # the default suite's prompt, its reference answer a perfect 7
-    assert GoldReward().score([a.prompt], [reference_answer(a.prompt)]) == [1.0]
+    assert JudgeReward(GoldJudge()).score([a.prompt], [reference_answer(a.prompt)]) == [1.0]
     with pytest.raises(ConfigError, match="ppo.value_model=policy"):
         load_config(PPOConfig, None, ["reward_model.name_or_path=builtin:gold"])
     out = tmp_path / "gold"

@@ -1,11 +1,10 @@
 import json
 import math
-import random
 
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import fruit_over_animal_rankings, read_jsonl, saved_weights, write_jsonl
 from instructgpt.config import ConfigError, load_config
 from instructgpt.losses import ranking_accuracy, ranking_loss, ranking_pairs
 from instructgpt.modeling import load_model
@@ -47,25 +46,9 @@ def test_head_init_std():
     assert float(head.weight.detach().std()) == pytest.approx(1 / math.sqrt(257), rel=0.15) and float(head.bias.detach().abs().sum()) == 0
 
 
-def _rankings(n, seed):
-    """Good responses mention fruit, bad ones animals: a surface feature a tiny RM can learn in seconds."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        k = rng.randint(3, 5)
-        good = [rng.choice(["apple", "pear", "plum"]) + " " + rng.choice(["one", "two"]) for _ in range(k // 2 + 1)]
-        bad = [rng.choice(["cat", "dog", "bird"]) + " " + rng.choice(["one", "two"]) for _ in range(k - len(good))]
-        resp = good + bad
-        ranks = [1] * len(good) + [2] * len(bad)  # ties within each group
-        order = list(range(k))
-        rng.shuffle(order)
-        rows.append({"prompt": f"what is {i}", "responses": [resp[o] for o in order], "ranks": [ranks[o] for o in order]})
-    return rows
-
-
 def test_rm_learns_heldout_order_and_demonstrations_have_mean_zero(tiny_model_dir, tmp_path):
-    tr = write_jsonl(tmp_path / "train.jsonl", _rankings(160, 0))
-    ev = write_jsonl(tmp_path / "eval.jsonl", _rankings(40, 1))
+    tr = write_jsonl(tmp_path / "train.jsonl", fruit_over_animal_rankings(160, 0))
+    ev = write_jsonl(tmp_path / "eval.jsonl", fruit_over_animal_rankings(40, 1))
     demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": f"what is {i}", "response": "pear one"} for i in range(20)]
                         + [{"prompt": f"what is {i}", "response": "dog two"} for i in range(20)])
     cfg = load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}", f"data.eval={ev}",
@@ -86,7 +69,7 @@ def test_rm_learns_heldout_order_and_demonstrations_have_mean_zero(tiny_model_di
 def test_gradient_accumulation_equals_the_whole_batch(tiny_model_dir, tmp_path):
     """train.grad_accum: each prompt's ranking loss is divided by the whole batch's prompt count, so 1, 2 or 4
     micro-batches (rankings of 3 to 5 answers) take the same steps; a batch that does not split is refused."""
-    rows = _rankings(32, 0)
+    rows = fruit_over_animal_rankings(32, 0)
     tr = write_jsonl(tmp_path / "train.jsonl", rows)
     base = [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}", "train.batch_size=8", "train.lr=3e-3",
             "data.eval_size=0", "normalize.demonstrations=null", "train.log_every=1"]
@@ -113,8 +96,7 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_model_dir, tmp_path):
 def test_an_interrupted_rm_run_resumes_to_the_same_model_and_normalisation(tiny_model_dir, tmp_path, lora):
     """Stopped after 3 of 6 steps and rerun, the RM (LoRA adapters and head, as the SmolLM2 recipe's) ends with the
     weights and the reward normalisation of an uninterrupted run."""
-    from safetensors.torch import load_file
-    tr = write_jsonl(tmp_path / "train.jsonl", _rankings(48, 0))
+    tr = write_jsonl(tmp_path / "train.jsonl", fruit_over_animal_rankings(48, 0))
     demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": f"what is {i}", "response": "pear one"} for i in range(8)])
     base = [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}", "train.batch_size=8", "train.lr=3e-3",
             "data.eval_size=0", f"normalize.demonstrations={demos}", "train.save_every=1",
@@ -123,7 +105,7 @@ def test_an_interrupted_rm_run_resumes_to_the_same_model_and_normalisation(tiny_
     train(load_config(RMConfig, None, base + [f"out_dir={tmp_path / 'resumed'}", "train.stop_after=3"]))
     assert not (tmp_path / "resumed" / "DONE.json").exists()
     train(load_config(RMConfig, None, base + [f"out_dir={tmp_path / 'resumed'}"]))
-    a, b = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("whole", "resumed"))
+    a, b = (saved_weights(tmp_path / n) for n in ("whole", "resumed"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
@@ -133,7 +115,7 @@ def test_an_interrupted_rm_run_resumes_to_the_same_model_and_normalisation(tiny_
 
 def test_best_of_n_keeps_the_highest_reward(tiny_model_dir, tmp_path):
     from instructgpt.generate_cli import main as generate_main
-    tr = write_jsonl(tmp_path / "train.jsonl", _rankings(16, 0))
+    tr = write_jsonl(tmp_path / "train.jsonl", fruit_over_animal_rankings(16, 0))
     cfg = load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}",
                                        f"out_dir={tmp_path / 'rm'}", "train.batch_size=8", "data.eval_size=0",
                                        "normalize.demonstrations=null"])
@@ -143,16 +125,16 @@ def test_best_of_n_keeps_the_highest_reward(tiny_model_dir, tmp_path):
     assert generate_main(common + ["--best-of", "4", "-n", "1", "--reward-model", str(tmp_path / "rm"),
                                    "--out", str(tmp_path / "best.jsonl")]) == 0
     rm = RewardModel.load(str(tmp_path / "rm"))
-    alls = [json.loads(l) for l in open(tmp_path / "all.jsonl")]
-    bests = [json.loads(l) for l in open(tmp_path / "best.jsonl")]
+    alls = read_jsonl(tmp_path / "all.jsonl")
+    bests = read_jsonl(tmp_path / "best.jsonl")
     for a, b in zip(alls, bests):
         scores = rm.score([a["messages"]] * 4, [c["text"] for c in a["completions"]])
         assert len(b["completions"]) == 1 and b["completions"][0]["reward"] == pytest.approx(max(scores), abs=1e-3)
 
 
 def test_rm_with_lora_trains_head_and_adapter_and_saves_merged(tiny_model_dir, tmp_path):
-    tr = write_jsonl(tmp_path / "train.jsonl", _rankings(64, 0))
-    ev = write_jsonl(tmp_path / "eval.jsonl", _rankings(32, 1))
+    tr = write_jsonl(tmp_path / "train.jsonl", fruit_over_animal_rankings(64, 0))
+    ev = write_jsonl(tmp_path / "eval.jsonl", fruit_over_animal_rankings(32, 1))
     cfg = load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}", f"data.eval={ev}",
                                        f"out_dir={tmp_path / 'rm'}", "train.batch_size=8", "epochs=3",
                                        "train.lr=1e-2", "model.lora.enabled=true", "model.lora.r=8",

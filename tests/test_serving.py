@@ -25,7 +25,7 @@ import openai
 import pytest
 import torch
 
-from conftest import live_server
+from conftest import live_server, read_jsonl
 from instructgpt.generation import SamplingParams, generate
 from instructgpt.modeling import load_model, save_model, sequence_logprobs
 from instructgpt.prompting import encode_response, render_prompt
@@ -54,8 +54,7 @@ def client(url: str, key: str = "no-key-needed") -> openai.OpenAI:
 
 
 def audit_rows(server) -> list[dict]:
-    with open(server.cfg.audit_log, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh]
+    return read_jsonl(server.cfg.audit_log)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,6 +107,23 @@ def keyed_server(tmp_path_factory, reward_dir):
     with live(server) as url:
         yield server, url
     server.close()
+
+
+@pytest.fixture()
+def engine_steps(monkeypatch) -> list[tuple[list[int], list[bool]]]:
+    """Every step the engine samples, recorded in order as (lengths, ended): each row's length so far and whether
+    it ended (EOS or a stop)."""
+    import instructgpt.serving.engine as engine_mod
+
+    steps, real = [], engine_mod.sample
+
+    def recording(*a, **kw):
+        out = real(*a, **kw)
+        steps.append((out.lengths.tolist(), out.ended.tolist()))
+        return out
+
+    monkeypatch.setattr(engine_mod, "sample", recording)
+    return steps
 
 
 def prompt_of(tok, instruction: str) -> str:
@@ -427,12 +443,18 @@ def test_logprobs(open_server, ref):
                - 1e-6 and e.bytes == list(e.token.encode()) for e in content)
 
 
-def test_best_of_keeps_the_samples_the_reward_model_scores_highest(keyed_server, ref, reward_dir):
-    server, url = keyed_server
+def best_of_request(url: str, ref, key: str = "no-key-needed"):
+    """n=2 of best_of=5 for one seeded prompt, and the 5 samples `generate` draws with that seed: (prompt, the
+    response, the samples)."""
     model, tok = ref
     prompt = prompt_of(tok, "add 2 plus 2")
-    r = client(url, KEY_A).completions.create(model=NAME, prompt=prompt, max_tokens=8, n=2, best_of=5, seed=13)
-    samples = generate(model, tok, [prompt], SamplingParams(max_new_tokens=8, n=5, seed=13))[0]
+    r = client(url, key).completions.create(model=NAME, prompt=prompt, max_tokens=8, n=2, best_of=5, seed=13)
+    return prompt, r, generate(model, tok, [prompt], SamplingParams(max_new_tokens=8, n=5, seed=13))[0]
+
+
+def test_best_of_keeps_the_samples_the_reward_model_scores_highest(keyed_server, ref, reward_dir):
+    server, url = keyed_server
+    prompt, r, samples = best_of_request(url, ref, KEY_A)
     # the RM's reward of each sample, computed here one at a time: head at the last token, then the normalisation
     rm, rm_tok = load_model(reward_dir, model_class="sequence_classification")
     norm = RewardNorm.load(reward_dir)
@@ -449,10 +471,7 @@ def test_best_of_keeps_the_samples_the_reward_model_scores_highest(keyed_server,
 
 def test_best_of_without_a_reward_model_ranks_by_mean_logprob(open_server, ref):
     server, url = open_server
-    model, tok = ref
-    prompt = prompt_of(tok, "add 2 plus 2")
-    r = client(url).completions.create(model=NAME, prompt=prompt, max_tokens=8, n=2, best_of=5, seed=13)
-    samples = generate(model, tok, [prompt], SamplingParams(max_new_tokens=8, n=5, seed=13))[0]
+    _, r, samples = best_of_request(url, ref)
     mean = [sum(s.logprobs) / len(s.logprobs) for s in samples]
     order = sorted(range(5), key=lambda i: -mean[i])[:2]
     assert order != [0, 1]
@@ -778,21 +797,11 @@ def test_types_are_strict_as_openai_s(open_server):
     assert r.status_code == 200
 
 
-def test_a_client_that_disconnects_frees_its_rows_at_the_next_step(open_server, monkeypatch):
+def test_a_client_that_disconnects_frees_its_rows_at_the_next_step(open_server, engine_steps):
     """A non-streaming request whose client goes away is cancelled: its rows end at the engine's next step instead
     of generating all of max_tokens, and the audit log records 499; the server goes on answering."""
-    import instructgpt.serving.engine as engine_mod
-
     server, url = open_server
-    ran = []
-    real = engine_mod.sample
-
-    def recording(*a, **kw):
-        out = real(*a, **kw)
-        ran.append((out.lengths.tolist(), out.ended.tolist()))
-        return out
-
-    monkeypatch.setattr(engine_mod, "sample", recording)
+    ran = engine_steps
     body = {"model": NAME, "prompt": "the king", "max_tokens": 480, "temperature": 0}
     full = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
     assert full["choices"][0]["finish_reason"] == "length"  # the whole 480 when nobody leaves
@@ -811,14 +820,10 @@ def test_a_client_that_disconnects_frees_its_rows_at_the_next_step(open_server, 
     assert httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
 
 
-def test_request_timeout_cancels_an_overdue_request_with_504(tmp_path, monkeypatch):
+def test_request_timeout_cancels_an_overdue_request_with_504(tmp_path, engine_steps):
     """--request-timeout: a request still unanswered after it is a 504 (code timeout), and its rows leave the batch
     at the next step; a request answered in time is unaffected; a timeout that is not positive is refused."""
-    import instructgpt.serving.engine as engine_mod
-
-    ran = []
-    real = engine_mod.sample
-    monkeypatch.setattr(engine_mod, "sample", lambda *a, **kw: _recorded(real, ran, *a, **kw))
+    ran = engine_steps
     cfg = ServeConfig(model=MODEL, device="cpu", audit_log=None, request_timeout_s=0.2)
     server = load_server(cfg)
     try:
@@ -830,15 +835,10 @@ def test_request_timeout_cancels_an_overdue_request_with_504(tmp_path, monkeypat
             deadline = time.monotonic() + 60
             while not ran and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert ran[0][0] < 480  # cut off (greedy from this prompt runs all 480 without EOS: the test above)
+            lengths, _ = ran[0]
+            assert lengths[0] < 480  # cut off (greedy from this prompt runs all 480 without EOS: the test above)
             assert httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
     finally:
         server.close()
     with pytest.raises(ServeConfigError, match="--request-timeout must be > 0"):
         ServeConfig(model=MODEL, request_timeout_s=0).validate(have_keys=False)
-
-
-def _recorded(real, ran, *a, **kw):
-    out = real(*a, **kw)
-    ran.append(out.lengths.tolist())
-    return out

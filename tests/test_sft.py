@@ -1,21 +1,23 @@
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import read_jsonl, saved_weights, sigkill_after_checkpoint
 from instructgpt.config import ConfigError, load_config
 from instructgpt.data import DataError, Demonstration, load_demonstrations
 from instructgpt.prompting import encode_conversation, encode_response, render_prompt, render_segments
 from instructgpt.runs import StageError
-from instructgpt.sft import (SFTConfig, batch_indices, build_examples, collate, cosine_lr_factor, eval_loss,
-                             grouped_batch_indices, pack, response_loss_sum, token_loss_sum, train)
+from instructgpt.batching import collate, pack
+from instructgpt.losses import token_loss_sum
+from instructgpt.sft import SFTConfig, build_examples, train
+from instructgpt.supervised import eval_loss, response_loss_sum
+from instructgpt.training import batch_indices, cosine_lr_factor, grouped_batch_indices
 
 
 def demo(prompt, response):
@@ -159,10 +161,6 @@ def _cfg(model_dir, demos, out, **kw):
     return load_config(SFTConfig, None, over)
 
 
-def _weights(out):
-    return load_file(os.path.join(out, "model", "model.safetensors"))
-
-
 def test_sft_lowers_heldout_loss(tiny_model_dir, demos_file, tmp_path):
     from instructgpt.modeling import load_model
     from instructgpt.sft import split_eval
@@ -175,7 +173,7 @@ def test_sft_lowers_heldout_loss(tiny_model_dir, demos_file, tmp_path):
     after_model, _ = load_model(str(tmp_path / "sft" / "model"))
     after = eval_loss(after_model, held, tok.pad_token_id, 8, "cpu")
     assert after < before - 1.0, (before, after)
-    rows = [json.loads(l) for l in open(tmp_path / "sft" / "metrics.jsonl")]
+    rows = read_jsonl(tmp_path / "sft" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 31)) and "eval/loss" in rows[-1]
     assert json.load(open(tmp_path / "sft" / "DONE.json"))["steps"] == 30
 
@@ -199,13 +197,13 @@ def test_packing_is_refused_for_a_model_that_would_let_examples_see_each_other(t
                                                                                tmp_path, monkeypatch):
     """Before packing, SFT probes the model: the second example of a packed row must get its own logits. A model
     whose attention ignores the packed positions (here: every position id dropped) is refused, not trained wrongly."""
-    from instructgpt import sft
     from instructgpt.modeling import load_model
+    from instructgpt.supervised import packing_isolates
     model, _ = load_model(tiny_model_dir)
-    assert sft.packing_isolates(model)
+    assert packing_isolates(model)
     forward = type(model).forward
     monkeypatch.setattr(type(model), "forward", lambda self, *a, position_ids=None, **k: forward(self, *a, **k))
-    assert not sft.packing_isolates(model)
+    assert not packing_isolates(model)
     with pytest.raises(ConfigError, match="data.packing: this model's attention does not keep packed examples apart"):
         train(_cfg(tiny_model_dir, demos_file, tmp_path / "sft", **{"data.packing": "true"}))
     assert not (tmp_path / "sft" / "checkpoint").exists()
@@ -222,7 +220,7 @@ def test_bf16_mixed_precision_trains_close_to_fp32_and_saves_fp32_weights(tiny_m
     for a, b in zip(losses["no"], losses["bf16"]):
         assert abs(a - b) < 0.005 * a, losses
     assert losses["bf16"][-1] < losses["bf16"][0]
-    assert all(w.dtype == torch.float32 for w in _weights(tmp_path / "bf16").values())
+    assert all(w.dtype == torch.float32 for w in saved_weights(tmp_path / "bf16").values())
 
 
 def test_gradient_accumulation_equals_the_whole_batch(tiny_model_dir, demos_file, tmp_path):
@@ -232,8 +230,8 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_model_dir, demos_file
     runs = {}
     for ga in (1, 2, 4):
         train(_cfg(tiny_model_dir, demos_file, tmp_path / f"ga{ga}", **{"train.max_steps": 4, "train.grad_accum": ga}))
-        runs[ga] = (_weights(tmp_path / f"ga{ga}"), [json.loads(l)["train/loss"]
-                                                     for l in open(tmp_path / f"ga{ga}" / "metrics.jsonl")])
+        runs[ga] = (saved_weights(tmp_path / f"ga{ga}"), [json.loads(l)["train/loss"]
+                                                          for l in open(tmp_path / f"ga{ga}" / "metrics.jsonl")])
     first = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert any(not torch.allclose(runs[1][0][k], first[k]) for k in first)
     for ga in (2, 4):
@@ -273,17 +271,17 @@ def test_pretraining_mix_keeps_the_model_on_its_pretraining_text(tiny_model_dir,
 def test_pretrain_batch_size_sets_the_blocks_in_each_steps_mix(tiny_model_dir, demos_file, tmp_path, monkeypatch):
     """train.pretrain_batch_size: each step forwards that many pretraining blocks beside train.batch_size
     demonstrations, split over the micro-batches as the demonstrations are; it must divide as they must."""
-    import instructgpt.sft as sft_mod
+    import instructgpt.supervised as loop
     ptx = tmp_path / "ptx.txt"
     ptx.write_text("\n".join(f"the {w} is {c}." for w in ("moon", "sea", "road", "bell") for c in ("gold", "grey")) * 40)
     rows = {"ptx": [], "demos": []}
-    real = sft_mod.collate
+    real = loop.collate
 
     def counting(examples, pad_token_id, left=False):
         rows["demos" if left else "ptx"].append(len(examples))  # demonstrations go left-padded, blocks right
         return real(examples, pad_token_id, left)
 
-    monkeypatch.setattr(sft_mod, "collate", counting)
+    monkeypatch.setattr(loop, "collate", counting)
     over = {"train.max_steps": 3, "train.pretrain_coef": 1.0, "data.pretrain": str(ptx), "data.max_length": 32,
             "train.grad_accum": 2, "data.eval_size": 0}
     train(_cfg(tiny_model_dir, demos_file, tmp_path / "a", **over, **{"train.pretrain_batch_size": 4}))
@@ -311,8 +309,8 @@ def test_gradient_checkpointing_recomputes_each_layer_and_changes_nothing(tiny_m
     for gc in ("false", "true"):
         train(_cfg(tiny_model_dir, demos_file, tmp_path / gc, **{"train.max_steps": 4,
                                                                  "model.gradient_checkpointing": gc}))
-    for k, w in _weights(tmp_path / "false").items():
-        torch.testing.assert_close(_weights(tmp_path / "true")[k], w, atol=1e-5, rtol=1e-4)
+    for k, w in saved_weights(tmp_path / "false").items():
+        torch.testing.assert_close(saved_weights(tmp_path / "true")[k], w, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -324,7 +322,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, demos_file, tmp_path, lora)
     train(_cfg(tiny_model_dir, demos_file, b, **kw, **{"train.stop_after": 5}))
     assert not (b / "DONE.json").exists() and (b / "checkpoint" / "trainer_state.json").exists()
     train(_cfg(tiny_model_dir, demos_file, b, **kw))
-    wa, wb = _weights(tmp_path / "a"), _weights(b)
+    wa, wb = saved_weights(tmp_path / "a"), saved_weights(b)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
     rows = [json.loads(l)["step"] for l in open(b / "metrics.jsonl")]
@@ -428,21 +426,9 @@ def test_sigkill_midway_then_rerun_matches_uninterrupted(tiny_model_dir, demos_f
     ref = tmp_path / "ref"
     subprocess.run(cli + args + [f"out_dir={ref}"], check=True, capture_output=True)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli + args + [f"out_dir={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if json.load(open(state))["step"] >= 8:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (out / "DONE.json").exists()
+    sigkill_after_checkpoint(cli + args + [f"out_dir={out}"], out, step=8)
     subprocess.run(cli + args + [f"out_dir={out}"], check=True, capture_output=True)
-    wa, wb = _weights(ref), _weights(out)
+    wa, wb = saved_weights(ref), saved_weights(out)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 

@@ -1,4 +1,5 @@
-"""``instructgpt <command>``: each training stage is ``instructgpt <stage> [--config FILE.yaml] [key.sub=value ...]``.
+"""``instructgpt <command> [--config FILE.yaml] [key.sub=value ...]``: every command reads a typed config (its
+defaults, then the YAML file, then the dotted overrides; the other commands' flags set the same keys).
 
 Commands are imported lazily so ``instructgpt --help`` is instant.
 """
@@ -38,11 +39,11 @@ training stages (instructgpt <stage> [--config FILE.yaml] [key.sub=value ...]):
   ppo         PPO-ptx against the reward model
   dpo         direct preference optimisation on the rankings (a baseline beside RM + PPO; not InstructGPT)
 
-other commands (instructgpt <command> --help):
+other commands (instructgpt <command> [--config FILE.yaml] [flags] [key=value ...]; see --help):
   generate    sample from a model (batched; best-of-n with a reward model)
   label-sim   simulated labelers: rank K samples per prompt with the gold labeler plus noise
   eval        compare policies on held-out prompts
-  pipeline    the whole loop on the built-in task (the default job)
+  pipeline    the whole loop: a recipe of every stage (default: the built-in task)
   serve       an OpenAI-compatible HTTP API
   label       the labeling web app
 """
@@ -53,7 +54,7 @@ def _available(module: str) -> bool:
 
 
 def run_stage(stage: str, argv: list[str]) -> int:
-    from instructgpt.config import ConfigError, load_config
+    from instructgpt.config import ConfigError, command_error, load_config
     from instructgpt.data import DataError
     from instructgpt.runs import StageError
 
@@ -67,8 +68,7 @@ def run_stage(stage: str, argv: list[str]) -> int:
         cfg = load_config(getattr(mod, cls_name), args.config, args.overrides)
         out = mod.train(cfg)
     except (ConfigError, DataError, StageError) as e:
-        print(f"instructgpt {stage}: error: {e}", file=sys.stderr)
-        return 2
+        return command_error(stage, e)
     print(out)
     return 0
 

@@ -2,11 +2,17 @@
 
 ``load_config(StageConfig, path, overrides)`` checks every key and type: an unknown key or a bad value is a
 :class:`ConfigError` naming the key. Each stage's ``validate()`` holds its cross-field rules.
+
+The other commands (eval, generate, label-sim, serve, label) keep their settings in dataclasses of their own, read the
+same way: :func:`add_config_arguments` gives a parser ``--config FILE.yaml`` and dotted overrides, :func:`add_alias`
+a flag that sets one key (the dataclass holds its default), and :func:`config_from_args` builds the config.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -177,6 +183,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        (_, value_tp) = typing.get_args(tp) or (str, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -318,3 +329,95 @@ def config_differences(old: dict, new: dict, ignore: set[str] = RUNTIME_KEYS) ->
     """Keys whose values differ between two resolved configs (runtime-only keys ignored)."""
     a, b = flatten(old), flatten(new)
     return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command lines: --config FILE.yaml, dotted overrides, and flags that set one key each
+
+ALIAS = "config:"  # the argparse dest prefix of a flag that sets a config key
+
+
+def add_config_arguments(p: argparse.ArgumentParser, example: str = "max_new_tokens=64") -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config file (the defaults otherwise)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
+
+
+def field_type(cls: type, dotted: str) -> Any:
+    """The type of `cls`'s field at `dotted` (``limits.max_tokens``), through nested dataclasses."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        tp = _strip_optional(tp)
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def field_default(cls: type, dotted: str) -> Any:
+    value: Any = cls()
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+class _Pairs(argparse.Action):
+    """NAME=VALUE, repeatable, into a mapping (a dict-valued key: ``--policy sft=DIR`` is ``policy.sft=DIR``)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        name, sep, v = value.partition("=")
+        if not sep or not name or not v:
+            parser.error(f"{option_string} expects NAME=VALUE, got {value!r}")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), name: v})
+
+
+def add_alias(p: Any, cls: type, *flags: str, key: str, help: Optional[str] = None, **kw: Any) -> None:
+    """A flag of parser (or group) `p` that sets `key` of config class `cls`. It has no default of its own (the
+    dataclass's is the one); unless `kw` says otherwise, the field's type picks the rest: a bool is an on-switch, a
+    Literal gives the choices, a list repeats the flag, a mapping takes NAME=VALUE."""
+    if "action" not in kw and "type" not in kw:
+        tp = _strip_optional(field_type(cls, key))
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kw["action"] = "store_true"
+        elif origin is Literal:
+            kw["choices"] = typing.get_args(tp)
+        elif tp in (int, float):
+            kw["type"] = tp
+        elif origin in (list, tuple):
+            kw["action"] = "append"
+        elif origin is dict:
+            kw["action"] = _Pairs
+    switch = kw.get("action") in ("store_true", "store_false", "store_const")
+    if not switch and "choices" not in kw:
+        kw.setdefault("metavar", key.rsplit(".", 1)[-1].upper())
+    default = field_default(cls, key)
+    if not (switch or default is None or default == [] or default == {}):
+        shown = f"default: {str(default).replace('%', '%%')}"
+        help = f"{help} ({shown})" if help else shown
+    p.add_argument(*flags, dest=ALIAS + key, default=argparse.SUPPRESS, help=help, **kw)
+
+
+def parse_command_line(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Flags and dotted overrides in any order."""
+    return p.parse_intermixed_args(argv)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The config a command line asks for: defaults <- --config FILE <- the flags given <- dotted overrides."""
+    flags: dict = {}
+    for dest, value in vars(args).items():
+        if dest.startswith(ALIAS):
+            _set_dotted(flags, dest[len(ALIAS):], value)
+    return load_config(cls, args.config, args.overrides, extra=flags)
+
+
+def command_error(command: str, error: Any) -> int:
+    """Print ``instructgpt <command>: error: ...`` and return the exit status of a refused command line."""
+    print(f"instructgpt {command}: error: {error}", file=sys.stderr)
+    return 2

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+import datasets
+import pyarrow.parquet as pq
+
+from instructgpt import builtin
+
 ROLES = ("system", "user", "assistant")
 MAX_RANKED = 9  # the paper: labelers ranked K = 4..9 outputs; we accept 2..9
 
@@ -102,8 +107,6 @@ def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, 
     """Yield (file, 1-based line or row number, raw object) from any supported source. `streaming`: read a Hugging
     Face dataset as it downloads (for a reader that stops early) instead of downloading it whole first."""
     if source.startswith("builtin:"):
-        from instructgpt import builtin
-
         for i, row in enumerate(builtin.rows(source), start=1):
             yield source, i, row
         return
@@ -150,8 +153,6 @@ def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, 
                 yield source, i, row
             return
         if ext == ".parquet":
-            import pyarrow.parquet as pq
-
             for i, row in enumerate(pq.read_table(source).to_pylist(), start=1):
                 yield source, i, row
             return
@@ -163,12 +164,10 @@ def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, 
     if source.lower().endswith(_FILE_TYPES) or not _HUB_ID.match(source):
         raise DataError(source, None, None, "no such file")
     # A Hugging Face dataset: [owner/]name[@config][:split], e.g. openai/summarize_from_feedback@comparisons:validation
-    from datasets import load_dataset
-
     name, _, split = source.partition(":")
     name, _, subset = name.partition("@")
     try:
-        ds = load_dataset(name, subset or None, split=split or "train", streaming=streaming)
+        ds = datasets.load_dataset(name, subset or None, split=split or "train", streaming=streaming)
     except Exception as e:  # offline, no such dataset, config or split: datasets raises many kinds
         raise DataError(source, None, None, f"not a local file, and the Hugging Face hub could not load it: "
                                             f"{type(e).__name__}: {e}") from e
@@ -521,16 +520,6 @@ def _parse_ranking(file: str, line: int, row: dict) -> Ranking:
 
 def load_comparisons(source: str, skip_bad: bool = False) -> Loaded:
     return _load(source, parse_comparison, skip_bad)
-
-
-def write_jsonl(path: str, rows: Sequence[dict]) -> None:
-    """Write rows atomically (a crash never leaves half a file behind)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def ranking_to_json(r: Ranking) -> dict:

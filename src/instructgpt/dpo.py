@@ -16,13 +16,14 @@ from typing import Sequence
 
 import torch
 
+from instructgpt.batching import right_pad
 from instructgpt.config import ConfigError, TrainConfig
 from instructgpt.losses import ranking_accuracy, ranking_loss
-from instructgpt.modeling import sequence_logprobs
-from instructgpt.reward import right_pad
-from instructgpt.rm import Encoded, RankingStageConfig, fit_rankings, load_ranking_items
+from instructgpt.modeling import (apply_lora, check_context, disable_dropout, load_model, save_model, sequence_logprobs,
+                                  set_seed)
+from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items
 from instructgpt.runs import StageRun
-from instructgpt.sft import make_accelerator
+from instructgpt.training import make_accelerator
 
 
 def _dpo_train() -> TrainConfig:
@@ -47,7 +48,7 @@ class Item(Encoded):
     ref: torch.Tensor | None = None  # (K,) filled before training
 
 
-def response_logprobs(model, items: Sequence[Item], pad_token_id: int, device) -> list[torch.Tensor]:
+def summed_response_logprobs(model, items: Sequence[Item], pad_token_id: int, device) -> list[torch.Tensor]:
     """log p(response | prompt), summed over the response's tokens (its end-of-turn included), for every response of
     every item in one forward. -> [(K_i,)]."""
     rows = [s for it in items for s in it.seqs]
@@ -62,18 +63,12 @@ def response_logprobs(model, items: Sequence[Item], pad_token_id: int, device) -
 
 def implicit_rewards(model, items: Sequence[Item], pad_token_id: int, device, beta: float) -> list[torch.Tensor]:
     """beta * (log pi - log pi_ref) of every response of every item, in one forward. -> [(K_i,)]."""
-    logps = response_logprobs(model, items, pad_token_id, device)
+    logps = summed_response_logprobs(model, items, pad_token_id, device)
     return [beta * (lp.float() - it.ref) for lp, it in zip(logps, items)]
 
 
-def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: list[int], beta: float) -> torch.Tensor:
-    """-(1/C) sum over non-tied pairs (w, l) of log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]): the RM's
-    ranking loss over the implicit rewards beta * (log pi - log pi_ref). (K,), (K,) -> ()."""
-    return ranking_loss(beta * (policy_logps - ref_logps), ranks)
-
-
 @torch.no_grad()
-def evaluate(model, items: Sequence[Item], pad_token_id: int, device, beta: float, batch_size: int = 16) -> dict:
+def heldout_metrics(model, items: Sequence[Item], pad_token_id: int, device, beta: float, batch_size: int = 16) -> dict:
     """Held-out rankings: how often the implicit rewards order a pair as the labelers did, the loss, and the mean
     implicit reward of the best- and worst-ranked responses."""
     right = total = 0
@@ -83,7 +78,7 @@ def evaluate(model, items: Sequence[Item], pad_token_id: int, device, beta: floa
         for it, rewards in zip(chunk, implicit_rewards(model, chunk, pad_token_id, device, beta)):
             a, n = ranking_accuracy(rewards.tolist(), it.ranks)
             right, total = right + a, total + n
-            loss_sum += float(ranking_loss(rewards, it.ranks))  # dpo_loss, on the rewards already at hand
+            loss_sum += float(ranking_loss(rewards, it.ranks))  # losses.dpo_loss, on the rewards already at hand
             ranks = torch.tensor(it.ranks)
             best.append(float(rewards[ranks == ranks.min()].mean()))
             worst.append(float(rewards[ranks == ranks.max()].mean()))
@@ -93,8 +88,6 @@ def evaluate(model, items: Sequence[Item], pad_token_id: int, device, beta: floa
 
 
 def train(cfg: DPOConfig) -> str:
-    from instructgpt.modeling import apply_lora, check_context, disable_dropout, load_model, save_model, set_seed
-
     acc = make_accelerator(cfg)
     run = StageRun(cfg, "dpo", acc)
     if run.prepare() == "done":
@@ -114,7 +107,7 @@ def train(cfg: DPOConfig) -> str:
     with torch.no_grad(), acc.autocast():
         for s in range(0, len(everything), 16):
             chunk = everything[s:s + 16]
-            for it, lp in zip(chunk, response_logprobs(model, chunk, pad, acc.device)):
+            for it, lp in zip(chunk, summed_response_logprobs(model, chunk, pad, acc.device)):
                 it.ref = lp.float()
     # 2. the policy: the same weights, trained (through LoRA where configured)
     if cfg.model.lora.enabled:
@@ -131,7 +124,7 @@ def train(cfg: DPOConfig) -> str:
 
     def held_out(m) -> dict:
         with acc.autocast():  # as the reference's log-probs were computed
-            return evaluate(m, eval_items, pad, acc.device, cfg.beta)
+            return heldout_metrics(m, eval_items, pad, acc.device, cfg.beta)
 
     model, last_eval = fit_rankings(cfg, run, acc, model, items, eval_items, steps, "dpo", rewards, held_out)
     if last_eval is None:  # stopped early (train.stop_after): rerun to resume

@@ -23,6 +23,7 @@ answers, so it asks whether the RM can choose among them.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -30,13 +31,84 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Literal, Optional
 
 import numpy as np
+import sacrebleu
+import torch
+from rich.console import Console
+from rich.table import Table
+from rouge_score import rouge_scorer
+
+from instructgpt import gold as gold_labeler
+from instructgpt.assistant import NEGATIVE_FLAGS
+from instructgpt.batching import left_pad, right_pad, text_blocks
+from instructgpt.best_of import best_of_n
+from instructgpt.config import (ConfigError, add_alias, add_config_arguments, command_error, config_from_args,
+                                parse_command_line)
+from instructgpt.data import DataError, iter_pretrain_text, iter_rows, parse_prompt
+from instructgpt.generation import SamplingParams, autocast, generate
+from instructgpt.modeling import (load_model, logprobs_from_logits, pick_device, position_ids_from_mask, resolve_path,
+                                  sequence_logprobs)
+from instructgpt.prompting import encode_prompt, render_prompt
+from instructgpt.report import write_report
+from instructgpt.reward import RewardModel
+from instructgpt.tasks import RIGHT_CONTENT
 
 # held-out pretraining text: plays held out of every training stage (builtin.HELDOUT_PLAYS) and short documents about
 # the assistant suite's held-out shops and topics
 DEFAULT_PTX = "builtin:pretrain?split=heldout&assistant=3000"
+
+
+@dataclass
+class EvalConfig:
+    """``instructgpt eval``'s settings; also a recipe's `eval` section, where the pipeline sets policy, sft, seed,
+    stage and out itself."""
+
+    # name -> model directory, hub id, .gguf file or builtin:base (on the command line: --policy NAME=DIR)
+    policy: dict[str, str] = field(default_factory=dict)
+    sft: str = "sft"  # the policy win rates and KL are measured against
+    reward_model: Optional[str] = None  # RM score and accuracy; the judge where there is no gold labeler
+    heldout: int = 500  # held-out prompts
+    suite: Optional[str] = None  # the built-in suite of the held-out prompts (None: the default suite)
+    # a prompt source instead of the built-in suite: no gold labeler unless its prompts are a suite's (the RM judges)
+    prompts: Optional[str] = None
+    seed: int = 0
+    best_of: int = 0  # also evaluate best-of-N: N samples of the SFT model, the one the RM scores highest kept
+    best_of_temperature: float = 1.0  # the best-of-N candidates' sampling temperature
+    bon_curve: int = 0  # N (a power of 2): the best-of-n curve for n = 1, 2, 4, ..., N from N samples of the SFT model
+    bon_prompts: int = 160  # prompts the best-of-n curve is measured on
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # the policies' decoding (0: greedy)
+    batch_size: int = 64
+    kl_prompts: Optional[int] = 256  # prompts for the KL estimate (0 or null: all)
+    ptx_text: Optional[str] = DEFAULT_PTX  # held-out pretraining text for perplexity (null or "none": skip)
+    ptx_max_tokens: Optional[int] = None  # read only its first N tokens (a hub dataset is then streamed)
+    ptx_blocks: int = 32  # perplexity over this many blocks, spread evenly through the text
+    ptx_block_size: int = 256  # tokens per block
+    n_resamples: int = 2000  # bootstrap resamples of the 95% intervals
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16: sample under bf16 autocast
+    device: str = "auto"  # auto: cuda when available
+    # name -> a training stage's out_dir, for the training curves (found next to the policies otherwise)
+    stage: dict[str, str] = field(default_factory=dict)
+    out: Optional[str] = None  # the output directory; None: runs/eval-<timestamp>
+
+    def validate(self) -> None:
+        if (self.best_of or self.bon_curve) and not self.reward_model:
+            raise ConfigError("best-of-n needs a reward model")
+        if self.bon_curve and (self.bon_curve & (self.bon_curve - 1) or self.bon_prompts < 1):
+            raise ConfigError(f"bon_curve: a power of 2 with bon_prompts >= 1, got {self.bon_curve} and "
+                              f"{self.bon_prompts}")
+        for name in ("temperature", "best_of_temperature"):
+            if not getattr(self, name) >= 0:  # NaN too
+                raise ConfigError(f"{name}: must be >= 0 (0: greedy), got {getattr(self, name)}")
+        if self.ptx_max_tokens is not None and self.ptx_max_tokens < self.ptx_block_size:
+            raise ConfigError(f"ptx_max_tokens: must be at least one block of {self.ptx_block_size} tokens, got "
+                              f"{self.ptx_max_tokens}")
+        for name in ("heldout", "batch_size", "max_new_tokens", "ptx_blocks", "ptx_block_size", "n_resamples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -167,8 +239,6 @@ def best_of_n_curve(rm: Sequence[Sequence[float]], gold: Sequence[Sequence[float
 def flag_rates(judgements: Sequence) -> dict[str, float]:
     """Share of answers carrying each of the rubric's flags (`satisfies_constraint`: of the answers to prompts with
     constraints), and `all_properties`: no fault flagged and every constraint followed."""
-    from instructgpt.assistant import NEGATIVE_FLAGS
-
     out = {f: float(np.mean([f in j.flags for j in judgements])) for f in NEGATIVE_FLAGS}
     constrained = [j for j in judgements if j.has_constraints]
     if constrained:
@@ -192,15 +262,11 @@ def rm_accuracy_by_flag(rm_scores: Sequence[Sequence[float]], judgements: Sequen
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (sacrebleu defaults: 13a tokenisation, 4-grams), 0..100."""
-    import sacrebleu
-
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 
 def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F-measure (rouge-score, no stemming), 0..1."""
-    from rouge_score import rouge_scorer
-
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     scores = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references)]
     return float(np.mean(scores)) if scores else math.nan
@@ -218,13 +284,6 @@ def response_logprobs(model, prompt_ids: Sequence[Sequence[int]], response_ids: 
     Left padding puts every response at the end of its row, so the LM head is applied to the last positions only
     (`logits_to_keep`, where the model supports it): the prompt positions would cost most of the pass for nothing.
     """
-    import inspect
-
-    import torch
-
-    from instructgpt.generation import left_pad
-    from instructgpt.modeling import logprobs_from_logits, position_ids_from_mask
-
     device = next(model.parameters()).device
     can_slice = "logits_to_keep" in inspect.signature(model.forward).parameters
     out: list[list[float]] = []
@@ -254,8 +313,6 @@ def perplexity_blocks(tokenizer, texts: Iterable[str], block_size: int, n_blocks
                       max_tokens: int | None = None) -> list[list[int]]:
     """`n_blocks` blocks of `block_size` tokens, evenly spaced through the documents (joined by EOS), or through their
     first `max_tokens` tokens."""
-    from instructgpt.sft import text_blocks
-
     blocks = text_blocks(tokenizer, texts, block_size, max_tokens)
     if not blocks:
         raise ValueError(f"the perplexity text is shorter than one block of {block_size} tokens")
@@ -266,10 +323,6 @@ def perplexity_blocks(tokenizer, texts: Iterable[str], block_size: int, n_blocks
 def perplexity(model, blocks: Sequence[Sequence[int]], batch_size: int = 16) -> float:
     """Token-weighted perplexity exp(sum of NLL / number of predicted tokens) over the blocks (first token of each
     block is context only)."""
-    import torch
-
-    from instructgpt.modeling import sequence_logprobs
-
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     was_training = model.training
@@ -278,13 +331,7 @@ def perplexity(model, blocks: Sequence[Sequence[int]], batch_size: int = 16) -> 
         with torch.no_grad():
             for s in range(0, len(blocks), batch_size):
                 chunk = blocks[s:s + batch_size]
-                width = max(len(b) for b in chunk)
-                ids = torch.zeros(len(chunk), width, dtype=torch.long)
-                mask = torch.zeros(len(chunk), width, dtype=torch.long)
-                for i, b in enumerate(chunk):  # right-padded; the mask keeps padding out of the sum
-                    ids[i, :len(b)] = torch.tensor(list(b))
-                    mask[i, :len(b)] = 1
-                ids, mask = ids.to(device), mask.to(device)
+                ids, mask = right_pad(chunk, 0, device)  # the mask keeps the padding out of the sum
                 lp = sequence_logprobs(model, ids, mask)  # (B, T-1)
                 keep = mask[:, 1:].bool()
                 nll -= float(lp[keep].double().sum())
@@ -313,10 +360,8 @@ class EvalPrompt:
 def heldout_prompts(n: int, seed: int = 0, suite: str | None = None) -> list[EvalPrompt]:
     """`n` held-out prompts of a built-in suite (the default one unless named); the reference is the suite's
     reference answer."""
-    from instructgpt import gold
-
     return [EvalPrompt([{"role": "user", "content": t.prompt}], t.prompt, t, t.answer)
-            for t in gold.make_tasks("heldout", n, seed=seed, suite=suite or gold.DEFAULT_SUITE)]
+            for t in gold_labeler.make_tasks("heldout", n, seed=seed, suite=suite or gold_labeler.DEFAULT_SUITE)]
 
 
 _REFERENCE_KEYS = ("reference", "response", "answer", "output")
@@ -325,9 +370,6 @@ _REFERENCE_KEYS = ("reference", "response", "answer", "output")
 def load_eval_prompts(source: str, n: int | None = None) -> list[EvalPrompt]:
     """Prompts from any prompt source (the first `n`); a reference answer is taken from a row's "reference",
     "response", "answer" or "output" field; the gold labeler applies to prompts of the built-in task."""
-    from instructgpt import gold
-    from instructgpt.data import DataError, iter_rows, parse_prompt
-
     out = []
     for file, line, row in iter_rows(source):
         if n is not None and len(out) >= n:
@@ -335,7 +377,7 @@ def load_eval_prompts(source: str, n: int | None = None) -> list[EvalPrompt]:
         if not isinstance(row, dict):
             raise DataError(file, line, None, "expected a JSON object")
         rec = parse_prompt(file, line, row)
-        task = gold.parse_task(rec.text)
+        task = gold_labeler.parse_task(rec.text)
         ref = next((row[k] for k in _REFERENCE_KEYS if isinstance(row.get(k), str)), None)
         out.append(EvalPrompt(rec.messages, rec.text, task, ref if ref is not None else getattr(task, "answer", None)))
     if not out:
@@ -412,10 +454,10 @@ def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]]
             if gold is not None:
                 # A won prompt is either a right answer gained or a wrong answer closer than another (partial
                 # credit): the split shows which of the two a win rate is made of
-                from instructgpt.tasks import RIGHT_CONTENT
-
                 right = RIGHT_CONTENT if judged is None else ([j.all_properties for j in judged[name]],
                                                               [j.all_properties for j in judged[sft]])
+                if judged is None:
+                    report["right_answer_gold"] = RIGHT_CONTENT  # the gold score a right answer has
                 gained, lost, wrong = right_answer_changes(gold[name], gold[sft], right)
                 report[f"right_gained.{vs}"], report[f"right_lost.{vs}"] = gained, lost
                 report[f"win_rate_no_ties_both_wrong.{vs}"] = _finite(win_rate_no_ties(wrong))
@@ -461,8 +503,6 @@ def summarize(prompts: Sequence[EvalPrompt], responses: dict[str, Sequence[str]]
 def generate_sorted(model, tokenizer, texts: Sequence[str], params, batch_size: int) -> list:
     """`generation.generate` on prompts sorted by length (batches of similar prompts pad less and, on the task,
     stop together), results in the original order; one list of `params.n` completions per prompt."""
-    from instructgpt.generation import generate
-
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     outs = generate(model, tokenizer, [texts[i] for i in order], params, batch_size=batch_size)
     result: list = [None] * len(texts)
@@ -484,8 +524,6 @@ def rm_scores(scorer, prompts: Sequence[EvalPrompt], responses: dict[str, Sequen
 
 def _canonical(path: str) -> str:
     """A model path in one spelling (builtin names resolved, local directories made absolute), to spot the SFT model."""
-    from instructgpt.modeling import resolve_path
-
     path = resolve_path(path)
     return os.path.realpath(path) if os.path.exists(path) else path
 
@@ -514,18 +552,15 @@ def _write_samples(path: str, prompts: Sequence[EvalPrompt], responses: Sequence
     os.replace(path + ".tmp", path)
 
 
-def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | None = None, heldout: int = 500,
-             seed: int = 0, best_of: int = 0, best_of_temperature: float = 1.0,
-             ptx_text: str | None = DEFAULT_PTX, out_dir: str,
-             prompts: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
-             batch_size: int = 64, kl_prompts: int | None = 256, ptx_blocks: int = 32, ptx_block_size: int = 256,
-             ptx_max_tokens: int | None = None, n_resamples: int = 2000, mixed_precision: str = "no",
-             device: str = "auto", suite: str | None = None, bon_curve: int = 0, bon_prompts: int = 160) -> dict:
-    """Evaluate every policy (name -> model directory, hub id or builtin:base) against the SFT one (`policies[sft]`).
+def evaluate(policies: dict[str, str], config: EvalConfig | None = None, *, out_dir: str | None = None,
+             **overrides) -> dict:
+    """Evaluate every policy (name -> model directory, hub id or builtin:base) against the SFT one (`policies[sft]`),
+    with the settings of `config` (an :class:`EvalConfig`; its defaults otherwise) and keyword `overrides` of its
+    fields; in `out_dir` (else `config.out`).
 
     Prompts: `heldout` held-out prompts of the built-in task, or the first `heldout` of the prompt source `prompts`.
     Writes `samples_<policy>.jsonl` in `out_dir`; returns the flat report (see the module docstring and
-    :func:`summarize`) with `kl.<policy>` (on the first `kl_prompts` prompts, every family among them; None: all) and
+    :func:`summarize`) with `kl.<policy>` (on the first `kl_prompts` prompts, every family among them; 0 or None: all) and
     `ptx_perplexity.<policy>` (`ptx_blocks` blocks of `ptx_block_size` tokens spread evenly through `ptx_text`, or
     through its first `ptx_max_tokens` tokens, a Hugging Face dataset then streamed; None skips it).
     Greedy answers by default (`temperature` 0); the policies are loaded one at a time beside the SFT model.
@@ -536,23 +571,23 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     `mixed_precision` "bf16" samples (answers, KL samples, best-of-n candidates) under bf16 autocast; the KL,
     perplexity and reward-model passes stay in the models' own precision.
     """
-    from instructgpt import gold as gold_labeler
-    from instructgpt.generation import SamplingParams, autocast
-    from instructgpt.modeling import load_model, pick_device
-    from instructgpt.prompting import encode_prompt, render_prompt
-
+    cfg = replace(config or EvalConfig(), **overrides)
+    cfg.validate()
+    out_dir = out_dir or cfg.out
+    if not out_dir:
+        raise ConfigError("out: the directory the samples and the report go to")
+    sft, reward_model, heldout, prompts, suite, seed = (cfg.sft, cfg.reward_model, cfg.heldout, cfg.prompts,
+                                                        cfg.suite, cfg.seed)
+    best_of, best_of_temperature, bon_curve, bon_prompts = (cfg.best_of, cfg.best_of_temperature, cfg.bon_curve,
+                                                            cfg.bon_prompts)
+    max_new_tokens, temperature, batch_size, mixed_precision = (cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                                                                cfg.mixed_precision)
+    ptx_text = None if (cfg.ptx_text or "none").lower() == "none" else cfg.ptx_text
+    ptx_blocks, ptx_block_size, ptx_max_tokens = cfg.ptx_blocks, cfg.ptx_block_size, cfg.ptx_max_tokens
+    kl_prompts, n_resamples = cfg.kl_prompts or None, cfg.n_resamples  # kl_prompts 0: all
     if sft not in policies:
         raise ValueError(f"the SFT policy '{sft}' is not among the policies {list(policies)}")
-    if (best_of or bon_curve) and not reward_model:
-        raise ValueError("best-of-n needs a reward model")
-    if bon_curve and (bon_curve & (bon_curve - 1) or bon_prompts < 1):
-        raise ValueError(f"bon_curve: a power of 2 with bon_prompts >= 1, got {bon_curve} and {bon_prompts}")
-    for name, t in (("temperature", temperature), ("best_of_temperature", best_of_temperature)):
-        if not t >= 0:  # NaN too
-            raise ValueError(f"{name}: must be >= 0 (0: greedy), got {t}")
-    if ptx_max_tokens is not None and ptx_max_tokens < ptx_block_size:
-        raise ValueError(f"ptx_max_tokens: must be at least one block of {ptx_block_size} tokens, got {ptx_max_tokens}")
-    device = pick_device(device)  # before anything is written: a bad name is refused here
+    device = pick_device(cfg.device)  # before anything is written: a bad name is refused here
     t_start = time.time()
     os.makedirs(out_dir, exist_ok=True)
     # 1. prompts, never seen in training, and the models every policy is compared with
@@ -566,8 +601,6 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     sft_model.to(device)
     scorer = None
     if reward_model:
-        from instructgpt.reward import RewardModel
-
         scorer = RewardModel.load(reward_model)
         scorer.model.to(device)
     ptx_cache: dict[tuple, list[list[int]]] = {}
@@ -613,8 +646,6 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
     # 3. best-of-n: n samples of the SFT model (temperature 1 by default), the one the RM prefers kept
     if best_of:
         t0 = time.time()
-        from instructgpt.generate_cli import best_of_n
-
         name = f"best_of_{best_of}"
         texts = [render_prompt(sft_tok, p.messages) for p in items]
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=best_of_temperature, n=best_of,
@@ -696,8 +727,6 @@ def evaluate(policies: dict[str, str], *, sft: str = "sft", reward_model: str | 
 def _ptx(cache: dict, tok, model, source: str, n_blocks: int, block_size: int,
          max_tokens: int | None = None) -> list[list[int]]:
     """Held-out text blocks for this tokenizer and context length, tokenised once per (vocab, length)."""
-    from instructgpt.data import iter_pretrain_text
-
     limit = getattr(model.config, "max_position_embeddings", None) or block_size
     size = min(block_size, limit)
     key = (len(tok), tok.eos_token_id, size)
@@ -712,47 +741,39 @@ def _ptx(cache: dict, tok, model, source: str, n_blocks: int, block_size: int,
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``instructgpt eval [--config FILE.yaml] [key=value ...]``; every flag sets one key of :class:`EvalConfig`."""
     p = argparse.ArgumentParser(prog="instructgpt eval", description="Compare policies on held-out prompts.")
-    p.add_argument("--policy", action="append", default=[], metavar="NAME=DIR", required=True,
-                   help="a policy to evaluate (repeatable), e.g. sft=runs/x/sft/model or base=builtin:base")
-    p.add_argument("--sft", default="sft", help="name of the SFT policy: the reference of win rates and KL")
-    p.add_argument("--reward-model", help="reward-model directory (RM score, RM accuracy, judge without gold)")
-    p.add_argument("--best-of", type=int, default=0, help="add best-of-N of the SFT model reranked by the RM")
-    p.add_argument("--best-of-temperature", type=float, default=1.0,
-                   help="sampling temperature of the best-of-N candidates (default 1)")
-    p.add_argument("--bon-curve", type=int, default=0, metavar="N",
-                   help="the best-of-n curve for n = 1, 2, 4, ..., N (a power of 2) from N samples of the SFT model")
-    p.add_argument("--bon-prompts", type=int, default=160, help="prompts the best-of-n curve is measured on")
-    p.add_argument("--suite", default=None, help="the built-in suite of the held-out prompts: assistant (default) "
-                                                 "or puzzles")
-    p.add_argument("--heldout", type=int, default=500, help="number of held-out prompts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ptx-text", default=DEFAULT_PTX, help="held-out pretraining text for perplexity ('none': skip)")
-    p.add_argument("--ptx-max-tokens", type=int, default=None,
-                   help="read only the first N tokens of --ptx-text (a hub dataset is then streamed, not downloaded)")
-    p.add_argument("--prompts", help="prompt source instead of the built-in held-out task (no gold labeler unless "
-                                     "its prompts are the task's; win rates are then judged by the RM)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="policy decoding (0 = greedy)")
-    p.add_argument("--device", default="auto", help="where the models run: auto (cuda when available), cpu, cuda:1 ...")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
-                   help="sample under bf16 autocast (answers, KL samples, best-of-n candidates)")
-    p.add_argument("--kl-prompts", type=int, default=256, help="prompts for the KL estimate (0: all)")
-    p.add_argument("--stage", action="append", default=[], metavar="NAME=DIR",
-                   help="a training stage's out_dir for the curves (repeatable; found next to policies otherwise)")
-    p.add_argument("--out", help="output directory (default runs/eval-<timestamp>)")
+    add_config_arguments(p, example="heldout=1000 policy.ppo=runs/x/ppo/model")
+
+    def flag(*names, key=None, **kw):
+        add_alias(p, EvalConfig, *names, key=key or names[0][2:].replace("-", "_"), **kw)
+
+    flag("--policy", metavar="NAME=DIR",
+         help="a policy to evaluate (repeatable), e.g. sft=runs/x/sft/model or base=builtin:base")
+    flag("--sft", help="name of the SFT policy: the reference of win rates and KL")
+    flag("--reward-model", help="reward-model directory (RM score, RM accuracy, judge without gold)")
+    flag("--best-of", help="add best-of-N of the SFT model reranked by the RM")
+    flag("--best-of-temperature", help="sampling temperature of the best-of-N candidates")
+    flag("--bon-curve", metavar="N",
+         help="the best-of-n curve for n = 1, 2, 4, ..., N (a power of 2) from N samples of the SFT model")
+    flag("--bon-prompts", help="prompts the best-of-n curve is measured on")
+    flag("--suite", help="the built-in suite of the held-out prompts: assistant or puzzles")
+    flag("--heldout", help="number of held-out prompts")
+    flag("--seed")
+    flag("--ptx-text", help="held-out pretraining text for perplexity ('none': skip)")
+    flag("--ptx-max-tokens", help="read only the first N tokens of --ptx-text (a hub dataset is then streamed)")
+    flag("--prompts", help="prompt source instead of the built-in held-out task (no gold labeler unless its prompts "
+                           "are the task's; win rates are then judged by the RM)")
+    flag("--max-new-tokens")
+    flag("--temperature", help="policy decoding (0 = greedy)")
+    flag("--device", help="where the models run: auto (cuda when available), cpu, cuda:1 ...")
+    flag("--batch-size")
+    flag("--mixed-precision", help="sample under bf16 autocast (answers, KL samples, best-of-n candidates)")
+    flag("--kl-prompts", help="prompts for the KL estimate (0: all)")
+    flag("--stage", metavar="NAME=DIR",
+         help="a training stage's out_dir for the curves (repeatable; found next to policies otherwise)")
+    flag("--out", help="output directory (default runs/eval-<timestamp>)")
     return p
-
-
-def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
-    out = {}
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"{flag} expects NAME=DIR, got {v!r}")
-        out[name] = path
-    return out
 
 
 def stage_dirs_near(paths: Sequence[str]) -> dict[str, str]:
@@ -767,9 +788,6 @@ def stage_dirs_near(paths: Sequence[str]) -> dict[str, str]:
 
 
 def print_table(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     sft = report.get("sft_policy", "sft")
     cols = [("gold", "gold_score"), ("exact", "accuracy"), (f"win vs {sft}", "win_rate"),
             ("95% CI", "win_rate_ci95"), ("win (no ties)", "win_rate_no_ties"), ("RM", "rm_score"), ("KL", "kl"),
@@ -808,28 +826,19 @@ def _fmt(v) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from instructgpt.data import DataError
-    from instructgpt.report import write_report
-
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     t0 = time.time()
     try:
-        policies = _pairs(args.policy, "--policy")
-        stages = _pairs(args.stage, "--stage")
-        out = args.out or os.path.join("runs", time.strftime("eval-%Y%m%d-%H%M%S"))
-        report = evaluate(policies, sft=args.sft, reward_model=args.reward_model, heldout=args.heldout,
-                          seed=args.seed, best_of=args.best_of, best_of_temperature=args.best_of_temperature,
-                          ptx_text=None if args.ptx_text.lower() == "none" else args.ptx_text, out_dir=out,
-                          prompts=args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          batch_size=args.batch_size, kl_prompts=args.kl_prompts or None,
-                          ptx_max_tokens=args.ptx_max_tokens, mixed_precision=args.mixed_precision,
-                          device=args.device, suite=args.suite, bon_curve=args.bon_curve, bon_prompts=args.bon_prompts)
+        cfg = config_from_args(EvalConfig, args)
+        if not cfg.policy:
+            raise ConfigError("policy: no policies (--policy NAME=DIR, or policy.NAME=DIR)")
+        out = cfg.out or os.path.join("runs", time.strftime("eval-%Y%m%d-%H%M%S"))
+        report = evaluate(cfg.policy, cfg, out_dir=out)
     except (ValueError, DataError, FileNotFoundError) as e:
-        print(f"instructgpt eval: error: {e}", file=sys.stderr)
-        return 2
+        return command_error("eval", e)
     report["seconds.total"] = round(time.time() - t0, 2)
-    near = stage_dirs_near(list(policies.values()) + ([args.reward_model] if args.reward_model else []))
-    write_report(out, report, {**near, **stages})
+    near = stage_dirs_near(list(cfg.policy.values()) + ([cfg.reward_model] if cfg.reward_model else []))
+    write_report(out, report, {**near, **cfg.stage})
     print_table(report)
     print(f"report: {os.path.join(out, 'report.md')}")
     return 0

@@ -9,19 +9,20 @@ counting the tokens generated so far in that completion.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
+from instructgpt.batching import left_pad
 from instructgpt.modeling import position_ids_from_mask
 
 
 def autocast(model, mixed_precision: str = "no"):
     """bf16 autocast on the model's device for sampling (`mixed_precision` "bf16"), else a no-op. The sampler reads
-    logits in fp32 either way. SmolLM2 on 2 cores (avx512_bf16): about a third less time per batch of 32 x 24 tokens."""
-    import contextlib
-
+    logits in fp32 either way. Faster where the CPU or GPU has bf16 units (a CPU with avx512_bf16)."""
     if mixed_precision in ("no", None):
         return contextlib.nullcontext()
     if mixed_precision != "bf16":
@@ -113,18 +114,14 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, frequency_penalt
 
 def cache_argument(model) -> str:
     """transformers >= 5 names the KV cache `cache`; earlier versions `past_key_values`."""
-    import inspect
-
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it through
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def keeps_last_logits(model) -> dict:
     """`{"logits_to_keep": 1}` where the model takes it (transformers' causal LMs do): the prefill then runs the LM
-    head over the last prompt position only. SmolLM2's head (49k tokens x 576) over a 56-token chat prompt cost about
-    a quarter of the prefill and an eighth of sampling 24 tokens at batch 32 on 2 cores, for logits never read."""
-    import inspect
-
+    head over the last prompt position only: a large vocabulary's head over a whole chat prompt is a large share of
+    the prefill, for logits never read."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
 
@@ -213,18 +210,6 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params:
     if params.logprobs:
         batch.top_ids, batch.top_logprobs = torch.stack(tops_i, 1), torch.stack(tops_l, 1)
     return batch
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) of shape (B, max_len), padded on the left."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def eos_ids(model, tokenizer) -> list[int]:

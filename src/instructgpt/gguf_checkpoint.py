@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 
 from instructgpt.config import ConfigError
+from instructgpt.files import replace_dir
 
 MARKER = "gguf_source.json"
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
@@ -108,8 +109,6 @@ def dequantize_gguf(path_or_dir: str, gguf_file: str | None = None, out_dir: str
     with _exclusive(f"{out_dir}.lock"):
         if is_converted(out_dir, stamp):  # another process converted it while we waited for the lock
             return out_dir
-        from instructgpt.modeling import replace_dir
-
         t0 = time.time()
         model, tokenizer = load_dense(path)
         tmp = f"{out_dir}.tmp-{os.getpid()}"

@@ -14,8 +14,8 @@ texts): they tie. Between answers that differ, noise:
 How much noise: ``--agreement A`` (default 0.726, the paper's: its labelers agreed with each other on 72.6 +- 1.5% of
 comparisons) sets the flip probability (or the BT scale) so that two simulated labelers, ranking the same responses
 independently, order A of the pairs whose gold differs the same way. label-sim measures that agreement on its own
-rankings and prints it (and writes it to ``<out>.stats.json``). ``--agreement none`` takes ``--flip-prob`` (0.25,
-AlpacaFarm's) or ``--bt-scale`` as given.
+rankings and prints it (and writes it to ``<out>.stats.json``). ``--agreement none`` (``agreement=null``) takes
+``--flip-prob`` (0.25, AlpacaFarm's) or ``--bt-scale`` as given.
 
 ``--resolution rating`` makes a puzzle's labeler as coarse as a person: it sees the gold score only on the 1-7 scale,
 so two answers of the same rating tie (the assistant suite's gold is a rating already). ``score`` (the default) ranks
@@ -24,6 +24,8 @@ by the exact gold score.
 ``--temperatures 0.3,0.7,1.0,1.3`` samples the K responses at several temperatures (response i at temperature
 i mod len): the paper's labelers ranked outputs of several models, which differ in quality far more than K samples of
 one policy at one temperature do.
+
+Every setting is a key of :class:`LabelSimConfig`: ``--config FILE.yaml`` and ``key=value`` overrides set them too.
 """
 
 from __future__ import annotations
@@ -33,9 +35,56 @@ import json
 import math
 import random
 import sys
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+from instructgpt import generation, gold
+from instructgpt.config import (ConfigError, add_alias, add_config_arguments, command_error, config_from_args,
+                                parse_command_line)
+from instructgpt.data import DataError, load_prompts
+from instructgpt.files import write_jsonl
+from instructgpt.generation import SamplingParams, autocast
+from instructgpt.modeling import load_model, pick_device
+from instructgpt.prompting import render_prompt
 
 PAPER_AGREEMENT = 0.726  # Ouyang et al. 2022, sec. 3.4: training labelers agree with each other 72.6 +- 1.5%
+
+
+@dataclass
+class LabelSimConfig:
+    """``instructgpt label-sim``'s settings; also a recipe's `label_sim` section, where the pipeline sets policy, out
+    and seed itself."""
+
+    policy: Optional[str] = None  # the model whose samples are ranked (the SFT model)
+    prompts: str = "builtin:task-prompts?split=train&n=2000&seed=1"
+    out: Optional[str] = None  # the rankings JSONL to write
+    k: int = 4  # responses per prompt (the paper: 4..9)
+    noise: Literal["flip", "bt"] = "flip"
+    # the pairwise agreement of two simulated labelers the noise is set to; None: flip_prob or bt_scale as given
+    agreement: Optional[float] = PAPER_AGREEMENT
+    flip_prob: float = 0.25  # AlpacaFarm's
+    bt_scale: float = 0.1
+    # rank by the exact gold score, or by the 1-7 rating (equal ratings tie), as a person would
+    resolution: Literal["score", "rating"] = "score"
+    temperature: float = 1.0
+    temperatures: Optional[list[float]] = None  # cycled over the K responses, in place of `temperature`
+    max_new_tokens: int = 32
+    seed: int = 0
+    batch_size: int = 64
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16: sample under bf16 autocast
+    device: str = "auto"  # where the policy samples: auto (cuda when available), cpu, ...
+
+    def validate(self) -> None:
+        if not self.policy:
+            raise ConfigError("policy: required (the model whose samples are ranked)")
+        if not self.out:
+            raise ConfigError("out: required (the rankings file to write)")
+        if not 2 <= self.k <= 9:
+            raise ConfigError(f"k: must be in 2..9, got {self.k}")
+        if self.agreement is not None and not 0.5 < self.agreement <= 1.0:
+            raise ConfigError(f"agreement: must be in (0.5, 1] or null, got {self.agreement}")
+        if self.temperatures is not None and (not self.temperatures or min(self.temperatures) < 0):
+            raise ConfigError(f"temperatures: one or more, each >= 0, got {self.temperatures}")
 
 
 def perceived(gold: float, resolution: str = "score") -> float:
@@ -135,58 +184,71 @@ def calibrate(golds: Sequence[Sequence[float]], target: float, noise: str = "fli
     return (lo + hi) / 2
 
 
-def main(argv: list[str]) -> int:
-    from instructgpt import gold
-    from instructgpt.data import DataError, load_prompts, write_jsonl
-    from instructgpt.generation import SamplingParams, autocast, generate
-    from instructgpt.modeling import load_model, pick_device
-    from instructgpt.prompting import render_prompt
+def _agreement(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="instructgpt label-sim", description=__doc__.split("\n\n")[0])
-    p.add_argument("--policy", required=True, help="the model whose samples are ranked (the SFT model)")
-    p.add_argument("--prompts", default="builtin:task-prompts?split=train&n=2000&seed=1")
-    p.add_argument("--out", required=True, help="rankings JSONL to write")
-    p.add_argument("--k", type=int, default=4, help="responses per prompt (the paper: 4..9)")
-    p.add_argument("--noise", choices=("flip", "bt"), default="flip")
-    p.add_argument("--agreement", default=str(PAPER_AGREEMENT),
-                   help="two simulated labelers' pairwise agreement the noise is set to (default: the paper's "
-                        "0.726); 'none': use --flip-prob or --bt-scale as given")
-    p.add_argument("--flip-prob", type=float, default=0.25)
-    p.add_argument("--bt-scale", type=float, default=0.1)
-    p.add_argument("--resolution", choices=("score", "rating"), default="score",
-                   help="rank by the exact gold score, or by the 1-7 rating (equal ratings tie), as a person would")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--temperatures", default=None,
-                   help="comma-separated sampling temperatures, cycled over the K responses (overrides --temperature)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="sample under bf16 autocast")
-    p.add_argument("--device", default="auto", help="where the policy samples: auto (cuda when available), cpu, ...")
-    args = p.parse_args(argv)
+    add_config_arguments(p, example="k=8 temperatures=0.7,1.0,1.3")
+
+    def flag(*names, **kw):
+        add_alias(p, LabelSimConfig, *names, key=names[0][2:].replace("-", "_"), **kw)
+
+    flag("--policy", help="the model whose samples are ranked (the SFT model)")
+    flag("--prompts")
+    flag("--out", help="rankings JSONL to write")
+    flag("--k", help="responses per prompt (the paper: 4..9)")
+    flag("--noise")
+    flag("--agreement", type=_agreement,
+         help="two simulated labelers' pairwise agreement the noise is set to (the paper's); 'none': use "
+              "--flip-prob or --bt-scale as given")
+    flag("--flip-prob")
+    flag("--bt-scale")
+    flag("--resolution",
+         help="rank by the exact gold score, or by the 1-7 rating (equal ratings tie), as a person would")
+    flag("--temperature")
+    flag("--temperatures", action="store",
+         help="comma-separated sampling temperatures, cycled over the K responses (overrides --temperature)")
+    flag("--max-new-tokens")
+    flag("--seed")
+    flag("--batch-size")
+    flag("--mixed-precision", help="sample under bf16 autocast")
+    flag("--device", help="where the policy samples: auto (cuda when available), cpu, ...")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parse_command_line(build_parser(), argv)
     try:
-        if not 2 <= args.k <= 9:
-            raise ValueError("--k must be in 2..9")
-        target = None if args.agreement.lower() == "none" else float(args.agreement)
-        if target is not None and not 0.5 < target <= 1.0:
-            raise ValueError(f"--agreement must be in (0.5, 1] or 'none', got {args.agreement}")
-        device = pick_device(args.device)
-        prompts = load_prompts(args.prompts)
-        unknown = next((r.text for r in prompts if gold.suite_of(r.text) is None), None)
-        if unknown is not None:
-            raise ValueError(f"{args.prompts}: not a prompt of a built-in suite, which the gold labeler judges: "
-                             f"{unknown[:80]!r}")
-    except (DataError, ValueError) as e:
-        print(f"instructgpt label-sim: error: {e}", file=sys.stderr)
-        return 2
-    model, tok = load_model(args.policy)
+        run(config_from_args(LabelSimConfig, args))
+    except (ConfigError, DataError) as e:
+        return command_error("label-sim", e)
+    return 0
+
+
+def run(cfg: LabelSimConfig) -> dict:
+    """Sample, judge and rank; write the rankings to `cfg.out` and their statistics beside. Returns the statistics.
+    A bad setting, device or prompt source is a ConfigError or DataError before anything is written."""
+    cfg.validate()
+    try:
+        device = pick_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    prompts = load_prompts(cfg.prompts)
+    unknown = next((r.text for r in prompts if gold.suite_of(r.text) is None), None)
+    if unknown is not None:
+        raise ConfigError(f"{cfg.prompts}: not a prompt of a built-in suite, which the gold labeler judges: "
+                          f"{unknown[:80]!r}")
+    model, tok = load_model(cfg.policy)
     model.to(device)
-    temps = [float(x) for x in args.temperatures.split(",")] if args.temperatures else [args.temperature]
+    temps = cfg.temperatures or [cfg.temperature]
     texts = [render_prompt(tok, r.messages) for r in prompts]
-    counts = [sum(1 for i in range(args.k) if i % len(temps) == j) for j in range(len(temps))]
-    with autocast(model, args.mixed_precision):
-        per_temp = [generate(model, tok, texts, SamplingParams(max_new_tokens=args.max_new_tokens, temperature=t, n=c,
-                                                               seed=args.seed + j), batch_size=args.batch_size)
+    counts = [sum(1 for i in range(cfg.k) if i % len(temps) == j) for j in range(len(temps))]
+    with autocast(model, cfg.mixed_precision):
+        per_temp = [generation.generate(model, tok, texts, SamplingParams(max_new_tokens=cfg.max_new_tokens,
+                                                                          temperature=t, n=c, seed=cfg.seed + j),
+                                        batch_size=cfg.batch_size)
                     for j, (t, c) in enumerate(zip(temps, counts)) if c]
     outs = [[c for group in per_temp for c in group[i]] for i in range(len(texts))]  # K responses per prompt
     # 1. the gold labeler judges every response
@@ -199,34 +261,35 @@ def main(argv: list[str]) -> int:
         judged.append((rec, responses, [gold.judge(rec.text, r) for r in responses]))
     golds = [[j.score for j in js] for _, _, js in judged]
     # 2. the noise: set to the target agreement, or as given
-    level = args.flip_prob if args.noise == "flip" else args.bt_scale
+    level = cfg.flip_prob if cfg.noise == "flip" else cfg.bt_scale
+    target = cfg.agreement
     if target is not None:
-        level = calibrate(golds, target, args.noise, args.resolution, seed=args.seed)
-    kw = {"flip_prob": level} if args.noise == "flip" else {"bt_scale": level}
+        level = calibrate(golds, target, cfg.noise, cfg.resolution, seed=cfg.seed)
+    kw = {"flip_prob": level} if cfg.noise == "flip" else {"bt_scale": level}
     # 3. one labeler ranks each prompt's responses
-    rng = random.Random(args.seed)
+    rng = random.Random(cfg.seed)
     rows = []
     for rec, responses, js in judged:
-        ranks, ratings = label(responses, [j.score for j in js], rng, args.noise, resolution=args.resolution,
+        ranks, ratings = label(responses, [j.score for j in js], rng, cfg.noise, resolution=cfg.resolution,
                                ratings=[j.rating for j in js], **kw)
         if len(set(ranks)) == 1:
             skipped += 1  # all tied: nothing for the reward model to learn
             continue
         rows.append({"prompt": rec.text, "responses": responses, "ranks": ranks, "ratings": ratings,
-                     "flags": [list(j.flags) for j in js], "labeler": f"sim-{args.noise}"})
+                     "flags": [list(j.flags) for j in js], "labeler": f"sim-{cfg.noise}"})
     # 4. what a second labeler would say: the agreement these rankings carry (pairs of one prompt rise and fall
     # together, with a Copeland cycle say, so the expectation is taken over 20 draws of the two labelers)
-    measured, pairs = agreement(golds, random.Random(args.seed + 1), args.noise, level, args.resolution, repeats=20)
+    measured, pairs = agreement(golds, random.Random(cfg.seed + 1), cfg.noise, level, cfg.resolution, repeats=20)
     pairs //= 20
-    write_jsonl(args.out, rows)
-    stats = {"rankings": len(rows), "skipped": skipped, "k": args.k, "noise": args.noise, "noise_level": level,
+    write_jsonl(cfg.out, rows)
+    stats = {"rankings": len(rows), "skipped": skipped, "k": cfg.k, "noise": cfg.noise, "noise_level": level,
              "agreement_target": target, "agreement": measured, "agreement_pairs": pairs}
-    with open(args.out + ".stats.json", "w", encoding="utf-8") as fh:
+    with open(cfg.out + ".stats.json", "w", encoding="utf-8") as fh:
         json.dump(stats, fh, indent=2)
-    print(f"wrote {len(rows)} rankings (K={args.k}) to {args.out}; skipped {skipped} (all tied or empty)",
+    print(f"wrote {len(rows)} rankings (K={cfg.k}) to {cfg.out}; skipped {skipped} (all tied or empty)",
           file=sys.stderr)
     if measured is not None:
         print(f"two simulated labelers agree on {100 * measured:.1f}% of {pairs} pairs whose gold differs "
-              f"({args.noise} noise {level:.4f}" + (f", set for {100 * target:.1f}%)" if target else ")"),
+              f"({cfg.noise} noise {level:.4f}" + (f", set for {100 * target:.1f}%)" if target else ")"),
               file=sys.stderr)
-    return 0
+    return stats

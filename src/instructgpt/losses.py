@@ -77,11 +77,32 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, stats
 
 
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The SFT loss: sum of next-token cross-entropy over positions whose label is not -100, and their count (the
+    caller divides by the global batch's count, so N ranks x M micro-batches equal one big batch).
+
+    logits (B, T, V) predict labels shifted by one: position t predicts token t+1.
+    """
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                             shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss, int((shift_labels != -100).sum())
+
+
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token negative log-likelihood over real tokens: -E_pretrain[log pi(x)] per token, the ptx term.
+    """Mean next-token negative log-likelihood over real tokens: -E_pretrain[log pi(x)] per token, PPO-ptx's term
+    (`token_loss_sum` over one minibatch, as a mean over the attention mask).
 
     logits (B, T, V) at positions 0..T-1 predict tokens 1..T.
     """
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
     return masked_mean(nll, attention_mask[:, 1:].bool())
+
+
+def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: list[int], beta: float) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023) over a K-way ranking: the RM's ranking loss over the implicit rewards
+    beta * (log pi - log pi_ref), i.e. -(1/C) sum over non-tied pairs (w, l) of
+    log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]). (K,), (K,) -> ()."""
+    return ranking_loss(beta * (policy_logps - ref_logps), ranks)

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import shutil
 
+import numpy as np
 import torch
+from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from instructgpt.config import ModelConfig
+from instructgpt import builtin
+from instructgpt.config import ConfigError, ModelConfig
+from instructgpt.files import replace_dir
+from instructgpt.gguf_checkpoint import dequantize_gguf, drop_gguf_quantizer, is_gguf_source
 
 PAD_TOKEN = "<|pad|>"
 _DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout",
@@ -37,21 +44,15 @@ def resolve_path(name_or_path: str, gguf_file: str | None = None) -> str:
     `gguf_file`) -> its de-quantised Hugging Face checkpoint (converted on first use, see gguf_checkpoint); anything
     else unchanged."""
     if name_or_path.startswith("builtin:"):
-        from instructgpt import builtin
-
         name_or_path = builtin.model_path(name_or_path)
         if not name_or_path.endswith(".gguf"):
             return name_or_path
-    from instructgpt.gguf_checkpoint import dequantize_gguf, is_gguf_source
-
     if is_gguf_source(name_or_path, gguf_file):
         return dequantize_gguf(name_or_path, gguf_file)
     return name_or_path
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(resolve_path(name_or_path), trust_remote_code=trust_remote_code)
     tok.padding_side = "left"  # generation and PPO rollouts pad on the left
     return tok
@@ -73,8 +74,6 @@ def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, w
                model_class: str = "causal_lm", num_labels: int = 1):
     """Load (model, tokenizer). `name_or_path` may be a ModelConfig (dropout, dtype, GGUF file, chat template are
     then applied)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     mcfg = name_or_path if isinstance(name_or_path, ModelConfig) else ModelConfig(name_or_path=name_or_path)
     path = resolve_path(mcfg.name_or_path, mcfg.gguf_file)  # a GGUF file: its de-quantised copy, a plain checkpoint
     kwargs = {"trust_remote_code": mcfg.trust_remote_code}
@@ -108,6 +107,16 @@ def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, w
     return model, tokenizer
 
 
+def context_length(model_config, tokenizer=None, default: int = 2048) -> int:
+    """The longest prompt + completion a model takes (GPT-2: n_positions; most others: max_position_embeddings)."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+        v = getattr(model_config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    m = getattr(tokenizer, "model_max_length", None)
+    return m if isinstance(m, int) and 0 < m < 10**7 else default
+
+
 def disable_dropout(model) -> None:
     """Every dropout module's p to 0 (peft's LoRA dropout too), so train mode computes what eval mode does (DPO and
     PPO with gradient checkpointing, which Hugging Face models apply in train mode only). Dropout a model applies
@@ -121,8 +130,6 @@ def check_context(model, max_length: int) -> None:
     """Refuse a data.max_length beyond the model's positions (`max_position_embeddings`): with learned positions
     (GPT-2) the first example that long fails with an IndexError mid-run, with rotary ones (Llama, Pythia) it runs on
     positions the model never saw."""
-    from instructgpt.config import ConfigError
-
     context = getattr(model.config, "max_position_embeddings", None)
     if context and max_length > context:
         raise ConfigError(f"data.max_length={max_length} is longer than the model's context ({context} positions)")
@@ -131,8 +138,6 @@ def check_context(model, max_length: int) -> None:
 def apply_lora(model, lora_cfg, task: str = "causal_lm"):
     """Wrap `model` with a peft LoRA adapter (merged back into the weights on save). task "seq_cls" (reward and value
     models) also trains the scalar head in full."""
-    from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
-
     pc = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=lora_cfg.target_modules,
                         task_type=TaskType.SEQ_CLS if task == "seq_cls" else TaskType.CAUSAL_LM)
@@ -146,8 +151,6 @@ def save_model(model, tokenizer, out: str, *, consume: bool = False) -> None:
     the model passed in goes on training as it was (PPO's ``keep_best`` saves mid-run). ``consume=True``, for a
     stage's last use of its model, merges in place instead and spares the copy's memory.
     """
-    from instructgpt.gguf_checkpoint import drop_gguf_quantizer
-
     if hasattr(model, "merge_and_unload"):
         model = (model if consume else copy.deepcopy(model)).merge_and_unload()
     model = drop_gguf_quantizer(model)  # loaded by transformers straight from a GGUF: save_pretrained would refuse
@@ -157,16 +160,6 @@ def save_model(model, tokenizer, out: str, *, consume: bool = False) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     replace_dir(tmp, out)
-
-
-def replace_dir(tmp: str, final: str) -> None:
-    """Move a finished directory into place so a reader never sees half of it (old copy removed after the swap)."""
-    old = f"{final}.old"
-    if os.path.exists(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -201,10 +194,6 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def set_seed(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -3,17 +3,24 @@
 From scratch (``init.from_scratch: true``, the default) it trains a byte-level BPE tokenizer with ``tokenizers`` on
 the training text and initialises a GPT-2 of the configured size; this is how the shipped base model
 (``builtin:base``) was made, with ``configs/pretrain.yaml``. Otherwise it continues pretraining
-``model.name_or_path``. The loop is SFT's (`sft.fit`) with every token trainable.
+``model.name_or_path``. The loop is SFT's (`supervised.fit`) with every token trainable.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from instructgpt.batching import text_blocks
 from instructgpt.config import ConfigError, StageConfig
 from instructgpt.data import load_pretrain_text
+from instructgpt.modeling import load_model, load_tokenizer, save_model, set_seed
 from instructgpt.runs import StageRun
-from instructgpt.sft import fit, make_accelerator, text_blocks
+from instructgpt.supervised import fit
+from instructgpt.training import make_accelerator
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 
@@ -51,8 +58,6 @@ class PretrainConfig(StageConfig):
 
 def train_tokenizer(texts: list[str], vocab_size: int, max_chars: int):
     """Byte-level BPE (GPT-2 style) trained on the first `max_chars` characters of `texts`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     def sample():
         used = 0
@@ -74,8 +79,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_chars: int):
 
 
 def init_model(tokenizer, init: InitConfig, dropout: float | None):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     p = 0.0 if dropout is None else dropout  # one pass over a few MB: dropout only slows learning
     cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=init.n_positions, n_embd=init.n_embd,
                      n_layer=init.n_layer, n_head=init.n_head, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
@@ -87,10 +90,6 @@ def init_model(tokenizer, init: InitConfig, dropout: float | None):
 
 
 def train(cfg: PretrainConfig) -> str:
-    import os
-
-    from instructgpt.modeling import load_model, save_model, set_seed
-
     acc = make_accelerator(cfg)
     run = StageRun(cfg, "pretrain", acc)
     if run.prepare() == "done":
@@ -107,8 +106,6 @@ def train(cfg: PretrainConfig) -> str:
                 tokenizer.save_pretrained(tok_dir + ".tmp")
                 os.replace(tok_dir + ".tmp", tok_dir)
             acc.wait_for_everyone()
-        from instructgpt.modeling import load_tokenizer
-
         tokenizer = load_tokenizer(tok_dir)
         set_seed(cfg.seed)  # the initial weights depend on the seed only
         model = init_model(tokenizer, cfg.init, cfg.model.dropout)

@@ -1,6 +1,6 @@
-"""The run report: ``report.json`` (flat dotted keys, merged across writers), ``report.md`` (tables, the issue's
-targets, sample outputs side by side) and PNG plots (training curves; gold and RM score against sqrt(KL), the
-over-optimisation picture of Gao et al. 2023; gold score per task family).
+"""The run report: ``report.json`` (flat dotted keys, merged across writers), ``report.md`` (tables, the recipe's
+expected results where it gives them, sample outputs side by side) and PNG plots (training curves; gold and RM score
+against sqrt(KL), the over-optimisation picture of Gao et al. 2023; gold score per task family).
 
 Everything here reads what the stages left on disk (``metrics.jsonl``, ``samples_<policy>.jsonl``) and the report
 dict of :func:`instructgpt.evaluate.evaluate`; missing pieces are skipped quietly.
@@ -10,70 +10,45 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional, Union
 
-from instructgpt.config import flatten
+from instructgpt.files import read_jsonl
 from instructgpt.runs import read_metrics
 
 # --------------------------------------------------------------------------------------------------------------------
-# Targets: checked when their keys are present
+# Expected results: a recipe's `expectations`, checked against the report's keys
 
 
-@dataclass(frozen=True)
-class Target:
-    description: str
-    key: str  # report key; "key[i]" takes element i of a list value
-    op: str  # ">", ">=", "<", "<="
-    threshold: str | float  # another report key, or a number
+@dataclass
+class Expectation:
+    """The report.json value of a key (``key[i]``: element i of a list) is at least `min` and/or at most `max`; each
+    bound a number or another report key. A recipe gives them as ``{report key: {min: x}}``."""
+
+    min: Union[float, str, None] = None
+    max: Union[float, str, None] = None
 
 
-# The default run's targets; checked when their keys are in the report. A recipe's `targets:` section (e.g. the
-# SmolLM2 recipe's) moves a threshold or drops a target; the pipeline stores those overrides in report.json under
-# "targets".
-TARGETS: tuple[Target, ...] = (
-    Target("held-out prompts", "heldout_prompts", ">=", 500),
-    Target("total wall time (seconds)", "seconds.total", "<=", 600),
-    Target("reward-model accuracy against gold, held-out pairs of SFT samples", "rm_accuracy_gold_sft_samples", ">=",
-           0.80),
-    Target("PPO-ptx beats SFT: win rate, ties left out", "win_rate_no_ties.ppo_vs_sft", ">=", 0.80),
-    Target("... the low end of its 95% interval", "win_rate_no_ties_ci95.ppo_vs_sft[0]", ">=", 0.70),
-    Target("PPO-ptx gold-score gain over SFT", "gold_gain.ppo_vs_sft", ">=", 0.15),
-    Target("alignment tax: PPO-ptx held-out perplexity over SFT's", "ptx_perplexity_ratio.ppo_vs_sft", "<=", 1.05),
-    Target("... and over the base model's", "ptx_perplexity_ratio.ppo_vs_base", "<=", 1.5),
-    Target("best-of-n at its largest n beats SFT's greedy answer (gold gain)", "best_of_n_gain", ">", 0.0),
-    Target("SFT leaves room: share of its answers with every property", "all_properties.sft", "<=", 0.70),
-    Target("SFT beats the base model on gold score", "gold_score.sft", ">", "gold_score.base"),
-    Target("peak resident memory (GiB)", "peak_rss_gib.total", "<=", 24),
-)
-TARGET_KEYS = tuple(t.key for t in TARGETS)
-
-
-def targets_with(overrides: dict | None) -> tuple[Target, ...]:
-    """TARGETS with a recipe's overrides applied: {key: new threshold (a number or a report key), or None to drop}."""
-    overrides = overrides or {}
-    if not isinstance(overrides, dict):
-        raise ValueError(f"targets: a mapping of report key to threshold, got {type(overrides).__name__}")
-    overrides = flatten(overrides)  # `targets.seconds.total=3600` on the command line nests at the dots
-    unknown = sorted(set(overrides) - set(TARGET_KEYS))
-    if unknown:
-        raise ValueError(f"targets: unknown key(s) {', '.join(unknown)} (known: {', '.join(TARGET_KEYS)})")
+def check_expectations(report: dict) -> list[tuple[str, Expectation, Optional[float], str]]:
+    """(key, expectation, measured value, "met" | "not met" | "missing") for each of the report's "expectations";
+    "missing" where the key (or a bound that names a key) is not a number in the report."""
     out = []
-    for t in TARGETS:
-        if t.key not in overrides:
-            out.append(t)
-        elif overrides[t.key] is not None:
-            th = overrides[t.key]
-            if isinstance(th, bool) or not isinstance(th, (int, float, str)):
-                raise ValueError(f"targets.{t.key}: a number, a report key or null, got {th!r}")
-            out.append(Target(t.description, t.key, t.op, th if isinstance(th, str) else float(th)))
-    return tuple(out)
+    for key, bounds in (report.get("expectations") or {}).items():
+        exp = bounds if isinstance(bounds, Expectation) else Expectation(**bounds)
+        value = report_value(report, key)
+        lo, hi = (report_value(report, b) if isinstance(b, str) else b for b in (exp.min, exp.max))
+        if value is None or (exp.min is not None and lo is None) or (exp.max is not None and hi is None):
+            status = "missing"
+        else:
+            status = "met" if (lo is None or value >= lo) and (hi is None or value <= hi) else "not met"
+        out.append((key, exp, value, status))
+    return out
 
 
 def derived_keys(report: dict) -> dict:
-    """Keys the targets read that are differences or ratios of others."""
+    """Differences and ratios of other keys, for the report's readers and its expectations."""
     out = {}
     for name in ("ppo", "ppo_noptx"):
         if f"gold_score.{name}" in report and "gold_score.sft" in report:
@@ -88,14 +63,14 @@ def derived_keys(report: dict) -> dict:
         out["best_of_n_gain"] = curve[-1]["gold"] - report["best_of_n_sft_greedy_gold"]
     return out
 
-_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
-
 
 def report_value(report: dict, key: str) -> float | None:
     """`report[key]`, or element i of it for "key[i]"; None when absent or not a finite number."""
     index = None
     if key.endswith("]") and "[" in key:
         key, _, i = key[:-1].rpartition("[")
+        if not i.isdigit():
+            return None
         index = int(i)
     v = report.get(key)
     if index is not None:
@@ -103,18 +78,6 @@ def report_value(report: dict, key: str) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return None
     return float(v)
-
-
-def check_targets(report: dict, targets: Sequence[Target] | None = None) -> list[tuple[Target, float, float, bool]]:
-    """(target, value, threshold, passed) for every target whose keys are all in the report; by default the
-    report's own targets (TARGETS with its "targets" overrides)."""
-    out = []
-    for t in targets if targets is not None else targets_with(report.get("targets")):
-        value = report_value(report, t.key)
-        threshold = report_value(report, t.threshold) if isinstance(t.threshold, str) else float(t.threshold)
-        if value is not None and threshold is not None:
-            out.append((t, value, threshold, bool(_OPS[t.op](value, threshold))))
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -382,11 +345,7 @@ def flag_table(report: dict) -> list[str]:
 
 
 def read_samples(run_dir: str, policy: str) -> list[dict]:
-    path = os.path.join(run_dir, f"samples_{policy}.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(os.path.join(run_dir, f"samples_{policy}.jsonl"))
 
 
 def sample_table(run_dir: str, policies: Sequence[str], k: int = 8) -> list[str]:
@@ -415,6 +374,17 @@ def sample_table(run_dir: str, policies: Sequence[str], k: int = 8) -> list[str]
     return _table(["prompt", "reference"] + list(samples), rows)
 
 
+def expectation_table(report: dict) -> list[str]:
+    mark = {"met": "✅ met", "not met": "❌ not met", "missing": "— missing"}
+
+    def bound(sign: str, b) -> str:
+        return f"{sign} `{b}` ({_cell(report_value(report, b))})" if isinstance(b, str) else f"{sign} {_cell(b)}"
+
+    rows = [[f"`{key}`", ", ".join(bound(sign, b) for sign, b in (("≥", exp.min), ("≤", exp.max)) if b is not None),
+             _cell(value), mark[status]] for key, exp, value, status in check_expectations(report)]
+    return _table(["report key", "expected", "measured", "result"], rows) if rows else []
+
+
 def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
     lines = ["# Evaluation report", ""]
     dec = report.get("decoding") or {}
@@ -428,16 +398,15 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
     sft = report.get("sft_policy", "sft")
     changes = [p for p in report.get("policies", []) if f"right_gained.{p}_vs_{sft}" in report]
     if changes:
-        from instructgpt.tasks import RIGHT_CONTENT
-
         def split(p: str) -> str:
             vs = f"{p}_vs_{sft}"
             return (f"{p} +{report[f'right_gained.{vs}']} / -{report[f'right_lost.{vs}']}, "
                     f"{_cell(report.get(f'win_rate_no_ties_both_wrong.{vs}'), True)} of "
                     f"{report.get(f'win_rate_no_ties_both_wrong_pairs.{vs}')}")
 
-        right = ("answers with every property (no fault flagged, every constraint followed)" if any(
-            k.startswith("flag_rate.") for k in report) else f"right answers (gold >= {RIGHT_CONTENT})")
+        right = ("answers with every property (no fault flagged, every constraint followed)"
+                 if any(k.startswith("flag_rate.") for k in report)
+                 else f"right answers (gold >= {report.get('right_answer_gold')})")
         lines += ["", (f"{right[0].upper() + right[1:]} gained / lost against {sft}, and the win rate without ties "
                        "where neither answer has them (the rest of the rubric alone decides): "
                        + "; ".join(split(p) for p in changes) + ".")]
@@ -495,12 +464,9 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
         rnd, got = report.get(f"gold_score.{name}_random"), report.get(f"gold_score.{name}")
         lines += ["", (f"{name}'s candidates, gold score when picked at random / by the RM / by the gold labeler "
                        f"(a perfect RM): **{_cell(rnd)} / {_cell(got)} / {_cell(report[k])}**.")]
-    checks = check_targets(report)
-    if checks:
-        rows = [[t.description, f"`{t.key}` {t.op} " + (f"`{t.threshold}`" if isinstance(t.threshold, str) else
-                                                         str(t.threshold)),
-                 _cell(v), _cell(th), "✅ pass" if ok else "❌ fail"] for t, v, th, ok in checks]
-        lines += ["", "## Targets", ""] + _table(["target", "check", "value", "threshold", "result"], rows)
+    expected = expectation_table(report)
+    if expected:
+        lines += ["", "## Expected results", ""] + expected
     fam = family_table(report)
     if fam:
         lines += ["", "## Gold score per task family (exact-answer rate)", ""] + fam

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import torch
 
-from instructgpt.modeling import position_ids_from_mask
+from instructgpt.batching import right_pad
+from instructgpt.modeling import load_model, position_ids_from_mask
 from instructgpt.prompting import encode_prompt, encode_response
 
 NORM_FILE = "reward_norm.json"
@@ -52,16 +53,6 @@ def last_token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     values = token_values(model, input_ids, attention_mask)
     last = attention_mask.long().sum(-1) - 1  # (B,)
     return values.gather(1, last[:, None]).squeeze(1)
-
-
-def right_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def encode_pair(tokenizer, messages, response: str) -> list[int]:
@@ -110,8 +101,6 @@ class RewardModel:
     @classmethod
     def load(cls, path: str) -> "RewardModel":
         """An `instructgpt rm` out_dir or its model/ directory."""
-        from instructgpt.modeling import load_model
-
         if os.path.exists(os.path.join(path, "model", "config.json")):
             path = os.path.join(path, "model")
         model, tok = load_model(path, model_class="sequence_classification")

@@ -9,24 +9,23 @@ optional gain makes SFT-policy samples' std 1 (lm-human-preferences); both are s
 
 from __future__ import annotations
 
-import math
 import sys
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from instructgpt.config import ConfigError, StageConfig, TrainConfig
-from instructgpt.data import Ranking, load_comparisons, load_demonstrations
+from instructgpt.batching import right_pad
+from instructgpt.config import ConfigError, TrainConfig
+from instructgpt.data import load_demonstrations
+from instructgpt.generation import SamplingParams, generate
 from instructgpt.losses import ranking_accuracy, ranking_loss
-from instructgpt.prompting import encode_prompt, encode_response
-from instructgpt.reward import (RewardNorm, encode_pair, init_reward_head, last_token_rewards, raw_rewards,
-                                right_pad)
+from instructgpt.modeling import apply_lora, check_context, load_model, save_model, set_seed
+from instructgpt.prompting import render_prompt
+from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items
+from instructgpt.reward import RewardNorm, encode_pair, init_reward_head, last_token_rewards, raw_rewards
 from instructgpt.runs import StageRun
-from instructgpt.sft import (batch_indices, checkpoint_or_stop, make_accelerator, make_optimizer,
-                             micro_batch_size, optimizer_step, resume_step)
+from instructgpt.training import make_accelerator
 
 
 @dataclass
@@ -42,81 +41,9 @@ def _rm_train() -> TrainConfig:
 
 
 @dataclass
-class RankingStageConfig(StageConfig):
-    """A stage that trains on comparisons, an epoch at a time: the reward model, and DPO."""
-
-    epochs: float = 1.0  # with train.max_steps=0 (default): steps = ceil(epochs * prompts / batch_size)
-
-    def validate(self) -> None:
-        max_steps = self.train.max_steps
-        self.train.max_steps = max(1, max_steps)
-        try:
-            super().validate()
-        finally:
-            self.train.max_steps = max_steps
-        if max_steps < 0:
-            raise ConfigError("train.max_steps: must be >= 0 (0: derived from epochs)")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs: must be > 0, got {self.epochs}")
-        if self.data.train is None:
-            raise ConfigError("data.train: a comparisons file (rankings, pairs, HH-RLHF or summarize-from-feedback) "
-                              "is required")
-
-    def total_steps(self, prompts: int) -> int:
-        """train.max_steps, or with 0 (the default) as many as `epochs` passes over `prompts` rankings take."""
-        return self.train.max_steps or math.ceil(self.epochs * prompts / self.train.batch_size)
-
-
-@dataclass
 class RMConfig(RankingStageConfig):
     train: TrainConfig = field(default_factory=_rm_train)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
-
-
-@dataclass
-class Encoded:
-    """One prompt's K responses, tokenized as prompt + response (the prompt's `prompt_len` tokens head every seq)."""
-
-    seqs: list[list[int]]
-    ranks: list[int]
-    prompt_len: int = 0
-
-
-def encode_rankings(tokenizer, rankings: Sequence[Ranking], max_length: int, skip_bad: bool,
-                    cls: type[Encoded] = Encoded) -> tuple[list[Encoded], int]:
-    """Each ranking as `cls` (Encoded or a subclass), the prompt encoded once; one longer than `max_length` is a
-    DataError naming its file and line, or with `skip_bad` skipped and counted."""
-    from instructgpt.data import DataError
-
-    out, skipped = [], 0
-    for r in rankings:
-        prompt = encode_prompt(tokenizer, r.messages)
-        seqs = [prompt + encode_response(tokenizer, resp) for resp in r.responses]  # as reward.encode_pair
-        longest = max(len(s) for s in seqs)
-        if longest > max_length:
-            if skip_bad:
-                skipped += 1
-                continue
-            raise DataError(r.file, r.line, "responses",
-                            f"prompt + response is {longest} tokens, longer than data.max_length={max_length}")
-        out.append(cls(seqs, r.ranks, len(prompt)))
-    return out, skipped
-
-
-def load_ranking_items(cfg: RankingStageConfig, tokenizer, cls: type[Encoded] = Encoded):
-    """`data.train`'s rankings encoded, and the held-out ones: `data.eval`'s, or `data.eval_size` of the training
-    rankings held out. -> (rankings read, train items, held-out items, skipped)."""
-    from instructgpt.sft import split_eval
-
-    rankings = load_comparisons(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
-    items, skipped = encode_rankings(tokenizer, rankings, cfg.data.max_length, cfg.data.skip_bad_lines, cls)
-    skipped += rankings.skipped
-    if cfg.data.eval:
-        eval_items, _ = encode_rankings(tokenizer, load_comparisons(cfg.data.eval, cfg.data.skip_bad_lines),
-                                        cfg.data.max_length, True, cls)
-    else:
-        items, eval_items = split_eval(items, cfg.data.eval_size, cfg.seed)
-    return rankings, items, eval_items, skipped
 
 
 def forward_rankings(model, items: Sequence[Encoded], pad_token_id: int, device) -> list[torch.Tensor]:
@@ -128,7 +55,7 @@ def forward_rankings(model, items: Sequence[Encoded], pad_token_id: int, device)
 
 
 @torch.no_grad()
-def evaluate(model, items: Sequence[Encoded], pad_token_id: int, device, batch_size: int = 16) -> dict:
+def heldout_metrics(model, items: Sequence[Encoded], pad_token_id: int, device, batch_size: int = 16) -> dict:
     was = model.training
     model.eval()
     right = total = 0
@@ -165,10 +92,6 @@ def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence,
                   f"data.max_length={max_length})", file=sys.stderr)
         norm.bias = float(raw_rewards(model, tokenizer, [p for p, _ in fit], [r for _, r in fit], device).mean())
     if cfg.policy:
-        from instructgpt.generation import SamplingParams, generate
-        from instructgpt.modeling import load_model
-        from instructgpt.prompting import render_prompt
-
         policy, ptok = load_model(cfg.policy)
         policy.to(device)  # sampled where the reward model is
         ps = list(prompts)[: cfg.policy_samples]
@@ -179,8 +102,6 @@ def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence,
 
 
 def train(cfg: RMConfig) -> str:
-    from instructgpt.modeling import check_context, load_model, save_model, set_seed
-
     acc = make_accelerator(cfg)
     run = StageRun(cfg, "rm", acc)
     if run.prepare() == "done":
@@ -192,8 +113,6 @@ def train(cfg: RMConfig) -> str:
     check_context(model, cfg.data.max_length)
     init_reward_head(model.score)
     if cfg.model.lora.enabled:
-        from instructgpt.modeling import apply_lora
-
         model = apply_lora(model, cfg.model.lora, task="seq_cls")  # the head trains in full, the trunk through LoRA
     # 2. rankings -> (K responses, ranks) per prompt
     rankings, items, eval_items, skipped = load_ranking_items(cfg, tok)
@@ -202,7 +121,7 @@ def train(cfg: RMConfig) -> str:
     model.train()
     model, last_eval = fit_rankings(cfg, run, acc, model, items, eval_items, steps, "rm",
                                     lambda m, mb: forward_rankings(m, mb, tok.pad_token_id, acc.device),
-                                    lambda m: evaluate(m, eval_items, tok.pad_token_id, acc.device))
+                                    lambda m: heldout_metrics(m, eval_items, tok.pad_token_id, acc.device))
     if last_eval is None:  # stopped early (train.stop_after): rerun to resume
         return cfg.out_dir
     # 4. normalise, save with the normalisation beside the model
@@ -215,55 +134,3 @@ def train(cfg: RMConfig) -> str:
     run.finish({"steps": steps, "prompts": len(items), "skipped": skipped, "bias": norm.bias, "gain": norm.gain,
                 **{k.replace("eval/", "eval_"): v for k, v in last_eval.items()}})
     return cfg.out_dir
-
-
-def fit_rankings(cfg: RankingStageConfig, run: StageRun, acc, model, items: Sequence, eval_items: Sequence,
-                 steps: int, desc: str, rewards_fn: Callable, eval_fn: Callable):
-    """The loop of a stage that trains on rankings: `steps` optimizer steps of `train.batch_size` prompts, each
-    prompt's C(K,2) comparisons one element, scored by `rewards_fn(model, items) -> [(K_i,)]` (each response once)
-    and the ranking loss; resumes from `run`'s checkpoint. -> (the prepared model, the last `eval_fn(model)` metrics
-    ({} without held-out items), or None when train.stop_after stopped it)."""
-    from instructgpt.progress import StageProgress
-
-    t = cfg.train
-    model, opt, sched = make_optimizer(acc, model, t, steps)
-    world, rank = acc.num_processes, acc.process_index
-    micro = micro_batch_size(t, world)
-    start = resume_step(run, acc, desc)
-    last_eval: dict = {}
-    t0, comparisons = time.time(), 0
-    with StageProgress(desc, total=steps, start=start, enabled=acc.is_main_process) as bar:
-        for step in range(start, steps):
-            # a batch of prompts; each prompt's C(K,2) comparisons form one element
-            batch = [items[i] for i in batch_indices(len(items), t.batch_size, step, cfg.seed)]
-            mine = batch[rank::world]
-            step_loss, right, total = 0.0, 0, 0
-            for m in range(t.grad_accum):
-                mb = mine[m * micro:(m + 1) * micro]
-                sync = m == t.grad_accum - 1
-                with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                    rewards = rewards_fn(model, mb)
-                    losses = torch.stack([ranking_loss(r, it.ranks) for r, it in zip(rewards, mb)])
-                    loss = losses.sum() * world / len(batch)  # the mean over the global batch of prompts
-                    acc.backward(loss)
-                step_loss += float(losses.detach().sum()) / len(batch) * world
-                for r, it in zip(rewards, mb):
-                    a, n = ranking_accuracy(r.detach().tolist(), it.ranks)
-                    right, total = right + a, total + n
-            comparisons += total * world
-            optimizer_step(acc, model, opt, sched, t.max_grad_norm)
-            done = step + 1
-            cps = comparisons / max(time.time() - t0, 1e-9)
-            bar.update(done, loss=step_loss, acc=right / max(total, 1), cmp_s=cps)
-            metrics = {}
-            if done % t.log_every == 0 or done == steps:
-                metrics.update({"train/loss": step_loss, "train/accuracy": right / max(total, 1),
-                                "train/lr": sched.get_last_lr()[0], "train/comparisons_per_s": cps})
-            if eval_items and (done % t.eval_every == 0 or done == steps):
-                last_eval = eval_fn(model)
-                metrics.update(last_eval)
-            if metrics:
-                run.log(done, metrics)
-            if checkpoint_or_stop(run, acc, t, done, steps, desc):
-                return model, None
-    return model, last_eval

@@ -21,9 +21,11 @@ import shutil
 import time
 from typing import Any, Optional
 
+import torch
 import yaml
 
-from instructgpt.config import config_differences, deep_merge, dump_yaml, to_dict
+from instructgpt.config import config_differences, deep_merge, dump_yaml, flatten, to_dict
+from instructgpt.files import read_jsonl, replace_dir
 
 
 class StageError(RuntimeError):
@@ -141,18 +143,11 @@ class StageRun:
         if self.is_main:
             os.makedirs(tmp, exist_ok=True)
             if extra_files:
-                import torch
-
                 for name, obj in extra_files.items():
                     torch.save(obj, os.path.join(tmp, name))
             with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as fh:
                 json.dump(state, fh)
-            final, old = self.path("checkpoint"), self.path("checkpoint.old")
-            if os.path.exists(final):
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, self.path("checkpoint"))  # a kill between its two renames leaves checkpoint.old
         self._barrier()
 
     def load_checkpoint(self) -> Optional[dict[str, Any]]:
@@ -165,8 +160,6 @@ class StageRun:
             return json.load(fh)
 
     def load_extra(self, name: str) -> Any:
-        import torch
-
         d = self.checkpoint_dir()
         return torch.load(os.path.join(d, name), weights_only=False)
 
@@ -188,8 +181,6 @@ class StageRun:
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
-    from instructgpt.config import flatten
-
     return flatten(d, prefix)
 
 
@@ -202,8 +193,4 @@ def _jsonable(v: Any) -> Any:
 
 
 def read_metrics(out_dir: str) -> list[dict]:
-    p = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(p):
-        return []
-    with open(p, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(os.path.join(out_dir, "metrics.jsonl"))

@@ -27,9 +27,10 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from instructgpt import data
+from instructgpt import data, files
 from instructgpt.data import DataError
 from instructgpt.labeling.agreement import all_tied
+from instructgpt.labeling.outputs import generate_outputs
 from instructgpt.labeling.rubric import K_MAX, K_MIN
 from instructgpt.labeling.store import Store
 
@@ -146,8 +147,6 @@ def import_prompts(store: Store, path: str, *, tasks: str = "auto", overlap: int
                 to_generate.append((item, key))
 
     if to_generate:
-        from instructgpt.labeling.outputs import generate_outputs
-
         log(f"generating {k} outputs for each of {len(to_generate)} prompts with {model_id}")
         outputs = generate_outputs([it.messages for it, _ in to_generate], generator, batch_size=batch_size, log=log)
         for (item, key), texts in zip(to_generate, outputs):
@@ -204,7 +203,7 @@ def export(store: Store, out_dir: str) -> ExportSummary:
                              "ratings": s["ratings"], "flags": s["flags"], "labeler": s["labeler"]})
     summary.demonstrations_path = os.path.join(out_dir, DEMONSTRATIONS_FILE)
     summary.rankings_path = os.path.join(out_dir, RANKINGS_FILE)
-    data.write_jsonl(summary.demonstrations_path, demos)
-    data.write_jsonl(summary.rankings_path, rankings)
+    files.write_jsonl(summary.demonstrations_path, demos)
+    files.write_jsonl(summary.rankings_path, rankings)
     summary.demonstrations, summary.rankings = len(demos), len(rankings)
     return summary

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from instructgpt.generation import SamplingParams, generate
+from instructgpt.modeling import load_model
+from instructgpt.prompting import render_prompt
+
 Messages = list[dict[str, str]]
 Generator = Callable[[list[Messages]], list[list[str]]]
 
@@ -18,10 +22,6 @@ def model_generator(model_dir: str, k: int, *, max_new_tokens: int = 64, tempera
 
     The model is loaded on the first call, so a restart whose prompts all have their outputs already loads nothing.
     """
-    from instructgpt.generation import SamplingParams, generate
-    from instructgpt.modeling import load_model
-    from instructgpt.prompting import render_prompt
-
     loaded: list = []
     calls = 0
 

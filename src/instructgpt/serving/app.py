@@ -24,11 +24,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import AutoConfig
 
+from instructgpt.best_of import best_indices, mean_logprob, reward_scores
 from instructgpt.generation import Completion, SamplingParams
+from instructgpt.modeling import context_length, load_model, load_tokenizer, pick_device, resolve_path
+from instructgpt.prompting import render_prompt
+from instructgpt.reward import RewardModel
 from instructgpt.serving import schemas as S
-from instructgpt.serving.best_of import best_indices, mean_logprob, reward_scores
-from instructgpt.serving.config import Limits, ServeConfig, context_length
+from instructgpt.serving.config import Limits, ServeConfig
 from instructgpt.serving.engine import (BatchingEngine, EngineBusy, EngineClosed, Job, JobCancelled, TorchRunner,
                                         batch_key)
 from instructgpt.serving.security import AuditLog, KeyStore, RateLimiter, ReloadingKeys, bearer_token
@@ -85,22 +89,15 @@ class Server:
 def load_server(cfg: ServeConfig, keys: Optional[KeyStore | ReloadingKeys] = None) -> Server:
     """Load the model (and reward model), start the engine, open the audit log."""
     cfg.validate(have_keys=keys is not None)
-    from instructgpt.modeling import pick_device
-
     device = pick_device(cfg.device)
     if cfg.engine == "vllm":
-        from transformers import AutoConfig
-
-        from instructgpt.modeling import load_tokenizer, resolve_path
-        from instructgpt.serving.vllm_engine import VLLMRunner, one_batch_key
+        from instructgpt.serving.vllm_engine import VLLMRunner, one_batch_key  # vllm: an optional package
 
         path = resolve_path(cfg.model)
         tokenizer = load_tokenizer(path)
         runner = VLLMRunner(path)
         ctx, vocab, key_fn = context_length(AutoConfig.from_pretrained(path), tokenizer), len(tokenizer), one_batch_key
     else:
-        from instructgpt.modeling import load_model
-
         model, tokenizer = load_model(cfg.model)
         model.to(device)
         # the worker decodes with its own copy: a fast tokenizer must not be used by two threads at once
@@ -109,8 +106,6 @@ def load_server(cfg: ServeConfig, keys: Optional[KeyStore | ReloadingKeys] = Non
         vocab, key_fn = min(len(tokenizer), model.get_input_embeddings().weight.shape[0]), batch_key
     reward = None
     if cfg.reward_model:
-        from instructgpt.reward import RewardModel
-
         reward = RewardModel.load(cfg.reward_model)
         reward.model.to(device)
     engine = BatchingEngine(runner, cfg.max_batch_size, cfg.batch_wait_ms / 1000.0, cfg.max_pending_rows,
@@ -636,8 +631,6 @@ def chat_messages(req: S.ChatRequest, limits: Limits) -> list[dict]:
 
 
 async def chat_completions(server: Server, body: bytes, rec: RequestRecord) -> Response:
-    from instructgpt.prompting import render_prompt
-
     req = parse_request(S.ChatRequest, body)
     check_model(server, req.model, rec)
     check_unsupported(req)

@@ -3,7 +3,8 @@
 An OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions, /health). API keys come from
 ``--api-keys FILE`` (one per line, optionally ``name:key``; re-read when it changes, so keys are added and revoked
 without a restart) and/or ``INSTRUCTGPT_API_KEYS`` (comma-separated); with neither, requests need no key and the
-server only binds to a loopback address.
+server only binds to a loopback address. Every setting is a key of :class:`ServeConfig` (``limits.max_rows=128``),
+also read from ``--config FILE.yaml``; the flags set the same keys.
 """
 
 from __future__ import annotations
@@ -13,54 +14,51 @@ import importlib.util
 import os
 import sys
 
-from instructgpt.serving.config import Limits, ServeConfig, ServeConfigError
+import torch
+
+from instructgpt.config import (ConfigError, add_alias, add_config_arguments, command_error, config_from_args,
+                                parse_command_line)
+from instructgpt.serving.app import create_app, load_server
+from instructgpt.serving.config import ServeConfig
 from instructgpt.serving.security import ENV_KEYS, KeySourceError, api_keys
+from instructgpt.serving.vllm_engine import INSTALL_HINT
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d, lim = ServeConfig(model=""), Limits()
     p = argparse.ArgumentParser(prog="instructgpt serve", description="Serve a model with an OpenAI-compatible API.")
-    p.add_argument("--model", required=True, help="model directory, hub id or builtin:base")
-    p.add_argument("--model-name", help="the model id clients use (default: the model directory's name)")
-    p.add_argument("--reward-model", help="reward model (an `instructgpt rm` out_dir or its model/): best_of keeps "
-                                          "the samples it scores highest")
-    p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--api-keys", metavar="FILE", help=f"API keys, one per line, optionally name:key (also: {ENV_KEYS})")
-    p.add_argument("--engine", choices=("ours", "vllm"), default=d.engine,
-                   help="ours: the built-in batched sampler (CPU or GPU); vllm: vLLM (needs it installed, CUDA)")
-    p.add_argument("--device", default=d.device, help="auto (cuda when available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: torch's choice). 1 avoids thread stalls on a shared, busy CPU")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="sequences per generation batch")
-    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
-                   help="how long a request waits for others to batch with")
-    p.add_argument("--rate-limit", type=float, default=d.rate_limit,
-                   help="requests per minute per API key (bursts up to as many); 0 = off")
-    p.add_argument("--audit-log", default=d.audit_log, metavar="FILE", help="JSONL audit log (default %(default)s)")
-    p.add_argument("--no-audit-log", action="store_true", help="do not write an audit log")
-    p.add_argument("--log-prompts", action="store_true",
-                   help="also log prompts and completions in the audit log (emails, phone and card numbers redacted)")
-    p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM) ...")
-    p.add_argument("--ssl-keyfile", help="... and this private key")
-    p.add_argument("--max-tokens", type=int, default=lim.max_tokens, help="the largest max_tokens a request may ask")
-    p.add_argument("--max-n", type=int, default=lim.max_n)
-    p.add_argument("--max-best-of", type=int, default=lim.max_best_of)
-    p.add_argument("--max-request-bytes", type=int, default=lim.max_request_bytes)
-    p.add_argument("--request-timeout", type=float, metavar="SECONDS",
-                   help="cancel a non-streaming request not answered within this many seconds (504); default: none")
+    add_config_arguments(p, example="port=8080 limits.max_tokens=256")
+
+    def flag(*names, key=None, **kw):
+        add_alias(p, ServeConfig, *names, key=key or names[0][2:].replace("-", "_"), **kw)
+
+    flag("--model", help="model directory, hub id or builtin:base")
+    flag("--model-name", help="the model id clients use (default: the model directory's name)")
+    flag("--reward-model", help="reward model (an `instructgpt rm` out_dir or its model/): best_of keeps the samples "
+                                "it scores highest")
+    flag("--host", help="address to bind (127.0.0.1: this machine only)")
+    flag("--port")
+    flag("--api-keys", metavar="FILE", help=f"API keys, one per line, optionally name:key (also: {ENV_KEYS})")
+    flag("--engine", help="ours: the built-in batched sampler (CPU or GPU); vllm: vLLM (needs it installed, CUDA)")
+    flag("--device", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    flag("--threads", help="torch CPU threads (0: torch's choice). 1 avoids thread stalls on a shared, busy CPU")
+    flag("--max-batch-size", help="sequences per generation batch")
+    flag("--batch-wait-ms", help="how long a request waits for others to batch with")
+    flag("--max-pending-rows", help="queued rows beyond this are refused (503)")
+    flag("--rate-limit", help="requests per minute per API key (bursts up to as many); 0 = off")
+    flag("--audit-log", metavar="FILE", help="JSONL audit log")
+    flag("--no-audit-log", key="audit_log", action="store_const", const=None, help="do not write an audit log")
+    flag("--log-prompts",
+         help="also log prompts and completions in the audit log (emails, phone and card numbers redacted)")
+    flag("--ssl-certfile", help="serve HTTPS with this certificate (PEM) ...")
+    flag("--ssl-keyfile", help="... and this private key")
+    flag("--max-connections", help="connections beyond this get 503")
+    flag("--max-tokens", key="limits.max_tokens", help="the largest max_tokens a request may ask")
+    flag("--max-n", key="limits.max_n")
+    flag("--max-best-of", key="limits.max_best_of")
+    flag("--max-request-bytes", key="limits.max_request_bytes")
+    flag("--request-timeout", key="request_timeout_s", metavar="SECONDS",
+         help="cancel a non-streaming request not answered within this many seconds (504); default: none")
     return p
-
-
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    limits = Limits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens, max_n=args.max_n,
-                    max_best_of=args.max_best_of)
-    return ServeConfig(model=args.model, model_name=args.model_name, reward_model=args.reward_model,
-                       engine=args.engine, device=args.device, host=args.host, port=args.port,
-                       max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                       rate_limit=args.rate_limit, audit_log=None if args.no_audit_log else args.audit_log,
-                       log_prompts=args.log_prompts, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                       request_timeout_s=args.request_timeout, limits=limits)
 
 
 def tls_kwargs(cfg: ServeConfig) -> dict:
@@ -69,28 +67,22 @@ def tls_kwargs(cfg: ServeConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_args(args)
+    args = parse_command_line(build_parser(), sys.argv[1:] if argv is None else argv)
     try:
-        keys = api_keys(args.api_keys, os.environ.get(ENV_KEYS))
+        cfg = config_from_args(ServeConfig, args)
+        keys = api_keys(cfg.api_keys, os.environ.get(ENV_KEYS))
         cfg.validate(have_keys=keys is not None)
         if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-            from instructgpt.serving.vllm_engine import INSTALL_HINT
-
-            raise ServeConfigError(f"{INSTALL_HINT} (it is not installed here)")
-    except (KeySourceError, ServeConfigError) as e:
-        print(f"instructgpt serve: error: {e}", file=sys.stderr)
-        return 2
-    if args.api_keys and os.stat(args.api_keys).st_mode & 0o077:
-        print(f"instructgpt serve: warning: {args.api_keys} is readable by other users (chmod 600 it)",
+            raise ConfigError(f"{INSTALL_HINT} (it is not installed here)")
+    except (KeySourceError, ConfigError) as e:
+        return command_error("serve", e)
+    if cfg.api_keys and os.stat(cfg.api_keys).st_mode & 0o077:
+        print(f"instructgpt serve: warning: {cfg.api_keys} is readable by other users (chmod 600 it)",
               file=sys.stderr)
-    import torch
     import uvicorn
 
-    from instructgpt.serving.app import create_app, load_server
-
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
 
     server = load_server(cfg, keys)
     scheme = "https" if cfg.ssl_certfile else "http"

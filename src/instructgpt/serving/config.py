@@ -1,15 +1,18 @@
-"""The server's typed configuration: what `instructgpt serve` flags become, with cross-field checks in `validate()`."""
+"""The server's typed configuration: ``instructgpt serve [--config FILE.yaml] [key=value ...]`` (its flags set the
+same keys), with cross-field checks in `validate()`."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
+from instructgpt.config import ConfigError
+from instructgpt.modeling import pick_device, resolve_path
 from instructgpt.serving.security import is_loopback
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(ConfigError):
     pass
 
 
@@ -32,13 +35,16 @@ class Limits:
 
 @dataclass
 class ServeConfig:
-    model: str
+    model: Optional[str] = None  # model directory, hub id, .gguf file or builtin:base
     model_name: Optional[str] = None  # the id clients send as `model`; default: the model directory's basename
-    reward_model: Optional[str] = None
-    engine: str = "ours"  # "ours" (generation.sample, CPU or GPU) or "vllm"
+    reward_model: Optional[str] = None  # best_of keeps the samples it scores highest
+    engine: Literal["ours", "vllm"] = "ours"  # "ours" (generation.sample, CPU or GPU) or "vllm"
     device: str = "auto"  # auto: cuda when available
     host: str = "127.0.0.1"
     port: int = 8000
+    # API keys, one per line, optionally name:key (re-read when the file changes); also INSTRUCTGPT_API_KEYS
+    api_keys: Optional[str] = None
+    threads: int = 0  # torch CPU threads; 0: torch's choice
     max_batch_size: int = 32  # rows (sequences) per generation batch
     batch_wait_ms: float = 20.0  # the longest a request waits for others to batch with (see engine.py)
     max_pending_rows: int = 1024  # queued rows beyond this: 503
@@ -51,10 +57,13 @@ class ServeConfig:
     request_timeout_s: Optional[float] = None  # a non-streaming request still unanswered after this is cancelled: 504
     limits: Limits = field(default_factory=Limits)
 
-    def validate(self, have_keys: bool) -> None:
+    def validate(self, have_keys: Optional[bool] = None) -> None:
+        """The settings' own checks; with `have_keys` (whether any API key is configured), the binding's too."""
+        if not self.model:
+            raise ServeConfigError("model: required (--model DIR or model=DIR)")
         if self.engine not in ("ours", "vllm"):
             raise ServeConfigError(f"--engine must be 'ours' or 'vllm', got {self.engine!r}")
-        if not have_keys and not is_loopback(self.host):
+        if have_keys is False and not is_loopback(self.host):
             raise ServeConfigError(
                 f"refusing to serve on {self.host} without API keys: give --api-keys FILE or set "
                 "INSTRUCTGPT_API_KEYS, or bind to 127.0.0.1")
@@ -69,8 +78,6 @@ class ServeConfig:
             raise ServeConfigError("--max-batch-size must be >= 1, --batch-wait-ms and --rate-limit >= 0")
         if self.limits.max_rows < max(self.limits.max_n, self.limits.max_best_of):
             raise ServeConfigError("limits: max_rows must be >= max_n and max_best_of")
-        from instructgpt.modeling import pick_device
-
         try:
             pick_device(self.device)
         except ValueError as e:
@@ -79,17 +86,5 @@ class ServeConfig:
     def resolved_model_name(self) -> str:
         if self.model_name:
             return self.model_name
-        from instructgpt.modeling import resolve_path
-
         path = resolve_path(self.model).rstrip("/\\")  # builtin:base -> .../assets/base
         return os.path.basename(path) if os.path.isdir(path) else self.model
-
-
-def context_length(model_config, tokenizer=None, default: int = 2048) -> int:
-    """The longest prompt + completion a model takes (GPT-2: n_positions; most others: max_position_embeddings)."""
-    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
-        v = getattr(model_config, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    m = getattr(tokenizer, "model_max_length", None)
-    return m if isinstance(m, int) and 0 < m < 10**7 else default

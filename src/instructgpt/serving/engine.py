@@ -34,7 +34,8 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
-from instructgpt.generation import Completion, SamplingParams, _first_stop, eos_ids, is_greedy, left_pad, sample
+from instructgpt.batching import left_pad
+from instructgpt.generation import Completion, SamplingParams, _first_stop, eos_ids, is_greedy, sample
 
 STOP_KEEP_ALL = 1 << 62  # what our stop_check returns to end a row without cutting its text
 # A batch short of its wave waits for the rest up to this fraction of the previous batch's run time (or batch_wait_s,

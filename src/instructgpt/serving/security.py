@@ -113,7 +113,7 @@ class ReloadingKeys:
         self.path, self.env_value = path, env_value
         self.log = log or (lambda msg: print(f"instructgpt serve: {msg}", file=sys.stderr, flush=True))
         self._signature = self._stat()
-        self.keys: KeyStore = load_api_keys(path, env_value)  # a bad file at start-up is an error, as before
+        self.keys: KeyStore = load_api_keys(path, env_value)  # a bad file at start-up is an error
         self._lock = threading.Lock()
 
     def _stat(self) -> Optional[tuple[int, int, int]]:

@@ -1,0 +1,182 @@
+"""Batching: training examples, pretraining text in blocks, packing, and padding, in one place.
+
+Left padding is for anything that generates or reads a response after a prompt (sampling, PPO, SFT's loss on the
+response); right padding for scoring whole sequences at their last token (the reward model, DPO).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from instructgpt.config import ConfigError, DataConfig
+from instructgpt.data import DataError, iter_pretrain_text, load_prompts
+from instructgpt.prompting import encode_prompt
+
+
+@dataclass
+class Example:
+    """One training row: token ids and which of them carry loss; a packed row also has each token's position within
+    its own example (`pack`)."""
+
+    input_ids: list[int]
+    loss_mask: list[bool]
+    position_ids: Optional[list[int]] = None
+
+
+class TokenBlocks(Sequence[Example]):
+    """Blocks of pretraining text held as one (N, block_size) int32 tensor, `ids`: 4 bytes a token where lists of
+    Python ints take about 39 (32M tokens of ptx text: 128 MB instead of 1.25 GB, on every rank). Indexing gives an
+    `Example` with every token trainable; slicing gives `TokenBlocks`."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return TokenBlocks(self.ids[i])
+        row = self.ids[i].tolist()
+        return Example(row, [True] * len(row))
+
+
+DOCS_PER_BATCH = 256  # documents tokenised per call: batched calls are faster than one document at a time
+
+
+def text_blocks(tokenizer, texts: Iterable[str], block_size: int, max_tokens: int | None = None) -> TokenBlocks:
+    """Pretraining text -> documents joined by EOS, cut into full blocks (every token trainable). With `max_tokens`,
+    the blocks of the first max_tokens tokens: documents are read (and tokenised) only until there are that many; a
+    batch is the documents still wanted at the mean length so far, at most as many as read so far (the first is one
+    document), so at most twice the documents needed are read."""
+    tail = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    docs, parts, n_tokens, n_docs = iter(texts), [], 0, 0
+    while max_tokens is None or n_tokens < max_tokens:
+        size = DOCS_PER_BATCH
+        if max_tokens is not None:
+            wanted = math.ceil((max_tokens - n_tokens) * n_docs / n_tokens) if n_tokens else 1
+            size = max(1, min(size, n_docs, wanted))  # at most doubling: never more than twice the documents needed
+        batch = list(itertools.islice(docs, size))
+        if not batch:
+            break
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        parts.append(torch.tensor([t for ids in encoded for t in ids + tail], dtype=torch.int32))
+        n_tokens, n_docs = n_tokens + len(parts[-1]), n_docs + len(batch)
+    stream = torch.cat(parts)[:max_tokens] if parts else torch.zeros(0, dtype=torch.int32)
+    n = len(stream) // block_size
+    return TokenBlocks(stream[: n * block_size].reshape(n, block_size))
+
+
+def pretrain_blocks(tokenizer, data: DataConfig) -> TokenBlocks:
+    """`data.pretrain` in blocks of `data.max_length` tokens, of its first `data.pretrain_max_tokens` tokens where
+    that is set (a Hugging Face dataset is then streamed, so a corpus like OpenWebText is read only that far)."""
+    capped = data.pretrain_max_tokens is not None
+    blocks = text_blocks(tokenizer, iter_pretrain_text(data.pretrain, streaming=capped), data.max_length,
+                         data.pretrain_max_tokens)
+    if not blocks:
+        raise DataError(data.pretrain, None, None, f"less than one block of data.max_length={data.max_length} tokens")
+    return blocks
+
+
+def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
+    """Concatenate examples into rows of at most `max_length` tokens (greedy, in order); masks travel along, and the
+    positions restart at each example, which is what keeps the examples of a row apart (`response_loss_sum`)."""
+    rows, ids, mask, pos = [], [], [], []
+    for ex in examples:
+        if ids and len(ids) + len(ex.input_ids) > max_length:
+            rows.append(Example(ids, mask, pos))
+            ids, mask, pos = [], [], []
+        ids, mask, pos = ids + ex.input_ids, mask + ex.loss_mask, pos + list(range(len(ex.input_ids)))
+    if ids:
+        rows.append(Example(ids, mask, pos))
+    return rows
+
+
+def collate(examples: Sequence[Example], pad_token_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded (or `left`-padded) (B, T) input_ids, attention_mask and labels (-100 where no loss); for packed
+    rows also position_ids, the padding numbered as a sequence of its own."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    att = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    packed = any(e.position_ids is not None for e in examples)
+    pos = torch.arange(width).repeat(len(examples), 1) if packed else None
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        span = slice(width - n, width) if left else slice(0, n)
+        ids[i, span] = torch.tensor(e.input_ids)
+        att[i, span] = 1
+        labels[i, span] = torch.where(torch.tensor(e.loss_mask), ids[i, span], torch.tensor(-100))
+        if packed:
+            pos[i] = torch.arange(width) - (0 if left else n)  # the padding: 0, 1, ... a sequence of its own
+            pos[i, span] = torch.tensor(e.position_ids if e.position_ids is not None else list(range(n)))
+    batch = {"input_ids": ids, "attention_mask": att, "labels": labels}
+    if packed:
+        batch["position_ids"] = pos
+    return batch
+
+
+def split_eval(examples: list[Example], eval_size: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold `eval_size` examples out of training (seeded), when no separate eval set is given."""
+    if eval_size <= 0 or len(examples) <= eval_size * 2:
+        return examples, []
+    g = torch.Generator().manual_seed(seed + 7)
+    perm = torch.randperm(len(examples), generator=g).tolist()
+    held = set(perm[:eval_size])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def prompt_ids(tokenizer, source: str, max_length: int, skip_bad: bool = False,
+               limit: int | None = None) -> tuple[list, list[list[int]], int]:
+    """A prompt source's prompts (messages) and their token ids, the first `limit` usable ones: -> (prompts, ids,
+    skipped). One longer than `max_length` tokens is a DataError naming its file and line, or with `skip_bad` a
+    counted skip."""
+    records = load_prompts(source, skip_bad=skip_bad)
+    prompts, ids, skipped = [], [], records.skipped
+    for r in records:
+        q = encode_prompt(tokenizer, r.messages)
+        if len(q) > max_length:
+            if not skip_bad:
+                raise DataError(r.file, r.line, "prompt",
+                                f"prompt is {len(q)} tokens, longer than data.max_length={max_length}")
+            skipped += 1
+            continue
+        prompts.append(r.messages)
+        ids.append(q)
+        if limit and len(ids) >= limit:
+            break
+    if not ids:
+        raise ConfigError(f"data: no usable prompts in {source}")
+    return prompts, ids, skipped
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Padding
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of shape (B, max_len), padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of shape (B, max_len), padded on the right."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,84 @@
+"""The policy's and the critic's forward passes, as PPO reads them.
+
+The policy is any causal LM; the critic is V(s) at every position, either a separate value model (InstructGPT's:
+initialised from the reward model, trunk and head) or a zero-initialised scalar head on the policy's own trunk
+(lm-human-preferences; ``ppo.value_model: policy``). PPO holds one `Critic` and never asks which kind it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from instructgpt.modeling import position_ids_from_mask
+from instructgpt.reward import token_values
+
+
+def response_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits that predict the response tokens (see `policy_forward(response_len=R)`), divided by the temperature."""
+    return logits.float() / temperature  # (B, R, V)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H(softmax(logits)) at every position: (B, R, V) -> (B, R)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def policy_forward(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False,
+                   response_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, last hidden state (B, T, d) when `hidden`, else None) with position ids that ignore left padding.
+
+    With `response_len` = R the logits are only those predicting the last R tokens, (B, R, V): positions
+    T-R-1 .. T-2, so the LM head never runs over the query (`logits_to_keep`). Otherwise (B, T, V).
+    """
+    kw = {"logits_to_keep": response_len + 1} if response_len is not None else {}
+    out = policy(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                 output_hidden_states=hidden, **kw)
+    logits = out.logits[:, :-1] if response_len is not None else out.logits
+    # fp32 log-probs under train.mixed_precision (a no-op in fp32)
+    return logits.float(), (out.hidden_states[-1] if hidden else None)
+
+
+@torch.no_grad()
+def ref_logits(policy, ref, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+    """The reference's response logits: the frozen SFT model, or (LoRA, `ref` None) the policy with its adapter off."""
+    if ref is not None:
+        return policy_forward(ref, input_ids, attention_mask, response_len=response_len)[0]
+    with policy.disable_adapter():
+        return policy_forward(policy, input_ids, attention_mask, response_len=response_len)[0]
+
+
+class ValueHead(torch.nn.Module):
+    """A scalar head on the policy's last hidden state (`ppo.value_model: policy`); zero-initialised (checklist)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.head = torch.nn.Linear(d_model, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden).squeeze(-1).float()
+
+
+class Critic:
+    """V(state) at every position of (query + response) rows, from one network: a value model of its own, or a
+    `ValueHead` that reads the policy's hidden states (pass them, from `policy_forward(hidden=True)`)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module  # replaced by accelerate's prepared module before training
+        self.reads_policy = isinstance(module, ValueHead)  # values from the policy's own forward, not one of theirs
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) values; a head needs `policy_hidden` (B, T, d)."""
+        if self.reads_policy:
+            return self.module(policy_hidden)
+        return token_values(self.module, input_ids, attention_mask)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)

@@ -1,0 +1,125 @@
+"""``instructgpt ppo``'s configuration: every hyper-parameter of PPO-ptx, each departure from InstructGPT's settings
+(Ouyang et al. 2022, App. C.4) a flag with a comment saying what the paper did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from instructgpt.config import ConfigError, StageConfig, TrainConfig
+from instructgpt.generation import GREEDY_BELOW, is_greedy
+from instructgpt.judges import GOLD
+
+DEFAULT_PROMPTS = "builtin:task-prompts?split=train&n=4000&seed=1"
+DEFAULT_EVAL_PROMPTS = "builtin:task-prompts?split=heldout&n=128&seed=7"
+
+
+@dataclass
+class RewardModelConfig:
+    # an `instructgpt rm` out_dir or its model/ directory; or "builtin:gold": the built-in task's gold labeler itself
+    # as the reward (2 * gold - 1), an oracle run that shows what PPO gets from a perfect reward model (not RLHF)
+    name_or_path: str | None = None
+
+
+@dataclass
+class PPOParams:
+    kl_coef: float = 0.02  # beta; the paper's fixed value (App. C.4)
+    kl_estimator: Literal["k1", "k3"] = "k1"  # k1 = log pi - log pi_ref, the paper's; k3 is never negative
+    # beta * KL as a loss term on the policy's current log-probs (GRPO's, Shao et al. 2024, with k3) instead of a
+    # penalty in the reward (the paper's)
+    kl_in_loss: bool = False
+    adaptive_kl: bool = False  # lm-human-preferences' controller instead of a fixed beta (the paper: fixed)
+    kl_target: float = 6.0  # adaptive controller: target of sum_t KL per sequence
+    kl_horizon: int = 10000  # adaptive controller: episodes
+    ptx_coef: float = 27.8  # gamma of PPO-ptx (not GAE's gamma); 0 = plain PPO
+    ptx_token_ratio: float = 8.0  # pretraining tokens per episode token in each minibatch (the paper: 8x)
+    gamma: float = 1.0  # GAE discount (the paper: no discount)
+    lam: float = 0.95  # GAE lambda (not stated by the paper; lm-human-preferences' value)
+    # "gae" is the paper's: a value model and GAE. "rloo" / "grpo" drop the value model (a departure, as in OpenRLHF's
+    # --advantage_estimator): each response's return (score - beta * its summed KL) against the other
+    # ppo.samples_per_prompt responses to the same prompt, the same advantage at every token
+    advantage_estimator: Literal["gae", "rloo", "grpo"] = "gae"
+    samples_per_prompt: int = 1  # k responses to each prompt in a rollout batch (rloo / grpo need k >= 2)
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    ppo_epochs: int = 1  # the paper: 1 epoch of 8 minibatches (512 / 64)
+    num_minibatches: int = 8
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True  # over the whole rollout batch, response tokens only
+    temperature: float = 1.0  # rollout sampling temperature (the paper: 1); log-probs use logits / temperature
+    response_length: int = 32  # max new tokens per response
+    missing_eos_penalty: float | None = -1.0  # score of a response that never emits EOS (None: the RM's score)
+    value_model: Literal["reward_model", "policy"] = "reward_model"  # paper: a separate value model from the RM
+    recompute_logprobs: bool = False  # old log-probs from a full forward after sampling instead of the sampler's
+    value_lora: bool = False  # train the value model through LoRA (model.lora settings) instead of in full
+    value_lr: float | None = None  # value model's lr (None: train.lr); the paper: 9e-6, fixed
+    ema_decay: float | None = None  # EMA of the policy weights, saved as the final model (the paper: 0.992)
+    eval_prompts: int = 128  # held-out prompts for the monitor (data.eval), every train.eval_every updates
+    sample_every: int = 10  # every N updates, write a few (query, response, score, kl) to samples.jsonl
+    keep_best: Literal["none", "gold", "reward"] = "none"  # keep the checkpoint with the best held-out gold score,
+    # or ("reward") the best held-out RM score whose KL is within kl_budget; "none" keeps the last
+    kl_budget: float | None = None
+
+
+def _ppo_train() -> TrainConfig:
+    # The paper: constant lr after a 10-iteration warmup; train.max_steps counts PPO updates (rollout batches),
+    # train.batch_size episodes per update (the paper: 512), the scheduler steps once per update.
+    return TrainConfig(max_steps=100, batch_size=64, lr=1e-5, warmup_steps=10, min_lr_ratio=1.0, log_every=1,
+                       eval_every=10, save_every=10)
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    train: TrainConfig = field(default_factory=_ppo_train)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    ppo: PPOParams = field(default_factory=PPOParams)
+
+    def __post_init__(self):
+        if self.data.train is None:
+            self.data.train = DEFAULT_PROMPTS
+        if self.data.eval is None:
+            self.data.eval = DEFAULT_EVAL_PROMPTS
+
+    @property
+    def uses_critic(self) -> bool:
+        """A value model (or head) and GAE: the paper's; rloo / grpo have none."""
+        return self.ppo.advantage_estimator == "gae"
+
+    def validate(self) -> None:
+        super().validate()
+        p = self.ppo
+        if not self.reward_model.name_or_path:
+            raise ConfigError("reward_model.name_or_path: required (an `instructgpt rm` out_dir or its model/)")
+        if self.reward_model.name_or_path == GOLD and p.value_model != "policy" and self.uses_critic:
+            raise ConfigError(f"reward_model.name_or_path={GOLD} has no network to start a value model from: "
+                              "set ppo.value_model=policy")
+        if self.train.batch_size % p.num_minibatches:
+            raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be a multiple of "
+                              f"ppo.num_minibatches ({p.num_minibatches})")
+        if self.train.batch_size % p.samples_per_prompt:
+            raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be a multiple of "
+                              f"ppo.samples_per_prompt ({p.samples_per_prompt})")
+        if not self.uses_critic and p.samples_per_prompt < 2:
+            raise ConfigError(f"ppo.advantage_estimator={p.advantage_estimator} compares the responses to one prompt: "
+                              f"set ppo.samples_per_prompt >= 2 (got {p.samples_per_prompt})")
+        for k in ("ppo_epochs", "num_minibatches", "response_length", "samples_per_prompt"):
+            if getattr(p, k) < 1:
+                raise ConfigError(f"ppo.{k}: must be >= 1, got {getattr(p, k)}")
+        if is_greedy(p.temperature):
+            raise ConfigError(f"ppo.temperature: must be at least {GREEDY_BELOW} (log-probs divide by it; below, "
+                              f"sampling is greedy), got {p.temperature}")
+        if p.ptx_coef < 0 or p.kl_coef < 0:
+            raise ConfigError("ppo.ptx_coef and ppo.kl_coef must be >= 0")
+        if p.ptx_coef > 0 and not self.data.pretrain:
+            raise ConfigError("data.pretrain: needed when ppo.ptx_coef > 0 (the ptx text); set ppo.ptx_coef=0 "
+                              "for plain PPO")
+        if p.ema_decay is not None and not 0 < p.ema_decay < 1:
+            raise ConfigError(f"ppo.ema_decay: must be in (0, 1), got {p.ema_decay}")
+        if p.keep_best == "reward" and p.kl_budget is None:
+            raise ConfigError("ppo.kl_budget: needed with ppo.keep_best=reward")
+        if self.train.mixed_precision != "no" and not p.recompute_logprobs:
+            # the KV-cached sampler's low-precision log-probs differ from a full forward's by ~1e-2 per token: the
+            # KL penalty and the first ratio would read that rounding as policy change
+            raise ConfigError(f"train.mixed_precision={self.train.mixed_precision} needs ppo.recompute_logprobs=true "
+                              "(old log-probs from the same full forward as the reference's and the update's)")

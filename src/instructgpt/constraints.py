@@ -27,6 +27,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -222,8 +223,6 @@ def ensure_punkt() -> str:
         try:
             os.replace(tmp, lang_dir)  # atomic; a concurrent writer that won leaves the same files
         except OSError:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     if root not in nltk.data.path:
         nltk.data.path.insert(0, root)

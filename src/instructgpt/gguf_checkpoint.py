@@ -26,6 +26,10 @@ import shutil
 import time
 from collections.abc import Iterator
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.utils import cached_file
+
 from instructgpt.config import ConfigError
 from instructgpt.files import replace_dir
 
@@ -52,8 +56,6 @@ def locate_gguf(name_or_path: str, gguf_file: str | None = None) -> str:
     elif os.path.isabs(gguf_file) or os.path.isdir(name_or_path):
         path = os.path.join(name_or_path, gguf_file)  # join ignores the directory when gguf_file is absolute
     else:  # a hub id: the file comes through the Hugging Face cache like any other model file
-        from transformers.utils import cached_file
-
         try:
             path = cached_file(name_or_path, gguf_file)
         except OSError as e:
@@ -127,9 +129,6 @@ def dequantize_gguf(path_or_dir: str, gguf_file: str | None = None, out_dir: str
 
 def load_dense(gguf_path: str):
     """(model, tokenizer) read from a GGUF file by transformers, every weight de-quantised to a dense fp32 tensor."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     folder, name = os.path.split(gguf_path)
     kwargs: dict = {}
     try:  # transformers >= 5 can keep GGUF blocks packed; ask for dense weights (older versions always unpack)

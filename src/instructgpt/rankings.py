@@ -30,15 +30,10 @@ class RankingStageConfig(StageConfig):
 
     epochs: float = 1.0  # with train.max_steps=0 (default): steps = ceil(epochs * prompts / batch_size)
 
+    min_steps = 0  # train.max_steps=0 (the default): as many steps as `epochs` take
+
     def validate(self) -> None:
-        max_steps = self.train.max_steps
-        self.train.max_steps = max(1, max_steps)
-        try:
-            super().validate()
-        finally:
-            self.train.max_steps = max_steps
-        if max_steps < 0:
-            raise ConfigError("train.max_steps: must be >= 0 (0: derived from epochs)")
+        super().validate()
         if self.epochs <= 0:
             raise ConfigError(f"epochs: must be > 0, got {self.epochs}")
         if self.data.train is None:

@@ -1,5 +1,6 @@
 """Requests/s and p50/p99 latency of `instructgpt serve` at concurrency 1, 8 and 32, against serving the same requests
-one by one with plain Hugging Face `model.generate`, back to back in one script.
+one by one with plain Hugging Face `model.generate`, back to back in one script; and at concurrency 32 with mixed
+lengths (one request in 16 asks 128 tokens), the latency of the short requests.
 
 The requests: N held-out instructions of the built-in task, rendered with the prompt template, sent raw to
 /v1/completions with max_tokens 32 and temperature 1 (the baseline: `generate(do_sample=True, temperature=1,
@@ -32,6 +33,8 @@ from instructgpt.serving.config import ServeConfig
 from instructgpt.tasks import make_tasks
 
 MAX_TOKENS = 32
+LONG_MAX_TOKENS = 128  # the mixed run: one request in LONG_EVERY asks this many
+LONG_EVERY = 16
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -61,26 +64,36 @@ def one_by_one(model, tok, prompts: list[str], device: str) -> dict:
     return summary(lat, time.perf_counter() - t0, tokens)
 
 
-async def against_server(url: str, model_name: str, prompts: list[str], concurrency: int) -> dict:
+async def against_server(url: str, model_name: str, prompts: list[str], concurrency: int,
+                         long_every: int = 0) -> dict:
+    """Closed-loop clients, `concurrency` requests in flight. With `long_every`, every long_every-th request asks
+    LONG_MAX_TOKENS instead of MAX_TOKENS, and the latencies reported are those of the MAX_TOKENS requests (how long
+    a short request waits behind long ones), the long ones' p50 beside them."""
     sem = asyncio.Semaphore(concurrency)
-    lat, tokens = [], [0]
+    lat, long_lat, tokens = [], [], [0]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        async def one(p: str) -> None:
+        async def one(i: int, p: str) -> None:
             async with sem:
+                long = long_every and i % long_every == long_every - 1
                 t = time.perf_counter()
-                r = await client.post("/v1/completions", json={"model": model_name, "prompt": p,
-                                                               "max_tokens": MAX_TOKENS, "temperature": 1.0})
+                r = await client.post("/v1/completions", json={"model": model_name, "prompt": p, "temperature": 1.0,
+                                                               "max_tokens": LONG_MAX_TOKENS if long else MAX_TOKENS})
                 r.raise_for_status()
-                lat.append(time.perf_counter() - t)
+                (long_lat if long else lat).append(time.perf_counter() - t)
                 tokens[0] += r.json()["usage"]["completion_tokens"]
 
-        await asyncio.gather(*(one(p) for p in prompts[:4]))  # warm-up (connections, first batches)
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts[:4])))  # warm-up (connections, batches)
         lat.clear()
+        long_lat.clear()
         tokens[0] = 0
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(p) for p in prompts))
-        return summary(lat, time.perf_counter() - t0, tokens[0])
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        out = summary(lat, time.perf_counter() - t0, tokens[0])
+        if long_lat:
+            out["requests_per_s"] = round((len(lat) + len(long_lat)) / out["wall_s"], 2)
+            out["long_requests"], out["long_p50_ms"] = len(long_lat), round(1000 * percentile(long_lat, 50), 1)
+        return out
 
 
 def free_port() -> int:
@@ -131,11 +144,14 @@ def main() -> None:
     port = free_port()
     proc = start_server(args.model, port, args.device, args.max_batch_size, args.threads)
     served = {}
+    url, name = f"http://127.0.0.1:{port}", ServeConfig(args.model).resolved_model_name()
     try:
         for c in (1, 8, 32):
-            served[c] = asyncio.run(against_server(f"http://127.0.0.1:{port}", ServeConfig(args.model)
-                                                   .resolved_model_name(), prompts, c))
+            served[c] = asyncio.run(against_server(url, name, prompts, c))
             print(f"server, concurrency {c}: {served[c]}", flush=True)
+        mixed = asyncio.run(against_server(url, name, prompts, 32, long_every=LONG_EVERY))
+        print(f"server, concurrency 32, one request in {LONG_EVERY} asking {LONG_MAX_TOKENS} tokens: {mixed}",
+              flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -147,12 +163,16 @@ def main() -> None:
     for c, s in served.items():
         print(f"concurrency {c:>2}: {s['requests_per_s']:7.2f} req/s  p50 {s['p50_ms']:8.1f} ms  "
               f"p99 {s['p99_ms']:8.1f} ms  = {ratios[c]:.2f}x one-by-one ({base_rps:.2f} req/s)")
+    print(f"concurrency 32, mixed lengths: {mixed['requests_per_s']:7.2f} req/s  {MAX_TOKENS}-token requests p50 "
+          f"{mixed['p50_ms']:8.1f} ms  p99 {mixed['p99_ms']:8.1f} ms")
     result = {
         "model": args.model, "device": args.device, "requests": args.requests, "max_tokens": MAX_TOKENS,
         "temperature": 1.0, "max_batch_size": args.max_batch_size,
         "threads": args.threads or "torch default",
         "one_by_one_hf_generate": {"before": base_before, "after": base_after, "mean_requests_per_s": base_rps},
         "server": {str(c): s for c, s in served.items()},
+        # latencies of the 32-token requests while one in LONG_EVERY asks LONG_MAX_TOKENS
+        "server_32_mixed_lengths": {"long_every": LONG_EVERY, "long_max_tokens": LONG_MAX_TOKENS, **mixed},
         "speedup_vs_one_by_one": {str(c): r for c, r in ratios.items()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__,

@@ -137,8 +137,9 @@ def prompt_of(tok, instruction: str) -> str:
 def test_select_batch_groups_compatible_jobs_and_runs_seeded_ones_alone():
     a = SamplingParams(temperature=1.0, n=2)
     jobs = [Job([1], a), Job([2], SamplingParams(temperature=0.5)), Job([3], a),
-            Job([4], replace(a, seed=1)), Job([5], replace(a, n=1, max_new_tokens=5, stop=("x",), logprobs=2))]
-    # max_tokens, stop, n and logprobs are per row: the last job batches with the first
+            Job([4], replace(a, seed=1)), Job([5], replace(a, n=1, max_new_tokens=100, stop=("x",), logprobs=2))]
+    # max_tokens (within its factor-of-two class: 64 and 100), stop, n and logprobs are per row: the last job
+    # batches with the first
     assert select_batch(jobs, 8) == [jobs[0], jobs[2], jobs[4]]
     assert select_batch(jobs, 4) == [jobs[0], jobs[2]]
     assert select_batch(jobs[3:], 8) == [jobs[3]]  # a seed runs alone
@@ -231,14 +232,14 @@ def test_engine_rows_keep_their_own_max_tokens_stop_and_stream(ref):
     engine = BatchingEngine(TorchRunner(model, tok), max_batch_size=8, batch_wait_s=0.2)
     ids = tok(prompt_of(tok, "spell the word cat"), add_special_tokens=False)["input_ids"]
     g = SamplingParams(temperature=0, max_new_tokens=14, stop_at_eos=False)
-    long, short = Job(ids, g), Job(ids, replace(g, max_new_tokens=3))
+    long, short = Job(ids, g), Job(ids, replace(g, max_new_tokens=8))  # within 2x: the same batch
     for j in (long, short):
         engine.submit(j)
     engine.start()  # both were queued: one batch
     L, S = long.future.result(30)[0], short.future.result(30)[0]
     assert engine.stats.batches == 1 and list(engine.stats.recent_batch_rows) == [2]
     assert len(L.token_ids) == 14 and L.finish_reason == "length"
-    assert S.token_ids == L.token_ids[:3] and S.finish_reason == "length" and len(S.logprobs) == 3
+    assert S.token_ids == L.token_ids[:8] and S.finish_reason == "length" and len(S.logprobs) == 8
 
     stop = L.text[5:9]
     assert len(stop) == 4 and L.text.find(stop) > 0
@@ -287,6 +288,33 @@ def test_waves_of_closed_loop_clients_are_not_split_into_batch_and_stragglers():
     engine.close()
     # 8 clients x 4 requests: one batch per round (plus at most one split at the start), never one every 50 ms
     assert sum(runner.batches) == 32 and max(runner.batches) == 8 and len(runner.batches) <= 5
+
+
+def test_a_short_request_never_runs_for_as_long_as_a_long_one():
+    """A batch runs as many steps as its longest request allows: requests share one only when their max_tokens are
+    within a factor of two, so 16-token requests queued with a 480-token one run at most 31 steps, not 480."""
+    class StepRunner:  # stands in for the model: 1 ms a step, as many steps as the batch's longest request
+        batches: list[tuple[list[int], int]] = []
+
+        def run(self, jobs):
+            steps = max(j.params.max_new_tokens for j in jobs)
+            self.batches.append((sorted(j.params.max_new_tokens for j in jobs), steps))
+            time.sleep(steps / 1000)
+            for j in jobs:
+                j.future.set_result([])
+
+    runner = StepRunner()
+    engine = BatchingEngine(runner, max_batch_size=32, batch_wait_s=0.0)
+    lengths = [480, 16, 20, 16, 300, 31, 32]
+    jobs = [Job([i], SamplingParams(max_new_tokens=n)) for i, n in enumerate(lengths)]
+    for j in jobs:
+        engine.submit(j)
+    engine.start()
+    for j in jobs:
+        j.future.result(10)
+    engine.close()
+    assert runner.batches == [([300, 480], 480), ([16, 16, 20, 31], 31), ([32], 32)]
+    assert select_batch(jobs, 32) == [jobs[0], jobs[4]]  # the oldest and those of its length class
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /health.
+"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /health, and its
+OpenAPI schema at /openapi.json.
 
 Every /v1 request goes through `_endpoint`: API key -> rate limit -> bounded body -> JSON -> schema -> handler, and
 leaves one audit-log record. Errors are OpenAI's error JSON with OpenAI's status codes; anything unexpected is a 500
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import importlib.metadata
 import json
 import math
 import secrets
@@ -583,7 +585,9 @@ async def completions(server: Server, body: bytes, rec: RequestRecord) -> Respon
         raise invalid("echo with logprobs is not supported", param="echo")
     top_k = None if req.logprobs is None else bounded(req.logprobs, lim.max_completion_logprobs, "logprobs")
     stops = stop_strings(req.stop, lim)
-    max_tokens = bounded(req.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS, lim.max_tokens, "max_tokens")
+    # OpenAI's default of 16, unless this server allows fewer: a request that asks nothing is never refused for it
+    max_tokens = min(COMPLETIONS_DEFAULT_MAX_TOKENS, lim.max_tokens) if req.max_tokens is None else \
+        bounded(req.max_tokens, lim.max_tokens, "max_tokens")
     ids, texts = completion_prompts(server, req.prompt)
     if len(ids) * best_of > lim.max_rows:
         raise invalid(f"prompts x best_of (or n) must be at most {lim.max_rows}", param="n")
@@ -635,7 +639,7 @@ async def chat_completions(server: Server, body: bytes, rec: RequestRecord) -> R
     check_model(server, req.model, rec)
     check_unsupported(req)
     lim = server.limits
-    if req.response_format and req.response_format.get("type") != "text":
+    if req.response_format is not None and req.response_format.get("type") != "text":
         raise invalid("only response_format {'type': 'text'} is supported", param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("logprobs must be true when top_logprobs is set", param="top_logprobs")
@@ -679,33 +683,201 @@ async def chat_completions(server: Server, body: bytes, rec: RequestRecord) -> R
                                    S.usage(rec.prompt_tokens, rec.completion_tokens)))
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The OpenAPI schema (GET /openapi.json). The /v1 routes read their bodies themselves (the key and the size limit are
+# checked before any JSON is parsed), so FastAPI cannot infer their request and response schemas from the handlers'
+# signatures: they are declared here, from the pydantic models in schemas.py, with every status a route can answer.
+
+_ERRORS = {
+    400: "Invalid request (OpenAI's invalid_request_error): the body is not a JSON object, a parameter is unknown, "
+         "of the wrong type (code invalid_type: a string for max_tokens, a boolean for n ...), out of its range, or "
+         "beyond this server's limits (max_tokens, n, best_of, prompts, stop sequences, the context length: code "
+         "context_length_exceeded)",
+    401: "No API key, or one this server does not know (code invalid_api_key)",
+    404: "No such model (code model_not_found)",
+    413: "The request body is larger than this server accepts",
+    429: "The key's rate limit is reached (code rate_limit_exceeded); the Retry-After header says when to retry",
+    500: "An unexpected error while serving the request; the message is generic",
+    503: "The server is at capacity (code server_overloaded) or shutting down; retry shortly",
+    504: "The request was not answered within the server's time limit (code timeout)",
+}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str) -> dict:
+    return {"application/json": {"schema": _ref(name)}}
+
+
+def _route_doc(server: Server, ok: dict, body: Optional[type[BaseModel]] = None, model_param: bool = False) -> dict:
+    """`openapi_extra` for a /v1 route: its request body, its 200 and the errors this server's settings allow."""
+    statuses = [500]
+    if server.keys is not None:
+        statuses.append(401)
+    if server.limiter is not None:
+        statuses.append(429)
+    if body is not None or model_param:
+        statuses.append(404)
+    if body is not None:
+        statuses += [400, 413, 503] + ([504] if server.cfg.request_timeout_s is not None else [])
+    responses = {"200": ok}
+    for status in sorted(statuses):
+        doc = {"description": _ERRORS[status], "content": _json("ErrorResponse")}
+        if status == 429:
+            doc["headers"] = {"Retry-After": {"description": "seconds until the next request is allowed",
+                                              "schema": {"type": "integer", "minimum": 1}}}
+        responses[str(status)] = doc
+    extra: dict = {"responses": responses}
+    if model_param:
+        extra["parameters"] = [{"name": "model_id", "in": "path", "required": True,
+                                "schema": {"type": "string", "enum": [server.model_name]}}]
+    if body is not None:
+        extra["requestBody"] = {"required": True, "content": _json(body.__name__)}
+    if server.keys is not None:
+        extra["security"] = [{"bearer": []}]
+    return extra
+
+
+def _completion_ok(name: str, chunk: str) -> dict:
+    # an event stream's `schema` describes one event (as schemathesis reads OpenAPI 3.1): its data is a JSON chunk,
+    # an error object if the stream fails midway, or the final [DONE]
+    event = {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "if": {"const": "[DONE]"},
+        "else": {"contentMediaType": "application/json",
+                 "contentSchema": {"anyOf": [_ref(chunk), _ref("ErrorResponse")]}}}}}
+    return {"description": f"The completion; with `stream: true`, server-sent events instead: `data: <{chunk} JSON>` "
+                           "per event, ended by `data: [DONE]`",
+            "content": {**_json(name), "text/event-stream": {"schema": event}}}
+
+
+def _bound(prop: dict, **constraints) -> None:
+    """Add constraints to a property's non-null alternatives (pydantic writes Optional[X] as anyOf [X, null])."""
+    for alt in prop.get("anyOf", [prop]):
+        if alt.get("type") != "null":
+            alt.update(constraints)
+
+
+def _server_bounds(defs: dict, server: Server) -> None:
+    """The request schemas as this server checks them: the served model, its limits (`Limits`), its vocabulary, and
+    the values it accepts only empty. Cross-field rules (best_of >= n, prompts x best_of <= max_rows, the context
+    length) stay in prose: a request that breaks them is a 400."""
+    lim = server.limits
+    stop = {"anyOf": [{"type": "string", "maxLength": lim.max_stop_chars},
+                      {"type": "array", "maxItems": lim.max_stop,
+                       "items": {"type": "string", "maxLength": lim.max_stop_chars}},
+                      {"type": "null"}], "default": None, "title": "Stop"}
+    token_ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0,
+                                                            "maximum": server.vocab_size - 1}}
+    for name in ("CompletionRequest", "ChatRequest"):
+        props = defs[name]["properties"]
+        props["model"] = {"type": "string", "enum": [server.model_name], "title": "Model"}  # any other: 404
+        props["stop"] = copy.deepcopy(stop)
+        _bound(props["n"], maximum=lim.max_n)
+        _bound(props["max_tokens"], maximum=lim.max_tokens)
+        _bound(props["logit_bias"], maxProperties=0)
+    props = defs["CompletionRequest"]["properties"]
+    props["max_tokens"]["default"] = min(COMPLETIONS_DEFAULT_MAX_TOKENS, lim.max_tokens)
+    _bound(props["best_of"], maximum=lim.max_best_of)
+    _bound(props["logprobs"], maximum=lim.max_completion_logprobs)
+    _bound(props["suffix"], maxLength=0)
+    props["prompt"] = {"anyOf": [{"type": "string"},
+                                 {"type": "array", "minItems": 1, "maxItems": lim.max_prompts,
+                                  "items": {"type": "string"}},
+                                 token_ids,
+                                 {"type": "array", "minItems": 1, "maxItems": lim.max_prompts, "items": token_ids}],
+                       "title": "Prompt"}
+    props = defs["ChatRequest"]["properties"]
+    _bound(props["max_completion_tokens"], maximum=lim.max_tokens)
+    _bound(props["top_logprobs"], maximum=lim.max_top_logprobs)
+    props["messages"]["maxItems"] = lim.max_messages
+    _bound(props["response_format"], required=["type"], properties={"type": {"const": "text"}})
+    message = defs["ChatMessage"]["properties"]
+    for f in S.NULLABLE_MESSAGE_FIELDS:
+        message[f] = {"enum": [None, [], ""], "default": None, "title": message[f].get("title", f)}
+    part = defs["ContentPart"]
+    part["properties"]["type"] = {"const": "text", "title": "Type"}
+    part["properties"]["text"] = {"type": "string", "title": "Text"}
+    part["required"] = ["type", "text"]
+
+
+def openapi_schema(app: FastAPI, server: Server) -> dict:
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in S.REQUEST_MODELS]
+                                     + [(m, "serialization") for m in S.RESPONSE_MODELS],
+                                     ref_template="#/components/schemas/{model}")
+        _server_bounds(defs["$defs"], server)
+        components = schema.setdefault("components", {})
+        components.setdefault("schemas", {}).update(defs["$defs"])
+        if server.keys is not None:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("instructgpt")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0"
+
+
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="instructgpt", docs_url=None, redoc_url=None, openapi_url=None)
+    # the schema at /openapi.json, as OpenAI-compatible servers serve it, behind the API key like /v1 (it names the
+    # served model and the server's limits); no docs pages (they load scripts from a CDN)
+    app = FastAPI(title="instructgpt", version=_package_version(),
+                  description="An OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions.",
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.openapi = lambda: openapi_schema(app, server)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(request: Request):
+        async def schema(server: Server, body: bytes, rec: RequestRecord) -> Response:
+            return JSONResponse(app.openapi())
+        return await _endpoint(server, request, "/openapi.json", schema, post=False)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):  # unknown routes, wrong methods
-        return ApiError(exc.status_code, str(exc.detail), type_="invalid_request_error").response()
+        # exc.headers carries a 405's Allow header, which HTTP requires
+        return ApiError(exc.status_code, str(exc.detail), type_="invalid_request_error", headers=exc.headers)\
+            .response()
 
-    @app.get("/health")
+    @app.get("/health", response_model=S.Health)
     async def health():
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", openapi_extra=_route_doc(server, {"description": "The served model",
+                                                              "content": _json("ModelList")}))
     async def models(request: Request):
         return await _endpoint(server, request, "/v1/models", list_models, post=False)
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request):
+    # the model id is read from the path here, not as a handler argument: FastAPI would document a 422 for it,
+    # which a string path parameter never gets
+    @app.get("/v1/models/{model_id:path}", openapi_extra=_route_doc(server, {"description": "The model",
+                                                                             "content": _json("ModelCard")},
+                                                                    model_param=True))
+    async def model(request: Request):
+        model_id = request.path_params["model_id"]
+
         async def one(server: Server, body: bytes, rec: RequestRecord) -> Response:
             check_model(server, model_id, rec)
             return JSONResponse(model_card(server))
         return await _endpoint(server, request, "/v1/models/{model}", one, post=False)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_route_doc(server, _completion_ok("CompletionResponse",
+                                                                                 "CompletionChunk"),
+                                                          S.CompletionRequest))
     async def completions_route(request: Request):
         return await _endpoint(server, request, "/v1/completions", completions)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_route_doc(server, _completion_ok("ChatCompletionResponse",
+                                                                                      "ChatCompletionChunk"),
+                                                               S.ChatRequest))
     async def chat_route(request: Request):
         return await _endpoint(server, request, "/v1/chat/completions", chat_completions)
 

@@ -1,10 +1,10 @@
 """``instructgpt serve --model DIR [--reward-model DIR] [--host 127.0.0.1] [--port 8000] [--api-keys FILE]``.
 
-An OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions, /health). API keys come from
-``--api-keys FILE`` (one per line, optionally ``name:key``; re-read when it changes, so keys are added and revoked
-without a restart) and/or ``INSTRUCTGPT_API_KEYS`` (comma-separated); with neither, requests need no key and the
-server only binds to a loopback address. Every setting is a key of :class:`ServeConfig` (``limits.max_rows=128``),
-also read from ``--config FILE.yaml``; the flags set the same keys.
+An OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions, /health; its schema at /openapi.json).
+API keys come from ``--api-keys FILE`` (one per line, optionally ``name:key``; re-read when it changes, so keys are
+added and revoked without a restart) and/or ``INSTRUCTGPT_API_KEYS`` (comma-separated); with neither, requests need
+no key and the server only binds to a loopback address. Every setting is a key of :class:`ServeConfig`
+(``limits.max_rows=128``), also read from ``--config FILE.yaml``; the flags set the same keys.
 """
 
 from __future__ import annotations

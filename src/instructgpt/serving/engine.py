@@ -2,7 +2,9 @@
 
 One worker thread owns the model. Requests become :class:`Job` s (one prompt, ``params.n`` samples) in a queue; the
 worker takes the oldest job and runs every queued job whose sampling parameters can share a `sample` call
-(:func:`batch_key`) in one left-padded batch of up to ``max_batch_size`` rows.
+(:func:`batch_key`: the same scalars, and max_tokens in the same factor-of-two class) in one left-padded batch of up
+to ``max_batch_size`` rows. A batch runs to its end: a request that arrives meanwhile waits for it (rows do not join
+a running batch), which is why a batch's length is kept close to that of each request in it.
 
 When to start (`_take_batch`): clients that send their next request when their last one is answered arrive in
 waves, one per batch. The worker counts the last wave (the previous batch's rows plus those that queued, with the
@@ -71,14 +73,22 @@ class Job:
         return self.params.n
 
 
+def length_class(max_new_tokens: int) -> int:
+    """Requests share a batch only when their max_tokens are in the same class (1, 2-3, 4-7, ... 256-511): a batch
+    runs for as many steps as its longest request allows and answers all its rows at its end, so a 16-token request
+    batched with a 512-token one would be answered after 512 steps."""
+    return max(1, max_new_tokens).bit_length()
+
+
 def batch_key(params: SamplingParams) -> Optional[Hashable]:
     """What must be equal for two jobs to share a `sample` call; None: the job runs alone (it has a seed)."""
     if params.seed is not None:
         return None
+    length = length_class(params.max_new_tokens)
     if is_greedy(params.temperature):  # greedy: top-p/top-k do not matter
-        return ("greedy", params.frequency_penalty, params.presence_penalty, params.stop_at_eos)
+        return ("greedy", params.frequency_penalty, params.presence_penalty, params.stop_at_eos, length)
     return (params.temperature, params.top_p, params.top_k, params.frequency_penalty, params.presence_penalty,
-            params.stop_at_eos)
+            params.stop_at_eos, length)
 
 
 def select_batch(pending: Sequence[Job], max_rows: int,

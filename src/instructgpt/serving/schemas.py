@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from instructgpt.generation import Completion
 from instructgpt.serving.engine import token_pieces
@@ -23,7 +23,7 @@ class _Request(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: Optional[bool] = None
+    include_usage: Optional[StrictBool] = None  # "yes" or 1 is no boolean here either
 
 
 class _Sampling(_Request):
@@ -59,7 +59,7 @@ class ContentPart(BaseModel):
 
 
 # fields the SDK puts on assistant messages it returned; accepted back when empty
-_NULLABLE_MESSAGE_FIELDS = ("refusal", "annotations", "audio", "function_call", "tool_calls")
+NULLABLE_MESSAGE_FIELDS = ("refusal", "annotations", "audio", "function_call", "tool_calls")
 
 
 class ChatMessage(BaseModel):
@@ -75,7 +75,7 @@ class ChatMessage(BaseModel):
 
     @model_validator(mode="after")
     def _no_tools(self):
-        for f in _NULLABLE_MESSAGE_FIELDS:
+        for f in NULLABLE_MESSAGE_FIELDS:
             if getattr(self, f) not in (None, [], ""):
                 raise ValueError(f"'{f}' is not supported")
         return self
@@ -87,8 +87,10 @@ class ChatMessage(BaseModel):
             return self.content
         parts = []
         for p in self.content:
-            if p.type != "text" or p.text is None:
+            if p.type != "text":
                 raise ValueError(f"content parts of type {p.type!r} are not supported (text only)")
+            if p.text is None:
+                raise ValueError("a content part of type 'text' needs its 'text'")
             parts.append(p.text)
         return "".join(parts)
 
@@ -109,7 +111,151 @@ class ChatRequest(_Sampling):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Responses
+# Responses: what the OpenAPI schema (GET /openapi.json) says the builders below return. These models only document;
+# the tests validate real responses against the schema built from them.
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Doc):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(_Doc):
+    error: ErrorDetail
+
+
+class Usage(_Doc):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(_Doc):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Doc):
+    text: str
+    index: int
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionResponse(_Doc):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    system_fingerprint: None
+    usage: Usage
+
+
+class ChatTopLogprob(_Doc):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(_Doc):
+    content: list[ChatTokenLogprob]
+    refusal: None
+
+
+class AssistantMessage(_Doc):
+    role: Literal["assistant"]
+    content: str
+    refusal: None
+
+
+class ChatChoice(_Doc):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(_Doc):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    system_fingerprint: None
+    usage: Usage
+
+
+class CompletionChunkChoice(_Doc):
+    text: str
+    index: int
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: Optional[Literal["stop", "length"]]  # null until the choice's last chunk
+
+
+class CompletionChunk(_Doc):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    system_fingerprint: None
+    usage: Usage = None  # only in the last chunk (no choices), with stream_options.include_usage
+
+
+class ChatDelta(_Doc):
+    role: Literal["assistant"] = None  # only in each choice's first chunk
+    content: str = None
+
+
+class ChatChunkChoice(_Doc):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: Optional[Literal["stop", "length"]]
+
+
+class ChatCompletionChunk(_Doc):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    system_fingerprint: None
+    usage: Usage = None
+
+
+class ModelCard(_Doc):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Doc):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(_Doc):
+    status: Literal["ok"]
+
+
+REQUEST_MODELS = (CompletionRequest, ChatRequest)
+RESPONSE_MODELS = (ErrorResponse, CompletionResponse, ChatCompletionResponse, CompletionChunk, ChatCompletionChunk,
+                   ModelList, ModelCard, Health)
 
 
 def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:

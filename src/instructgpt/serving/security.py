@@ -82,10 +82,19 @@ def load_api_keys(path: Optional[str], env_value: Optional[str]) -> Optional[Key
     store = KeyStore()
     if path:
         try:
-            with open(path, encoding="utf-8") as fh:
-                lines = fh.read().splitlines()
+            with open(path, "rb") as fh:
+                raw_bytes = fh.read()
         except OSError as e:
             raise KeySourceError(f"{path}: cannot read the API key file ({e.strerror})") from e
+        if raw_bytes.startswith(b"\xef\xbb\xbf"):  # a byte order mark (some Windows editors) would open the first name
+            raw_bytes = raw_bytes[3:]
+        try:
+            lines = raw_bytes.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            before = raw_bytes[:e.start].decode("utf-8", "replace")
+            line = len((before + "x").splitlines())  # numbered as the lines below are
+            raise KeySourceError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x}; save the "
+                                 f"file as UTF-8)") from None
         for i, raw in enumerate(lines, 1):
             line = raw.strip()
             if line and not line.startswith("#"):
@@ -98,7 +107,8 @@ def load_api_keys(path: Optional[str], env_value: Optional[str]) -> Optional[Key
                 name, key = parse_key_line(item)
                 store.add(key, name, f"{ENV_KEYS}, item {i}")
     if not len(store):
-        raise KeySourceError("an API key source was given but holds no keys")
+        sources = " and ".join(s for s in (path, ENV_KEYS if env_value else None) if s)
+        raise KeySourceError(f"{sources}: an API key source was given but holds no keys")
     return store
 
 

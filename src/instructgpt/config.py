@@ -213,7 +213,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer past float's range (about 1.8e308)
+                raise ConfigError(f"{key}: expected a number, got an integer too large for one") from None
         if isinstance(value, str):
             try:
                 return float(value)
@@ -271,9 +274,12 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not eq or not key:
             raise ConfigError(f"override '{item}': expected key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw  # the field's type check still applies
+        problem = _alias_problem({key.strip(): value})
+        if problem is not None:
+            raise ConfigError(f"override '{item}': {problem}")
         _set_dotted(out, key.strip(), value)
     return out
 
@@ -285,17 +291,83 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _safe_load(stream: Any) -> Any:
+    """yaml.safe_load, every way it refuses a text a yaml.YAMLError: besides its own, PyYAML's constructors raise
+    ValueError (``!!int x``, an integer past int()'s 4300 digits), KeyError (``!!bool x``), AttributeError
+    (``!!timestamp x``), and its composer RecursionError (nesting deeper than Python's stack). A file that is not UTF-8
+    stays a UnicodeDecodeError, for its own message."""
+    try:
+        return yaml.safe_load(stream)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+    except Exception as e:  # the parser's own failures on odd input, whatever their class
+        raise yaml.YAMLError(f"a value YAML cannot construct ({type(e).__name__}: {str(e).split(';')[0]})") from None
+
+
+MAX_YAML_VALUES = 100_000  # a config holds hundreds; aliases of aliases can make billions ("billion laughs")
+
+
+def _alias_problem(value: Any) -> Optional[str]:
+    """What is wrong with `value`'s YAML aliases, naming the key (``a.b[0]``; ``.`` for the top), else None: a list or
+    mapping that contains itself (an alias inside its own anchor, ``a: &x [*x]``), or aliases of aliases that expand to
+    more than MAX_YAML_VALUES values. Merging, checking or walking either would never end."""
+    on_path: set[int] = set()
+    size: dict[int, int] = {}  # values under a list or mapping, aliases expanded; walked once however often aliased
+    stack: list[tuple[bool, str, Any]] = [(False, "", value)]
+    while stack:  # no recursion: YAML nests as deep as its own parser allows
+        leaving, key, v = stack.pop()
+        children = list(v.items()) if isinstance(v, dict) else list(enumerate(v)) if isinstance(v, list) else None
+        if leaving:
+            on_path.discard(id(v))
+            size[id(v)] = 1 + sum(size.get(id(x), 1) if isinstance(x, (dict, list)) else 1 for _, x in children)
+            if size[id(v)] > MAX_YAML_VALUES:
+                return f"{key or '.'}: YAML aliases expand to more than {MAX_YAML_VALUES} values"
+            continue
+        if children is None or id(v) in size:
+            continue
+        if id(v) in on_path:
+            return f"{key or '.'}: a YAML alias inside its own anchor (&a [*a]) never ends"
+        on_path.add(id(v))
+        stack.append((True, key, v))
+        for k, x in children:
+            sub = f"[{k}]" if isinstance(v, list) else f".{k}"
+            stack.append((False, (key + sub) if key else sub.lstrip("."), x))
+    return None
+
+
+def _first_bad_byte(path: str) -> str:
+    """Where a file that is not UTF-8 first goes wrong: line, column and the byte."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        raw.decode("utf-8")
+        return "not UTF-8 text"
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = len(raw[raw.rfind(b"\n", 0, e.start) + 1:e.start].decode("utf-8", "replace")) + 1
+        return f"line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col}; save the file as UTF-8)"
+
+
 def read_yaml_mapping(path: str, what: str = "config file") -> dict:
     """A YAML file whose top level is a mapping; a missing file, bad YAML or another shape is a ConfigError."""
     try:
         with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
+            loaded = _safe_load(fh) or {}
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {path}") from None
+    except OSError as e:  # a directory, no permission
+        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}, {_first_bad_byte(path)}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    problem = _alias_problem(loaded)
+    if problem is not None:
+        raise ConfigError(f"{path}: {problem}")
     return loaded
 
 

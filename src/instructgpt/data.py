@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from instructgpt import builtin
@@ -103,6 +104,59 @@ def _not_utf8(line: bytes, start: int) -> str:
     return f"not UTF-8 text (byte 0x{line[start]:02x} at column {col}; save the file as UTF-8)"
 
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some editors put first in a file; not part of the text
+# JSON's \uXXXX escape of a UTF-16 surrogate: a pair reads as one character, a lone one as a lone surrogate
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json(text: str) -> Any:
+    """json.loads, with every way it can refuse a text as ValueError (a JSONDecodeError where it has a position)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:  # a number longer than int() reads (4300 digits)
+        raise ValueError(str(e).split(";")[0]) from None
+
+
+def _json_error(e: ValueError) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"malformed JSON ({e.msg} at column {e.colno})"
+    return f"malformed JSON ({e})"
+
+
+def _lone_surrogate(row: Any) -> str | None:
+    """The field of the first string in `row` (e.g. "messages[1].content") holding a lone surrogate, else None. JSON's
+    "\\ud800" escape reads as one, and no UTF-8 text (a tokenizer's input, the labeling store, an output file) can hold
+    it."""
+    stack: list[tuple[str, Any]] = [("", row)]
+    while stack:  # no recursion: JSON nests as deep as its own parser allows
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return where or None
+        elif isinstance(v, dict):
+            for k, x in reversed(list(v.items())):
+                name = k if isinstance(k, str) and not _SURROGATE.search(k) else ascii(k)
+                stack.append((f"{where}.{name}" if where else name, x))
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{j}]", x) for j, x in reversed(list(enumerate(v))))
+    return None
+
+
+def _checked(row: Any, escapes_surrogate: bool) -> Any:
+    """`row`, or _Malformed when a string in it holds a lone surrogate (looked for only where the JSON text escapes
+    one: `escapes_surrogate`)."""
+    if escapes_surrogate:
+        where = _lone_surrogate(row)
+        if where is not None:
+            return _Malformed("not UTF-8 text (a \\u escape of a lone surrogate, half of a UTF-16 pair)", where)
+    return row
+
+
 def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, Any]]:
     """Yield (file, 1-based line or row number, raw object) from any supported source. `streaming`: read a Hugging
     Face dataset as it downloads (for a reader that stops early) instead of downloading it whole first."""
@@ -120,6 +174,8 @@ def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, 
         if ext in (".jsonl", ".ndjson"):
             with open(source, "rb") as fh:  # decoded line by line: a byte that is not UTF-8 is that line's error
                 for i, raw_bytes in enumerate(fh, start=1):
+                    if i == 1 and raw_bytes.startswith(BOM):
+                        raw_bytes = raw_bytes[len(BOM):]
                     try:
                         raw = raw_bytes.decode("utf-8")
                     except UnicodeDecodeError as e:
@@ -128,13 +184,17 @@ def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, 
                     if not raw.strip():
                         continue
                     try:
-                        yield source, i, json.loads(raw)
-                    except json.JSONDecodeError as e:
-                        yield source, i, _Malformed(f"malformed JSON ({e.msg} at column {e.colno})")
+                        row = _json(raw)
+                    except ValueError as e:
+                        yield source, i, _Malformed(_json_error(e))
+                        continue
+                    yield source, i, _checked(row, bool(_SURROGATE_ESCAPE.search(raw)))
             return
         if ext == ".json":
             with open(source, "rb") as fh:
                 data = fh.read()
+            if data.startswith(BOM):
+                data = data[len(BOM):]
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -142,22 +202,29 @@ def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, 
                 raise DataError(source, data.count(b"\n", 0, e.start) + 1, None,
                                 _not_utf8(data[line_start:], e.start - line_start)) from None
             try:
-                obj = json.loads(text)
+                obj = _json(text)
             except json.JSONDecodeError as e:
                 raise DataError(source, e.lineno, None, f"malformed JSON ({e.msg})") from None
+            except ValueError as e:
+                raise DataError(source, None, None, f"malformed JSON ({e})") from None
             if isinstance(obj, dict) and isinstance(obj.get("data"), list):
                 obj = obj["data"]
             if not isinstance(obj, list):
                 raise DataError(source, None, None, "a .json file must hold a list of records (or {'data': [...]})")
+            escapes_surrogate = bool(_SURROGATE_ESCAPE.search(text))
             for i, row in enumerate(obj, start=1):
-                yield source, i, row
+                yield source, i, _checked(row, escapes_surrogate)
             return
         if ext == ".parquet":
-            for i, row in enumerate(pq.read_table(source).to_pylist(), start=1):
+            try:
+                table = pq.read_table(source).to_pylist()
+            except (pa.ArrowException, OSError) as e:  # not Parquet, cut short, or a type Arrow cannot convert
+                raise DataError(source, None, None, f"not a readable Parquet file ({e})") from None
+            for i, row in enumerate(table, start=1):
                 yield source, i, row
             return
         if ext == ".txt":
-            with open(source, encoding="utf-8", errors="replace") as fh:
+            with open(source, encoding="utf-8-sig", errors="replace") as fh:
                 yield source, 1, {"text": fh.read()}
             return
         raise DataError(source, None, None, f"unsupported file type '{ext}' (use .jsonl, .json, .parquet or .txt)")
@@ -184,6 +251,7 @@ _FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet", ".txt")
 @dataclass
 class _Malformed:
     message: str
+    field: str | None = None
 
 
 T = TypeVar("T")
@@ -196,7 +264,7 @@ def _parsed(source: str, parse: Callable[[str, int, Any], T], skip_bad: bool, sk
     for file, line, row in iter_rows(source, streaming):
         try:
             if isinstance(row, _Malformed):
-                raise DataError(file, line, None, row.message)
+                raise DataError(file, line, row.field, row.message)
             if not isinstance(row, dict):
                 raise DataError(file, line, None, f"expected a JSON object, got {type(row).__name__}")
             item = parse(file, line, row)
@@ -286,6 +354,13 @@ def _prompt_messages(file: str, line: int, row: dict) -> list[dict[str, str]]:
 # Alpaca {"instruction", "input"?, "output"}
 
 
+def _alpaca_input(file: str, line: int, row: dict) -> str | None:
+    inp = row.get("input")
+    if inp is not None and not isinstance(inp, str):
+        raise DataError(file, line, "input", f"expected a string, got {type(inp).__name__}")
+    return inp
+
+
 def alpaca_prompt(instruction: str, inp: str | None) -> str:
     """Alpaca's instruction plus optional input, joined as one user turn."""
     return instruction if not inp or not inp.strip() else f"{instruction}\n\n{inp}"
@@ -299,9 +374,7 @@ def parse_demonstration(file: str, line: int, row: dict) -> Demonstration:
         return Demonstration(msgs, file, line)
     if "instruction" in row:
         instruction = _str(file, line, row, "instruction")
-        inp = row.get("input")
-        if inp is not None and not isinstance(inp, str):
-            raise DataError(file, line, "input", f"expected a string, got {type(inp).__name__}")
+        inp = _alpaca_input(file, line, row)
         output = _str(file, line, row, "output")
         return Demonstration(_user(alpaca_prompt(instruction, inp)) + [{"role": "assistant", "content": output}],
                              file, line)
@@ -333,15 +406,18 @@ def load_demonstrations(source: str, skip_bad: bool = False) -> Loaded:
 def parse_prompt(file: str, line: int, row: dict) -> PromptRecord:
     if "instruction" in row and "prompt" not in row and "messages" not in row:
         instruction = _str(file, line, row, "instruction")
-        return PromptRecord(_user(alpaca_prompt(instruction, row.get("input"))), file, line)
+        return PromptRecord(_user(alpaca_prompt(instruction, _alpaca_input(file, line, row))), file, line)
     if "prompt" not in row and "messages" not in row and isinstance(row.get("chosen"), str):
         # an Anthropic HH-RLHF row: the conversation up to its last Assistant turn is the prompt
         msgs = hh_messages(row["chosen"])
         if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
             raise DataError(file, line, "chosen", "not an HH-RLHF transcript ending with an Assistant turn")
+        if msgs[-2]["role"] == "assistant":
+            raise DataError(file, line, "chosen", "a prompt must not end with an assistant turn (two Assistant turns "
+                                                  "in a row before the last)")
         return PromptRecord(msgs[:-1], file, line)
     if "info" in row and "prompt" not in row and "messages" not in row:
-        return PromptRecord(_user(tldr_prompt(row["info"])), file, line)  # summarize-from-feedback rows
+        return PromptRecord(_user(tldr_prompt(_tldr_info(file, line, row))), file, line)  # summarize-from-feedback
     return PromptRecord(_prompt_messages(file, line, row), file, line)
 
 
@@ -400,15 +476,25 @@ def tldr_prompt(info: dict) -> str:
     return "\n".join(head + [f"POST: {body}" if "post" in info else f"ARTICLE: {body}", "TL;DR:"])
 
 
+def _tldr_info(file: str, line: int, row: dict) -> dict:
+    """row["info"], checked: an object with a nonempty 'post' or 'article' string, and string 'subreddit'/'title'."""
+    info = row.get("info")
+    if not isinstance(info, dict):
+        raise DataError(file, line, "info", "expected an object with 'post' or 'article'")
+    body = info.get("post") or info.get("article")
+    if not isinstance(body, str) or not body.strip():
+        raise DataError(file, line, "info.post", "missing (summarize-from-feedback needs 'post' or 'article')")
+    for key in ("subreddit", "title"):
+        if info.get(key) is not None and not isinstance(info[key], str):
+            raise DataError(file, line, f"info.{key}", f"expected a string, got {type(info[key]).__name__}")
+    return info
+
+
 def parse_comparison(file: str, line: int, row: dict) -> Ranking:
     if "responses" in row or "ranks" in row:
         return _parse_ranking(file, line, row)
     if "summaries" in row:
-        info = row.get("info")
-        if not isinstance(info, dict):
-            raise DataError(file, line, "info", "expected an object with 'post' or 'article'")
-        if not isinstance(info.get("post") or info.get("article"), str) or not (info.get("post") or info.get("article")).strip():
-            raise DataError(file, line, "info.post", "missing (summarize-from-feedback needs 'post' or 'article')")
+        info = _tldr_info(file, line, row)
         s = row["summaries"]
         if not isinstance(s, list) or len(s) != 2:
             raise DataError(file, line, "summaries", "expected a list of two {'text': ...} objects")
@@ -418,7 +504,9 @@ def parse_comparison(file: str, line: int, row: dict) -> Ranking:
                 raise DataError(file, line, f"summaries[{j}]", "expected an object with 'text'")
             texts.append(_str(file, line, item, "text", prefix=f"summaries[{j}]."))
         choice = row.get("choice")
-        if choice not in (0, 1) or isinstance(choice, bool):
+        if isinstance(choice, float) and choice.is_integer():  # a float column (Parquet, pandas): 1.0
+            choice = int(choice)
+        if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1):
             raise DataError(file, line, "choice", f"expected 0 or 1, got {choice!r}")
         chosen, rejected = texts[choice], texts[1 - choice]
         return Ranking(_user(tldr_prompt(info)), [chosen, rejected], [1, 2], file=file, line=line)
@@ -496,6 +584,8 @@ def _parse_ranking(file: str, line: int, row: dict) -> Ranking:
                 raise DataError(file, line, f"ranks[{j}]", f"expected an integer rank, got {r!r}")
         if ranks[j] < 1:
             raise DataError(file, line, f"ranks[{j}]", f"ranks start at 1 (best), got {ranks[j]}")
+        if ranks[j] > k:  # ties or not, the worst of K responses ranks K at most
+            raise DataError(file, line, f"ranks[{j}]", f"ranks run 1..{k} for {k} responses, got {ranks[j]}")
     if len(set(ranks)) == 1:
         raise DataError(file, line, "ranks", "every response is tied: nothing to learn")
     ratings = row.get("ratings")

@@ -59,8 +59,8 @@ def read_prompts(path: str) -> list[PromptItem]:
         raise DataError(path, None, None, "no such file")
     items = []
     for file, line, row in data.iter_rows(path):
-        if not isinstance(row, dict):
-            raise DataError(file, line, None, getattr(row, "message", None)
+        if not isinstance(row, dict):  # a malformed line (data's _Malformed: its message and field) or not an object
+            raise DataError(file, line, getattr(row, "field", None), getattr(row, "message", None)
                             or f"expected a JSON object, got {type(row).__name__}")
         record = data.parse_prompt(file, line, row)
         responses = row.get("responses")

@@ -131,7 +131,8 @@ def train(cfg: DPOConfig) -> str:
         return cfg.out_dir
     # 4. save the policy (LoRA merged)
     if acc.is_main_process:
-        save_model(acc.unwrap_model(model), tok, run.path("model"), consume=True)
+        with run.writing(run.path("model")):
+            save_model(acc.unwrap_model(model), tok, run.path("model"), consume=True)
     run.finish({"steps": steps, "prompts": len(items), "skipped": skipped, "beta": cfg.beta,
                 **{k.replace("eval/", "eval_"): v for k, v in last_eval.items()}})
     return cfg.out_dir

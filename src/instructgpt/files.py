@@ -18,10 +18,12 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> None:
     os.replace(tmp, path)
 
 
-def append_jsonl(path: str, rows: Iterable[dict]) -> None:
-    """Append rows to a log (metrics, samples): one JSON object a line."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
+def write_json(path: str, obj, indent: int = 2) -> None:
+    """Write one JSON document atomically (a reader, or a resumed run, never sees half of it)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=indent)
+    os.replace(tmp, path)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -31,7 +31,6 @@ Every setting is a key of :class:`LabelSimConfig`: ``--config FILE.yaml`` and ``
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -42,7 +41,7 @@ from instructgpt import generation, gold
 from instructgpt.config import (ConfigError, add_alias, add_config_arguments, command_error, config_from_args,
                                 parse_command_line)
 from instructgpt.data import DataError, load_prompts
-from instructgpt.files import write_jsonl
+from instructgpt.files import write_json, write_jsonl
 from instructgpt.generation import SamplingParams, autocast
 from instructgpt.modeling import load_model, pick_device
 from instructgpt.prompting import render_prompt
@@ -284,8 +283,7 @@ def run(cfg: LabelSimConfig) -> dict:
     write_jsonl(cfg.out, rows)
     stats = {"rankings": len(rows), "skipped": skipped, "k": cfg.k, "noise": cfg.noise, "noise_level": level,
              "agreement_target": target, "agreement": measured, "agreement_pairs": pairs}
-    with open(cfg.out + ".stats.json", "w", encoding="utf-8") as fh:
-        json.dump(stats, fh, indent=2)
+    write_json(cfg.out + ".stats.json", stats)
     print(f"wrote {len(rows)} rankings (K={cfg.k}) to {cfg.out}; skipped {skipped} (all tied or empty)",
           file=sys.stderr)
     if measured is not None:

@@ -156,10 +156,14 @@ def save_model(model, tokenizer, out: str, *, consume: bool = False) -> None:
     model = drop_gguf_quantizer(model)  # loaded by transformers straight from a GGUF: save_pretrained would refuse
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save (a full disk) leaves no half-written copy behind
+        raise
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -39,10 +39,10 @@ from instructgpt.config import (ConfigError, command_error, deep_merge, from_dic
                                 parse_overrides, read_yaml_mapping, to_dict)
 from instructgpt.data import DataError
 from instructgpt.evaluate import EvalConfig, evaluate
-from instructgpt.files import read_jsonl
+from instructgpt.files import read_jsonl, write_json
 from instructgpt.label_sim import LabelSimConfig
 from instructgpt.report import Expectation, write_report
-from instructgpt.runs import StageError
+from instructgpt.runs import Interrupted, StageError
 
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default.yaml")
 
@@ -100,7 +100,7 @@ def _fill_suite(recipe: dict) -> None:
     """The built-in suite's sources wherever the recipe leaves a stage's data out (a real-model recipe names its
     own)."""
     suite = recipe.get("suite") or "assistant"
-    if suite not in SUITE_SOURCES:
+    if not isinstance(suite, str) or suite not in SUITE_SOURCES:
         raise ConfigError(f"suite: unknown suite '{suite}' (known: {', '.join(SUITE_SOURCES)})")
     src = SUITE_SOURCES[suite]
 
@@ -110,6 +110,8 @@ def _fill_suite(recipe: dict) -> None:
             return
         for key in path[:-1]:
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                return  # not a section: the stage's typed check names it
         if node.get(path[-1]) is None:
             node[path[-1]] = value
 
@@ -136,6 +138,8 @@ def _flat_expectations(node: Any) -> dict:
             else:  # a later mention (an override) adds to an earlier one's bounds, or replaces it
                 out[key] = {**out[key], **v} if isinstance(out.get(key), dict) and isinstance(v, dict) else v
 
+    if not isinstance(node or {}, dict):
+        raise ConfigError(f"expectations: expected a mapping of report keys to {{min, max}}, got {node!r}")
     walk(node or {}, "")
     return {k: v for k, v in out.items() if v is not None}
 
@@ -179,7 +183,7 @@ def stage_configs(recipe: RecipeConfig, out: str) -> dict:
     if recipe.rm is not None:
         rm_d = deep_merge({"seed": seed, "model": {"name_or_path": sft_model},
                            "normalize": {"demonstrations": cfgs["sft"].data.train}}, recipe.rm)
-        if recipe.label_sim is not None and not (rm_d.get("data") or {}).get("train"):
+        if recipe.label_sim is not None and _left_out(rm_d, "data", "train"):
             rm_d = deep_merge(rm_d, {"data": {"train": os.path.join(out, "rankings.jsonl")}})
         rm_d["out_dir"] = os.path.join(out, "rm")
         cfgs["rm"] = load_config(rm.RMConfig, None, None, rm_d)
@@ -194,19 +198,26 @@ def stage_configs(recipe: RecipeConfig, out: str) -> dict:
         if recipe.rloo is not None:
             rloo_d = deep_merge(deep_merge(ppo_d, {"ppo": {"advantage_estimator": "rloo", "samples_per_prompt": 4}}),
                                 recipe.rloo)
-            if rloo_d["ppo"]["advantage_estimator"] != "rloo":
+            if isinstance(rloo_d["ppo"], dict) and rloo_d["ppo"].get("advantage_estimator") != "rloo":
                 raise ConfigError("rloo.ppo.advantage_estimator: the rloo section runs RLOO (its report names it so)")
             rloo_d["out_dir"] = os.path.join(out, "rloo")
             cfgs["rloo"] = load_config(ppo.PPOConfig, None, None, rloo_d)
     if recipe.dpo is not None:
         dpo_d = deep_merge({"seed": seed, "model": {"name_or_path": sft_model}}, recipe.dpo)
-        if not (dpo_d.get("data") or {}).get("train"):  # the rankings the RM learns from (without an RM, label-sim's)
+        if _left_out(dpo_d, "data", "train"):  # the rankings the RM learns from (without an RM, label-sim's)
             rankings = cfgs["rm"].data.train if "rm" in cfgs else \
                 (os.path.join(out, "rankings.jsonl") if recipe.label_sim is not None else None)
             dpo_d = deep_merge(dpo_d, {"data": {"train": rankings}})
         dpo_d["out_dir"] = os.path.join(out, "dpo")
         cfgs["dpo"] = load_config(dpo.DPOConfig, None, None, dpo_d)
     return cfgs
+
+
+def _left_out(d: dict, section: str, key: str) -> bool:
+    """Whether a stage's dict leaves section.key out, to be filled in; a section that is not a mapping is not filled
+    but left to the stage's typed check, which names it."""
+    node = d.get(section)
+    return node is None or isinstance(node, dict) and not node.get(key)
 
 
 def label_sim_config(recipe: RecipeConfig, out: str) -> LabelSimConfig:
@@ -300,6 +311,10 @@ def run(recipe: RecipeConfig, out: str) -> int:
             timed("dpo", dpo.train, cfgs["dpo"])
     except (DataError, StageError) as e:
         return command_error("pipeline", e)
+    except Interrupted:  # a stage stopped on SIGTERM / SIGINT with its checkpoint: say how this run goes on
+        print(f"[pipeline] stopped; `instructgpt pipeline --out {out}` with the same recipe and overrides goes on",
+              flush=True)
+        raise
 
     # 5. evaluation and the report
     policies = {"base": cfgs["sft"].model.name_or_path, "sft": os.path.join(out, "sft", "model")}
@@ -373,8 +388,7 @@ def _read_json(path: str) -> dict:
 
 def _save(out: str, seconds: dict, memory: dict) -> None:
     for name, value in (("seconds.json", seconds), ("memory.json", memory)):
-        with open(os.path.join(out, name), "w", encoding="utf-8") as fh:
-            json.dump(value, fh, indent=2)
+        write_json(os.path.join(out, name), value)  # read back by --resume
 
 
 def _print_summary(report: dict) -> None:

@@ -34,7 +34,7 @@ import torch
 from instructgpt.advantages import explained_variance, gae, group_advantages, kl_per_token, token_rewards, whiten
 from instructgpt.batching import left_pad, pretrain_blocks, prompt_ids
 from instructgpt.config import ConfigError, ModelConfig
-from instructgpt.files import append_jsonl, replace_dir
+from instructgpt.files import replace_dir
 from instructgpt.generation import SamplingParams, eos_ids, sample
 from instructgpt.judges import GOLD, GoldJudge, JudgeReward, judge_for
 from instructgpt.kl_control import AdaptiveKLController, FixedKLController
@@ -48,7 +48,7 @@ from instructgpt.progress import StageProgress
 from instructgpt.reward import RewardModel
 from instructgpt.runs import StageRun
 from instructgpt.training import (EMA, adamw, checkpoint_or_stop, fused_adam_ok, lr_schedule, make_accelerator,
-                                  resume_step, stream_indices)
+                                  preemptible, resume_step, stream_indices)
 
 # --------------------------------------------------------------------------------------------------------------------
 # The rollout record
@@ -284,13 +284,15 @@ def train(cfg: PPOConfig) -> str:
             ok = p.keep_best != "reward" or ev["eval/kl"] <= p.kl_budget
             if ok and (state["best"] is None or ev[key] > state["best"]):
                 state["best"], state["best_step"] = ev[key], done
-                save_model(unwrapped, tok, run.path("best_model"))
+                with run.writing(run.path("best_model")):
+                    save_model(unwrapped, tok, run.path("best_model"))
         return ev
 
     if start == 0 and eval_prompts:
         run.log(0, evaluate_and_keep(0))
     t0, episodes_t0 = time.time(), state["episodes"]
-    with StageProgress("ppo", total=t.max_steps, start=start, enabled=acc.is_main_process) as bar:
+    with preemptible(run, acc, "ppo"), StageProgress("ppo", total=t.max_steps, start=start,
+                                                     enabled=acc.is_main_process) as bar:
         for step in range(start, t.max_steps):
             t_update = time.time()
             # 1. rollout: this update's prompts are a pure function of the step (exact resume); each rank its share,
@@ -400,7 +402,7 @@ def train(cfg: PPOConfig) -> str:
             if done % t.log_every == 0 or done == t.max_steps or any(k.startswith("eval/") for k in metrics):
                 run.log(done, metrics)
             if p.sample_every and (done % p.sample_every == 0 or done == 1) and acc.is_main_process:
-                append_jsonl(run.path("samples.jsonl"), [
+                run.append(run.path("samples.jsonl"), [
                     {"step": done, "query": b.prompts[i][-1]["content"], "response": b.texts[i],
                      "score": round(float(b.scores[i]), 4), "kl": round(float(kl[i].sum()), 4)}
                     for i in range(min(4, len(b.prompts)))])
@@ -412,10 +414,11 @@ def train(cfg: PPOConfig) -> str:
     if acc.is_main_process:
         if ema is not None:
             ema.copy_to(unwrapped)
-        if state["best_step"] is not None and os.path.exists(run.path("best_model")):
-            replace_dir(run.path("best_model"), run.path("model"))
-        else:
-            save_model(unwrapped, tok, run.path("model"), consume=True)
+        with run.writing(run.path("model")):
+            if state["best_step"] is not None and os.path.exists(run.path("best_model")):
+                replace_dir(run.path("best_model"), run.path("model"))
+            else:
+                save_model(unwrapped, tok, run.path("model"), consume=True)
     run.finish({"updates": t.max_steps, "episodes": state["episodes"], "skipped": skipped,
                 "kl_coef": kl_ctl.value, "best": state["best"], "best_step": state["best_step"]})
     return cfg.out_dir

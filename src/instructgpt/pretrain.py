@@ -103,8 +103,9 @@ def train(cfg: PretrainConfig) -> str:
         if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
             tokenizer = train_tokenizer(texts, cfg.init.vocab_size, cfg.init.tokenizer_chars)
             if acc.is_main_process:
-                tokenizer.save_pretrained(tok_dir + ".tmp")
-                os.replace(tok_dir + ".tmp", tok_dir)
+                with run.writing(tok_dir):
+                    tokenizer.save_pretrained(tok_dir + ".tmp")
+                    os.replace(tok_dir + ".tmp", tok_dir)
             acc.wait_for_everyone()
         tokenizer = load_tokenizer(tok_dir)
         set_seed(cfg.seed)  # the initial weights depend on the seed only
@@ -123,7 +124,8 @@ def train(cfg: PretrainConfig) -> str:
     if res.step < cfg.train.max_steps:
         return cfg.out_dir
     if acc.is_main_process:
-        save_model(acc.unwrap_model(model), tokenizer, run.path("model"), consume=True)
+        with run.writing(run.path("model")):
+            save_model(acc.unwrap_model(model), tokenizer, run.path("model"), consume=True)
     run.finish({"steps": res.step, "eval_loss": res.eval_loss, "tokens_per_s": res.tokens_per_s,
                 "train_blocks": len(train_ex)})
     return cfg.out_dir

@@ -21,7 +21,7 @@ from instructgpt.progress import StageProgress
 from instructgpt.prompting import encode_prompt, encode_response
 from instructgpt.runs import StageRun
 from instructgpt.training import (batch_indices, checkpoint_or_stop, make_optimizer, micro_batch_size, optimizer_step,
-                                  resume_step)
+                                  preemptible, resume_step)
 
 
 @dataclass
@@ -100,7 +100,7 @@ def fit_rankings(cfg: RankingStageConfig, run: StageRun, acc, model, items: Sequ
     start = resume_step(run, acc, desc)
     last_eval: dict = {}
     t0, comparisons = time.time(), 0
-    with StageProgress(desc, total=steps, start=start, enabled=acc.is_main_process) as bar:
+    with preemptible(run, acc, desc), StageProgress(desc, total=steps, start=start, enabled=acc.is_main_process) as bar:
         for step in range(start, steps):
             # a batch of prompts; each prompt's C(K,2) comparisons form one element
             batch = [items[i] for i in batch_indices(len(items), t.batch_size, step, cfg.seed)]

@@ -129,8 +129,9 @@ def train(cfg: RMConfig) -> str:
     norm = fit_normalization(bare, tok, cfg.normalize, [r.messages for r in rankings], acc.device,
                              cfg.data.max_length)
     if acc.is_main_process:
-        save_model(bare, tok, run.path("model"), consume=True)
-        norm.save(run.path("model"))
+        with run.writing(run.path("model")):
+            save_model(bare, tok, run.path("model"), consume=True)
+            norm.save(run.path("model"))
     run.finish({"steps": steps, "prompts": len(items), "skipped": skipped, "bias": norm.bias, "gain": norm.gain,
                 **{k.replace("eval/", "eval_"): v for k, v in last_eval.items()}})
     return cfg.out_dir

@@ -9,7 +9,9 @@ Layout of ``out_dir``::
     DONE.json          written last: the stage finished
 
 A checkpoint is written to ``checkpoint.tmp`` and swapped in with renames, so a kill during a save leaves the last
-good checkpoint intact (``checkpoint.old`` is picked up if the kill fell between the two renames).
+good checkpoint intact (``checkpoint.old`` is picked up if the kill fell between the two renames). A write that fails
+(a full disk) is a StageError naming what could not be written; what was written before it stays good, so the same
+command resumes once there is room.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 import yaml
@@ -30,6 +34,16 @@ from instructgpt.files import read_jsonl, replace_dir
 
 class StageError(RuntimeError):
     pass
+
+
+class Interrupted(SystemExit):
+    """SIGTERM or SIGINT stopped a stage at a step boundary with its checkpoint written (or, during the last step, once
+    the stage finished). The process exits with 128 + the signal's number (SIGTERM 143, SIGINT 130): the status a
+    shell, SLURM or Kubernetes reports for a process the signal stopped, and a rerun of the same command resumes."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
 
 
 class _DropTiedWeightsWarning(logging.Filter):
@@ -49,6 +63,7 @@ class StageRun:
         self.out_dir = cfg.out_dir
         self.started = time.time()
         self.is_main = accelerator is None or accelerator.is_main_process
+        self.interrupted = 0  # a signal received during the last step: `finish` stops the process once it is done
 
     # paths
     def path(self, *parts: str) -> str:
@@ -102,11 +117,12 @@ class StageRun:
                     if os.path.exists(self.path(log)):
                         os.remove(self.path(log))
         if self.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-            tmp = cfg_path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(f"_stage: {self.stage}\n" + dump_yaml(self.cfg))
-            os.replace(tmp, cfg_path)
+            with self.writing(cfg_path):
+                os.makedirs(self.out_dir, exist_ok=True)
+                tmp = cfg_path + ".tmp"
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.write(f"_stage: {self.stage}\n" + dump_yaml(self.cfg))
+                os.replace(tmp, cfg_path)
         self._barrier()
         return "fresh"
 
@@ -115,40 +131,63 @@ class StageRun:
         if not self.is_main:
             return
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        with open(self.path("metrics.jsonl"), "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        self.append(self.path("metrics.jsonl"), [row])
+
+    def append(self, path: str, rows: list[dict]) -> None:
+        """Append rows to a log of the run (metrics.jsonl, samples.jsonl); on resume `truncate_metrics` drops those
+        past the checkpoint, and a line a failed write left torn."""
+        with self.writing(path), open(path, "a", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in rows))  # one write: a row is whole or torn at the end
 
     def truncate_metrics(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint (they will be logged again); with no checkpoint (step 0)
-        drop them all, the step-0 rows (PPO's first held-out evaluation) included."""
-        p = self.path("metrics.jsonl")
-        if not self.is_main or not os.path.exists(p):
+        drop them all, the step-0 rows (PPO's first held-out evaluation) included. samples.jsonl likewise; a last line
+        without its newline (a write the disk refused) goes too."""
+        if not self.is_main:
             return
-        with open(p, encoding="utf-8") as fh:
-            rows = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step] if step else []
-        with open(p + ".tmp", "w", encoding="utf-8") as fh:
-            fh.writelines(rows)
-        os.replace(p + ".tmp", p)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            p = self.path(name)
+            if not os.path.exists(p):
+                continue
+            with open(p, encoding="utf-8") as fh:
+                rows = [line for line in fh if line.endswith("\n") and line.strip()
+                        and json.loads(line).get("step", 0) <= step] if step else []
+            with self.writing(p):
+                with open(p + ".tmp", "w", encoding="utf-8") as fh:
+                    fh.writelines(rows)
+                os.replace(p + ".tmp", p)
 
     # checkpoints
     def save_checkpoint(self, state: dict[str, Any], extra_files: Optional[dict[str, Any]] = None) -> None:
-        """Save the accelerate state (every registered model/optimizer/scheduler, RNG) plus `state`, atomically."""
+        """Save the accelerate state (every registered model/optimizer/scheduler, RNG) plus `state`, atomically. A
+        failed write (on any process) leaves the previous checkpoint in place and raises StageError on every one."""
         tmp = self.path("checkpoint.tmp")
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()
-        if self.acc is not None:
-            logging.getLogger("accelerate.utils.other").addFilter(_DROP_TIED)  # added once: same object
-            self.acc.save_state(tmp, safe_serialization=True)
-        if self.is_main:
-            os.makedirs(tmp, exist_ok=True)
-            if extra_files:
-                for name, obj in extra_files.items():
-                    torch.save(obj, os.path.join(tmp, name))
-            with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as fh:
-                json.dump(state, fh)
-            replace_dir(tmp, self.path("checkpoint"))  # a kill between its two renames leaves checkpoint.old
-        self._barrier()
+        error = None
+        try:
+            if self.acc is not None:
+                logging.getLogger("accelerate.utils.other").addFilter(_DROP_TIED)  # added once: same object
+                self.acc.save_state(tmp, safe_serialization=True)
+            if self.is_main:
+                os.makedirs(tmp, exist_ok=True)
+                if extra_files:
+                    for name, obj in extra_files.items():
+                        torch.save(obj, os.path.join(tmp, name))
+                # written last: a directory without it is never taken for a checkpoint (checkpoint_dir)
+                with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as fh:
+                    json.dump(state, fh)
+                replace_dir(tmp, self.path("checkpoint"))  # a kill between its two renames leaves checkpoint.old
+        except Exception as e:
+            error = e
+        if not self._all_ok(error is None):  # in place of the barrier: every process learns of a failed write
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if error is not None and not failed_write(error):
+                raise error
+            raise self._write_error(self.path("checkpoint") + f" (step {state.get('step')})",
+                                    error or OSError("the write failed on another process")) from error
 
     def load_checkpoint(self) -> Optional[dict[str, Any]]:
         d = self.checkpoint_dir()
@@ -164,20 +203,73 @@ class StageRun:
         return torch.load(os.path.join(d, name), weights_only=False)
 
     def finish(self, summary: dict[str, Any]) -> None:
+        """Write DONE.json (the stage is complete) and drop the resume checkpoint. If a SIGTERM or SIGINT came during
+        the last step, the process stops here (Interrupted), the stage finished."""
         if self.is_main:
             summary = {"stage": self.stage, "seconds": round(time.time() - self.started, 2), **summary}
             tmp = self.path("DONE.json.tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump({k: _jsonable(v) for k, v in summary.items()}, fh, indent=2)
-            os.replace(tmp, self.path("DONE.json"))
+            with self.writing(self.path("DONE.json")):
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    json.dump({k: _jsonable(v) for k, v in summary.items()}, fh, indent=2)
+                os.replace(tmp, self.path("DONE.json"))
             # the final model is saved; the resume checkpoint is no longer needed
             shutil.rmtree(self.path("checkpoint"), ignore_errors=True)
             shutil.rmtree(self.path("checkpoint.old"), ignore_errors=True)
         self._barrier()
+        if self.interrupted:
+            if self.is_main:
+                print(f"[{self.stage}] {signal.Signals(self.interrupted).name} during the last step: the stage "
+                      f"finished ({self.out_dir}/DONE.json written); rerun the same command to go on", flush=True)
+            raise Interrupted(self.interrupted)
+
+    @contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """A write the file system refuses (a full disk, say) while writing `what` becomes a StageError that names it
+        and says what is left to resume from."""
+        try:
+            yield
+        except Exception as e:
+            if not failed_write(e):
+                raise
+            raise self._write_error(what, e) from e
+
+    def _write_error(self, what: str, error: Exception) -> StageError:
+        state = None
+        try:
+            d = self.checkpoint_dir()
+            if d is not None:
+                with open(os.path.join(d, "trainer_state.json"), encoding="utf-8") as fh:
+                    state = json.load(fh)
+        except (OSError, ValueError):
+            pass
+        resume = (f"the checkpoint of step {state.get('step')} is intact" if state is not None
+                  else "no checkpoint was written yet")
+        return StageError(f"could not write {what}: {error}. Nothing written before is lost ({resume}): make room "
+                          f"and rerun the same command to resume")
+
+    def _all_ok(self, ok: bool) -> bool:
+        """Whether `ok` holds on every process (a collective: every process calls it)."""
+        if self.acc is None or self.acc.num_processes == 1:
+            return ok
+        flag = torch.tensor([0 if ok else 1], device=self.acc.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return not int(flag.item())
 
     def _barrier(self) -> None:
         if self.acc is not None:
             self.acc.wait_for_everyone()
+
+
+def failed_write(e: BaseException) -> bool:
+    """Whether `e` is a write the file system refused: an OSError, or how torch.save and safetensors report one
+    (a RuntimeError from torch's archive writer, a SafetensorError "I/O error")."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    if type(e).__name__ == "SafetensorError":
+        return "I/O error" in text
+    return isinstance(e, RuntimeError) and any(m in text for m in ("PytorchStreamWriter", "inline_container",
+                                                                     "file write failed"))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

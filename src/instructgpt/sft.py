@@ -96,7 +96,8 @@ def train(cfg: SFTConfig) -> str:
     if res.step < cfg.train.max_steps:
         return cfg.out_dir
     if acc.is_main_process:
-        save_model(acc.unwrap_model(model), tokenizer, run.path("model"), consume=True)
+        with run.writing(run.path("model")):
+            save_model(acc.unwrap_model(model), tokenizer, run.path("model"), consume=True)
     run.finish({"steps": res.step, "eval_loss": res.eval_loss, "tokens_per_s": res.tokens_per_s,
                 "train_examples": len(train_ex), "skipped": skipped})
     return cfg.out_dir

@@ -21,7 +21,7 @@ from instructgpt.modeling import position_ids_from_mask
 from instructgpt.progress import StageProgress
 from instructgpt.runs import StageRun
 from instructgpt.training import (batch_indices, checkpoint_or_stop, grouped_batch_indices, make_optimizer,
-                                  micro_batch_size, optimizer_step, resume_step)
+                                  micro_batch_size, optimizer_step, preemptible, resume_step)
 
 
 def packed_attention_supported() -> bool:
@@ -112,7 +112,8 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
     model.train()
     result = FitResult(step=start)
     tokens_seen, t0 = 0, time.time()
-    with StageProgress(desc, total=t.max_steps, start=start, enabled=acc.is_main_process) as bar:
+    with preemptible(run, acc, desc), StageProgress(desc, total=t.max_steps, start=start,
+                                                    enabled=acc.is_main_process) as bar:
         for step in range(start, t.max_steps):
             # 1. this step's examples: the same global batch on every rank, each rank takes its share
             idx = grouped_batch_indices(lengths, t.batch_size, step, cfg.seed, t.group_by_length)

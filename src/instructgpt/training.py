@@ -1,5 +1,6 @@
 """Training mechanics every stage shares: the accelerator, the optimizer and its schedule, the data order as a pure
-function of the step (so resume is exact), resume, periodic checkpoints, and an EMA of the weights.
+function of the step (so resume is exact), resume, periodic checkpoints, preemption (SIGTERM / SIGINT stop a loop at a
+step boundary with a checkpoint), and an EMA of the weights.
 
 No loop lives here: each stage writes its own, top to bottom, from these parts.
 """
@@ -7,14 +8,18 @@ No loop lives here: each stage writes its own, top to bottom, from these parts.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from instructgpt.config import StageConfig, TrainConfig
-from instructgpt.runs import StageRun
+from instructgpt.runs import Interrupted, StageRun
 
 
 def make_accelerator(cfg: StageConfig) -> Accelerator:
@@ -145,15 +150,101 @@ def resume_step(run: StageRun, acc, desc: str) -> int:
 def checkpoint_or_stop(run: StageRun, acc, t: TrainConfig, done: int, total_steps: int, desc: str,
                        state: Optional[dict] = None) -> bool:
     """Save every `train.save_every` steps (`state`, default {"step": done}, goes into trainer_state.json); True
-    when `train.stop_after` says to stop here (after saving)."""
+    when `train.stop_after` says to stop here (after saving).
+
+    Called at every step boundary inside `preemptible`: a SIGTERM or SIGINT that reached any process during the step
+    writes the checkpoint here and raises Interrupted (exit status 128 + the signal) on every process. During the
+    last step the stage finishes instead (its model and DONE.json), then stops (StageRun.finish)."""
+    signum = _signal_received(acc)
     if done >= total_steps:
         return False
     stop = t.stop_after is not None and done >= t.stop_after
-    if stop or (t.save_every and done % t.save_every == 0):
+    if signum or stop or (t.save_every and done % t.save_every == 0):
         run.save_checkpoint(dict(state) if state is not None else {"step": done})
+    if signum:
+        if _active is not None:
+            _active.acted = True
+        acc.print(f"[{desc}] {signal.Signals(signum).name}: checkpoint at step {done} written; rerun the same command "
+                  f"to resume")
+        raise Interrupted(signum)
     if stop:
         acc.print(f"[{desc}] stopping after step {done} (train.stop_after); rerun to resume")
     return stop
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM (a scheduler reclaiming the machine: SLURM, Kubernetes, spot instances) or SIGINT (Ctrl-C)
+
+
+class _Preemption:
+    """The first SIGTERM or SIGINT received while a loop runs; acted on at the next step boundary."""
+
+    def __init__(self, desc: str, main: bool):
+        self.desc, self.main = desc, main
+        self.signum = 0
+        self.acted = self.aborted = False
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            self.aborted = True
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now; the last checkpoint stays good (saves are atomic)
+        if self.signum:
+            return  # a repeated SIGTERM (the scheduler's, then the launcher's forwarded copy): already stopping
+        self.signum = signum
+        if self.main:
+            again = " (Ctrl-C again to abort at once)" if signum == signal.SIGINT else ""
+            try:  # os.write, not print: the signal may have interrupted a write to the same stream
+                os.write(2, f"\n[{self.desc}] {signal.Signals(signum).name}: stopping at the end of this step, "
+                            f"once its checkpoint is written{again}\n".encode())
+            except OSError:
+                pass
+
+
+_active: Optional[_Preemption] = None
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def preemptible(run: StageRun, acc, desc: str) -> Iterator[None]:
+    """Around a stage's loop: SIGTERM and SIGINT no longer kill the process but are noted, and `checkpoint_or_stop`
+    stops the loop at the next step boundary with a checkpoint. A second SIGINT stops it at once, mid-step (Interrupted
+    all the same: the last checkpoint is intact). The previous handlers come back on the way out. Under torchrun every rank gets the signal (it forwards it), and
+    `checkpoint_or_stop` takes the largest over the ranks, so all stop at the same step. Python handles signals in
+    the main thread only: elsewhere this does nothing."""
+    global _active
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    p = _Preemption(desc, acc.is_main_process)
+    previous = {s: signal.signal(s, p.handle) for s in _SIGNALS}
+    outer, _active = _active, p
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not p.aborted:
+            raise
+        if p.main:
+            print(f"\n[{desc}] SIGINT again: stopped at once, mid-step; the last checkpoint is intact: rerun the same "
+                  f"command to resume", flush=True)
+        raise Interrupted(signal.SIGINT) from None
+    finally:
+        _active = outer
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    if p.signum and not p.acted:  # it came during the last step: the stage finishes, then stops
+        run.interrupted = p.signum
+
+
+def _signal_received(acc) -> int:
+    """The signal `preemptible` noted (0: none), the largest over all processes, so every rank stops at one step."""
+    signum = _active.signum if _active is not None else 0
+    if acc is not None and acc.num_processes > 1:
+        flag = torch.tensor([signum], device=acc.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        signum = int(flag.item())
+        if _active is not None and signum and not _active.signum:
+            _active.signum = signum
+    return signum
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -89,6 +89,33 @@ def fruit_pairs_over_other_pairs_rankings(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def ppo_inputs_in(d, policy_dir: str, n_rankings: int) -> dict:
+    """What a PPO run on the tiny model needs, built in directory `d`: a reward model trained on `n_rankings`
+    rankings, 64 prompts and a small pretraining text."""
+    from instructgpt.config import load_config
+    from instructgpt.rm import RMConfig
+    from instructgpt.rm import train as rm_train
+    tr = write_jsonl(d / "rank.jsonl", fruit_pairs_over_other_pairs_rankings(n_rankings, 0))
+    rm_train(load_config(RMConfig, None, [f"model.name_or_path={policy_dir}", f"data.train={tr}",
+                                          f"out_dir={d / 'rm'}", "train.batch_size=8", "train.lr=3e-3",
+                                          "data.eval_size=0", "normalize.demonstrations=null"]))
+    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": f"what is {i}"} for i in range(64)])
+    ptx = d / "ptx.txt"
+    ptx.write_text("\n".join(f"the {w} is {c} and the cat is one." for w in ("apple", "pear", "plum", "dog")
+                             for c in ("red", "blue", "green")) * 20)
+    return {"policy": policy_dir, "rm": str(d / "rm"), "prompts": prompts, "ptx": str(ptx)}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """A server and its test share the process: one intra-op thread each keeps them from stalling a busy CPU."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def saved_weights(run_dir) -> dict:
     """The tensors of the model a stage saved under `run_dir` (its model/model.safetensors)."""
     from safetensors.torch import load_file

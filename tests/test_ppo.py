@@ -10,8 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import (fruit_pairs_over_other_pairs_rankings, read_jsonl, saved_weights, sigkill_after_checkpoint,
-                      write_jsonl)
+from conftest import ppo_inputs_in, read_jsonl, saved_weights, sigkill_after_checkpoint
 from safetensors.torch import load_file
 
 from instructgpt.advantages import gae, gae_loop, group_advantages, kl_per_token, token_rewards, whiten
@@ -148,18 +147,7 @@ def test_ptx_term_is_the_lm_loss_of_the_pretraining_batch(tiny):
 
 @pytest.fixture(scope="module")
 def ppo_inputs(tiny_model_dir, tmp_path_factory):
-    from instructgpt.rm import RMConfig
-    from instructgpt.rm import train as rm_train
-    d = tmp_path_factory.mktemp("ppo")
-    tr = write_jsonl(d / "rank.jsonl", fruit_pairs_over_other_pairs_rankings(200, 0))
-    rm_train(load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}",
-                                          f"out_dir={d / 'rm'}", "train.batch_size=8", "train.lr=3e-3",
-                                          "data.eval_size=0", "normalize.demonstrations=null"]))
-    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": f"what is {i}"} for i in range(64)])
-    ptx = d / "ptx.txt"
-    ptx.write_text("\n".join(f"the {w} is {c} and the cat is one." for w in ("apple", "pear", "plum", "dog")
-                             for c in ("red", "blue", "green")) * 20)
-    return {"policy": tiny_model_dir, "rm": str(d / "rm"), "prompts": prompts, "ptx": str(ptx)}
+    return ppo_inputs_in(tmp_path_factory.mktemp("ppo"), tiny_model_dir, 200)
 
 
 def _args(inp, out, *extra):

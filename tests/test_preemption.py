@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import fruit_pairs_over_other_pairs_rankings, saved_weights, write_jsonl
+from conftest import ppo_inputs_in, saved_weights, write_jsonl
 from instructgpt.config import load_config
 from instructgpt.runs import Interrupted, StageError, StageRun, read_metrics
 
@@ -177,18 +177,7 @@ def test_handlers_are_installed_for_the_loop_only_and_a_repeated_sigterm_is_one_
 
 @pytest.fixture(scope="module")
 def ppo_inputs(tiny_model_dir, tmp_path_factory):
-    from instructgpt.rm import RMConfig
-    from instructgpt.rm import train as rm_train
-    d = tmp_path_factory.mktemp("ppo")
-    tr = write_jsonl(d / "rank.jsonl", fruit_pairs_over_other_pairs_rankings(64, 0))
-    rm_train(load_config(RMConfig, None, [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}",
-                                          f"out_dir={d / 'rm'}", "train.batch_size=8", "train.lr=3e-3",
-                                          "data.eval_size=0", "normalize.demonstrations=null"]))
-    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": f"what is {i}"} for i in range(64)])
-    ptx = d / "ptx.txt"
-    ptx.write_text("\n".join(f"the {w} is {c} and the cat is one." for w in ("apple", "pear", "plum", "dog")
-                             for c in ("red", "blue", "green")) * 20)
-    return {"policy": tiny_model_dir, "rm": str(d / "rm"), "prompts": prompts, "ptx": str(ptx)}
+    return ppo_inputs_in(tmp_path_factory.mktemp("ppo"), tiny_model_dir, 64)
 
 
 def _ppo_args(inp, out, *extra) -> list[str]:

@@ -57,13 +57,7 @@ def audit_rows(server) -> list[dict]:
     return read_jsonl(server.cfg.audit_log)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Server and test share the process: one intra-op thread each keeps them from stalling a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # every test of this module, as the server shares its CPU
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import json
 
 import pytest
 import schemathesis
-import torch
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, StopReason, events
@@ -40,13 +39,7 @@ def tiny_limits() -> Limits:
                   max_messages=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Server and schemathesis share the process and a small, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # every test of this module, as the server shares its CPU
 
 
 @pytest.fixture(scope="module")

@@ -262,6 +262,7 @@ def train(cfg: PPOConfig) -> str:
     mb_size = t.batch_size // world // p.num_minibatches
     local = t.batch_size // world
     zero = torch.zeros((), device=acc.device)
+    head = critic is not None and critic.reads_policy  # the values come out of the policy's own forward
 
     def ptx_loss(n_tokens: float) -> torch.Tensor:
         """-E_pretrain[log pi(x)] on ptx_token_ratio x `n_tokens` tokens of pretraining text (each rank its rows)."""
@@ -328,7 +329,6 @@ def train(cfg: PPOConfig) -> str:
                     mb = b.rows(perm[m * mb_size:(m + 1) * mb_size].to(acc.device))
                     P, R = mb.query.shape[1], mb.response.shape[1]
                     ids, att = mb.input_ids, mb.attention_mask
-                    head = critic is not None and critic.reads_policy
                     with acc.autocast():
                         logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
                     scaled = response_logits(logits, p.temperature)

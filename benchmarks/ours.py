@@ -97,7 +97,8 @@ def generate(spec: dict, out: str) -> dict:
 
     import torch
 
-    from instructgpt.generation import SamplingParams, left_pad, sample
+    from instructgpt.batching import left_pad
+    from instructgpt.generation import SamplingParams, sample
     from instructgpt.modeling import load_model
 
     s = spec["settings"]

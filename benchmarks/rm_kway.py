@@ -15,7 +15,8 @@ from instructgpt import tasks
 from instructgpt.losses import ranking_loss, ranking_pairs
 from instructgpt.modeling import load_model
 from instructgpt.reward import encode_pair
-from instructgpt.rm import Encoded, forward_rankings
+from instructgpt.rankings import Encoded
+from instructgpt.rm import forward_rankings
 
 
 def rankings(tok, k, n, seed=0):

@@ -177,7 +177,8 @@ def build(work: str, s: Settings) -> dict:
     from instructgpt.modeling import load_tokenizer, resolve_path
     from instructgpt.prompting import encode_prompt
     from instructgpt.reward import encode_pair
-    from instructgpt.sft import batch_indices, build_examples
+    from instructgpt.sft import build_examples
+    from instructgpt.training import batch_indices
 
     hf_logging.disable_progress_bar()  # the loads and saves below would print bars into the benchmark's table
     os.makedirs(work, exist_ok=True)

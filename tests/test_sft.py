@@ -93,7 +93,7 @@ def test_response_only_head_equals_the_full_forward(tiny):
 
 
 def test_pack_keeps_masks_and_limits():
-    from instructgpt.sft import Example
+    from instructgpt.batching import Example
     ex = [Example([1, 2, 3], [False, True, True]), Example([4, 5], [False, True]), Example([6] * 4, [True] * 4)]
     rows = pack(ex, 5)
     assert [r.input_ids for r in rows] == [[1, 2, 3, 4, 5], [6, 6, 6, 6]]
@@ -105,7 +105,7 @@ def test_packed_examples_do_not_see_each_other(tiny):
     """A packed row's positions restart at each example, and transformers then masks attention per example: the
     row's loss is the sum of its examples' losses each forwarded alone, in a batch beside a padded row too. Plain
     concatenation (one sequence of positions) lets later examples attend to earlier ones and differs."""
-    from instructgpt.sft import Example
+    from instructgpt.batching import Example
     model, tok = tiny
     exs = []
     for prompt, answer in [("add 2 plus 3", "5"), ("what is the first word", "the"), ("repeat cat twice", "cat cat")]:
@@ -163,7 +163,7 @@ def _cfg(model_dir, demos, out, **kw):
 
 def test_sft_lowers_heldout_loss(tiny_model_dir, demos_file, tmp_path):
     from instructgpt.modeling import load_model
-    from instructgpt.sft import split_eval
+    from instructgpt.batching import split_eval
     cfg = _cfg(tiny_model_dir, demos_file, tmp_path / "sft", **{"train.max_steps": 30})
     model, tok = load_model(tiny_model_dir)
     ex, _ = build_examples(tok, load_demonstrations(demos_file), 256)
@@ -180,7 +180,7 @@ def test_sft_lowers_heldout_loss(tiny_model_dir, demos_file, tmp_path):
 
 def test_sft_with_packing_lowers_heldout_loss(tiny_model_dir, demos_file, tmp_path):
     from instructgpt.modeling import load_model
-    from instructgpt.sft import split_eval
+    from instructgpt.batching import split_eval
     cfg = _cfg(tiny_model_dir, demos_file, tmp_path / "sft", **{"train.max_steps": 30, "data.packing": "true",
                                                                 "data.max_length": 128})
     model, tok = load_model(tiny_model_dir)

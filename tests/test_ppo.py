@@ -218,6 +218,33 @@ def test_bf16_mixed_precision_recomputes_old_logprobs_so_the_first_kl_is_zero(pp
                                                    if isinstance(v, float))
 
 
+def test_bf16_rollouts_sample_in_bf16_and_keep_the_fp32_policys_logprobs(ppo_inputs, tmp_path):
+    """ppo.rollout_mixed_precision=bf16: the sampler runs in bf16, the old log-probs and the reference's are the
+    fp32 models' full forwards (policy == reference: no penalty, exactly), the training stays in fp32."""
+    with pytest.raises(ConfigError, match="rollout_mixed_precision=bf16 needs ppo.recompute_logprobs=true"):
+        load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "x", "ppo.rollout_mixed_precision=bf16"))
+    cfg = load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "x", "ppo.rollout_mixed_precision=bf16",
+                                             "ppo.recompute_logprobs=true"))
+    models = load_models(cfg)
+    tok = models.tokenizer
+    from instructgpt.generation import eos_ids
+    from instructgpt.prompting import encode_prompt
+    prompts = [[{"role": "user", "content": f"what is {i}"}] for i in range(8)]
+    dtypes = []
+    hook = models.policy.lm_head.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    try:
+        b = rollout(models, models.policy, [encode_prompt(tok, m) for m in prompts], prompts, cfg.ppo,
+                    eos_ids(models.policy, tok), torch.Generator().manual_seed(0), "cpu")
+    finally:
+        hook.remove()
+    assert dtypes[0] == torch.bfloat16 and dtypes[-1] == torch.float32  # sampled in bf16, recomputed in fp32
+    assert float(kl_per_token(b.logprobs, b.ref_logprobs).abs().max()) == 0.0
+    with torch.no_grad():
+        logits, _ = policy_forward(models.policy, b.input_ids, b.attention_mask, response_len=b.response.shape[1])
+    new = logprobs_from_logits(response_logits(logits, cfg.ppo.temperature), b.response)
+    assert torch.equal(new * b.mask, b.logprobs)  # the first ratio is exactly 1
+
+
 def test_config_requires_reward_model_and_ptx_text():
     with pytest.raises(ConfigError, match="reward_model.name_or_path"):
         load_config(PPOConfig, None, [])

@@ -5,6 +5,12 @@ was batched with. The log-prob of every sampled token is returned, computed from
 top-k/top-p filtering or penalty (what PPO needs, and what OpenAI's ``logprobs`` report).
 Penalties follow OpenAI's definition: ``logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty``,
 counting the tokens generated so far in that completion.
+
+Speed: the KV cache and the attention mask are allocated once for the whole generation (transformers' own cache
+concatenates, copying every layer's cache at every step), with the same numbers as ``model.generate``; under bf16
+(``autocast(model, "bf16")``) a decode step on CPU attends with two small matmuls instead of PyTorch's CPU
+flash-attention kernel, which is slow for one bf16 query. ``benchmarks/sampler.py`` measures both against
+``model.generate`` and against the machine's roofline.
 """
 
 from __future__ import annotations
@@ -18,6 +24,17 @@ import torch
 
 from instructgpt.batching import left_pad
 from instructgpt.modeling import position_ids_from_mask
+
+try:  # transformers >= 4.56: a cache is a list of layers, which we can give buffers of our own
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+except ImportError:  # older: the model's own growing cache
+    DynamicCache = DynamicLayer = None
+try:  # transformers >= 4.53: attention functions (and their masks) registered by name
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError:
+    AttentionInterface = None
 
 
 def autocast(model, mixed_precision: str = "no"):
@@ -112,9 +129,14 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, frequency_penalt
     return logits
 
 
+def _base(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def cache_argument(model) -> str:
     """transformers >= 5 names the KV cache `cache`; earlier versions `past_key_values`."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it through
+    inner = _base(model)  # a peft model passes it through
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
@@ -122,7 +144,7 @@ def keeps_last_logits(model) -> dict:
     """`{"logits_to_keep": 1}` where the model takes it (transformers' causal LMs do): the prefill then runs the LM
     head over the last prompt position only: a large vocabulary's head over a whole chat prompt is a large share of
     the prefill, for logits never read."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _base(model)
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
 
 
@@ -130,7 +152,105 @@ def returned_cache(out):
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
-@torch.no_grad()
+if DynamicLayer is not None:
+    class PreallocatedLayer(DynamicLayer):
+        """One attention layer's KV cache in buffers sized for the whole generation, (B, H, capacity, D), allocated at
+        the prefill. Each step writes its keys and values into the next slot and returns views of the filled part, so
+        the attention sees the same tensors as with transformers' growing cache (which concatenates, copying the whole
+        cache into a new allocation at every step and layer) and computes the same numbers."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+            self.length = 0
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            B, H, _, D = key_states.shape
+            self.device = key_states.device
+            self.key_buffer = key_states.new_empty(B, H, self.capacity, D)  # (B, H, capacity, D)
+            self.value_buffer = value_states.new_empty(B, H, self.capacity, value_states.shape[-1])
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:
+                raise RuntimeError(f"KV cache of {self.capacity} positions is full")
+            self.key_buffer[:, :, self.length:end].copy_(key_states)
+            self.value_buffer[:, :, self.length:end].copy_(value_states)
+            self.length = end
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+
+# The attention the sampler gives a bf16 model on CPU: PyTorch's flash-attention kernel for CPU, which `sdpa` picks,
+# takes ~10x longer for the single query position of a decode step in bf16 than two small matmuls (in fp32 it is as
+# fast, and fp32 sampling keeps it: the same numbers as `model.generate`)
+DECODE_ATTENTION = "instructgpt_decode"
+
+
+def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                     **kwargs):
+    """transformers' `sdpa` attention, except for one query position: softmax(q k^T * scaling + mask) v as two
+    matmuls, the softmax in fp32, grouped-query heads without repeating the keys. query (B, H, 1, D), key/value
+    (B, KVH, T, D), attention_mask (B, 1, 1, T) bool (True: attend) -> (B, 1, H, D)."""
+    if query.shape[2] != 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    B, H, _, D = query.shape
+    KVH = key.shape[1]
+    q = query.reshape(B, KVH, H // KVH, D)  # (B, KVH, G, D): the G query heads that share a key/value head
+    scores = torch.matmul(q, key.transpose(-1, -2)).float()  # (B, KVH, G, T)
+    scores.mul_(scaling if scaling is not None else D ** -0.5)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores.masked_fill_(~attention_mask, float("-inf"))
+        else:
+            scores.add_(attention_mask)
+    out = torch.matmul(torch.softmax(scores, -1).to(value.dtype), value)  # (B, KVH, G, D)
+    return out.reshape(B, 1, H, value.shape[-1]), None
+
+
+if AttentionInterface is not None:
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def bf16_decode_attention(model):
+    """Within: `model` uses `decode_attention` where it would use `sdpa` on CPU in bf16 (its weights in bf16, or bf16
+    autocast on)."""
+    inner = _base(model)
+    impl = getattr(inner.config, "_attn_implementation", None)
+    param = next(inner.parameters())
+    bf16 = param.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")
+    if AttentionInterface is None or impl != "sdpa" or param.device.type != "cpu" or not bf16:
+        yield
+        return
+    inner.set_attn_implementation(DECODE_ATTENTION)
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(impl)
+
+
+def preallocated_cache(model, capacity: int) -> dict:
+    """The cache keyword for `model`'s prefill: a cache whose full-attention layers hold `capacity` positions in
+    buffers allocated once (PreallocatedLayer). {} (the model's own cache) where transformers predates cache layers,
+    or where the model has other kinds of layer (sliding-window, linear attention) or no DynamicCache of its own."""
+    if DynamicLayer is None:
+        return {}
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # a config DynamicCache cannot read: the model keeps its own cache
+        return {}
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return {}
+    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return {cache_argument(model): cache}
+
+
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
            eos_token_id: int | Sequence[int] | None, pad_token_id: int,
            generator: Optional[torch.Generator] = None, stop_check=None, end_rows=None) -> SampleBatch:
@@ -140,16 +260,26 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params:
     `end_rows() -> rows`, asked once a step (no per-row cost), ends those rows where they are (a server's cancelled
     requests).
     """
+    with torch.no_grad(), bf16_decode_attention(model):
+        return _sample(model, input_ids, attention_mask, params, eos_token_id, pad_token_id, generator, stop_check,
+                       end_rows)
+
+
+def _sample(model, input_ids, attention_mask, params, eos_token_id, pad_token_id, generator, stop_check,
+            end_rows) -> SampleBatch:
     B = input_ids.shape[0]
     device = input_ids.device
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                        device=device, dtype=torch.long)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
-    attention_mask = attention_mask.long()
-    position_ids = position_ids_from_mask(attention_mask)
+    P = input_ids.shape[1]
+    # the attention mask of the whole generation, allocated once: step t passes a view of its first P + t columns
+    full_mask = torch.ones(B, P + params.max_new_tokens, dtype=torch.long, device=device)  # (B, P + max_new_tokens)
+    full_mask[:, :P] = attention_mask
+    position_ids = position_ids_from_mask(full_mask[:, :P])
     cache_kw = cache_argument(model)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                **keeps_last_logits(model))
+    out = model(input_ids=input_ids, attention_mask=full_mask[:, :P], position_ids=position_ids, use_cache=True,
+                **keeps_last_logits(model), **preallocated_cache(model, P + params.max_new_tokens))
     past = returned_cache(out)
     logits = out.logits[:, -1, :].float()  # (B, V)
     next_pos = position_ids[:, -1] + 1  # (B,)
@@ -200,8 +330,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params:
                 done[b] = True
         if bool(done.all()) or t == params.max_new_tokens - 1:  # no forward for a token that will not be sampled
             break
-        attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype, device=device)], 1)
-        out = model(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=next_pos[:, None],
+        out = model(input_ids=nxt[:, None], attention_mask=full_mask[:, : P + t + 1], position_ids=next_pos[:, None],
                     use_cache=True, **{cache_kw: past})
         past = returned_cache(out)
         logits = out.logits[:, -1, :].float()

@@ -35,7 +35,7 @@ from instructgpt.advantages import explained_variance, gae, group_advantages, kl
 from instructgpt.batching import left_pad, pretrain_blocks, prompt_ids
 from instructgpt.config import ConfigError, ModelConfig
 from instructgpt.files import replace_dir
-from instructgpt.generation import SamplingParams, eos_ids, sample
+from instructgpt.generation import SamplingParams, autocast, eos_ids, sample
 from instructgpt.judges import GOLD, GoldJudge, JudgeReward, judge_for
 from instructgpt.kl_control import AdaptiveKLController, FixedKLController
 from instructgpt.losses import lm_loss, masked_mean, policy_loss, value_loss
@@ -162,8 +162,9 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
     tok, critic = models.tokenizer, models.critic
     q, qm = left_pad(queries, tok.pad_token_id, device)  # (B, P)
     P = q.shape[1]
-    out = sample(policy, q, qm, SamplingParams(max_new_tokens=p.response_length, temperature=p.temperature),
-                 eos, tok.pad_token_id, generator)
+    with autocast(policy, p.rollout_mixed_precision):
+        out = sample(policy, q, qm, SamplingParams(max_new_tokens=p.response_length, temperature=p.temperature),
+                     eos, tok.pad_token_id, generator)
     response = out.tokens  # (B, R)
     R = response.shape[1]
     mask = torch.arange(R, device=device)[None, :] < out.lengths[:, None]  # (B, R)

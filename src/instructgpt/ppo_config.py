@@ -52,6 +52,10 @@ class PPOParams:
     missing_eos_penalty: float | None = -1.0  # score of a response that never emits EOS (None: the RM's score)
     value_model: Literal["reward_model", "policy"] = "reward_model"  # paper: a separate value model from the RM
     recompute_logprobs: bool = False  # old log-probs from a full forward after sampling instead of the sampler's
+    # "bf16": sample the rollouts under bf16 autocast (a CPU with avx512_bf16 or a GPU does it ~2-4x faster), the
+    # training in train.mixed_precision; needs recompute_logprobs, so the old log-probs stay the fp32 policy's (the
+    # split of TRL's and OpenRLHF's vLLM rollouts: sample in low precision, score the ratio with the trained model)
+    rollout_mixed_precision: Literal["no", "bf16"] = "no"
     value_lora: bool = False  # train the value model through LoRA (model.lora settings) instead of in full
     value_lr: float | None = None  # value model's lr (None: train.lr); the paper: 9e-6, fixed
     ema_decay: float | None = None  # EMA of the policy weights, saved as the final model (the paper: 0.992)
@@ -118,6 +122,10 @@ class PPOConfig(StageConfig):
             raise ConfigError(f"ppo.ema_decay: must be in (0, 1), got {p.ema_decay}")
         if p.keep_best == "reward" and p.kl_budget is None:
             raise ConfigError("ppo.kl_budget: needed with ppo.keep_best=reward")
+        if p.rollout_mixed_precision != "no" and not p.recompute_logprobs:
+            raise ConfigError(f"ppo.rollout_mixed_precision={p.rollout_mixed_precision} needs "
+                              "ppo.recompute_logprobs=true (the ratio's old log-probs from the trained model's "
+                              "forward, not from the low-precision sampler)")
         if self.train.mixed_precision != "no" and not p.recompute_logprobs:
             # the KV-cached sampler's low-precision log-probs differ from a full forward's by ~1e-2 per token: the
             # KL penalty and the first ratio would read that rounding as policy change

@@ -104,10 +104,13 @@ class TrainConfig:
     eval_every: int = 100
     save_every: int = 100  # checkpoint every N steps (0 = only at the end)
     stop_after: Optional[int] = None  # stop (as if interrupted) after this step; for tests and for splitting a run
+    # experiment trackers that get every metrics.jsonl row, with its keys, through accelerate (one or several; each
+    # needs its package: pip install 'instructgpt[trackers]' for TensorBoard). TensorBoard writes out_dir/tensorboard/
+    log_with: Optional[list[Literal["tensorboard", "wandb", "mlflow", "trackio"]]] = None
 
 
 # Keys that do not change the result: they may differ between a run and its resume.
-RUNTIME_KEYS = {"train.log_every", "train.save_every", "train.stop_after"}
+RUNTIME_KEYS = {"train.log_every", "train.save_every", "train.stop_after", "train.log_with"}
 
 
 @dataclass

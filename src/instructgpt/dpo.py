@@ -23,7 +23,7 @@ from instructgpt.modeling import (apply_lora, check_context, disable_dropout, lo
                                   set_seed)
 from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items
 from instructgpt.runs import StageRun
-from instructgpt.training import make_accelerator
+from instructgpt.training import full_model, make_accelerator
 
 
 def _dpo_train() -> TrainConfig:
@@ -129,10 +129,11 @@ def train(cfg: DPOConfig) -> str:
     model, last_eval = fit_rankings(cfg, run, acc, model, items, eval_items, steps, "dpo", rewards, held_out)
     if last_eval is None:  # stopped early (train.stop_after): rerun to resume
         return cfg.out_dir
-    # 4. save the policy (LoRA merged)
+    # 4. save the policy (LoRA merged), gathered whole if it was sharded
+    whole = full_model(acc, model)
     if acc.is_main_process:
         with run.writing(run.path("model")):
-            save_model(acc.unwrap_model(model), tok, run.path("model"), consume=True)
+            save_model(whole, tok, run.path("model"), consume=True)
     run.finish({"steps": steps, "prompts": len(items), "skipped": skipped, "beta": cfg.beta,
                 **{k.replace("eval/", "eval_"): v for k, v in last_eval.items()}})
     return cfg.out_dir

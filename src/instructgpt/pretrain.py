@@ -20,7 +20,7 @@ from instructgpt.data import load_pretrain_text
 from instructgpt.modeling import load_model, load_tokenizer, save_model, set_seed
 from instructgpt.runs import StageRun
 from instructgpt.supervised import fit
-from instructgpt.training import make_accelerator
+from instructgpt.training import full_model, make_accelerator
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 
@@ -123,9 +123,10 @@ def train(cfg: PretrainConfig) -> str:
     res = fit(cfg, run, acc, model, tokenizer, train_ex, eval_ex, desc="pretrain")
     if res.step < cfg.train.max_steps:
         return cfg.out_dir
+    whole = full_model(acc, res.model)  # every process: a sharded model is gathered onto the main one
     if acc.is_main_process:
         with run.writing(run.path("model")):
-            save_model(acc.unwrap_model(model), tokenizer, run.path("model"), consume=True)
+            save_model(whole, tokenizer, run.path("model"), consume=True)
     run.finish({"steps": res.step, "eval_loss": res.eval_loss, "tokens_per_s": res.tokens_per_s,
                 "train_blocks": len(train_ex)})
     return cfg.out_dir

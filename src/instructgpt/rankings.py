@@ -9,7 +9,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -20,8 +20,8 @@ from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.progress import StageProgress
 from instructgpt.prompting import encode_prompt, encode_response
 from instructgpt.runs import StageRun
-from instructgpt.training import (batch_indices, checkpoint_or_stop, make_optimizer, micro_batch_size, optimizer_step,
-                                  preemptible, resume_step)
+from instructgpt.training import (batch_indices, checkpoint_or_stop, make_optimizer, micro_batch_size, no_sync,
+                                  optimizer_step, preemptible, resume_step)
 
 
 @dataclass
@@ -88,13 +88,14 @@ def load_ranking_items(cfg: RankingStageConfig, tokenizer, cls: type[Encoded] = 
 
 
 def fit_rankings(cfg: RankingStageConfig, run: StageRun, acc, model, items: Sequence, eval_items: Sequence,
-                 steps: int, desc: str, rewards_fn: Callable, eval_fn: Callable):
+                 steps: int, desc: str, rewards_fn: Callable, eval_fn: Callable, roots: Optional[Sequence] = None):
     """The loop of a stage that trains on rankings: `steps` optimizer steps of `train.batch_size` prompts, each
     prompt's C(K,2) comparisons one element, scored by `rewards_fn(model, items) -> [(K_i,)]` (each response once)
     and the ranking loss; resumes from `run`'s checkpoint. -> (the prepared model, the last `eval_fn(model)` metrics
-    ({} without held-out items), or None when train.stop_after stopped it)."""
+    ({} without held-out items), or None when train.stop_after stopped it). `roots`: the parts `rewards_fn` calls
+    instead of the model's forward (training.make_optimizer)."""
     t = cfg.train
-    model, opt, sched = make_optimizer(acc, model, t, steps)
+    model, opt, sched = make_optimizer(acc, model, t, steps, roots)
     world, rank = acc.num_processes, acc.process_index
     micro = micro_batch_size(t, world)
     start = resume_step(run, acc, desc)
@@ -109,7 +110,7 @@ def fit_rankings(cfg: RankingStageConfig, run: StageRun, acc, model, items: Sequ
             for m in range(t.grad_accum):
                 mb = mine[m * micro:(m + 1) * micro]
                 sync = m == t.grad_accum - 1
-                with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
+                with (nullcontext() if sync else no_sync(acc, model)), acc.autocast():
                     rewards = rewards_fn(model, mb)
                     losses = torch.stack([ranking_loss(r, it.ranks) for r, it in zip(rewards, mb)])
                     loss = losses.sum() * world / len(batch)  # the mean over the global batch of prompts

@@ -23,9 +23,10 @@ from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.modeling import apply_lora, check_context, load_model, save_model, set_seed
 from instructgpt.prompting import render_prompt
 from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items
-from instructgpt.reward import RewardNorm, encode_pair, init_reward_head, last_token_rewards, raw_rewards
+from instructgpt.reward import (RewardNorm, encode_pair, init_reward_head, last_token_rewards, raw_rewards,
+                                trunk_and_head)
 from instructgpt.runs import StageRun
-from instructgpt.training import make_accelerator
+from instructgpt.training import full_model, make_accelerator
 
 
 @dataclass
@@ -121,16 +122,17 @@ def train(cfg: RMConfig) -> str:
     model.train()
     model, last_eval = fit_rankings(cfg, run, acc, model, items, eval_items, steps, "rm",
                                     lambda m, mb: forward_rankings(m, mb, tok.pad_token_id, acc.device),
-                                    lambda m: heldout_metrics(m, eval_items, tok.pad_token_id, acc.device))
+                                    lambda m: heldout_metrics(m, eval_items, tok.pad_token_id, acc.device),
+                                    roots=trunk_and_head(model))  # what the rewards call, not the model's forward
     if last_eval is None:  # stopped early (train.stop_after): rerun to resume
         return cfg.out_dir
-    # 4. normalise, save with the normalisation beside the model
-    bare = acc.unwrap_model(model)
-    norm = fit_normalization(bare, tok, cfg.normalize, [r.messages for r in rankings], acc.device,
+    # 4. normalise (every process, in step: a sharded model's forwards are collective), save the model gathered whole
+    norm = fit_normalization(acc.unwrap_model(model), tok, cfg.normalize, [r.messages for r in rankings], acc.device,
                              cfg.data.max_length)
+    whole = full_model(acc, model)
     if acc.is_main_process:
         with run.writing(run.path("model")):
-            save_model(bare, tok, run.path("model"), consume=True)
+            save_model(whole, tok, run.path("model"), consume=True)
             norm.save(run.path("model"))
     run.finish({"steps": steps, "prompts": len(items), "skipped": skipped, "bias": norm.bias, "gain": norm.gain,
                 **{k.replace("eval/", "eval_"): v for k, v in last_eval.items()}})

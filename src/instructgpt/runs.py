@@ -3,7 +3,8 @@
 Layout of ``out_dir``::
 
     config.yaml        the fully resolved config (a rerun with a different one is refused)
-    metrics.jsonl      one JSON object per logged step
+    metrics.jsonl      one JSON object per logged step (and the same rows to the trackers of train.log_with)
+    tensorboard/       with train.log_with=tensorboard: its event files
     checkpoint/        the last good checkpoint (accelerate state: model, optimizer, scheduler, RNG) + trainer_state.json
     model/             the final model, Hugging Face format
     DONE.json          written last: the stage finished
@@ -64,6 +65,8 @@ class StageRun:
         self.started = time.time()
         self.is_main = accelerator is None or accelerator.is_main_process
         self.interrupted = 0  # a signal received during the last step: `finish` stops the process once it is done
+        self.tracking = False  # the trackers of train.log_with (accelerate's) are started: at the first logged row
+        self.resumed_at = 0  # the step metrics were truncated to: trackers hide what an earlier attempt logged past it
 
     # paths
     def path(self, *parts: str) -> str:
@@ -128,10 +131,35 @@ class StageRun:
 
     # metrics
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append a row to metrics.jsonl and hand the same values, under the same keys, to train.log_with's trackers."""
         if not self.is_main:
             return
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self.append(self.path("metrics.jsonl"), [row])
+        if self.acc is not None and self.acc.log_with:
+            if not self.tracking:
+                self.start_trackers()
+            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def start_trackers(self) -> None:
+        """accelerate's trackers, project "instructgpt", this run named for its out_dir, with the resolved config.
+        TensorBoard writes out_dir/tensorboard/; a resumed run tells it to drop what was logged past the checkpoint."""
+        name = os.path.basename(os.path.normpath(self.out_dir)) or self.stage
+        config = {k: v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v)
+                  for k, v in flatten(to_dict(self.cfg)).items()}
+        self.acc.init_trackers("instructgpt", config={"stage": self.stage, **config}, init_kwargs={
+            "tensorboard": {"purge_step": self.resumed_at + 1 if self.resumed_at else 0},
+            "wandb": {"name": name, "dir": self.out_dir}, "mlflow": {"run_name": name}, "trackio": {"name": name}})
+        self.tracking = True
+
+    def end_trackers(self) -> None:
+        """Close the trackers (the stage finished or stopped); a later row starts them again. Not through
+        accelerate's end_training, which also ends the process group the other processes (and later stages) use."""
+        if self.tracking:
+            for tracker in self.acc.trackers:
+                tracker.finish()
+            self.acc.trackers = []
+            self.tracking = False
 
     def append(self, path: str, rows: list[dict]) -> None:
         """Append rows to a log of the run (metrics.jsonl, samples.jsonl); on resume `truncate_metrics` drops those
@@ -143,6 +171,7 @@ class StageRun:
         """On resume, drop rows logged after the checkpoint (they will be logged again); with no checkpoint (step 0)
         drop them all, the step-0 rows (PPO's first held-out evaluation) included. samples.jsonl likewise; a last line
         without its newline (a write the disk refused) goes too."""
+        self.resumed_at = step
         if not self.is_main:
             return
         for name in ("metrics.jsonl", "samples.jsonl"):
@@ -170,7 +199,13 @@ class StageRun:
             if self.acc is not None:
                 logging.getLogger("accelerate.utils.other").addFilter(_DROP_TIED)  # added once: same object
                 self.acc.save_state(tmp, safe_serialization=True)
-            if self.is_main:
+        except Exception as e:
+            error = e
+        # every process has written its part (its RNG state; its shards, when sharded) before the main one seals the
+        # directory: a rank still writing into checkpoint.tmp once it is renamed would fail, or write nowhere
+        all_written = self._all_ok(error is None)
+        try:
+            if self.is_main and all_written:
                 os.makedirs(tmp, exist_ok=True)
                 if extra_files:
                     for name, obj in extra_files.items():
@@ -215,6 +250,7 @@ class StageRun:
             # the final model is saved; the resume checkpoint is no longer needed
             shutil.rmtree(self.path("checkpoint"), ignore_errors=True)
             shutil.rmtree(self.path("checkpoint.old"), ignore_errors=True)
+        self.end_trackers()
         self._barrier()
         if self.interrupted:
             if self.is_main:

@@ -17,7 +17,7 @@ from instructgpt.modeling import apply_lora, check_context, load_model, save_mod
 from instructgpt.prompting import encode_conversation
 from instructgpt.runs import StageRun
 from instructgpt.supervised import fit, packing_isolates
-from instructgpt.training import make_accelerator
+from instructgpt.training import full_model, make_accelerator
 
 DEFAULT_DEMOS = "builtin:task-demos"
 
@@ -95,9 +95,10 @@ def train(cfg: SFTConfig) -> str:
     res = fit(cfg, run, acc, model, tokenizer, train_ex, eval_ex, ptx_ex, desc="sft")
     if res.step < cfg.train.max_steps:
         return cfg.out_dir
+    whole = full_model(acc, res.model)  # every process: a sharded model is gathered onto the main one
     if acc.is_main_process:
         with run.writing(run.path("model")):
-            save_model(acc.unwrap_model(model), tokenizer, run.path("model"), consume=True)
+            save_model(whole, tokenizer, run.path("model"), consume=True)
     run.finish({"steps": res.step, "eval_loss": res.eval_loss, "tokens_per_s": res.tokens_per_s,
                 "train_examples": len(train_ex), "skipped": skipped})
     return cfg.out_dir

@@ -21,7 +21,7 @@ from instructgpt.modeling import position_ids_from_mask
 from instructgpt.progress import StageProgress
 from instructgpt.runs import StageRun
 from instructgpt.training import (batch_indices, checkpoint_or_stop, grouped_batch_indices, make_optimizer,
-                                  micro_batch_size, optimizer_step, preemptible, resume_step)
+                                  micro_batch_size, no_sync, optimizer_step, preemptible, resume_step)
 
 
 def packed_attention_supported() -> bool:
@@ -75,6 +75,7 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
 @dataclass
 class FitResult:
     step: int
+    model: object = None  # the model as trained: prepared by accelerate, or sharded (training.full_model gathers it)
     eval_loss: Optional[float] = None
     tokens_per_s: float = 0.0
     history: list[dict] = field(default_factory=list)
@@ -110,7 +111,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
     lengths = [len(e.input_ids) for e in train_ex]
 
     model.train()
-    result = FitResult(step=start)
+    result = FitResult(step=start, model=model)
     tokens_seen, t0 = 0, time.time()
     with preemptible(run, acc, desc), StageProgress(desc, total=t.max_steps, start=start,
                                                     enabled=acc.is_main_process) as bar:
@@ -131,7 +132,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
                 mb = mine[m * micro:(m + 1) * micro]
                 b = {k: v.to(acc.device) for k, v in collate(mb, pad, left=True).items()}
                 sync = m == t.grad_accum - 1
-                with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
+                with (nullcontext() if sync else no_sync(acc, model)), acc.autocast():
                     # 2. loss on response tokens only (labels are -100 elsewhere)
                     loss_sum, _ = response_loss_sum(model, b)
                     loss = loss_sum * world / max(n_loss_tokens, 1)

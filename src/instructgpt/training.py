@@ -1,25 +1,34 @@
-"""Training mechanics every stage shares: the accelerator, the optimizer and its schedule, the data order as a pure
-function of the step (so resume is exact), resume, periodic checkpoints, preemption (SIGTERM / SIGINT stop a loop at a
-step boundary with a checkpoint), and an EMA of the weights.
+"""Training mechanics every stage shares: the accelerator (with its experiment trackers), the optimizer and its
+schedule, sharding (FSDP2) and the gathered final model, the data order as a pure function of the step (so resume is
+exact), resume, periodic checkpoints, preemption (SIGTERM / SIGINT stop a loop at a step boundary with a checkpoint),
+and an EMA of the weights.
 
 No loop lives here: each stage writes its own, top to bottom, from these parts.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import math
 import os
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, ProjectConfiguration
 
-from instructgpt.config import StageConfig, TrainConfig
-from instructgpt.runs import Interrupted, StageRun
+from instructgpt.config import ConfigError, StageConfig, TrainConfig
+from instructgpt.runs import Interrupted, StageError, StageRun
+
+# train.log_with's trackers -> (the modules any one of which serves it, the package to install)
+TRACKER_PACKAGES = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
+                    "mlflow": (("mlflow",), "mlflow"), "trackio": (("trackio",), "trackio")}
 
 
 def make_accelerator(cfg: StageConfig) -> Accelerator:
@@ -28,7 +37,18 @@ def make_accelerator(cfg: StageConfig) -> Accelerator:
         # one process runs several stages (the pipeline): accelerate keeps the first stage's precision process-wide
         # and refuses a second stage's own. Reset that state only; the distributed one (PartialState) stays.
         AcceleratorState._reset_state()
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+    fsdp_sharding(cfg.train)  # a launcher config this toolkit cannot honour is refused before anything loads
+    trackers = {}
+    if cfg.train.log_with:
+        for name in cfg.train.log_with:
+            modules, package = TRACKER_PACKAGES[name]
+            if not any(importlib.util.find_spec(m) for m in modules):
+                extra = " (or pip install 'instructgpt[trackers]')" if name == "tensorboard" else ""
+                raise ConfigError(f"train.log_with: {name} needs the {package} package: pip install {package}{extra}")
+        # TensorBoard writes its event files under out_dir/tensorboard/ (StageRun.start_trackers starts them)
+        trackers = {"log_with": list(cfg.train.log_with),
+                    "project_config": ProjectConfiguration(logging_dir=os.path.join(cfg.out_dir, "tensorboard"))}
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision, **trackers)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -61,17 +81,43 @@ def adamw(params, t: TrainConfig, fused: bool, lr: float | None = None) -> torch
                              eps=t.adam_eps, weight_decay=t.weight_decay, fused=fused)
 
 
-def make_optimizer(acc, model, t: TrainConfig, total_steps: int):
-    """AdamW + warmup/cosine schedule, model and optimizer prepared by `accelerate`; returns (model, opt, sched).
+def make_optimizer(acc, model, t: TrainConfig, total_steps: int, roots: Optional[Sequence[torch.nn.Module]] = None):
+    """AdamW + warmup/cosine schedule, model and optimizer prepared by `accelerate` (or, under FSDP, the model sharded
+    by `shard_model` and the optimizer made over its shards); returns (model, opt, sched). `roots`: the parts of the
+    model a stage calls instead of its own forward (the reward model: trunk and head), sharded as roots of their own.
 
     The scheduler stays ours: accelerate's wrapper would step it once per process (it assumes a sharded
     dataloader), while our global batch already spans all processes. It is registered so checkpoints hold it.
     """
+    sharding = fsdp_sharding(t)
+    if roots and sharding is None and acc.num_processes > 1 and acc.distributed_type != DistributedType.DEEPSPEED:
+        # DDP averages gradients in its wrapper's forward, which a stage that calls the parts never runs
+        raise ConfigError("the reward model trains on several processes under FSDP2 only (or DeepSpeed): accelerate "
+                          "launch --config_file configs/accelerate/fsdp2.yaml ...")
+    if sharding is not None:
+        model = shard_model(model, acc, sharding, roots)
+    elif acc.distributed_type == DistributedType.DEEPSPEED:
+        _configure_deepspeed(acc, model, t)
     opt = adamw([p for p in model.parameters() if p.requires_grad], t, fused_adam_ok(model))
     sched = lr_schedule(opt, t, total_steps)
-    model, opt = acc.prepare(model, opt)
+    if sharding is not None:
+        _checkpoint_sharded(acc, model, opt)
+    else:
+        skeleton = vars(model).get("_full_skeleton")
+        model, opt = acc.prepare(model, opt)
+        if skeleton is not None:  # DeepSpeed ZeRO-3: the engine is what the stage holds from here on
+            vars(model)["_full_skeleton"] = skeleton
     acc.register_for_checkpointing(sched)
     return model, opt, sched
+
+
+def no_sync(acc, model):
+    """The context of a micro-batch that is not the step's last: DDP keeps its gradients local until the last one
+    (accelerate's no_sync). A model `shard_model` sharded reduce-scatters them at every micro-batch, which keeps each
+    process's gradients at 1/N, on a CPU as on GPUs."""
+    if "_full_skeleton" in vars(model) and acc.distributed_type != DistributedType.DEEPSPEED:
+        return nullcontext()
+    return acc.no_sync(model)
 
 
 def optimizer_step(acc, model, opt, sched, max_grad_norm: float) -> None:
@@ -89,6 +135,158 @@ def micro_batch_size(t: TrainConfig, world: int, batch_size: int | None = None, 
     if batch_size % (world * t.grad_accum):
         raise ValueError(f"{key}={batch_size} must be divisible by processes x grad_accum ({world} x {t.grad_accum})")
     return batch_size // (world * t.grad_accum)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sharding: FSDP2 (torch's fully_shard) for CPU and GPU alike, and the final model gathered whole. torch.distributed's
+# FSDP, DTensor and checkpoint modules are imported where used: ~1.5 s of import that only sharded runs need
+
+SHARDED_STATE = "sharded_state"  # in a sharded checkpoint: model and optimizer shards (torch.distributed.checkpoint)
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """FSDP2 as `accelerate launch --config_file configs/accelerate/fsdp2.yaml` asks for it: the launcher hands each
+    process its config as ACCELERATE_USE_FSDP and FSDP_* variables. accelerate's own FSDP needs a GPU (on a CPU it
+    falls back to DDP without a word), so the stages shard with torch's fully_shard themselves, one path for both."""
+
+    reshard_after_forward: bool = True  # free gathered weights after each block's forward (ZeRO-3); false: ZeRO-2
+    offload_params: bool = False  # keep the shards in CPU memory between uses (GPUs only; on a CPU they are there)
+    # the block classes sharded one group each (None: the model's _no_split_modules; (): none, the root holds all)
+    wrap: Optional[tuple[str, ...]] = None
+
+
+def _env_flag(name: str, default: str = "false") -> bool:
+    return os.environ.get(name, default).strip().lower() in ("true", "1", "yes")
+
+
+def fsdp_sharding(t: TrainConfig) -> Optional[Sharding]:
+    """The FSDP2 settings of this launch, or None when it does not shard (no FSDP in the accelerate config, or one
+    process not started by a distributed launcher). Settings this toolkit would not honour are a ConfigError."""
+    if not _env_flag("ACCELERATE_USE_FSDP"):
+        return None
+    if os.environ.get("FSDP_VERSION", "1").strip() != "2":
+        raise ConfigError("accelerate config: FSDP version 1 is not supported; set fsdp_version: 2 "
+                          "(configs/accelerate/fsdp2.yaml)")
+    if _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        raise ConfigError("accelerate config: fsdp_cpu_ram_efficient_loading must be false (every process loads the "
+                          "model, then fully_shard keeps its own shard)")
+    if _env_flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        raise ConfigError("accelerate config: fsdp_activation_checkpointing must be false; use "
+                          "model.gradient_checkpointing=true instead")
+    if t.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 is not supported under FSDP (its loss scaling would need a "
+                          "sharded grad scaler): use bf16")
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None  # one process on its own: nothing to shard over
+    policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP").strip().upper()
+    names = tuple(n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip())
+    return Sharding(reshard_after_forward=_env_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
+                    offload_params=_env_flag("FSDP_OFFLOAD_PARAMS"),
+                    wrap=() if policy == "NO_WRAP" else names or None)
+
+
+def shard_model(model: torch.nn.Module, acc, sharding: Sharding,
+                roots: Optional[Sequence[torch.nn.Module]] = None) -> torch.nn.Module:
+    """Shard `model` in place over all processes with FSDP2: each transformer block its own group (gathered only
+    while it runs), the rest (embeddings, final norm, heads; tied weights stay tied) the root's. Each process keeps
+    1/N of every parameter, gradient and, once the optimizer is made over these shards, of Adam's state.
+
+    FSDP gathers a group's weights in its module's forward, so a stage that calls parts of the model rather than its
+    forward (the reward model: trunk, then head) names them in `roots`: each becomes a root with the parameters under
+    it. A meta-device copy of the model (no memory) is kept for `full_model`, which loads the gathered weights into it.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    skeleton = _meta_copy(model)
+    mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+    kw = {"mesh": mesh, "reshard_after_forward": sharding.reshard_after_forward}
+    if sharding.offload_params and acc.device.type != "cpu":
+        kw["offload_policy"] = CPUOffloadPolicy()
+    names = set(sharding.wrap if sharding.wrap is not None else getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for block in blocks:
+        fully_shard(block, **kw)
+    for root in roots or [model]:
+        fully_shard(root, **kw)
+    # a plain attribute, not a submodule: its (meta) parameters must stay out of model.parameters()
+    vars(model)["_full_skeleton"] = skeleton
+    return model
+
+
+def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """`model`'s structure with its parameters on the meta device (tied ones still tied); buffers are copied."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def _checkpoint_sharded(acc, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Checkpoints of a sharded model: each process writes and reads its own shards of the model and of the
+    optimizer (torch.distributed.checkpoint, into checkpoint/sharded_state/), through accelerate's save/load hooks,
+    so that `StageRun.save_checkpoint` and `load_checkpoint` hold them beside the scheduler and the RNG states."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def state() -> dict:
+        model_sd, optim_sd = get_state_dict(model, opt)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def save(models, weights, output_dir: str) -> None:
+        dcp.save(state(), checkpoint_id=os.path.join(output_dir, SHARDED_STATE))
+
+    def load(models, input_dir: str) -> None:
+        sd = state()
+        dcp.load(sd, checkpoint_id=os.path.join(input_dir, SHARDED_STATE))
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+
+    acc.register_save_state_pre_hook(save)
+    acc.register_load_state_pre_hook(load)
+
+
+def _configure_deepspeed(acc, model: torch.nn.Module, t: TrainConfig) -> None:
+    """DeepSpeed (ZeRO-2/3, GPUs, through accelerate's own integration): its batch and clipping from train.*. It runs
+    its own gradient accumulation, which would scale the loss again, so the loop's is refused."""
+    if t.grad_accum != 1:
+        raise ConfigError("train.grad_accum: must be 1 under DeepSpeed (train.batch_size stays the global batch)")
+    plugin = acc.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = micro_batch_size(t, acc.num_processes)
+    ds["train_batch_size"] = t.batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = t.max_grad_norm
+    if plugin.zero_stage == 3:  # parameters partitioned: `full_model` gathers them into this copy
+        vars(model)["_full_skeleton"] = _meta_copy(model)
+
+
+def full_model(acc, model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The trained model whole, as a plain module, on the main process (None on the others), for `save_model`:
+    every process must call it. A sharded model (FSDP2, DeepSpeed ZeRO-3) is gathered onto the main process's CPU and
+    loaded into its meta-device copy; any other is the model unwrapped."""
+    skeleton = vars(model).get("_full_skeleton")
+    if skeleton is None:
+        return acc.unwrap_model(model) if acc.is_main_process else None
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        sd = acc.get_state_dict(model)  # ZeRO-3 (zero3_save_16bit_model: true)
+    else:  # FSDP2: every DTensor gathered whole, onto the CPU
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not acc.is_main_process:
+        return None
+    tied: dict[int, list[str]] = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    skeleton.load_state_dict(sd, assign=True, strict=False)
+    for names in tied.values():  # assign=True gave each name its own tensor: tie them again
+        source = next((skeleton.get_parameter(n) for n in names if not skeleton.get_parameter(n).is_meta), None)
+        if source is None:
+            raise RuntimeError(f"the gathered state dict has no value for {names[0]}")
+        for n in names:
+            owner, _, attr = n.rpartition(".")
+            setattr(skeleton.get_submodule(owner), attr, source)
+    return skeleton
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -139,6 +337,14 @@ def grouped_batch_indices(lengths: Sequence[int], batch_size: int, step: int, se
 
 def resume_step(run: StageRun, acc, desc: str) -> int:
     """Load the last checkpoint if any (every registered state); metrics logged after it are dropped."""
+    d = run.checkpoint_dir()
+    if d is not None:
+        was = os.path.isdir(os.path.join(d, SHARDED_STATE))
+        now = fsdp_sharding(run.cfg.train) is not None
+        if was != now:
+            how = ("sharded (FSDP2): resume it under FSDP, e.g. accelerate launch --config_file "
+                   "configs/accelerate/fsdp2.yaml" if was else "unsharded: resume it without FSDP")
+            raise StageError(f"{d} was written {how}")
     state = run.load_checkpoint()
     start = state["step"] if state is not None else 0
     run.truncate_metrics(start)
@@ -166,9 +372,11 @@ def checkpoint_or_stop(run: StageRun, acc, t: TrainConfig, done: int, total_step
             _active.acted = True
         acc.print(f"[{desc}] {signal.Signals(signum).name}: checkpoint at step {done} written; rerun the same command "
                   f"to resume")
+        run.end_trackers()
         raise Interrupted(signum)
     if stop:
         acc.print(f"[{desc}] stopping after step {done} (train.stop_after); rerun to resume")
+        run.end_trackers()
     return stop
 
 

@@ -1,0 +1,175 @@
+"""Sharded training (FSDP2) in two real CPU processes, launched as a user would: `accelerate launch` with the shipped
+configs/accelerate/fsdp2.yaml. SFT, the reward model and DPO each end where one process ends on the same global
+batches; the final model is one plain Hugging Face checkpoint gathered from the shards; a sharded run killed with
+SIGKILL and rerun ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import fruit_over_animal_rankings, saved_weights, write_jsonl
+from instructgpt.cli import main as cli
+from instructgpt.runs import read_metrics
+
+HERE = os.path.dirname(__file__)
+FSDP2 = os.path.join(HERE, os.pardir, "configs", "accelerate", "fsdp2.yaml")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_cmd(*specs: str) -> list[str]:
+    """Two CPU processes sharded with FSDP2, running `specs` (one stage each) through the command line."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2, "--num_processes", "2",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+            os.path.join(HERE, "fsdp_worker.py"), *specs]
+
+
+# gloo on CPU even where a GPU is visible; one thread per process: the two share the machine
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _launch(*specs: str) -> None:
+    r = subprocess.run(_launch_cmd(*specs), capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def _spec(stage: str, args: list[str]) -> str:
+    return shlex.join([stage, *args])
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """SFT, RM and DPO on the tiny model: sharded over two processes (one launch), and in this one process."""
+    d = tmp_path_factory.mktemp("sharded")
+    demos = write_jsonl(d / "demos.jsonl", [{"prompt": f"add {a} plus {b}", "response": str(a + b)}
+                                            for a in range(11) for b in range(11)])
+    rankings = write_jsonl(d / "rankings.jsonl", fruit_over_animal_rankings(32, 0))
+    common = [f"model.name_or_path={tiny_model_dir}", "train.batch_size=8", "train.lr=3e-3", "train.log_every=1"]
+    args = {
+        "sft": common + [f"data.train={demos}", "train.max_steps=6", "data.eval_size=8", "train.eval_every=3",
+                         "train.save_every=0", "train.log_with=tensorboard"],
+        # the normalisation's forwards run sharded too
+        "rm": common + [f"data.train={rankings}", "train.max_steps=4", "data.eval_size=4", "train.eval_every=2",
+                        "train.grad_accum=2",  # micro-batches: each one reduce-scattered
+                        f"normalize.demonstrations={demos}", "normalize.max_demonstrations=16"],
+        "dpo": common + [f"data.train={rankings}", "train.max_steps=4", "beta=0.5", "data.eval_size=4",
+                         "train.eval_every=2"],
+    }
+    out = {}
+    for stage, a in args.items():
+        out[stage] = {"two": d / f"{stage}-fsdp", "one": d / f"{stage}-one", "args": a}
+        assert cli([stage, *a, f"out_dir={out[stage]['one']}"]) == 0
+    _launch(*(_spec(stage, a + [f"out_dir={out[stage]['two']}"]) for stage, a in args.items()))
+    return out
+
+
+def _assert_tensorboard_holds_the_metrics(out_dir):
+    """Each row of metrics.jsonl in TensorBoard's event files, each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out_dir / "tensorboard" / "instructgpt"))
+    ea.Reload()
+    logged = {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+    expected: dict = {}
+    for row in read_metrics(str(out_dir)):
+        for k, v in row.items():
+            if k != "step":
+                expected.setdefault(k, []).append((row["step"], v))
+    assert logged.keys() == expected.keys()
+    for k in expected:
+        assert [s for s, _ in logged[k]] == [s for s, _ in expected[k]], k
+        assert [v for _, v in logged[k]] == pytest.approx([v for _, v in expected[k]], rel=1e-6), k
+
+
+def _assert_close_weights(one, two, atol):
+    a, b = saved_weights(one), saved_weights(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= atol, k
+
+
+def test_two_process_fsdp2_sft_equals_one_process_and_saves_a_plain_checkpoint(runs, tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    r = runs["sft"]
+    _assert_close_weights(r["one"], r["two"], 1e-5)
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any(not torch.equal(saved_weights(r["two"])[k], start[k]) for k in start)  # it trained
+    model = AutoModelForCausalLM.from_pretrained(r["two"] / "model")  # plain from_pretrained, whole tensors
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied weights stay tied
+    assert [m["step"] for m in read_metrics(str(r["two"]))] == [1, 2, 3, 4, 5, 6]
+    evals = [{m["step"]: m["eval/loss"] for m in read_metrics(str(d)) if "eval/loss" in m}
+             for d in (r["two"], r["one"])]
+    assert list(evals[0]) == [3, 6] and evals[0] == pytest.approx(evals[1], abs=1e-5)
+    _assert_tensorboard_holds_the_metrics(r["two"])  # trackers work across processes
+
+
+def test_two_process_fsdp2_reward_model_scores_as_one_process(runs):
+    """The ranking loss sees reward differences only, so a shift of every reward (the final LayerNorm's bias through
+    the head) and of every attention key (the key bias) leaves it unchanged: their gradients are rounding noise, which
+    Adam scales up to steps of size lr. Those directions differ between any two summation orders (DDP's too) and say
+    nothing of the model; the normalised rewards, what the reward model hands PPO, are compared."""
+    from instructgpt.reward import RewardModel
+
+    r = runs["rm"]
+    rows = fruit_over_animal_rankings(32, 0)
+    prompts = [row["prompt"] for row in rows for _ in row["responses"]]
+    responses = [x for row in rows for x in row["responses"]]
+    one = RewardModel.load(str(r["one"])).score(prompts, responses)
+    two = RewardModel.load(str(r["two"])).score(prompts, responses)
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5
+    assert max(one) - min(one) > 0.5  # it tells responses apart
+    _assert_close_weights(r["one"], r["two"], 1e-3)
+
+
+def test_two_process_fsdp2_dpo_equals_one_process(runs):
+    r = runs["dpo"]
+    _assert_close_weights(r["one"], r["two"], 1e-5)
+    assert read_metrics(str(r["two"]))[-1]["eval/accuracy"] == read_metrics(str(r["one"]))[-1]["eval/accuracy"]
+
+
+def test_a_sharded_run_killed_with_sigkill_and_rerun_ends_identical_to_an_uninterrupted_one(runs, tmp_path, capsys):
+    out = tmp_path / "sft"
+    args = runs["sft"]["args"] + [f"out_dir={out}", "train.save_every=1"]
+    # the whole launch (launcher and both ranks, one process group) killed once a checkpoint of step 2 is written
+    proc = subprocess.Popen(_launch_cmd(_spec("sft", args)), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    state = out / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if json.loads(state.read_text())["step"] >= 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "DONE.json").exists()
+    checkpoint = out / "checkpoint" if (out / "checkpoint").exists() else out / "checkpoint.old"
+    assert len(list((checkpoint / "sharded_state").glob("*.distcp"))) == 2  # one shard file per process
+
+    # without FSDP the sharded checkpoint is refused, and said to be one
+    assert cli(["sft", *args]) == 2 and "was written sharded (FSDP2)" in capsys.readouterr().err
+    _launch(_spec("sft", args))
+    a, b = saved_weights(out), saved_weights(runs["sft"]["two"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_tensorboard_holds_the_metrics(out)  # what the killed attempt logged past its checkpoint is hidden
+    drop = "train/tokens_per_s"
+    assert ([{k: v for k, v in m.items() if k != drop} for m in read_metrics(str(out))]
+            == [{k: v for k, v in m.items() if k != drop} for m in read_metrics(str(runs["sft"]["two"]))])

@@ -27,6 +27,26 @@ class Example:
     loss_mask: list[bool]
     position_ids: Optional[list[int]] = None
 
+    @property
+    def n_loss_tokens(self) -> int:
+        """Tokens the loss is taken over: the trainable ones after the first (which nothing predicts)."""
+        return sum(self.loss_mask[1:])
+
+
+@dataclass
+class Seq2SeqExample:
+    """One training row of an encoder-decoder model: the encoder reads `input_ids` (the prompt), the decoder is fed
+    `decoder_input_ids` (the decoder start token, then the response but its last token) and predicts `labels` (the
+    response, EOS included), every one of which carries loss."""
+
+    input_ids: list[int]
+    decoder_input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return len(self.labels)
+
 
 class TokenBlocks(Sequence[Example]):
     """Blocks of pretraining text held as one (N, block_size) int32 tensor, `ids`: 4 bytes a token where lists of
@@ -119,6 +139,23 @@ def collate(examples: Sequence[Example], pad_token_id: int, left: bool = False) 
     if packed:
         batch["position_ids"] = pos
     return batch
+
+
+def collate_seq2seq(examples: Sequence[Seq2SeqExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded encoder inputs (B, S) input_ids and attention_mask, and right-padded decoder inputs and labels
+    (B, R), the labels -100 on the padding. The decoder is causal, so its right padding needs no mask."""
+    S = max(len(e.input_ids) for e in examples)
+    R = max(len(e.labels) for e in examples)
+    ids = torch.full((len(examples), S), pad_token_id, dtype=torch.long)  # (B, S)
+    att = torch.zeros((len(examples), S), dtype=torch.long)  # (B, S)
+    dec = torch.full((len(examples), R), pad_token_id, dtype=torch.long)  # (B, R)
+    labels = torch.full((len(examples), R), -100, dtype=torch.long)  # (B, R)
+    for i, e in enumerate(examples):
+        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
+        att[i, :len(e.input_ids)] = 1
+        dec[i, :len(e.labels)] = torch.tensor(e.decoder_input_ids, dtype=torch.long)
+        labels[i, :len(e.labels)] = torch.tensor(e.labels, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": att, "decoder_input_ids": dec, "labels": labels}
 
 
 def split_eval(examples: list[Example], eval_size: int, seed: int) -> tuple[list[Example], list[Example]]:

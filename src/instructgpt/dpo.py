@@ -20,7 +20,7 @@ from instructgpt.batching import right_pad
 from instructgpt.config import ConfigError, TrainConfig
 from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.modeling import (apply_lora, check_context, disable_dropout, load_model, save_model, sequence_logprobs,
-                                  set_seed)
+                                  require_decoder_only, set_seed)
 from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items
 from instructgpt.runs import StageRun
 from instructgpt.training import full_model, make_accelerator
@@ -88,6 +88,7 @@ def heldout_metrics(model, items: Sequence[Item], pad_token_id: int, device, bet
 
 
 def train(cfg: DPOConfig) -> str:
+    require_decoder_only(cfg.model, "dpo")
     acc = make_accelerator(cfg)
     run = StageRun(cfg, "dpo", acc)
     if run.prepare() == "done":

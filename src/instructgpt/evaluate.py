@@ -49,8 +49,8 @@ from instructgpt.config import (ConfigError, add_alias, add_config_arguments, co
                                 parse_command_line)
 from instructgpt.data import DataError, iter_pretrain_text, iter_rows, parse_prompt
 from instructgpt.generation import SamplingParams, autocast, generate
-from instructgpt.modeling import (load_model, logprobs_from_logits, pick_device, position_ids_from_mask, resolve_path,
-                                  sequence_logprobs)
+from instructgpt.modeling import (is_encoder_decoder, load_model, logprobs_from_logits, pick_device,
+                                  position_ids_from_mask, resolve_path, sequence_logprobs)
 from instructgpt.prompting import encode_prompt, render_prompt
 from instructgpt.report import write_report
 from instructgpt.reward import RewardModel
@@ -283,7 +283,10 @@ def response_logprobs(model, prompt_ids: Sequence[Sequence[int]], response_ids: 
 
     Left padding puts every response at the end of its row, so the LM head is applied to the last positions only
     (`logits_to_keep`, where the model supports it): the prompt positions would cost most of the pass for nothing.
+    An encoder-decoder model reads each prompt with its encoder and scores the response with its decoder.
     """
+    if is_encoder_decoder(model):
+        return _seq2seq_response_logprobs(model, prompt_ids, response_ids, pad_token_id, batch_size)
     device = next(model.parameters()).device
     can_slice = "logits_to_keep" in inspect.signature(model.forward).parameters
     out: list[list[float]] = []
@@ -299,6 +302,25 @@ def response_logprobs(model, prompt_ids: Sequence[Sequence[int]], response_ids: 
             lp = logprobs_from_logits(logits[:, :-1], ids[:, ids.shape[1] - keep + 1:])  # (B, keep-1)
             for row, r in zip(lp, resp):
                 out.append(row[lp.shape[1] - len(r):].tolist() if len(r) else [])
+    return out
+
+
+def _seq2seq_response_logprobs(model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                               pad_token_id: int, batch_size: int) -> list[list[float]]:
+    """`response_logprobs` of an encoder-decoder model: right-padded prompts to the encoder, each response behind the
+    decoder start token to the decoder; log p of every response token."""
+    device = next(model.parameters()).device
+    start = model.config.decoder_start_token_id
+    out: list[list[float]] = []
+    with torch.no_grad():
+        for s in range(0, len(prompt_ids), batch_size):
+            resp = [list(r) for r in response_ids[s:s + batch_size]]
+            ids, mask = right_pad(prompt_ids[s:s + batch_size], pad_token_id, device)  # (B, S)
+            dec, _ = right_pad([[start] + r for r in resp], pad_token_id, device)  # (B, R + 1)
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec[:, :-1],
+                           use_cache=False).logits  # (B, R, V): position t predicts response token t
+            lp = logprobs_from_logits(logits, dec[:, 1:])  # (B, R)
+            out.extend(row[:len(r)].tolist() for row, r in zip(lp, resp))
     return out
 
 
@@ -635,7 +657,9 @@ def evaluate(policies: dict[str, str], config: EvalConfig | None = None, *, out_
         else:
             _log(f"{name}: tokenizer differs from the SFT model's; no KL")
         # perplexity on held-out pretraining text (the alignment tax)
-        if ptx_text:
+        if ptx_text and is_encoder_decoder(model):
+            _log(f"{name}: an encoder-decoder model; no ptx perplexity")
+        elif ptx_text:
             report[f"ptx_perplexity.{name}"] = perplexity(model, _ptx(ptx_cache, tok, model, ptx_text, ptx_blocks,
                                                                       ptx_block_size, ptx_max_tokens))
         seconds[name] = time.time() - t0

@@ -11,6 +11,9 @@ concatenates, copying every layer's cache at every step), with the same numbers 
 (``autocast(model, "bf16")``) a decode step on CPU attends with two small matmuls instead of PyTorch's CPU
 flash-attention kernel, which is slow for one bf16 query. ``benchmarks/sampler.py`` measures both against
 ``model.generate`` and against the machine's roofline.
+
+An encoder-decoder model (BART, T5) takes its own path (`_sample_seq2seq`): the encoder reads each prompt once, the
+decoder samples from its start token with transformers' cache, with the same parameters and the same `SampleBatch`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from instructgpt.batching import left_pad
-from instructgpt.modeling import position_ids_from_mask
+from instructgpt.modeling import is_encoder_decoder, position_ids_from_mask
 
 try:  # transformers >= 4.56: a cache is a list of layers, which we can give buffers of our own
     from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -260,6 +263,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params:
     `end_rows() -> rows`, asked once a step (no per-row cost), ends those rows where they are (a server's cancelled
     requests).
     """
+    if is_encoder_decoder(model):
+        with torch.no_grad():
+            return _sample_seq2seq(model, input_ids, attention_mask, params, eos_token_id, pad_token_id, generator,
+                                   stop_check, end_rows)
     with torch.no_grad(), bf16_decode_attention(model):
         return _sample(model, input_ids, attention_mask, params, eos_token_id, pad_token_id, generator, stop_check,
                        end_rows)
@@ -335,6 +342,94 @@ def _sample(model, input_ids, attention_mask, params, eos_token_id, pad_token_id
         past = returned_cache(out)
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
+    batch = SampleBatch(torch.stack(tokens, 1), torch.stack(logps, 1), lengths, ended, stop_cut=stop_cut)
+    if params.logprobs:
+        batch.top_ids, batch.top_logprobs = torch.stack(tops_i, 1), torch.stack(tops_l, 1)
+    return batch
+
+
+def _sample_seq2seq(model, input_ids, attention_mask, params, eos_token_id, pad_token_id, generator, stop_check,
+                    end_rows) -> SampleBatch:
+    """`_sample` for an encoder-decoder model: the prompts (left-padded, as `sample` takes them) are moved to the
+    right of their rows, since an encoder with learned absolute positions (BART) takes no position ids; the encoder
+    runs once; the decoder starts from `config.decoder_start_token_id` in every row (so no decoder padding) and
+    decodes one token a step with its KV cache (self-attention grown, cross-attention computed once). Token choice,
+    penalties, stops and outputs are `_sample`'s, step for step."""
+    B, P = input_ids.shape
+    device = input_ids.device
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                       device=device, dtype=torch.long)
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    # 1. left padding -> right padding: row b's k pads move from its start to its end
+    pads = (attention_mask == 0).sum(1, keepdim=True)  # (B, 1)
+    order = (torch.arange(P, device=device)[None] + pads) % P  # (B, P)
+    enc_ids, enc_mask = input_ids.gather(1, order), attention_mask.gather(1, order)  # (B, P)
+    # 2. the encoder, once
+    encoder_outputs = model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask, return_dict=True)
+    config = _base(model).config
+    start = config.decoder_start_token_id
+    if start is None:
+        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError("an encoder-decoder model without a decoder_start_token_id")
+    cache_kw = cache_argument(model)
+    nxt_in = torch.full((B, 1), int(start), dtype=torch.long, device=device)  # (B, 1)
+    out = model(encoder_outputs=encoder_outputs, attention_mask=enc_mask, decoder_input_ids=nxt_in, use_cache=True)
+    past = returned_cache(out)
+    logits = out.logits[:, -1, :].float()  # (B, V)
+    # 3. decode: the loop of `_sample`
+    tokens, logps, tops_i, tops_l = [], [], [], []
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    penalised = params.frequency_penalty or params.presence_penalty
+    counts = torch.zeros(B, logits.shape[-1], device=device) if penalised else None  # (B, V)
+    stop_cut: list[Optional[int]] = [None] * B
+    for t in range(params.max_new_tokens):
+        if vocab is not None and logits.shape[-1] > vocab:
+            logits = logits[:, :vocab]
+        greedy = is_greedy(params.temperature)
+        scaled = logits if greedy else logits / params.temperature
+        logp_all = torch.log_softmax(scaled, dim=-1)  # (B, V)
+        work = scaled if counts is None else apply_penalties(scaled, counts, params.frequency_penalty,
+                                                              params.presence_penalty)
+        if greedy:
+            nxt = work.argmax(-1)
+        else:
+            work = filter_logits(work, params.top_k, params.top_p)
+            nxt = sample_from(torch.softmax(work, dim=-1), generator)  # (B,)
+        lp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+        if params.logprobs:
+            tl, ti = logp_all.topk(params.logprobs, dim=-1)
+            tops_i.append(ti)
+            tops_l.append(tl)
+        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+        lp = torch.where(done, torch.zeros_like(lp), lp)
+        tokens.append(nxt)
+        logps.append(lp)
+        lengths += (~done).long()
+        if counts is not None:
+            counts[torch.arange(B), nxt] += (~done).float()
+        is_eos = torch.isin(nxt, eos) & ~done if params.stop_at_eos and eos.numel() else torch.zeros_like(done)
+        ended |= is_eos
+        done |= is_eos
+        if stop_check is not None:
+            cur = torch.stack(tokens, 1)
+            for b in range(B):
+                if not done[b]:
+                    cut = stop_check(b, cur[b, : lengths[b]].tolist())
+                    if cut is not None:
+                        stop_cut[b] = cut
+                        done[b] = True
+        if end_rows is not None:
+            for b in end_rows():
+                done[b] = True
+        if bool(done.all()) or t == params.max_new_tokens - 1:
+            break
+        out = model(encoder_outputs=encoder_outputs, attention_mask=enc_mask, decoder_input_ids=nxt[:, None],
+                    use_cache=True, **{cache_kw: past})
+        past = returned_cache(out)
+        logits = out.logits[:, -1, :].float()
     batch = SampleBatch(torch.stack(tokens, 1), torch.stack(logps, 1), lengths, ended, stop_cut=stop_cut)
     if params.logprobs:
         batch.top_ids, batch.top_logprobs = torch.stack(tops_i, 1), torch.stack(tops_l, 1)

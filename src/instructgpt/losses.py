@@ -77,6 +77,14 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, stats
 
 
+def label_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`token_loss_sum` for a decoder fed its labels shifted right (an encoder-decoder model): position t predicts
+    label t, no shift. (B, R, V), (B, R) -> (sum of cross-entropy over labels not -100, their count)."""
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The SFT loss: sum of next-token cross-entropy over positions whose label is not -100, and their count (the
     caller divides by the global batch's count, so N ranks x M micro-batches equal one big batch).

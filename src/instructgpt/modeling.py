@@ -2,7 +2,9 @@
 
 Everything goes through Hugging Face ``transformers``: a model id, a local directory, ``builtin:base`` (the tiny GPT-2
 shipped in the package) or a GGUF file take the same path, and what we save loads with plain
-``AutoModelForCausalLM.from_pretrained``.
+``AutoModelForCausalLM.from_pretrained``. An encoder-decoder checkpoint (BART, T5: ``config.is_encoder_decoder``)
+loads as ``AutoModelForSeq2SeqLM`` and saves the same way; SFT, generation, evaluation and serving take it, the
+reward model, PPO and DPO do not (`require_decoder_only`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import shutil
 import numpy as np
 import torch
 from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                          AutoTokenizer)
 
 from instructgpt import builtin
 from instructgpt.config import ConfigError, ModelConfig
@@ -89,6 +92,8 @@ def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, w
     if model_class == "sequence_classification":
         config.num_labels = num_labels
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype, **kwargs)
+    elif getattr(config, "is_encoder_decoder", False):  # BART, T5: the encoder reads the prompt, the decoder answers
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
     tokenizer = load_tokenizer(path, mcfg.trust_remote_code) if with_tokenizer else None
@@ -105,6 +110,22 @@ def load_model(name_or_path: str | ModelConfig, *, for_training: bool = False, w
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
     model.train(for_training)
     return model, tokenizer
+
+
+def is_encoder_decoder(model) -> bool:
+    """Whether `model` (a peft wrapper too) or a model config is an encoder-decoder (BART, T5)."""
+    config = getattr(model, "config", model)
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def require_decoder_only(mcfg: ModelConfig, stage: str) -> None:
+    """Refuse an encoder-decoder model (read from its config, before any weights load) in a stage that takes only
+    decoder-only ones (the reward model, PPO, DPO)."""
+    path = resolve_path(mcfg.name_or_path, mcfg.gguf_file)
+    if is_encoder_decoder(AutoConfig.from_pretrained(path, trust_remote_code=mcfg.trust_remote_code)):
+        raise ConfigError(f"{stage}: model.name_or_path={mcfg.name_or_path} is an encoder-decoder model; "
+                          "encoder-decoder policies are supported in sft, generate, eval, serve and best-of-n only "
+                          f"(the {stage} stage needs a decoder-only causal LM)")
 
 
 def context_length(model_config, tokenizer=None, default: int = 2048) -> int:
@@ -137,10 +158,13 @@ def check_context(model, max_length: int) -> None:
 
 def apply_lora(model, lora_cfg, task: str = "causal_lm"):
     """Wrap `model` with a peft LoRA adapter (merged back into the weights on save). task "seq_cls" (reward and value
-    models) also trains the scalar head in full."""
+    models) also trains the scalar head in full; an encoder-decoder model gets peft's seq2seq task."""
+    if task == "seq_cls":
+        task_type = TaskType.SEQ_CLS
+    else:
+        task_type = TaskType.SEQ_2_SEQ_LM if is_encoder_decoder(model) else TaskType.CAUSAL_LM
     pc = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=lora_cfg.target_modules,
-                        task_type=TaskType.SEQ_CLS if task == "seq_cls" else TaskType.CAUSAL_LM)
+                        target_modules=lora_cfg.target_modules, task_type=task_type)
     return get_peft_model(model, pc)
 
 

@@ -40,7 +40,7 @@ from instructgpt.judges import GOLD, GoldJudge, JudgeReward, judge_for
 from instructgpt.kl_control import AdaptiveKLController, FixedKLController
 from instructgpt.losses import lm_loss, masked_mean, policy_loss, value_loss
 from instructgpt.modeling import (apply_lora, check_context, disable_dropout, load_model, logprobs_from_logits,
-                                  save_model, set_seed)
+                                  require_decoder_only, save_model, set_seed)
 from instructgpt.monitor import heldout_metrics
 from instructgpt.policy import Critic, ValueHead, entropy_from_logits, policy_forward, ref_logits, response_logits
 from instructgpt.ppo_config import PPOConfig, PPOParams
@@ -202,6 +202,7 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
 def train(cfg: PPOConfig) -> str:
     """Run PPO(-ptx); returns the out_dir. Rerun on the same out_dir to resume."""
     cfg.validate()
+    require_decoder_only(cfg.model, "ppo")
     acc = make_accelerator(cfg)
     run = StageRun(cfg, "ppo", acc)
     if run.prepare() == "done":

@@ -86,3 +86,16 @@ def encode_response(tokenizer, response: str) -> list[int]:
     prefix = render(tokenizer, msgs, add_generation_prompt=True)
     full = render(tokenizer, msgs + [{"role": "assistant", "content": response}], add_generation_prompt=False)
     return tokenizer(full[len(prefix):], add_special_tokens=False)["input_ids"]
+
+
+def encode_exchange(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of a conversation for an encoder-decoder model: the prompt is everything before the
+    last assistant turn, rendered as generation renders it (`encode_prompt`), for the encoder; the response is that
+    turn as the template ends it, ended by EOS, for the decoder. Earlier assistant turns are context only."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    pieces = render_segments(tokenizer, messages[: last + 1])
+    response = tokenizer([text for text, is_assistant in pieces if is_assistant][-1], add_special_tokens=False)
+    response = response["input_ids"]
+    if tokenizer.eos_token_id is not None and (not response or response[-1] != tokenizer.eos_token_id):
+        response.append(tokenizer.eos_token_id)  # a chat template that ends turns otherwise (<|im_end|>\n)
+    return encode_prompt(tokenizer, messages[:last]), response

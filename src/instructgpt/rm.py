@@ -20,7 +20,7 @@ from instructgpt.config import ConfigError, TrainConfig
 from instructgpt.data import load_demonstrations
 from instructgpt.generation import SamplingParams, generate
 from instructgpt.losses import ranking_accuracy, ranking_loss
-from instructgpt.modeling import apply_lora, check_context, load_model, save_model, set_seed
+from instructgpt.modeling import apply_lora, check_context, load_model, require_decoder_only, save_model, set_seed
 from instructgpt.prompting import render_prompt
 from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items
 from instructgpt.reward import (RewardNorm, encode_pair, init_reward_head, last_token_rewards, raw_rewards,
@@ -103,6 +103,7 @@ def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence,
 
 
 def train(cfg: RMConfig) -> str:
+    require_decoder_only(cfg.model, "rm")
     acc = make_accelerator(cfg)
     run = StageRun(cfg, "rm", acc)
     if run.prepare() == "done":

@@ -3,6 +3,10 @@
 Loss on response (assistant) tokens only; optional packing; cosine decay to 10% of the peak (the paper); optional
 LoRA (merged on save); optional pretraining mix L = L_CE + pretrain_coef * L_LM (the paper's PPO starting point was an
 SFT run with 10% pretraining data). The loop is `supervised.fit`, shared with ``instructgpt pretrain``.
+
+An encoder-decoder model (BART, T5) trains on the last assistant turn of each demonstration: the encoder reads the
+conversation before it, the loss is on the decoder's tokens (`Seq2SeqExample`); packing and the pretraining mix are
+decoder-only.
 """
 
 from __future__ import annotations
@@ -10,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from instructgpt.batching import Example, pack, pretrain_blocks, split_eval
+from instructgpt.batching import Example, Seq2SeqExample, pack, pretrain_blocks, split_eval
 from instructgpt.config import ConfigError, StageConfig
 from instructgpt.data import DataError, Demonstration, load_demonstrations
-from instructgpt.modeling import apply_lora, check_context, load_model, save_model, set_seed
-from instructgpt.prompting import encode_conversation
+from instructgpt.modeling import apply_lora, check_context, is_encoder_decoder, load_model, save_model, set_seed
+from instructgpt.prompting import encode_conversation, encode_exchange
 from instructgpt.runs import StageRun
 from instructgpt.supervised import fit, packing_isolates
 from instructgpt.training import full_model, make_accelerator
@@ -44,12 +48,28 @@ def demonstration_example(tokenizer, demo: Demonstration, max_length: int) -> Ex
     return Example(ids, mask)
 
 
-def build_examples(tokenizer, demos: Sequence[Demonstration], max_length: int,
-                   skip_bad: bool = False) -> tuple[list[Example], int]:
+def seq2seq_example(tokenizer, demo: Demonstration, max_length: int, decoder_start_token_id: int) -> Seq2SeqExample:
+    """An encoder-decoder model's row: the prompt for the encoder, the last assistant turn (with EOS) for the decoder;
+    each at most `max_length` tokens."""
+    prompt, response = encode_exchange(tokenizer, demo.messages)
+    for name, ids in (("prompt", prompt), ("response", response)):
+        if len(ids) > max_length:
+            raise DataError(demo.file, demo.line, name,
+                            f"{name} is {len(ids)} tokens, longer than data.max_length={max_length}")
+    return Seq2SeqExample(prompt, [decoder_start_token_id] + response[:-1], response)
+
+
+def build_examples(tokenizer, demos: Sequence[Demonstration], max_length: int, skip_bad: bool = False,
+                   decoder_start_token_id: int | None = None) -> tuple[list[Example | Seq2SeqExample], int]:
+    """Training rows of `demos`, and how many were skipped (`skip_bad`). With `decoder_start_token_id` (an
+    encoder-decoder model's), `Seq2SeqExample` s."""
     out, skipped = [], 0
     for d in demos:
         try:
-            out.append(demonstration_example(tokenizer, d, max_length))
+            if decoder_start_token_id is None:
+                out.append(demonstration_example(tokenizer, d, max_length))
+            else:
+                out.append(seq2seq_example(tokenizer, d, max_length, decoder_start_token_id))
         except DataError:
             if not skip_bad:
                 raise
@@ -69,15 +89,24 @@ def train(cfg: SFTConfig) -> str:
 
     model, tokenizer = load_model(cfg.model, for_training=True)
     check_context(model, cfg.data.max_length)
+    start_id = None  # a decoder-only model's examples; an encoder-decoder's decoder starts with this token
+    if is_encoder_decoder(model):
+        start_id = model.config.decoder_start_token_id
+        if start_id is None:
+            raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: an encoder-decoder model without a "
+                              "decoder_start_token_id in its config")
+        if cfg.data.packing or (cfg.data.pretrain and cfg.train.pretrain_coef > 0):
+            raise ConfigError("data.packing and the pretraining mix (data.pretrain, train.pretrain_coef) are for "
+                              f"decoder-only models; {cfg.model.name_or_path} is an encoder-decoder model")
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
 
     demos = load_demonstrations(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
-    train_ex, skipped = build_examples(tokenizer, demos, cfg.data.max_length, cfg.data.skip_bad_lines)
+    train_ex, skipped = build_examples(tokenizer, demos, cfg.data.max_length, cfg.data.skip_bad_lines, start_id)
     skipped += demos.skipped
     if cfg.data.eval:
         eval_demos = load_demonstrations(cfg.data.eval, skip_bad=cfg.data.skip_bad_lines)
-        eval_ex, _ = build_examples(tokenizer, eval_demos, cfg.data.max_length, cfg.data.skip_bad_lines)
+        eval_ex, _ = build_examples(tokenizer, eval_demos, cfg.data.max_length, cfg.data.skip_bad_lines, start_id)
     else:
         train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_size, cfg.seed)
     if skipped:

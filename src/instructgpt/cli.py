@@ -28,6 +28,7 @@ COMMANDS = {
     "pipeline": "instructgpt.pipeline",
     "serve": "instructgpt.serving.cli",
     "label": "instructgpt.labeling.cli",
+    "data": "instructgpt.dataprep.cli",
 }
 
 HELP = """usage: instructgpt <command> [args]
@@ -46,6 +47,7 @@ other commands (instructgpt <command> [--config FILE.yaml] [flags] [key=value ..
   pipeline    the whole loop: a recipe of every stage (default: the built-in task)
   serve       an OpenAI-compatible HTTP API
   label       the labeling web app
+  data        inspect, clean, dedup, mix and augment a data set (writes a new file and a report)
 """
 
 

@@ -147,10 +147,24 @@ class StageRun:
         name = os.path.basename(os.path.normpath(self.out_dir)) or self.stage
         config = {k: v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v)
                   for k, v in flatten(to_dict(self.cfg)).items()}
+        self._after_earlier_event_files()
         self.acc.init_trackers("instructgpt", config={"stage": self.stage, **config}, init_kwargs={
             "tensorboard": {"purge_step": self.resumed_at + 1 if self.resumed_at else 0},
             "wandb": {"name": name, "dir": self.out_dir}, "mlflow": {"run_name": name}, "trackio": {"name": name}})
         self.tracking = True
+
+    def _after_earlier_event_files(self) -> None:
+        """TensorBoard reads a run's event files in name order, and a name holds its creation time in whole seconds
+        (then the host and pid): a run resumed within the second its killed attempt started could sort first, and its
+        purge of the rows past the checkpoint would be read before those rows. Wait until the clock is past them."""
+        newest = 0
+        for root, _, files in os.walk(self.path("tensorboard")):
+            for f in files:
+                parts = f.split(".")
+                if f.startswith("events.out.tfevents.") and len(parts) > 3 and parts[3].isdigit():
+                    newest = max(newest, int(parts[3]))
+        while newest and time.time() < newest + 1:
+            time.sleep(0.05)
 
     def end_trackers(self) -> None:
         """Close the trackers (the stage finished or stopped); a later row starts them again. Not through

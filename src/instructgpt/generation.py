@@ -274,12 +274,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params:
 
 def _sample(model, input_ids, attention_mask, params, eos_token_id, pad_token_id, generator, stop_check,
             end_rows) -> SampleBatch:
-    B = input_ids.shape[0]
+    """A causal LM: the prefill over the left-padded prompts, then `_decode` with one cached forward a step."""
+    B, P = input_ids.shape
     device = input_ids.device
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
-                       device=device, dtype=torch.long)
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
-    P = input_ids.shape[1]
     # the attention mask of the whole generation, allocated once: step t passes a view of its first P + t columns
     full_mask = torch.ones(B, P + params.max_new_tokens, dtype=torch.long, device=device)  # (B, P + max_new_tokens)
     full_mask[:, :P] = attention_mask
@@ -287,14 +284,72 @@ def _sample(model, input_ids, attention_mask, params, eos_token_id, pad_token_id
     cache_kw = cache_argument(model)
     out = model(input_ids=input_ids, attention_mask=full_mask[:, :P], position_ids=position_ids, use_cache=True,
                 **keeps_last_logits(model), **preallocated_cache(model, P + params.max_new_tokens))
-    past = returned_cache(out)
-    logits = out.logits[:, -1, :].float()  # (B, V)
-    next_pos = position_ids[:, -1] + 1  # (B,)
+    state = {"past": returned_cache(out), "next_pos": position_ids[:, -1] + 1}  # next_pos: (B,)
+
+    def step(nxt: torch.Tensor, t: int) -> torch.Tensor:
+        out = model(input_ids=nxt[:, None], attention_mask=full_mask[:, : P + t + 1],
+                    position_ids=state["next_pos"][:, None], use_cache=True, **{cache_kw: state["past"]})
+        state["past"] = returned_cache(out)
+        state["next_pos"] = state["next_pos"] + 1
+        return out.logits[:, -1, :].float()
+
+    return _decode(model, out.logits[:, -1, :].float(), step, params, eos_token_id, pad_token_id, generator,
+                   stop_check, end_rows)
+
+
+def _sample_seq2seq(model, input_ids, attention_mask, params, eos_token_id, pad_token_id, generator, stop_check,
+                    end_rows) -> SampleBatch:
+    """`_sample` for an encoder-decoder model: the prompts (left-padded, as `sample` takes them) are moved to the
+    right of their rows, since an encoder with learned absolute positions (BART) takes no position ids; the encoder
+    runs once; the decoder starts from `config.decoder_start_token_id` in every row (so no decoder padding) and
+    decodes one token a step with its KV cache (self-attention grown, cross-attention computed once). Token choice,
+    penalties, stops and outputs are `_decode`'s, as for a causal LM."""
+    B, P = input_ids.shape
+    device = input_ids.device
+    # 1. left padding -> right padding: row b's k pads move from its start to its end
+    pads = (attention_mask == 0).sum(1, keepdim=True)  # (B, 1)
+    order = (torch.arange(P, device=device)[None] + pads) % P  # (B, P)
+    enc_ids, enc_mask = input_ids.gather(1, order), attention_mask.gather(1, order)  # (B, P)
+    # 2. the encoder, once
+    encoder_outputs = model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask, return_dict=True)
+    config = _base(model).config
+    start = config.decoder_start_token_id
+    if start is None:
+        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError("an encoder-decoder model without a decoder_start_token_id")
+    cache_kw = cache_argument(model)
+    nxt_in = torch.full((B, 1), int(start), dtype=torch.long, device=device)  # (B, 1)
+    out = model(encoder_outputs=encoder_outputs, attention_mask=enc_mask, decoder_input_ids=nxt_in, use_cache=True)
+    state = {"past": returned_cache(out)}
+
+    def step(nxt: torch.Tensor, t: int) -> torch.Tensor:
+        out = model(encoder_outputs=encoder_outputs, attention_mask=enc_mask, decoder_input_ids=nxt[:, None],
+                    use_cache=True, **{cache_kw: state["past"]})
+        state["past"] = returned_cache(out)
+        return out.logits[:, -1, :].float()
+
+    # 3. decode
+    return _decode(model, out.logits[:, -1, :].float(), step, params, eos_token_id, pad_token_id, generator,
+                   stop_check, end_rows)
+
+
+def _decode(model, logits: torch.Tensor, step, params: SamplingParams, eos_token_id, pad_token_id: int, generator,
+            stop_check, end_rows) -> SampleBatch:
+    """The decode loop both model kinds share: from the prefill's next-token `logits` (B, V), choose a token per row
+    (penalties, top-k/top-p, greedy or sampled), record its log-prob, end rows at EOS, stop strings or `end_rows`,
+    and get the next logits from `step(tokens (B,), t)`, a cached forward of the model."""
+    B = logits.shape[0]
+    device = logits.device
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                       device=device, dtype=torch.long)
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
     tokens, logps, tops_i, tops_l = [], [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
-    counts = torch.zeros(B, logits.shape[-1], device=device) if (params.frequency_penalty or params.presence_penalty) else None
+    penalised = params.frequency_penalty or params.presence_penalty
+    counts = torch.zeros(B, logits.shape[-1], device=device) if penalised else None  # (B, V)
     stop_cut: list[Optional[int]] = [None] * B
     for t in range(params.max_new_tokens):
         if vocab is not None and logits.shape[-1] > vocab:
@@ -337,99 +392,7 @@ def _sample(model, input_ids, attention_mask, params, eos_token_id, pad_token_id
                 done[b] = True
         if bool(done.all()) or t == params.max_new_tokens - 1:  # no forward for a token that will not be sampled
             break
-        out = model(input_ids=nxt[:, None], attention_mask=full_mask[:, : P + t + 1], position_ids=next_pos[:, None],
-                    use_cache=True, **{cache_kw: past})
-        past = returned_cache(out)
-        logits = out.logits[:, -1, :].float()
-        next_pos = next_pos + 1
-    batch = SampleBatch(torch.stack(tokens, 1), torch.stack(logps, 1), lengths, ended, stop_cut=stop_cut)
-    if params.logprobs:
-        batch.top_ids, batch.top_logprobs = torch.stack(tops_i, 1), torch.stack(tops_l, 1)
-    return batch
-
-
-def _sample_seq2seq(model, input_ids, attention_mask, params, eos_token_id, pad_token_id, generator, stop_check,
-                    end_rows) -> SampleBatch:
-    """`_sample` for an encoder-decoder model: the prompts (left-padded, as `sample` takes them) are moved to the
-    right of their rows, since an encoder with learned absolute positions (BART) takes no position ids; the encoder
-    runs once; the decoder starts from `config.decoder_start_token_id` in every row (so no decoder padding) and
-    decodes one token a step with its KV cache (self-attention grown, cross-attention computed once). Token choice,
-    penalties, stops and outputs are `_sample`'s, step for step."""
-    B, P = input_ids.shape
-    device = input_ids.device
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
-                       device=device, dtype=torch.long)
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
-    # 1. left padding -> right padding: row b's k pads move from its start to its end
-    pads = (attention_mask == 0).sum(1, keepdim=True)  # (B, 1)
-    order = (torch.arange(P, device=device)[None] + pads) % P  # (B, P)
-    enc_ids, enc_mask = input_ids.gather(1, order), attention_mask.gather(1, order)  # (B, P)
-    # 2. the encoder, once
-    encoder_outputs = model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask, return_dict=True)
-    config = _base(model).config
-    start = config.decoder_start_token_id
-    if start is None:
-        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
-    if start is None:
-        raise ValueError("an encoder-decoder model without a decoder_start_token_id")
-    cache_kw = cache_argument(model)
-    nxt_in = torch.full((B, 1), int(start), dtype=torch.long, device=device)  # (B, 1)
-    out = model(encoder_outputs=encoder_outputs, attention_mask=enc_mask, decoder_input_ids=nxt_in, use_cache=True)
-    past = returned_cache(out)
-    logits = out.logits[:, -1, :].float()  # (B, V)
-    # 3. decode: the loop of `_sample`
-    tokens, logps, tops_i, tops_l = [], [], [], []
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    ended = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
-    penalised = params.frequency_penalty or params.presence_penalty
-    counts = torch.zeros(B, logits.shape[-1], device=device) if penalised else None  # (B, V)
-    stop_cut: list[Optional[int]] = [None] * B
-    for t in range(params.max_new_tokens):
-        if vocab is not None and logits.shape[-1] > vocab:
-            logits = logits[:, :vocab]
-        greedy = is_greedy(params.temperature)
-        scaled = logits if greedy else logits / params.temperature
-        logp_all = torch.log_softmax(scaled, dim=-1)  # (B, V)
-        work = scaled if counts is None else apply_penalties(scaled, counts, params.frequency_penalty,
-                                                              params.presence_penalty)
-        if greedy:
-            nxt = work.argmax(-1)
-        else:
-            work = filter_logits(work, params.top_k, params.top_p)
-            nxt = sample_from(torch.softmax(work, dim=-1), generator)  # (B,)
-        lp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
-        if params.logprobs:
-            tl, ti = logp_all.topk(params.logprobs, dim=-1)
-            tops_i.append(ti)
-            tops_l.append(tl)
-        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-        lp = torch.where(done, torch.zeros_like(lp), lp)
-        tokens.append(nxt)
-        logps.append(lp)
-        lengths += (~done).long()
-        if counts is not None:
-            counts[torch.arange(B), nxt] += (~done).float()
-        is_eos = torch.isin(nxt, eos) & ~done if params.stop_at_eos and eos.numel() else torch.zeros_like(done)
-        ended |= is_eos
-        done |= is_eos
-        if stop_check is not None:
-            cur = torch.stack(tokens, 1)
-            for b in range(B):
-                if not done[b]:
-                    cut = stop_check(b, cur[b, : lengths[b]].tolist())
-                    if cut is not None:
-                        stop_cut[b] = cut
-                        done[b] = True
-        if end_rows is not None:
-            for b in end_rows():
-                done[b] = True
-        if bool(done.all()) or t == params.max_new_tokens - 1:
-            break
-        out = model(encoder_outputs=encoder_outputs, attention_mask=enc_mask, decoder_input_ids=nxt[:, None],
-                    use_cache=True, **{cache_kw: past})
-        past = returned_cache(out)
-        logits = out.logits[:, -1, :].float()
+        logits = step(nxt, t)
     batch = SampleBatch(torch.stack(tokens, 1), torch.stack(logps, 1), lengths, ended, stop_cut=stop_cut)
     if params.logprobs:
         batch.top_ids, batch.top_logprobs = torch.stack(tops_i, 1), torch.stack(tops_l, 1)

@@ -452,6 +452,34 @@ def test_lora_policy_shares_the_frozen_base_as_reference_and_lora_value(ppo_inpu
     AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # merged: a plain checkpoint
 
 
+def test_a_named_reference_model_is_the_kl_anchor(ppo_inputs, tmp_path):
+    """reference_model.name_or_path: pi_ref is that model (also beside a LoRA policy), not the one PPO starts from;
+    one whose embeddings differ from the policy's is refused."""
+    from conftest import build_tiny
+    other = build_tiny(str(tmp_path / "other"), seed=1)  # the policy's tokenizer, other weights
+    expected = load_file(os.path.join(other, "model.safetensors"))
+    from instructgpt.generation import eos_ids
+    from instructgpt.prompting import encode_prompt
+    prompts = [[{"role": "user", "content": f"what is {i}"}] for i in range(4)]
+    for lora in ([], ["model.lora.enabled=true", "model.lora.target_modules=[c_attn]"]):
+        cfg = load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "x", f"reference_model.name_or_path={other}",
+                                                 "ppo.recompute_logprobs=true", *lora))
+        models = load_models(cfg)
+        assert models.ref is not None
+        assert all(torch.equal(models.ref.state_dict()[k], v) for k, v in expected.items())
+        tok = models.tokenizer
+        b = rollout(models, models.policy, [encode_prompt(tok, m) for m in prompts], prompts, cfg.ppo,
+                    eos_ids(models.policy, tok), torch.Generator().manual_seed(0), "cpu")
+        with torch.no_grad():
+            logits, _ = policy_forward(models.ref, b.input_ids, b.attention_mask, response_len=b.response.shape[1])
+        torch.testing.assert_close(b.ref_logprobs, logprobs_from_logits(response_logits(logits, 1.0), b.response))
+        assert float((kl_per_token(b.logprobs, b.ref_logprobs) * b.mask).abs().max()) > 1e-2  # not the policy
+    narrow = build_tiny(str(tmp_path / "narrow"), n_embd=16)
+    with pytest.raises(ConfigError, match="reference_model.name_or_path=.*is not the policy's"):
+        load_models(load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "y",
+                                                       f"reference_model.name_or_path={narrow}")))
+
+
 def test_keep_best_with_a_lora_policy_saves_mid_run_and_training_goes_on(ppo_inputs, tmp_path):
     """keep_best saves the policy at every evaluation that improves; with LoRA the save merges a copy, so the policy
     keeps its adapter to switch off for the reference in the updates that follow."""

@@ -109,13 +109,19 @@ def load_models(cfg: PPOConfig) -> Models:
     ckpt = cfg.model.gradient_checkpointing
     policy, tok = load_model(replace(cfg.model, dropout=0.0) if ckpt else cfg.model, for_training=True)
     ref = None
+    ref_path = cfg.reference_model.name_or_path or cfg.model.name_or_path  # pi_ref: the start model unless named
     if cfg.model.lora.enabled:
-        policy = apply_lora(policy, cfg.model.lora)  # the frozen base with the adapter off is pi_ref
-    else:
-        ref, _ = load_model(cfg.model, with_tokenizer=False)
+        policy = apply_lora(policy, cfg.model.lora)  # the frozen base with the adapter off is pi_ref, unless another
+    if not cfg.model.lora.enabled or ref_path != cfg.model.name_or_path:  # model is named as the reference
+        ref, _ = load_model(replace(cfg.model, name_or_path=ref_path), with_tokenizer=False)
         ref.requires_grad_(False)
         if ref.get_input_embeddings().weight.shape[0] < len(tok):  # load_model added a pad token to the policy
             ref.resize_token_embeddings(len(tok))
+        if ref.get_input_embeddings().weight.shape != policy.get_input_embeddings().weight.shape:
+            raise ConfigError(f"reference_model.name_or_path={ref_path}: its vocabulary or width "
+                              f"{tuple(ref.get_input_embeddings().weight.shape)} is not the policy's "
+                              f"{tuple(policy.get_input_embeddings().weight.shape)} (the KL compares their "
+                              "log-probs token by token)")
     d_model = policy.get_input_embeddings().weight.shape[1]
     if cfg.reward_model.name_or_path == GOLD:
         critic = Critic(ValueHead(d_model)) if cfg.uses_critic else None

@@ -22,6 +22,14 @@ class RewardModelConfig:
 
 
 @dataclass
+class ReferenceModelConfig:
+    # pi_ref, the KL penalty's anchor: a model directory or Hub id with the policy's tokenizer. None: the model PPO
+    # starts from (model.name_or_path), the paper's (the SFT model). Set it when PPO continues from an earlier PPO
+    # policy (the pipeline's later rounds) and the penalty is still to hold the policy near SFT
+    name_or_path: str | None = None
+
+
+@dataclass
 class PPOParams:
     kl_coef: float = 0.02  # beta; the paper's fixed value (App. C.4)
     kl_estimator: Literal["k1", "k3"] = "k1"  # k1 = log pi - log pi_ref, the paper's; k3 is never negative
@@ -77,6 +85,7 @@ def _ppo_train() -> TrainConfig:
 class PPOConfig(StageConfig):
     train: TrainConfig = field(default_factory=_ppo_train)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    reference_model: ReferenceModelConfig = field(default_factory=ReferenceModelConfig)
     ppo: PPOParams = field(default_factory=PPOParams)
 
     def __post_init__(self):

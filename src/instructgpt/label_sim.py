@@ -226,6 +226,20 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def sample_responses(model, tok, conversations: Sequence[list[dict]], cfg: LabelSimConfig) -> list[list[str]]:
+    """`cfg.k` responses of `model` to each conversation, stripped, response i sampled at temperature i mod
+    len(cfg.temperatures) (seed cfg.seed + that index): what the labelers rank."""
+    temps = cfg.temperatures or [cfg.temperature]
+    texts = [render_prompt(tok, m) for m in conversations]
+    counts = [sum(1 for i in range(cfg.k) if i % len(temps) == j) for j in range(len(temps))]
+    with autocast(model, cfg.mixed_precision):
+        per_temp = [generation.generate(model, tok, texts, SamplingParams(max_new_tokens=cfg.max_new_tokens,
+                                                                          temperature=t, n=c, seed=cfg.seed + j),
+                                        batch_size=cfg.batch_size)
+                    for j, (t, c) in enumerate(zip(temps, counts)) if c]
+    return [[c.text.strip() for group in per_temp for c in group[i]] for i in range(len(texts))]
+
+
 def run(cfg: LabelSimConfig) -> dict:
     """Sample, judge and rank; write the rankings to `cfg.out` and their statistics beside. Returns the statistics.
     A bad setting, device or prompt source is a ConfigError or DataError before anything is written."""
@@ -241,19 +255,10 @@ def run(cfg: LabelSimConfig) -> dict:
                           f"{unknown[:80]!r}")
     model, tok = load_model(cfg.policy)
     model.to(device)
-    temps = cfg.temperatures or [cfg.temperature]
-    texts = [render_prompt(tok, r.messages) for r in prompts]
-    counts = [sum(1 for i in range(cfg.k) if i % len(temps) == j) for j in range(len(temps))]
-    with autocast(model, cfg.mixed_precision):
-        per_temp = [generation.generate(model, tok, texts, SamplingParams(max_new_tokens=cfg.max_new_tokens,
-                                                                          temperature=t, n=c, seed=cfg.seed + j),
-                                        batch_size=cfg.batch_size)
-                    for j, (t, c) in enumerate(zip(temps, counts)) if c]
-    outs = [[c for group in per_temp for c in group[i]] for i in range(len(texts))]  # K responses per prompt
+    outs = sample_responses(model, tok, [r.messages for r in prompts], cfg)
     # 1. the gold labeler judges every response
     judged, skipped = [], 0
-    for rec, comps in zip(prompts, outs):
-        responses = [c.text.strip() for c in comps]
+    for rec, responses in zip(prompts, outs):
         if any(not r for r in responses):
             skipped += 1  # an empty response cannot be ranked (and is an error in the rankings format)
             continue

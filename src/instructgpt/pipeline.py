@@ -8,6 +8,8 @@
     ppo_noptx/       and plain PPO (ptx_coef = 0), to show what the pretraining mix buys
     dpo/             optional (a `dpo` section): DPO on the same rankings, the baseline without RL
     rloo/            optional (an `rloo` section): PPO-ptx's settings with RLOO's critic-free advantages
+    round2/, ...     with `rounds: N`, rounds 2..N: rankings.jsonl of the previous round's policy's samples,
+                     rankings_all.jsonl (every ranking so far), rm/ trained on them, ppo/ continued from that policy
     report.json, report.md, *.png, samples_<policy>.jsonl   5. evaluation on held-out prompts
 
 A recipe (``--config FILE.yaml``, a :class:`RecipeConfig`) has one section per stage, each a stage config (see
@@ -16,7 +18,8 @@ A recipe (``--config FILE.yaml``, a :class:`RecipeConfig`) has one section per s
 in the package (``configs/recipes/default.yaml`` in the repository); a section left out of a recipe keeps the
 default's, and links between stages (the SFT model that starts RM and PPO, the rankings the RM trains on, the RM that
 PPO optimises) are filled in unless the recipe sets them. Every stage writes its own out_dir, so ``--resume`` (or the
-same ``--out``) skips what is finished and resumes what was interrupted.
+same ``--out``) skips what is finished and resumes what was interrupted. With ``labelers: people`` the pipeline writes
+the samples to rank for the labeling app and stops (exit status 75) until their rankings are exported beside them.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from instructgpt import dpo, label_sim, ppo, rm, sft
+from instructgpt import dpo, label_sim, ppo, rm, rounds, sft
 from instructgpt.config import (ConfigError, command_error, deep_merge, from_dict, load_config, parse_command_line,
                                 parse_overrides, read_yaml_mapping, to_dict)
 from instructgpt.data import DataError
@@ -45,6 +48,8 @@ from instructgpt.report import Expectation, write_report
 from instructgpt.runs import Interrupted, StageError
 
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default.yaml")
+# The exit status of a pipeline that stops for people's rankings (sysexits.h's EX_TEMPFAIL: "try again later")
+WAITING_FOR_RANKINGS = 75
 
 # Per suite: demonstrations (SFT), the prompts the simulated labelers rank, PPO's prompts, PPO's held-out monitor
 SUITE_SOURCES: dict[str, dict[str, str]] = {
@@ -78,6 +83,13 @@ class RecipeConfig:
     ppo_noptx: bool = False  # also plain PPO (ptx_coef = 0)
     dpo: Optional[dict[str, Any]] = None  # DPO on the rankings; {} for its defaults
     rloo: Optional[dict[str, Any]] = None  # the ppo section's run with RLOO's advantages; {} for its defaults
+    # passes of the loop: each round after the first ranks samples of the previous round's PPO policy, retrains the
+    # reward model on every ranking so far and continues PPO from that policy (round<r>/); 1: the loop once
+    rounds: int = 1
+    # who ranks the samples the pipeline draws (as the label_sim section says: prompts, k, temperatures): the
+    # simulated labelers, or people in the labeling app (the samples go to to_rank.jsonl beside the round's
+    # rankings.jsonl, and the pipeline stops until `instructgpt label export` has written that file)
+    labelers: Literal["simulated", "people"] = "simulated"
     eval: EvalConfig = field(default_factory=EvalConfig)
     # expected results, checked in report.md: {report.json key: {min: x} and/or {max: y}}, x and y numbers or other
     # report keys (gold_score.sft: {min: gold_score.base}); a key the report lacks is marked missing
@@ -87,6 +99,11 @@ class RecipeConfig:
         for key, exp in self.expectations.items():
             if exp.min is None and exp.max is None:
                 raise ConfigError(f"expectations.{key}: give min, max or both")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds: must be >= 1, got {self.rounds}")
+        if self.rounds > 1 and (self.rm is None or self.ppo is None or self.label_sim is None):
+            raise ConfigError("rounds: the rounds after the first need the rm and ppo sections, and a label_sim "
+                              "section: how each round samples the policy for ranking (prompts, k, temperatures)")
         stage_configs(self, "out")  # each stage's own checks
         if self.label_sim is not None:
             label_sim_config(self, "out").validate()
@@ -234,12 +251,65 @@ def eval_config(recipe: RecipeConfig, out: str) -> EvalConfig:
     return replace(ev, sft="sft", reward_model=rm_dir, best_of=ev.best_of if rm_dir else 0, seed=recipe.seed, out=out)
 
 
-def run_label_sim(recipe: RecipeConfig, out: str) -> str:
-    """Rankings of K samples of the SFT model per prompt, by the simulated labelers (skipped when already written)."""
-    cfg = label_sim_config(recipe, out)
-    if not os.path.exists(cfg.out):
+class WaitingForRankings(Exception):
+    """People are to rank the samples in `items` (the labeling app's import format); the pipeline goes on once their
+    rankings are exported to `rankings`."""
+
+    def __init__(self, items: str, rankings: str, prompts: int, policy: str):
+        super().__init__(f"{prompts} prompts to rank in {items}")
+        self.items, self.rankings, self.prompts, self.policy = items, rankings, prompts, policy
+
+
+def to_rank_path(rankings: str) -> str:
+    """Where the samples people rank go: to_rank.jsonl beside the rankings file they become."""
+    return os.path.join(os.path.dirname(rankings), "to_rank.jsonl")
+
+
+def rank_samples(recipe: RecipeConfig, cfg: LabelSimConfig) -> str:
+    """`cfg.out`: rankings of K samples of `cfg.policy` per prompt (skipped once the file exists). By the simulated
+    labelers; or, with `labelers: people`, the samples are written once for the labeling app and WaitingForRankings
+    stops the pipeline until people's rankings are exported to `cfg.out`."""
+    if os.path.exists(cfg.out):
+        return cfg.out
+    if recipe.labelers == "simulated":
         label_sim.run(cfg)
-    return cfg.out
+        return cfg.out
+    items = to_rank_path(cfg.out)
+    prompts = len(read_jsonl(items)) if os.path.exists(items) else rounds.write_items_to_rank(cfg, items)
+    raise WaitingForRankings(items, cfg.out, prompts, cfg.policy)
+
+
+def round_dir(out: str, r: int) -> str:
+    """Round r's directory: the run directory itself for round 1 (a one-round run's layout), round<r>/ after."""
+    return out if r == 1 else os.path.join(out, f"round{r}")
+
+
+def round_policy(r: int) -> str:
+    """The name of round r's PPO-ptx policy in the report: "ppo" (round 1), "ppo_round<r>"."""
+    return "ppo" if r == 1 else f"ppo_round{r}"
+
+
+def round_configs(recipe: RecipeConfig, out: str, r: int, cfgs: dict) -> dict:
+    """Round r >= 2's label_sim, rm and ppo configs, in round<r>/ with seed + r - 1 (other prompts' order and other
+    samples than the round before), from round 1's (`cfgs`, :func:`stage_configs`)."""
+    d, seed = round_dir(out, r), recipe.seed + r - 1
+    previous = os.path.join(round_dir(out, r - 1), "ppo", "model")  # the policy the round starts from
+    ranking = replace(label_sim_config(recipe, out), policy=previous, out=os.path.join(d, "rankings.jsonl"), seed=seed)
+    # The reward model trains afresh from the SFT model (round 1's start) on every ranking so far, as the paper's RMs
+    # always start from the SFT model: one epoch over all of them (more overfits, sec. C.2), where continuing round
+    # r-1's RM would give the earlier rankings a second epoch and the new ones only one
+    rm_cfg = replace(cfgs["rm"], data=replace(cfgs["rm"].data, train=os.path.join(d, "rankings_all.jsonl")),
+                     out_dir=os.path.join(d, "rm"), seed=seed)
+    # PPO continues from the previous round's policy against the new RM, with a fresh optimiser and value model
+    # (from the new RM, as the paper's). Its KL penalty stays anchored at round 1's reference (the SFT model, unless
+    # the ppo section names another), the paper's pi_SFT: each round's policy is held near SFT, not near the round
+    # before, so the KL to SFT cannot grow round by round unchecked
+    reference = cfgs["ppo"].reference_model.name_or_path or cfgs["ppo"].model.name_or_path
+    ppo_cfg = replace(cfgs["ppo"], model=replace(cfgs["ppo"].model, name_or_path=previous),
+                      reference_model=replace(cfgs["ppo"].reference_model, name_or_path=reference),
+                      reward_model=replace(cfgs["ppo"].reward_model, name_or_path=os.path.join(d, "rm", "model")),
+                      out_dir=os.path.join(d, "ppo"), seed=seed)
+    return {"label_sim": ranking, "rm": rm_cfg, "ppo": ppo_cfg}
 
 
 def main(argv: list[str]) -> int:
@@ -298,10 +368,13 @@ def run(recipe: RecipeConfig, out: str) -> int:
                 seconds[name] = float(json.load(fh).get("seconds", 0.0))
         _save(out, seconds, memory)
 
+    stage_dirs = {k: cfgs[k].out_dir for k in cfgs}
+    ranking = label_sim_config(recipe, out) if recipe.label_sim is not None else None
     try:
         timed("sft", sft.train, cfgs["sft"])
-        if ("rm" in cfgs or "dpo" in cfgs) and recipe.label_sim is not None:
-            timed("label_sim", run_label_sim, recipe, out, done_file=os.path.join(out, "rankings.jsonl"))
+        # the pipeline ranks samples of the SFT model when the RM or DPO learns from its rankings.jsonl
+        if ranking is not None and any(cfgs[k].data.train == ranking.out for k in ("rm", "dpo") if k in cfgs):
+            timed("label_sim", rank_samples, recipe, ranking, done_file=ranking.out)
         if "rm" in cfgs:
             timed("rm", rm.train, cfgs["rm"])
         for name in ("ppo", "ppo_noptx", "rloo"):
@@ -309,23 +382,50 @@ def run(recipe: RecipeConfig, out: str) -> int:
                 timed(name, ppo.train, cfgs[name])
         if "dpo" in cfgs:
             timed("dpo", dpo.train, cfgs["dpo"])
+        # rounds 2..N: rank the last policy's samples, a reward model on every ranking so far, PPO on from that policy
+        for r in range(2, recipe.rounds + 1):
+            rc, name = round_configs(recipe, out, r, cfgs), f"round{r}"
+            timed(f"{name}.label_sim", rank_samples, recipe, rc["label_sim"], done_file=rc["label_sim"].out)
+            if not os.path.exists(rc["rm"].data.train):
+                sources = [cfgs["rm"].data.train] + [os.path.join(round_dir(out, q), "rankings.jsonl")
+                                                     for q in range(2, r + 1)]
+                rounds.union_rankings(sources, rc["rm"].data.train, rc["rm"].data.skip_bad_lines)
+            for stage, train in (("rm", rm.train), ("ppo", ppo.train)):
+                timed(f"{name}.{stage}", train, rc[stage], done_file=os.path.join(rc[stage].out_dir, "DONE.json"))
+                stage_dirs[f"{name}.{stage}"] = rc[stage].out_dir
     except (DataError, StageError) as e:
         return command_error("pipeline", e)
     except Interrupted:  # a stage stopped on SIGTERM / SIGINT with its checkpoint: say how this run goes on
         print(f"[pipeline] stopped; `instructgpt pipeline --out {out}` with the same recipe and overrides goes on",
               flush=True)
         raise
+    except WaitingForRankings as w:
+        print(f"[pipeline] waiting for people's rankings: {w.prompts} prompts with samples of {w.policy} are in "
+              f"{w.items}, in the labeling app's import format. Import them, have them ranked, export the rankings:\n"
+              f"    instructgpt label import --db labels.sqlite --prompts {w.items}\n"
+              f"    instructgpt label serve --db labels.sqlite\n"
+              f"    instructgpt label export --db labels.sqlite --out-dir {os.path.dirname(w.rankings)}"
+              f"   # writes {w.rankings}\n"
+              f"then `instructgpt pipeline --out {out}` with the same recipe and overrides goes on", flush=True)
+        return WAITING_FOR_RANKINGS
 
     # 5. evaluation and the report
     policies = {"base": cfgs["sft"].model.name_or_path, "sft": os.path.join(out, "sft", "model")}
     for name in ("ppo", "ppo_noptx", "rloo", "dpo"):
         if name in cfgs:
             policies[name] = os.path.join(out, name, "model")
+    for r in range(2, recipe.rounds + 1):
+        policies[round_policy(r)] = os.path.join(round_dir(out, r), "ppo", "model")
     reset_peak_cuda_memory()
     t = time.time()
     report = evaluate(policies, eval_config(recipe, out))
     seconds["eval"] = time.time() - t
     memory["eval"] = peak_memory_gib()
+    if recipe.rounds > 1:
+        t = time.time()
+        report.update(rounds_report(recipe, out, cfgs))
+        seconds["eval_rounds"] = time.time() - t
+        memory["eval_rounds"] = peak_memory_gib()
     # each stage's time is measured when it runs (a resumed run keeps the earlier stages' times): their sum is the
     # wall time of an uninterrupted run
     seconds["total"] = sum(v for k, v in seconds.items() if k != "total")
@@ -336,11 +436,31 @@ def run(recipe: RecipeConfig, out: str) -> int:
     report["expectations"] = {k: {b: v for b, v in asdict(e).items() if v is not None}
                               for k, e in recipe.expectations.items()}
     _save(out, seconds, memory)
-    stage_dirs = {k: cfgs[k].out_dir for k in cfgs}
     write_report(out, report, stage_dirs)
     print(f"\nrun directory: {out}  (report.md, report.json)")
     _print_summary(report)
     return 0
+
+
+def rounds_report(recipe: RecipeConfig, out: str, cfgs: dict) -> dict:
+    """The report keys of a run of several rounds: each round's policy (`round_policies`), the rankings each round
+    added and those its reward model trained on (`rankings.round<r>`, `rankings_total.round<r>`), and each round's
+    RM's accuracy against the gold order on pairs of samples of SFT and of each round's policy on held-out prompts
+    (`rm_accuracy_samples.round<r>.<policy>`, :func:`instructgpt.rounds.rm_accuracy_on_samples`)."""
+    n = recipe.rounds
+    report: dict = {"rounds": n, "round_policies": [round_policy(r) for r in range(1, n + 1)]}
+    stats = _read_json(os.path.join(round_dir(out, n), "rankings_all.jsonl.stats.json"))
+    total = 0
+    for r, added in enumerate(stats.get("per_source", []), 1):
+        total += added
+        report[f"rankings.round{r}"], report[f"rankings_total.round{r}"] = added, total
+    policies = {"sft": os.path.join(out, "sft", "model"),
+                **{round_policy(r): os.path.join(round_dir(out, r), "ppo", "model") for r in range(1, n + 1)}}
+    reward_models = {"round1": os.path.join(cfgs["rm"].out_dir, "model"),
+                     **{f"round{r}": os.path.join(round_dir(out, r), "rm", "model") for r in range(2, n + 1)}}
+    report.update(rounds.rm_accuracy_on_samples(policies, reward_models, label_sim_config(recipe, out),
+                                                eval_config(recipe, out)))
+    return report
 
 
 def peak_memory_gib() -> dict[str, float]:
@@ -404,6 +524,11 @@ def _print_summary(report: dict) -> None:
         table.add_row(n, f(f"gold_score.{n}"), f(f"accuracy.{n}"), f(f"win_rate.{n}_vs_sft"),
                       f(f"win_rate_no_ties.{n}_vs_sft"), f(f"rm_score.{n}"), f(f"kl.{n}"), f(f"ptx_perplexity.{n}"))
     Console().print(table)
+    by_round = report.get("round_policies") or []
+    for r, (name, ranked) in enumerate(zip(by_round, ["sft", *by_round]), 1):  # round r ranks round r - 1's policy
+        print(f"round {r}: {name} gold {f(f'gold_score.{name}')}, win vs sft (no ties) "
+              f"{f(f'win_rate_no_ties.{name}_vs_sft')}; its RM on {ranked}'s pairs "
+              f"{f(f'rm_accuracy_samples.round{r}.{ranked}')}")
     secs = {k.split(".", 1)[1]: v for k, v in report.items() if k.startswith("seconds.")}
     print("seconds:", json.dumps(secs))
     if "peak_rss_gib.total" in report:

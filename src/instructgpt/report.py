@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -50,7 +51,8 @@ def check_expectations(report: dict) -> list[tuple[str, Expectation, Optional[fl
 def derived_keys(report: dict) -> dict:
     """Differences and ratios of other keys, for the report's readers and its expectations."""
     out = {}
-    for name in ("ppo", "ppo_noptx"):
+    rounds = report.get("round_policies") or []  # a run of several rounds: "ppo", "ppo_round2", ...
+    for name in ("ppo", "ppo_noptx", *rounds[1:]):
         if f"gold_score.{name}" in report and "gold_score.sft" in report:
             out[f"gold_gain.{name}_vs_sft"] = report[f"gold_score.{name}"] - report["gold_score.sft"]
         ppl = report.get(f"ptx_perplexity.{name}")
@@ -61,6 +63,15 @@ def derived_keys(report: dict) -> dict:
     curve = report.get("best_of_n_curve") or []
     if curve and "gold" in curve[-1] and isinstance(report.get("best_of_n_sft_greedy_gold"), (int, float)):
         out["best_of_n_gain"] = curve[-1]["gold"] - report["best_of_n_sft_greedy_gold"]
+    # each round against the one before: the gold its policy gains, and how much more accurate its RM is than the
+    # previous round's on pairs of the policy it ranked (the previous round's): fresh rankings where the policy went
+    for r in range(2, len(rounds) + 1):
+        now, before = (report_value(report, f"gold_score.{p}") for p in (rounds[r - 1], rounds[r - 2]))
+        if now is not None and before is not None:
+            out[f"gold_gain.round{r}_vs_round{r - 1}"] = now - before
+        now, before = (report_value(report, f"rm_accuracy_samples.round{q}.{rounds[r - 2]}") for q in (r, r - 1))
+        if now is not None and before is not None:
+            out[f"rm_accuracy_gain.round{r}_vs_round{r - 1}"] = now - before
     return out
 
 
@@ -179,6 +190,8 @@ def plot_training_curves(metrics: dict[str, list[dict]], path: str) -> bool:
 
 # Policies that are not optimisations of the SFT policy: their KL to SFT is off the over-optimisation axis.
 NOT_FROM_SFT = ("base",)
+# A stage of a later round of the pipeline ("round2.ppo")
+LATER_ROUND = re.compile(r"round\d+\.")
 
 
 def plot_overoptimisation(metrics: dict[str, list[dict]], report: dict, path: str) -> bool:
@@ -187,6 +200,8 @@ def plot_overoptimisation(metrics: dict[str, list[dict]], report: dict, path: st
     runs = []
     for stage, rows in metrics.items():
         pts = [r for r in rows if isinstance(r.get("eval/kl"), (int, float))]
+        # a later round's PPO ("round2.ppo") is on the same axis: its KL reference is SFT too; its RM score is its
+        # own round's reward model's
         if stage_kind(rows) == "ppo" and pts:
             runs.append((stage, pts))
     policies = [p for p in report.get("policies", [])
@@ -284,8 +299,11 @@ def time_and_memory_table(report: dict) -> list[str]:
     stages += [k.split(".", 1)[1] for k in report if k.startswith("peak_rss_gib.") and k.split(".", 1)[1] not in stages]
     if not stages:
         return []
-    order = ("pretrain", "sft", "label_sim", "rm", "ppo", "ppo_noptx", "rloo", "dpo", "eval")  # then others, then total
-    stages.sort(key=lambda s: (s == "total", order.index(s) if s in order else len(order)))
+    # then others, then total; a later round's stages ("round2.rm") after round 1's, in the order they ran
+    order = ("pretrain", "sft", "label_sim", "rm", "ppo", "ppo_noptx", "rloo", "dpo", "round<r>.", "eval",
+             "eval_rounds")
+    stages.sort(key=lambda s: (s == "total", order.index("round<r>.") if LATER_ROUND.match(s) else
+                               order.index(s) if s in order else len(order)))
     cols = [("seconds", "seconds", ".1f"), ("peak_rss_gib", "peak resident memory so far (GiB)", ".2f"),
             ("peak_cuda_gib", "peak GPU memory of the stage (GiB)", ".2f")]
     cols = [c for c in cols if any(f"{c[0]}.{s}" in report for s in stages)]
@@ -374,6 +392,51 @@ def sample_table(run_dir: str, policies: Sequence[str], k: int = 8) -> list[str]
     return _table(["prompt", "reference"] + list(samples), rows)
 
 
+def rounds_tables(report: dict) -> list[str]:
+    """A run of several rounds: a row per round (its rankings, its RM's accuracy where the policy went, its policy's
+    gold, win rate and KL), then every round's RM on pairs of samples of every round's policy."""
+    rounds = report.get("round_policies") or []
+    if len(rounds) < 2:
+        return []
+    sft = report.get("sft_policy", "sft")
+    ranked = [sft, *rounds[:-1]]  # round r ranks samples of the policy round r - 1 ended with (round 1: SFT's)
+
+    def acc(r: int, policy: str) -> str:
+        return _cell(report.get(f"rm_accuracy_samples.round{r}.{policy}"))
+
+    rows = []
+    for r, (policy, before) in enumerate(zip(rounds, ranked), 1):
+        new, total = report.get(f"rankings.round{r}"), report.get(f"rankings_total.round{r}")
+        vs = f"{policy}_vs_{sft}"
+        rows.append([str(r), policy, f"{_cell(new)} / {_cell(total)}",
+                     f"{before}: {acc(r, before)}" + (f" ({acc(r - 1, before)})" if r > 1 else ""),
+                     acc(r, policy), _cell(report.get(f"gold_score.{policy}")),
+                     " ".join(_cell(report.get(f"{key}.{vs}"), True)
+                              for key in ("win_rate_no_ties", "win_rate_no_ties_ci95")),
+                     _cell(report.get(f"kl.{policy}"))])
+    lines = [(f"Each round after the first ranks samples of the policy the round before ended with, trains the reward "
+              f"model afresh from SFT on every ranking so far, and continues PPO from that policy. RM accuracy: "
+              f"against the gold order on pairs of {report.get('rm_accuracy_samples_k', 'K')} samples of a policy "
+              f"(drawn as the labelers' are) for each of {report.get('rm_accuracy_samples_prompts', '?')} held-out "
+              "prompts; in brackets, the previous round's RM on the same pairs."), ""]
+    lines += _table(["round", "policy", "rankings: new / RM trained on", "RM on the ranked policy's pairs",
+                     "RM on its own policy's pairs", "gold score", f"win vs {sft}, no ties [95% CI]", "KL to SFT"],
+                    rows)
+    gains = [f"round {r}: gold {report[f'gold_gain.round{r}_vs_round{r - 1}']:+.3f}" +
+             (f", RM accuracy on {ranked[r - 1]}'s pairs {report[f'rm_accuracy_gain.round{r}_vs_round{r - 1}']:+.3f}"
+              if f"rm_accuracy_gain.round{r}_vs_round{r - 1}" in report else "")
+             for r in range(2, len(rounds) + 1) if f"gold_gain.round{r}_vs_round{r - 1}" in report]
+    if gains:
+        lines += ["", "Against the round before: " + "; ".join(gains) + "."]
+    policies = [sft, *rounds]
+    if any(f"rm_accuracy_samples.round1.{p}" in report for p in policies):
+        lines += ["", "Each round's reward model on pairs of samples of each policy (pairs whose gold differs):", ""]
+        lines += _table(["reward model", *[f"{p} ({_cell(report.get(f'rm_accuracy_samples_pairs.{p}'))})"
+                                           for p in policies]],
+                        [[f"round {r}", *[acc(r, p) for p in policies]] for r in range(1, len(rounds) + 1)])
+    return lines
+
+
 def expectation_table(report: dict) -> list[str]:
     mark = {"met": "✅ met", "not met": "❌ not met", "missing": "— missing"}
 
@@ -442,6 +505,9 @@ def render_markdown(run_dir: str, report: dict, plots: Sequence[str]) -> str:
     if by_flag:
         lines += ["", "... by flag (pairs where one answer carries the flag and the other does not): " + ", ".join(
             f"{f} {v['accuracy']:.3f} ({v['pairs']})" for f, v in by_flag.items()) + "."]
+    round_lines = rounds_tables(report)
+    if round_lines:
+        lines += ["", "## Rounds", ""] + round_lines
     curve = report.get("best_of_n_curve") or []
     if curve:
         cols = [c for c in ("gold", "rm", "gold_oracle") if c in curve[0]]

@@ -2,7 +2,8 @@
 
 Launched by torchrun with 2 CPU processes (gloo); also run with 1 process for the single-process reference.
 usage: ddp_worker.py MODEL_DIR DEMOS OUT_DIR, or ddp_worker.py dpo MODEL_DIR RANKINGS OUT_DIR (DPO's whole stage),
-or ddp_worker.py rloo MODEL_DIR RM_DIR PROMPTS OUT_DIR (PPO's loop without a critic)
+or ddp_worker.py rloo MODEL_DIR RM_DIR PROMPTS OUT_DIR (PPO's loop without a critic),
+or ddp_worker.py ppo MODEL_DIR RM_DIR PROMPTS PTX OUT_DIR [OVERRIDES...] (PPO-ptx with its value model)
 """
 
 import json
@@ -39,6 +40,37 @@ if sys.argv[1] == "rloo":  # usage: ddp_worker.py rloo MODEL_DIR RM_DIR PROMPTS 
                                         "ppo.response_length=8", "ppo.num_minibatches=2", "train.batch_size=16",
                                         "train.max_steps=2", "train.lr=1e-3", "train.save_every=0",
                                         f"out_dir={out}"]))
+    sys.exit(0)
+
+if sys.argv[1] == "ppo":  # usage: ddp_worker.py ppo MODEL_DIR RM_DIR PROMPTS PTX OUT_DIR EXTRA...: PPO-ptx's loop
+    # with its value model; each rank records its rollouts (their rows in the whole batch) and advantages per update
+    from instructgpt import ppo
+
+    model_dir, rm_dir, prompts, ptx, out = sys.argv[2:7]
+    seen = {"rollouts": [], "advantages": []}
+    real_rollout, real_whiten = ppo.rollout, ppo.whiten
+
+    def rollout(*args, draw_rows=None, **kw):
+        b = real_rollout(*args, draw_rows=draw_rows, **kw)
+        seen["rollouts"].append({"rows": draw_rows[0].tolist(), **{k: getattr(b, k).tolist() for k in (
+            "response", "logprobs", "ref_logprobs", "values", "scores")}})
+        return b
+
+    def whiten(x, mask, shift_mean=True, all_sum=None):
+        w = real_whiten(x, mask, shift_mean, all_sum)
+        seen["advantages"].append(w.tolist())
+        return w
+
+    ppo.rollout, ppo.whiten = rollout, whiten
+    ppo.train(load_config(ppo.PPOConfig, None, [
+        f"model.name_or_path={model_dir}", f"reward_model.name_or_path={rm_dir}", f"data.train={prompts}",
+        f"data.pretrain={ptx}", "data.max_length=32", "ppo.eval_prompts=0", "ppo.response_length=8",
+        "train.batch_size=16", "ppo.num_minibatches=4", "ppo.ppo_epochs=2", "train.lr=3e-4", "train.warmup_steps=0",
+        "ppo.ptx_coef=0.5", "ppo.ptx_token_ratio=1", "ppo.adaptive_kl=true", "ppo.kl_target=0.5",
+        "train.max_steps=3", "train.save_every=0", f"out_dir={out}", *sys.argv[7:]]))
+    rank = int(os.environ.get("RANK", 0))
+    with open(os.path.join(out, f"seen-rank{rank}.json"), "w") as fh:
+        json.dump(seen, fh)
     sys.exit(0)
 
 model_dir, demos, out = sys.argv[1:4]

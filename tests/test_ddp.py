@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 HERE = os.path.dirname(__file__)
 
@@ -81,3 +82,72 @@ def test_two_rank_rloo_keeps_each_prompts_responses_on_one_rank(tiny_model_dir, 
     saved = saved_weights(out)
     start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert any(not (saved[k] == start[k]).all() for k in saved if k in start)
+
+
+def _global(seen: list[dict], key: str, rollouts: list[dict]) -> list:
+    """Per update, `key` of every row of the whole batch, put back in the batch's order from the ranks' rollouts."""
+    out = []
+    for u in range(len(rollouts[0])):
+        rows = {}
+        for rank_rollouts, rank_values in zip(rollouts, seen):
+            for row, v in zip(rank_rollouts[u]["rows"], rank_values[u]):
+                rows[row] = v
+        out.append([rows[i] for i in sorted(rows)])
+    return out
+
+
+@pytest.mark.parametrize("extra", [[], ["ppo.value_model=policy", "ppo.whiten_rewards=true"]],
+                         ids=["value_model", "value_head"])
+def test_two_rank_ppo_equals_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path_factory, tmp_path, extra):
+    """PPO-ptx split over two processes computes what one process does with the whole batch: the same rollouts
+    (each row draws its place's random numbers), advantages whitened over the whole batch, minibatches of the same
+    rows (a rank may hold more or fewer of one), losses over the whole minibatch's tokens; so the logged losses, the
+    adaptive KL controller's coefficient and the weights after 3 updates agree to fp32 rounding."""
+    from conftest import ppo_inputs_in, saved_weights
+    from safetensors.torch import load_file
+
+    from instructgpt.runs import read_metrics
+
+    inp = ppo_inputs_in(tmp_path_factory.mktemp("ddp_ppo"), tiny_model_dir, 64)
+    args = [inp["policy"], inp["rm"], inp["prompts"], inp["ptx"]]
+    _launch(2, "ppo", *args, str(tmp_path / "two"), *extra)
+    _launch(1, "ppo", *args, str(tmp_path / "one"), *extra)
+    one = json.load(open(tmp_path / "one" / "seen-rank0.json"))
+    two = [json.load(open(tmp_path / "two" / f"seen-rank{r}.json")) for r in (0, 1)]
+    assert [len(r["rows"]) for r in two[0]["rollouts"]] == [8, 8, 8]
+    for key in ("response", "logprobs", "ref_logprobs", "values", "scores"):
+        split = _global([[u[key] for u in t["rollouts"]] for t in two], key, [t["rollouts"] for t in two])
+        whole = [u[key] for u in one["rollouts"]]
+        if key == "response":  # the same tokens (the ranks pad to their own longest response)
+            width = [max(len(r) for r in u) for u in whole]
+            assert [[r[:w] for r in u] for u, w in zip(split, width)] == [[r[:w] for r in u]
+                                                                          for u, w in zip(whole, width)]
+        else:
+            for a, b in zip(split, whole):
+                w = min(len(a[0]), len(b[0])) if isinstance(a[0], list) else None
+                ta, tb = torch.tensor([r[:w] for r in a] if w else a), torch.tensor([r[:w] for r in b] if w else b)
+                assert (ta - tb).abs().max() < 1e-5, key
+    # advantages (and, with whiten_rewards, the rewards) whitened with the whole batch's moments
+    n = len(one["advantages"])
+    assert n == len(two[0]["advantages"]) == len(two[1]["advantages"]) >= 3
+    for i in range(n):
+        split = _global([[t["advantages"][i]] for t in two], "adv", [[t["rollouts"][i * 3 // n]] for t in two])[0]
+        whole = one["advantages"][i]
+        w = min(len(split[0]), len(whole[0]))
+        assert (torch.tensor([r[:w] for r in split]) - torch.tensor([r[:w] for r in whole])).abs().max() < 1e-4
+    # the logged losses and statistics of every update, the KL controller, the weights
+    m1 = [r for r in read_metrics(str(tmp_path / "one")) if "ppo/loss/policy" in r]
+    m2 = [r for r in read_metrics(str(tmp_path / "two")) if "ppo/loss/policy" in r]
+    assert len(m1) == len(m2) == 3
+    for a, b in zip(m1, m2):
+        for key in ("objective/kl", "objective/scores", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/ptx",
+                    "ppo/policy/clipfrac", "ppo/val/ratio", "objective/entropy", "ppo/kl_coef"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), key
+    d1, d2 = (json.load(open(tmp_path / d / "DONE.json")) for d in ("one", "two"))
+    assert d2["kl_coef"] == pytest.approx(d1["kl_coef"], rel=1e-6) and d1["kl_coef"] != 0.02
+    w1, w2 = saved_weights(tmp_path / "one"), saved_weights(tmp_path / "two")
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any((w1[k] - start[k]).abs().max() > 1e-3 for k in w1 if k in start)  # it trained
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max() < 1e-5, k

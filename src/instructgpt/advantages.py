@@ -91,11 +91,18 @@ def group_advantages(returns: torch.Tensor, group_size: int, estimator: str = "r
     raise ValueError(f"unknown group estimator '{estimator}' (rloo or grpo)")
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum=None) -> torch.Tensor:
     """(x - mean) / std over the masked positions (biased variance, as lm-human-preferences); shift_mean=False keeps
-    the mean (its reward whitening)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    the mean (its reward whitening). `all_sum(tensor) -> tensor` sums over processes when the batch is split across
+    them: the mean and variance are then the whole batch's."""
+    if all_sum is None:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+    else:
+        m = mask.to(x.dtype)
+        n = all_sum(m.sum()).clamp(min=1.0)
+        mean = all_sum((x * m).sum()) / n
+        var = all_sum(((x - mean) ** 2 * m).sum()) / n
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

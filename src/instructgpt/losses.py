@@ -35,35 +35,37 @@ def ranking_accuracy(rewards: list[float], ranks: list[int]) -> tuple[int, int]:
 # PPO (Schulman et al. 2017) as used for RLHF (Ziegler et al. 2019; Ouyang et al. 2022, Eq. 2)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` over the positions where `mask` is true (response tokens)."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean of `x` over the positions where `mask` is true (response tokens). `count` replaces the number of those
+    positions as the divisor: a minibatch split across W processes divides by its tokens in all / W, so the mean of
+    the W processes' values (DDP's gradient average) is the whole minibatch's mean."""
     mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum() / (mask.sum().clamp(min=1.0) if count is None else count)
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                cliprange: float, count=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, per response token (Schulman et al. 2017, Eq. 7), as a loss to minimise:
 
         ratio = exp(log pi - log pi_old);  loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1-eps, 1+eps))
 
     Also returns clipfrac (share of tokens where the clipped term is the larger) and approxkl = mean 0.5 (log ratio)^2.
-    All (B, R); mask marks response tokens.
+    All (B, R); mask marks response tokens; `count`: :func:`masked_mean`'s.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(pg1, pg2), mask)
+    loss = masked_mean(torch.max(pg1, pg2), mask, count)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((pg2 > pg1).float(), mask),
-                 "approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
-                 "ratio": masked_mean(ratio, mask)}
+        stats = {"clipfrac": masked_mean((pg2 > pg1).float(), mask, count),
+                 "approxkl": masked_mean(0.5 * log_ratio ** 2, mask, count),
+                 "ratio": masked_mean(ratio, mask, count)}
     return loss, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               cliprange_value: float, count=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss (baselines PPO2; the implementation-details checklist, policy item 10):
 
         v_clip = v_old + clip(v - v_old, -eps_v, eps_v);  loss = 0.5 * mean_t max((v - R)^2, (v_clip - R)^2)
@@ -71,9 +73,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     l1 = (values - returns) ** 2
     l2 = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(l1, l2), mask)
+    loss = 0.5 * masked_mean(torch.max(l1, l2), mask, count)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((l2 > l1).float(), mask)}
+        stats = {"clipfrac": masked_mean((l2 > l1).float(), mask, count)}
     return loss, stats
 
 
@@ -98,15 +100,16 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, int((shift_labels != -100).sum())
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            count=None) -> torch.Tensor:
     """Mean next-token negative log-likelihood over real tokens: -E_pretrain[log pi(x)] per token, PPO-ptx's term
-    (`token_loss_sum` over one minibatch, as a mean over the attention mask).
+    (`token_loss_sum` over one minibatch, as a mean over the attention mask; `count`: :func:`masked_mean`'s).
 
     logits (B, T, V) at positions 0..T-1 predict tokens 1..T.
     """
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    return masked_mean(nll, attention_mask[:, 1:].bool())
+    return masked_mean(nll, attention_mask[:, 1:].bool(), count)
 
 
 def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: list[int], beta: float) -> torch.Tensor:

@@ -157,20 +157,38 @@ def load_models(cfg: PPOConfig) -> Models:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Splitting an update across processes
+
+
+def batch_rows(rank: int, world: int, n: int, k: int) -> list[int]:
+    """The rows of the whole rollout batch that process `rank` of `world` holds, in its order: every world-th prompt
+    (from the rank-th), each with its k responses in consecutive rows; n: the process's rows."""
+    return [(rank + world * (j // k)) * k + j % k for j in range(n)]
+
+
+def minibatch_rows(perm: list[int], m: int, num_minibatches: int, rank: int, world: int, k: int) -> list[int]:
+    """Process `rank`'s rows (its own indices) of minibatch m: the m-th slice of `perm`, a shuffle of the whole
+    batch's rows, so minibatches are the same whatever the process count (a process may hold more, fewer or none
+    of one minibatch's rows)."""
+    size = len(perm) // num_minibatches
+    return [(i // k // world) * k + i % k for i in perm[m * size:(m + 1) * size] if (i // k) % world == rank]
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # 1-2. Rollout and scoring
 
 
 @torch.no_grad()
 def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: PPOParams, eos: list[int],
-            generator: torch.Generator, device) -> Rollout:
+            generator: torch.Generator, device, draw_rows: tuple[torch.Tensor, int] | None = None) -> Rollout:
     """Sample one response per query with `policy` (the unwrapped one) and score it with the frozen models, each
-    once."""
+    once. `draw_rows`: these rows' places in a rollout batch split across processes (`generation.sample`)."""
     tok, critic = models.tokenizer, models.critic
     q, qm = left_pad(queries, tok.pad_token_id, device)  # (B, P)
     P = q.shape[1]
     with autocast(policy, p.rollout_mixed_precision):
         out = sample(policy, q, qm, SamplingParams(max_new_tokens=p.response_length, temperature=p.temperature),
-                     eos, tok.pad_token_id, generator)
+                     eos, tok.pad_token_id, generator, draw_rows=draw_rows)
     response = out.tokens  # (B, R)
     R = response.shape[1]
     mask = torch.arange(R, device=device)[None, :] < out.lengths[:, None]  # (B, R)
@@ -267,20 +285,27 @@ def train(cfg: PPOConfig) -> str:
     if start:
         with open(os.path.join(run.checkpoint_dir(), "trainer_state.json"), encoding="utf-8") as fh:
             state.update(json.load(fh))
-    mb_size = t.batch_size // world // p.num_minibatches
-    local = t.batch_size // world
     zero = torch.zeros((), device=acc.device)
     head = critic is not None and critic.reads_policy  # the values come out of the policy's own forward
+    # Several processes split each update's rollout batch and each of its minibatches, and compute what one process
+    # would on the whole batch: the same samples (each row draws its place's random numbers), advantages whitened
+    # with the whole batch's moments, and every mean over tokens divided by the minibatch's tokens in all processes
+    # over the process count (`count`), so DDP's average of the gradients is the whole minibatch's
+    split = world > 1
+    all_sum = (lambda x: acc.reduce(x, "sum")) if split else None
 
     def ptx_loss(n_tokens: float) -> torch.Tensor:
-        """-E_pretrain[log pi(x)] on ptx_token_ratio x `n_tokens` tokens of pretraining text (each rank its rows)."""
+        """-E_pretrain[log pi(x)] on ptx_token_ratio x `n_tokens` tokens of pretraining text (the minibatch's tokens
+        in all processes; each process forwards every world-th of its rows)."""
         n_rows = max(1, math.ceil(p.ptx_token_ratio * n_tokens / cfg.data.max_length))
-        rows = stream_indices(len(ptx_blocks), state["ptx_pos"] + n_rows * rank, n_rows, cfg.seed + 1)
-        state["ptx_pos"] += n_rows * world
-        px = ptx_blocks.ids[rows].long().to(acc.device)
+        rows = stream_indices(len(ptx_blocks), state["ptx_pos"], n_rows, cfg.seed + 1)[rank::world]
+        state["ptx_pos"] += n_rows
+        weight = 1.0 if rows else 0.0  # a process with no row forwards one with weight 0 (DDP needs its backward)
+        px = ptx_blocks.ids[rows or [0]].long().to(acc.device)
         pm = torch.ones_like(px)
+        count = n_rows * (px.shape[1] - 1) / world if split else None
         with acc.autocast():
-            return lm_loss(policy_forward(policy, px, pm)[0], px, pm)
+            return weight * lm_loss(policy_forward(policy, px, pm)[0], px, pm, count)
 
     def evaluate_and_keep(done: int) -> dict:
         if not eval_prompts:
@@ -307,18 +332,20 @@ def train(cfg: PPOConfig) -> str:
             # 1. rollout: this update's prompts are a pure function of the step (exact resume); each rank its share,
             # each prompt ppo.samples_per_prompt times in consecutive rows
             k = p.samples_per_prompt
-            idx = stream_indices(len(queries), step * t.batch_size // k, t.batch_size // k, cfg.seed)[rank::world]
+            n_prompts = t.batch_size // k
+            idx = stream_indices(len(queries), step * n_prompts, n_prompts, cfg.seed)[rank::world]
             idx = [i for i in idx for _ in range(k)]
-            gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step * 7919 + rank)
+            rows = batch_rows(rank, world, len(idx), k)  # their rows in the whole batch
+            gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step * 7919)
             set_training(False)
             with acc.autocast():  # train.mixed_precision: the frozen models' forwards in the same precision
                 b = rollout(models, unwrapped, [queries[i] for i in idx], [prompts[i] for i in idx], p, eos, gen,
-                            acc.device)
+                            acc.device, draw_rows=(torch.tensor(rows, device=acc.device), t.batch_size))
             # 2. rewards: score at the last token - beta * KL per token (the paper's Eq. 2, per token)
             kl = kl_per_token(b.logprobs, b.ref_logprobs, p.kl_estimator) * b.mask
             rewards, non_score = token_rewards(b.scores, kl, 0.0 if p.kl_in_loss else kl_ctl.value, b.mask)
             if p.whiten_rewards:
-                rewards = whiten(rewards, b.mask, shift_mean=False)
+                rewards = whiten(rewards, b.mask, shift_mean=False, all_sum=all_sum)
             # 3. GAE (gamma = 1 by default), or a response's return against its prompt's other responses at every
             # token (rloo / grpo); then advantage whitening
             if critic is not None:
@@ -326,15 +353,19 @@ def train(cfg: PPOConfig) -> str:
             else:
                 b.advantages = group_advantages((rewards * b.mask).sum(-1), k, p.advantage_estimator)[:, None] * b.mask
             if p.whiten_advantages:
-                b.advantages = whiten(b.advantages, b.mask)
+                b.advantages = whiten(b.advantages, b.mask, all_sum=all_sum)
             # 4. PPO epochs over shuffled minibatches, ptx in the same objective
             set_training(cfg.model.gradient_checkpointing)
             stats: dict[str, list[float]] = {}
             for epoch in range(p.ppo_epochs):
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + epoch)
-                perm = torch.randperm(local, generator=g)
+                perm = torch.randperm(t.batch_size, generator=g).tolist()  # the whole batch's rows
                 for m in range(p.num_minibatches):
-                    mb = b.rows(perm[m * mb_size:(m + 1) * mb_size].to(acc.device))
+                    mine = minibatch_rows(perm, m, p.num_minibatches, rank, world, k)
+                    mb = b.rows(torch.tensor(mine or [0], device=acc.device))
+                    if not mine:  # none of this minibatch's rows is this process's: one row with weight 0
+                        mb.mask = torch.zeros_like(mb.mask)
+                    count = all_sum(mb.mask.sum().float()).clamp(min=1.0) / world if split else None
                     P, R = mb.query.shape[1], mb.response.shape[1]
                     ids, att = mb.input_ids, mb.attention_mask
                     with acc.autocast():
@@ -344,18 +375,22 @@ def train(cfg: PPOConfig) -> str:
                     if epoch == 0:  # the policy's entropy on the rollouts, before (or barely after) this update
                         with torch.no_grad():
                             stats.setdefault("objective/entropy", []).append(
-                                float(masked_mean(entropy_from_logits(scaled), mb.mask)))
+                                float(masked_mean(entropy_from_logits(scaled), mb.mask, count)))
                     del logits, scaled
-                    pg_loss, pg_stats = policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.mask, p.cliprange)
+                    pg_loss, pg_stats = policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.mask, p.cliprange,
+                                                    count)
                     kl_loss, vf_loss, vf_stats, ptx = zero, zero, {}, zero
                     if p.kl_in_loss:
-                        kl_loss = masked_mean(kl_per_token(new_logprobs, mb.ref_logprobs, p.kl_estimator), mb.mask)
+                        kl_loss = masked_mean(kl_per_token(new_logprobs, mb.ref_logprobs, p.kl_estimator), mb.mask,
+                                              count)
                     if critic is not None:
                         with acc.autocast():
                             new_values = critic.values(ids, att, hidden)[:, P - 1:-1]  # the states before the tokens
-                        vf_loss, vf_stats = value_loss(new_values, mb.values, mb.returns, mb.mask, p.cliprange_value)
+                        vf_loss, vf_stats = value_loss(new_values, mb.values, mb.returns, mb.mask, p.cliprange_value,
+                                                       count)
                     if ptx_blocks is not None:
-                        ptx = ptx_loss(float(att.sum()))
+                        tokens = att.sum().float() if mine else zero
+                        ptx = ptx_loss(float(all_sum(tokens) if split else tokens))
                     kl_loss_coef = kl_ctl.value if p.kl_in_loss else 0.0  # beta in the loss, or in the reward
                     loss = pg_loss + kl_loss_coef * kl_loss + p.vf_coef * vf_loss + p.ptx_coef * ptx
                     acc.backward(loss)
@@ -399,7 +434,9 @@ def train(cfg: PPOConfig) -> str:
                 "ppo/eos_rate": float(b.ended.float().mean()),
                 "ppo/kl_coef": kl_ctl.value, "ppo/lr": sched.get_last_lr()[0],
                 "time/update_s": update_s, "time/episodes_per_s": eps,
-                **{k: sum(v) / len(v) for k, v in stats.items()},
+                **{name: sum(v) / len(v) if not split else float(acc.reduce(torch.tensor(sum(v) / len(v),
+                                                                                         device=acc.device), "mean"))
+                   for name, v in stats.items()},
             }
             if (judge := judge_for(b.prompts)) is not None:  # monitor only: never enters the reward
                 metrics["objective/gold_score"] = sum(judge.score(b.prompts, b.texts)) / len(b.texts)

@@ -29,6 +29,20 @@ def _launch(nproc, *args):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def _launch_two_nodes(*args):
+    """Two "machines" on this one: two torchrun launches of one process each (--nnodes 2, --node_rank 0 and 1), their
+    rendezvous on 127.0.0.1, as a two-node cluster starts (the README's launch lines)."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               os.path.join(HERE, "ddp_worker.py"), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=180)
+        assert node.returncode == 0, err[-3000:]
+
+
 def _run(nproc, model_dir, demos, out):
     _launch(nproc, model_dir, demos, str(out))
     return [json.load(open(out / f"rank{i}-of-{nproc}.json")) for i in range(nproc)]
@@ -40,6 +54,12 @@ def test_two_rank_ddp_matches_and_equals_single_process(tiny_model_dir, demos_fi
     (single,) = _run(1, tiny_model_dir, demos_file, tmp_path / "one")
     assert single["head"] == pytest.approx(r0["head"], abs=1e-5)
     assert single["abs"] == pytest.approx(r0["abs"], rel=1e-5)
+    # the same SFT on two "nodes" of one process each, started as two launches
+    out = tmp_path / "nodes"
+    _launch_two_nodes(tiny_model_dir, demos_file, str(out))
+    n0, n1 = (json.load(open(out / f"rank{i}-of-2.json")) for i in (0, 1))
+    assert n0 == n1 and n0["head"] == pytest.approx(single["head"], abs=1e-5)
+    assert n0["abs"] == pytest.approx(single["abs"], rel=1e-5)
 
 
 def test_two_rank_dpo_equals_one_process_on_the_same_global_batches(tiny_model_dir, tmp_path):
@@ -96,9 +116,10 @@ def _global(seen: list[dict], key: str, rollouts: list[dict]) -> list:
     return out
 
 
-@pytest.mark.parametrize("extra", [[], ["ppo.value_model=policy", "ppo.whiten_rewards=true"]],
-                         ids=["value_model", "value_head"])
-def test_two_rank_ppo_equals_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path_factory, tmp_path, extra):
+@pytest.mark.parametrize("extra,nodes", [([], False), (["ppo.value_model=policy", "ppo.whiten_rewards=true"], False),
+                                         ([], True)], ids=["value_model", "value_head", "two_nodes"])
+def test_two_rank_ppo_equals_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path_factory, tmp_path, extra,
+                                                                   nodes):
     """PPO-ptx split over two processes computes what one process does with the whole batch: the same rollouts
     (each row draws its place's random numbers), advantages whitened over the whole batch, minibatches of the same
     rows (a rank may hold more or fewer of one), losses over the whole minibatch's tokens; so the logged losses, the
@@ -110,7 +131,10 @@ def test_two_rank_ppo_equals_one_process_on_the_same_global_batch(tiny_model_dir
 
     inp = ppo_inputs_in(tmp_path_factory.mktemp("ddp_ppo"), tiny_model_dir, 64)
     args = [inp["policy"], inp["rm"], inp["prompts"], inp["ptx"]]
-    _launch(2, "ppo", *args, str(tmp_path / "two"), *extra)
+    if nodes:  # two "machines" of one process each
+        _launch_two_nodes("ppo", *args, str(tmp_path / "two"), *extra)
+    else:
+        _launch(2, "ppo", *args, str(tmp_path / "two"), *extra)
     _launch(1, "ppo", *args, str(tmp_path / "one"), *extra)
     one = json.load(open(tmp_path / "one" / "seen-rank0.json"))
     two = [json.load(open(tmp_path / "two" / f"seen-rank{r}.json")) for r in (0, 1)]

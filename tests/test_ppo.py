@@ -480,6 +480,85 @@ def test_a_named_reference_model_is_the_kl_anchor(ppo_inputs, tmp_path):
                                                        f"reference_model.name_or_path={narrow}")))
 
 
+class StandInEngine:
+    """vLLM's side of the rollout-engine contract, on CPU: a copy of the model of its own (loaded from the same
+    files), weights replaced in place by `load_weights`, one response's token ids per query from `sample`."""
+
+    made: list = []
+
+    def __init__(self, model_path, gpu_memory_utilization, max_model_len, seed):
+        from instructgpt.modeling import load_model
+        self.model, self.tok = load_model(model_path)
+        self.samples: list[dict] = []  # per call: the weights it sampled with
+        StandInEngine.made.append(self)
+
+    def load_weights(self, weights):
+        own = self.model.state_dict()
+        with torch.no_grad():
+            for name, w in weights:
+                own[name].copy_(w)
+
+    def sample(self, queries, max_new_tokens, temperature, seeds, eos):
+        from instructgpt.generation import SamplingParams, sample
+        self.samples.append({k: v.clone() for k, v in self.model.state_dict().items()})
+        out = []
+        for q, seed in zip(queries, seeds):
+            b = sample(self.model, torch.tensor([q]), torch.ones(1, len(q), dtype=torch.long),
+                       SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature), eos,
+                       self.tok.pad_token_id, torch.Generator().manual_seed(seed))
+            out.append(b.tokens[0, :int(b.lengths[0])].tolist())
+        return out
+
+
+def test_a_rollout_engine_samples_from_the_weights_of_each_update_and_the_trainer_scores_them(ppo_inputs, tmp_path,
+                                                                                                monkeypatch):
+    """ppo.rollout_engine=vllm against a stand-in engine: before every rollout the policy's current weights are pushed
+    into the engine's own copy, so after an update it samples from the updated policy; the rollout's log-probs are the
+    training model's (full forward), and the engine's token ids are what the update learns from."""
+    from instructgpt import ppo, rollout_engine
+    monkeypatch.setitem(rollout_engine.ENGINES, "vllm", StandInEngine)
+    StandInEngine.made.clear()
+    policy_at_rollout, rollouts = [], []
+    real = ppo.rollout
+
+    def spy(models, policy, *args, **kw):
+        policy_at_rollout.append({k: v.detach().clone() for k, v in policy.state_dict().items()})
+        b = real(models, policy, *args, **kw)
+        with torch.no_grad():
+            logits, _ = policy_forward(policy, b.input_ids, b.attention_mask, response_len=b.response.shape[1])
+        rollouts.append((b, logprobs_from_logits(response_logits(logits, 1.0), b.response) * b.mask))
+        return b
+    monkeypatch.setattr(ppo, "rollout", spy)
+    out = tmp_path / "engine"
+    train(load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=3", "ppo.rollout_engine=vllm",
+                                             "ppo.recompute_logprobs=true")))
+    (engine,) = StandInEngine.made
+    assert len(engine.samples) == len(policy_at_rollout) == 3
+    for engine_weights, policy_weights in zip(engine.samples, policy_at_rollout):
+        assert all(torch.equal(engine_weights[k], v) for k, v in policy_weights.items())
+    first, last = policy_at_rollout[0], policy_at_rollout[-1]
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the updates moved it: the engine followed
+    for b, logprobs in rollouts:
+        assert b.response.shape[0] == 16 and int(b.mask.sum()) > 0
+        assert torch.equal(b.logprobs, logprobs)  # the training model's, not the engine's
+    # the engine is asked for token ids only, with a seed per response: rows sampled again from the pushed weights
+    # with those seeds are the rollout's responses
+    from instructgpt.generation import eos_ids
+    b = rollouts[-1][0]  # the engine still holds the weights of the last rollout
+    again = engine.sample([q[m.bool()].tolist() for q, m in zip(b.query, b.query_mask)], 8, 1.0,
+                          [ppo.row_seed(PPOConfig().seed, 2, r) for r in range(16)], eos_ids(engine.model, engine.tok))
+    assert [r[:int(n)] for r, n in zip(b.response.tolist(), b.mask.sum(-1))] == again
+    # refused: no recomputed log-probs, or a LoRA policy; and without vLLM installed, an error that says how to get it
+    for extra, msg in ((["ppo.rollout_engine=vllm"], "needs ppo.recompute_logprobs=true"),
+                       (["ppo.rollout_engine=vllm", "ppo.recompute_logprobs=true", "model.lora.enabled=true"],
+                        "with model.lora.enabled use ppo.rollout_engine=policy")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "bad", *extra)).validate()
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(RuntimeError, match="pip install vllm"):
+        rollout_engine.VLLMEngine(ppo_inputs["policy"], 0.3, 64, 0)
+
+
 def test_keep_best_with_a_lora_policy_saves_mid_run_and_training_goes_on(ppo_inputs, tmp_path):
     """keep_best saves the policy at every evaluation that improves; with LoRA the save merges a copy, so the policy
     keeps its adapter to switch off for the reference in the updates that follow."""

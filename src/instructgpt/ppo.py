@@ -40,12 +40,13 @@ from instructgpt.judges import GOLD, GoldJudge, JudgeReward, judge_for
 from instructgpt.kl_control import AdaptiveKLController, FixedKLController
 from instructgpt.losses import lm_loss, masked_mean, policy_loss, value_loss
 from instructgpt.modeling import (apply_lora, check_context, disable_dropout, load_model, logprobs_from_logits,
-                                  require_decoder_only, save_model, set_seed)
+                                  require_decoder_only, resolve_path, save_model, set_seed)
 from instructgpt.monitor import heldout_metrics
 from instructgpt.policy import Critic, ValueHead, entropy_from_logits, policy_forward, ref_logits, response_logits
 from instructgpt.ppo_config import PPOConfig, PPOParams
 from instructgpt.progress import StageProgress
 from instructgpt.reward import RewardModel
+from instructgpt.rollout_engine import ENGINES, pad_responses, row_seed
 from instructgpt.runs import StageRun
 from instructgpt.training import (EMA, adamw, checkpoint_or_stop, fused_adam_ok, lr_schedule, make_accelerator,
                                   preemptible, resume_step, stream_indices)
@@ -180,18 +181,25 @@ def minibatch_rows(perm: list[int], m: int, num_minibatches: int, rank: int, wor
 
 @torch.no_grad()
 def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: PPOParams, eos: list[int],
-            generator: torch.Generator, device, draw_rows: tuple[torch.Tensor, int] | None = None) -> Rollout:
-    """Sample one response per query with `policy` (the unwrapped one) and score it with the frozen models, each
-    once. `draw_rows`: these rows' places in a rollout batch split across processes (`generation.sample`)."""
+            generator: torch.Generator, device, draw_rows: tuple[torch.Tensor, int] | None = None,
+            engine=None, seeds: list[int] | None = None) -> Rollout:
+    """Sample one response per query with `policy` (the unwrapped one), or with a rollout `engine` (its own copy of
+    the policy's weights; a seed per response), and score it with the frozen models, each once. `draw_rows`: these
+    rows' places in a rollout batch split across processes (`generation.sample`)."""
     tok, critic = models.tokenizer, models.critic
     q, qm = left_pad(queries, tok.pad_token_id, device)  # (B, P)
     P = q.shape[1]
-    with autocast(policy, p.rollout_mixed_precision):
-        out = sample(policy, q, qm, SamplingParams(max_new_tokens=p.response_length, temperature=p.temperature),
-                     eos, tok.pad_token_id, generator, draw_rows=draw_rows)
-    response = out.tokens  # (B, R)
+    if engine is not None:  # token ids only: every log-prob below is the training model's (recompute_logprobs)
+        response, lengths, ended = pad_responses(engine.sample(queries, p.response_length, p.temperature, seeds, eos),
+                                                 eos, tok.pad_token_id, device)
+        out = None
+    else:
+        with autocast(policy, p.rollout_mixed_precision):
+            out = sample(policy, q, qm, SamplingParams(max_new_tokens=p.response_length, temperature=p.temperature),
+                         eos, tok.pad_token_id, generator, draw_rows=draw_rows)
+        response, lengths, ended = out.tokens, out.lengths, out.ended  # (B, R), (B,), (B,)
     R = response.shape[1]
-    mask = torch.arange(R, device=device)[None, :] < out.lengths[:, None]  # (B, R)
+    mask = torch.arange(R, device=device)[None, :] < lengths[:, None]  # (B, R)
     ids, att = torch.cat([q, response], 1), torch.cat([qm, mask.long()], 1)
     values = None
     head = critic is not None and critic.reads_policy
@@ -218,8 +226,8 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
     texts = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(response, mask)]
     scores = torch.tensor(models.reward.score(prompts, texts, batch_size=len(texts)), device=device)
     if p.missing_eos_penalty is not None:
-        scores = torch.where(out.ended, scores, torch.full_like(scores, p.missing_eos_penalty))
-    return Rollout(q, qm, response, mask, logprobs * mask, ref_logprobs * mask, values * mask, scores, out.ended,
+        scores = torch.where(ended, scores, torch.full_like(scores, p.missing_eos_penalty))
+    return Rollout(q, qm, response, mask, logprobs * mask, ref_logprobs * mask, values * mask, scores, ended,
                    list(prompts), texts)
 
 
@@ -279,6 +287,10 @@ def train(cfg: PPOConfig) -> str:
     eval_prompts = (prompt_ids(tok, cfg.data.eval, cfg.data.max_length, True, p.eval_prompts)[0]
                     if p.eval_prompts else [])
     ptx_blocks = pretrain_blocks(tok, cfg.data) if p.ptx_coef > 0 else None
+    # a rollout engine of its own (vLLM): made once, from the starting model's files; the weights pushed every update
+    engine = None if p.rollout_engine == "policy" else ENGINES[p.rollout_engine](
+        resolve_path(cfg.model.name_or_path, cfg.model.gguf_file), p.vllm_gpu_memory_utilization,
+        cfg.data.max_length + p.response_length, cfg.seed)
 
     state = {"step": 0, "ptx_pos": 0, "episodes": 0, "best": None, "best_step": None}
     start = resume_step(run, acc, "ppo")
@@ -338,9 +350,12 @@ def train(cfg: PPOConfig) -> str:
             rows = batch_rows(rank, world, len(idx), k)  # their rows in the whole batch
             gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step * 7919)
             set_training(False)
+            if engine is not None:  # the engine samples from the policy as this update starts (a resumed one too)
+                engine.load_weights((name, w.detach()) for name, w in unwrapped.state_dict().items())
             with acc.autocast():  # train.mixed_precision: the frozen models' forwards in the same precision
                 b = rollout(models, unwrapped, [queries[i] for i in idx], [prompts[i] for i in idx], p, eos, gen,
-                            acc.device, draw_rows=(torch.tensor(rows, device=acc.device), t.batch_size))
+                            acc.device, draw_rows=(torch.tensor(rows, device=acc.device), t.batch_size),
+                            engine=engine, seeds=[row_seed(cfg.seed, step, r) for r in rows])
             # 2. rewards: score at the last token - beta * KL per token (the paper's Eq. 2, per token)
             kl = kl_per_token(b.logprobs, b.ref_logprobs, p.kl_estimator) * b.mask
             rewards, non_score = token_rewards(b.scores, kl, 0.0 if p.kl_in_loss else kl_ctl.value, b.mask)

@@ -64,6 +64,11 @@ class PPOParams:
     # training in train.mixed_precision; needs recompute_logprobs, so the old log-probs stay the fp32 policy's (the
     # split of TRL's and OpenRLHF's vLLM rollouts: sample in low precision, score the ratio with the trained model)
     rollout_mixed_precision: Literal["no", "bf16"] = "no"
+    # "policy": the rollouts sampled by the policy itself (generation.sample, any device). "vllm": by a vLLM engine
+    # colocated in each process (a CUDA machine), the policy's weights pushed into it before every rollout, its token
+    # ids scored by the training models (needs recompute_logprobs): TRL's colocated GRPO and OpenRLHF sample so
+    rollout_engine: Literal["policy", "vllm"] = "policy"
+    vllm_gpu_memory_utilization: float = 0.3  # the share of the GPU's memory the colocated vLLM engine may take
     value_lora: bool = False  # train the value model through LoRA (model.lora settings) instead of in full
     value_lr: float | None = None  # value model's lr (None: train.lr); the paper: 9e-6, fixed
     ema_decay: float | None = None  # EMA of the policy weights, saved as the final model (the paper: 0.992)
@@ -131,6 +136,12 @@ class PPOConfig(StageConfig):
             raise ConfigError(f"ppo.ema_decay: must be in (0, 1), got {p.ema_decay}")
         if p.keep_best == "reward" and p.kl_budget is None:
             raise ConfigError("ppo.kl_budget: needed with ppo.keep_best=reward")
+        if p.rollout_engine != "policy" and not p.recompute_logprobs:
+            raise ConfigError(f"ppo.rollout_engine={p.rollout_engine} needs ppo.recompute_logprobs=true (the "
+                              "ratio's old log-probs from the trained model's forward, never from the engine)")
+        if p.rollout_engine != "policy" and self.model.lora.enabled:
+            raise ConfigError(f"ppo.rollout_engine={p.rollout_engine} takes the policy's full weights after every "
+                              "update; with model.lora.enabled use ppo.rollout_engine=policy")
         if p.rollout_mixed_precision != "no" and not p.recompute_logprobs:
             raise ConfigError(f"ppo.rollout_mixed_precision={p.rollout_mixed_precision} needs "
                               "ppo.recompute_logprobs=true (the ratio's old log-probs from the trained model's "

@@ -2,6 +2,7 @@
 
 Launched by torchrun with 2 CPU processes (gloo); also run with 1 process for the single-process reference.
 usage: ddp_worker.py MODEL_DIR DEMOS OUT_DIR, or ddp_worker.py dpo MODEL_DIR RANKINGS OUT_DIR (DPO's whole stage),
+or ddp_worker.py rm MODEL_DIR RANKINGS DEMOS OUT_DIR (the RM's, normalised on DEMOS),
 or ddp_worker.py rloo MODEL_DIR RM_DIR PROMPTS OUT_DIR (PPO's loop without a critic),
 or ddp_worker.py ppo MODEL_DIR RM_DIR PROMPTS PTX OUT_DIR [OVERRIDES...] (PPO-ptx with its value model)
 """
@@ -27,6 +28,16 @@ if sys.argv[1] == "dpo":  # usage: ddp_worker.py dpo MODEL_DIR RANKINGS OUT_DIR:
     train(load_config(DPOConfig, None, [f"model.name_or_path={model_dir}", f"data.train={rankings}", f"out_dir={out}",
                                         "train.batch_size=8", "train.max_steps=4", "train.lr=3e-3", "beta=0.5",
                                         "data.eval_size=0", "train.save_every=0"]))
+    sys.exit(0)
+
+if sys.argv[1] == "rm":  # usage: ddp_worker.py rm MODEL_DIR RANKINGS DEMOS OUT_DIR: the reward model's whole stage
+    from instructgpt.rm import RMConfig, train
+
+    model_dir, rankings, demos, out = sys.argv[2:6]
+    train(load_config(RMConfig, None, [f"model.name_or_path={model_dir}", f"data.train={rankings}", f"out_dir={out}",
+                                       "train.batch_size=8", "train.max_steps=4", "train.lr=3e-3", "train.grad_accum=2",
+                                       "data.eval_size=0", f"normalize.demonstrations={demos}",
+                                       "normalize.max_demonstrations=16", "train.save_every=0"]))
     sys.exit(0)
 
 if sys.argv[1] == "rloo":  # usage: ddp_worker.py rloo MODEL_DIR RM_DIR PROMPTS OUT_DIR: PPO's loop, no critic

@@ -79,6 +79,28 @@ def test_two_rank_dpo_equals_one_process_on_the_same_global_batches(tiny_model_d
         assert (one[k] - two[k]).abs().max() < 1e-5, k
 
 
+def test_two_rank_reward_model_scores_as_one_process(tiny_model_dir, tmp_path):
+    """The reward model under DDP: its per-token head reads the last hidden states of the wrapper's own forward, so
+    DDP averages its gradients; the normalised rewards it gives equal one process's (compared as normalised rewards:
+    the ranking loss is blind to a shift of every reward, a direction along which Adam turns rounding noise into
+    steps, and which the normalisation takes out)."""
+    from conftest import fruit_over_animal_rankings, write_jsonl
+    from instructgpt.reward import RewardModel
+
+    rows = fruit_over_animal_rankings(32, 0)
+    rankings = write_jsonl(tmp_path / "r.jsonl", rows)
+    demos = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"add {a} plus {b}", "response": str(a + b)}
+                                               for a in range(5) for b in range(5)])
+    _launch(2, "rm", tiny_model_dir, rankings, demos, str(tmp_path / "two"))
+    _launch(1, "rm", tiny_model_dir, rankings, demos, str(tmp_path / "one"))
+    prompts = [row["prompt"] for row in rows for _ in row["responses"]]
+    responses = [x for row in rows for x in row["responses"]]
+    one = RewardModel.load(str(tmp_path / "one")).score(prompts, responses)
+    two = RewardModel.load(str(tmp_path / "two")).score(prompts, responses)
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5
+    assert max(one) - min(one) > 0.5  # it trained: it tells responses apart
+
+
 def test_two_rank_rloo_keeps_each_prompts_responses_on_one_rank(tiny_model_dir, tmp_path):
     """RLOO under DDP: a rank takes whole prompts (4 responses each), so its leave-one-out baselines need nothing
     from the other rank; the policy alone is prepared (no critic) and the run finishes and saves a moved policy."""

@@ -1,7 +1,7 @@
 """Sharded training (FSDP2) in two real CPU processes, launched as a user would: `accelerate launch` with the shipped
-configs/accelerate/fsdp2.yaml. SFT, the reward model and DPO each end where one process ends on the same global
+configs/accelerate/fsdp2.yaml. SFT, the reward model, DPO and PPO each end where one process ends on the same global
 batches; the final model is one plain Hugging Face checkpoint gathered from the shards; a sharded run killed with
-SIGKILL and rerun ends bit-identical to an uninterrupted one."""
+SIGKILL and rerun ends bit-identical to an uninterrupted one (SFT, and PPO with its two sharded models)."""
 
 from __future__ import annotations
 
@@ -173,3 +173,68 @@ def test_a_sharded_run_killed_with_sigkill_and_rerun_ends_identical_to_an_uninte
     drop = "train/tokens_per_s"
     assert ([{k: v for k, v in m.items() if k != drop} for m in read_metrics(str(out))]
             == [{k: v for k, v in m.items() if k != drop} for m in read_metrics(str(runs["sft"]["two"]))])
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tiny_model_dir, tmp_path_factory):
+    """PPO-ptx with its value model on the tiny model: policy and value model sharded over two processes, and in
+    this one process."""
+    from conftest import ppo_inputs_in
+
+    d = tmp_path_factory.mktemp("sharded_ppo")
+    inp = ppo_inputs_in(d, tiny_model_dir, 64)
+    args = [f"model.name_or_path={inp['policy']}", f"reward_model.name_or_path={inp['rm']}",
+            f"data.train={inp['prompts']}", f"data.pretrain={inp['ptx']}", "data.max_length=32", "ppo.eval_prompts=0",
+            "ppo.response_length=8", "train.batch_size=16", "ppo.num_minibatches=2", "ppo.ppo_epochs=2",
+            "train.lr=3e-4", "train.warmup_steps=0", "ppo.ptx_coef=0.5", "ppo.ptx_token_ratio=1", "train.max_steps=3",
+            "train.save_every=1"]
+    out = {"args": args, "one": d / "one", "two": d / "two"}
+    assert cli(["ppo", *args, f"out_dir={out['one']}"]) == 0
+    _launch(_spec("ppo", args + [f"out_dir={out['two']}"]))
+    return out
+
+
+def test_two_process_fsdp2_ppo_equals_one_process_and_resumes_exactly(ppo_runs, tmp_path):
+    """PPO under FSDP2: the policy and the value model sharded (their optimizers over the shards), the frozen
+    reference and reward models whole; the weights after 3 updates within 1e-5 of one process's, the final model one
+    plain checkpoint; killed with SIGKILL after its second update's checkpoint and rerun, it ends bit-identical."""
+    from transformers import AutoModelForCausalLM
+
+    from instructgpt.ppo import PPOConfig, check_shardable
+    from instructgpt.config import ConfigError, load_config
+
+    r = ppo_runs
+    _assert_close_weights(r["one"], r["two"], 1e-5)
+    AutoModelForCausalLM.from_pretrained(r["two"] / "model")
+    m1 = [m for m in read_metrics(str(r["one"])) if "ppo/loss/value" in m]
+    m2 = [m for m in read_metrics(str(r["two"])) if "ppo/loss/value" in m]
+    assert len(m1) == len(m2) == 3
+    for a, b in zip(m1, m2):
+        for k in ("objective/kl", "objective/scores", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/ptx"):
+            assert b[k] == pytest.approx(a[k], abs=1e-5, rel=1e-4), k
+    out = tmp_path / "killed"
+    args = r["args"] + [f"out_dir={out}"]
+    proc = subprocess.Popen(_launch_cmd(_spec("ppo", args)), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    state = out / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if json.loads(state.read_text())["step"] >= 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "DONE.json").exists()
+    checkpoint = out / "checkpoint" if (out / "checkpoint").exists() else out / "checkpoint.old"
+    for name in ("sharded_state", "sharded_state_value"):  # each trained model's shards, one file per process
+        assert len(list((checkpoint / name).glob("*.distcp"))) == 2, name
+    _launch(_spec("ppo", args))
+    a, b = saved_weights(out), saved_weights(r["two"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # what PPO cannot do sharded is refused before it trains
+    for bad in ("ppo.ema_decay=0.9", "ppo.keep_best=gold", "model.lora.enabled=true"):
+        with pytest.raises(ConfigError, match="not supported with PPO under FSDP2"):
+            check_shardable(load_config(PPOConfig, None, r["args"] + [bad]))

@@ -8,10 +8,9 @@ initialised from the reward model, trunk and head) or a zero-initialised scalar 
 from __future__ import annotations
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from instructgpt.modeling import position_ids_from_mask
-from instructgpt.reward import token_values, trunk_and_head
+from instructgpt.reward import token_values
 
 
 def response_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -76,13 +75,7 @@ class Critic:
         """(B, T) values; a head needs `policy_hidden` (B, T, d)."""
         if self.reads_policy:
             return self.module(policy_hidden)
-        if isinstance(self.module, DistributedDataParallel):
-            # through the wrapper's forward, which readies DDP's gradient averaging (a call of the trunk inside it
-            # would skip it): the whole value model's forward, its last hidden states read at every position
-            out = self.module(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids_from_mask(attention_mask), output_hidden_states=True)
-            return trunk_and_head(self.module.module)[1](out.hidden_states[-1]).squeeze(-1).float()
-        return token_values(self.module, input_ids, attention_mask)
+        return token_values(self.module, input_ids, attention_mask)  # (under DDP, through its wrapper)
 
     def parameters(self):
         return self.module.parameters()

@@ -45,11 +45,12 @@ from instructgpt.monitor import heldout_metrics
 from instructgpt.policy import Critic, ValueHead, entropy_from_logits, policy_forward, ref_logits, response_logits
 from instructgpt.ppo_config import PPOConfig, PPOParams
 from instructgpt.progress import StageProgress
-from instructgpt.reward import RewardModel
+from instructgpt.reward import RewardModel, trunk_and_head
 from instructgpt.rollout_engine import ENGINES, pad_responses, row_seed
 from instructgpt.runs import StageRun
-from instructgpt.training import (EMA, adamw, checkpoint_or_stop, fused_adam_ok, lr_schedule, make_accelerator,
-                                  preemptible, resume_step, stream_indices)
+from instructgpt.training import (EMA, SHARDED_STATE, adamw, checkpoint_or_stop, checkpoint_sharded, fsdp_sharding,
+                                  full_model, fused_adam_ok, lr_schedule, make_accelerator, preemptible, resume_step,
+                                  shard_model, stream_indices)
 
 # --------------------------------------------------------------------------------------------------------------------
 # The rollout record
@@ -158,7 +159,18 @@ def load_models(cfg: PPOConfig) -> Models:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Splitting an update across processes
+# Several processes: the models sharded, each update split
+
+
+def check_shardable(cfg: PPOConfig) -> None:
+    """What PPO does not do under FSDP2, refused before anything trains: each would need the sharded policy whole on
+    one process in the middle of the run (LoRA's reference, the EMA copy, a kept best checkpoint, an engine's copy)."""
+    p = cfg.ppo
+    for bad, what in ((cfg.model.lora.enabled, "model.lora.enabled"), (p.ema_decay is not None, "ppo.ema_decay"),
+                      (p.keep_best != "none", "ppo.keep_best"), (p.rollout_engine != "policy", "ppo.rollout_engine")):
+        if bad:
+            raise ConfigError(f"{what}: not supported with PPO under FSDP2; use DDP (configs/accelerate/ddp.yaml) "
+                              "or leave it at its default")
 
 
 def batch_rows(rank: int, world: int, n: int, k: int) -> list[int]:
@@ -253,15 +265,30 @@ def train(cfg: PPOConfig) -> str:
     tok, critic = models.tokenizer, models.critic
     check_context(models.policy, cfg.data.max_length)  # every ptx block is data.max_length tokens long
     eos = eos_ids(models.policy, tok)
+    sharding = fsdp_sharding(t)
+    if sharding is not None:
+        # FSDP2: the two trained models sharded over the processes (each its own groups; the value model's trunk and
+        # head, which it calls apart, each a root), their optimizers made over the shards; the frozen reference and
+        # reward models stay whole on every process (they hold no gradients or optimizer state)
+        check_shardable(cfg)
+        shard_model(models.policy, acc, sharding)
+        if critic is not None:
+            shard_model(critic.module, acc, sharding, None if critic.reads_policy else trunk_and_head(critic.module))
     fused = fused_adam_ok(models.policy)
     opt = adamw([q for q in models.policy.parameters() if q.requires_grad], t, fused)
     sched = lr_schedule(opt, t, t.max_steps)
-    if critic is None:
-        policy, opt = acc.prepare(models.policy, opt)
-        vopt = vsched = None
-    else:
+    vopt = vsched = None
+    if critic is not None:
         vopt = adamw([q for q in critic.parameters() if q.requires_grad], t, fused, lr=p.value_lr or t.lr)
         vsched = lr_schedule(vopt, t, t.max_steps)
+    if sharding is not None:
+        policy = models.policy
+        checkpoint_sharded(acc, policy, opt)
+        if critic is not None:
+            checkpoint_sharded(acc, critic.module, vopt, name=SHARDED_STATE + "_value")
+    elif critic is None:
+        policy, opt = acc.prepare(models.policy, opt)
+    else:
         policy, critic.module, opt, vopt = acc.prepare(models.policy, critic.module, opt, vopt)
     for m in (models.ref, getattr(models.reward, "model", None)):  # the frozen ones only move to the device
         if m is not None:
@@ -470,7 +497,9 @@ def train(cfg: PPOConfig) -> str:
             if checkpoint_or_stop(run, acc, t, done, t.max_steps, "ppo", state):
                 return cfg.out_dir
 
-    # final model: the best kept checkpoint, else the EMA weights, else the last policy
+    # final model: the best kept checkpoint, else the EMA weights, else the last policy (gathered whole when sharded:
+    # every process takes part)
+    whole = full_model(acc, policy) if sharding is not None else unwrapped
     if acc.is_main_process:
         if ema is not None:
             ema.copy_to(unwrapped)
@@ -478,7 +507,7 @@ def train(cfg: PPOConfig) -> str:
             if state["best_step"] is not None and os.path.exists(run.path("best_model")):
                 replace_dir(run.path("best_model"), run.path("model"))
             else:
-                save_model(unwrapped, tok, run.path("model"), consume=True)
+                save_model(whole, tok, run.path("model"), consume=True)
     run.finish({"updates": t.max_steps, "episodes": state["episodes"], "skipped": skipped,
                 "kl_coef": kl_ctl.value, "best": state["best"], "best_step": state["best_step"]})
     return cfg.out_dir

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from instructgpt.batching import right_pad
 from instructgpt.modeling import load_model, position_ids_from_mask
@@ -42,9 +43,17 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 
     (B, T) -> (B, T). Position ids ignore left padding, so rows can be padded either side.
     """
-    trunk, head = trunk_and_head(model)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, d)
+    position_ids = position_ids_from_mask(attention_mask)
+    if isinstance(model, DistributedDataParallel):
+        # through the wrapper's forward, which readies DDP's gradient averaging (calling the trunk inside it would
+        # skip that): the whole model's forward, its last hidden states read by the head at every position
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       output_hidden_states=True).hidden_states[-1]
+        head = trunk_and_head(model.module)[1]
+    else:
+        trunk, head = trunk_and_head(model)
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids).last_hidden_state  # (B, T, d)
     return head(hidden).squeeze(-1).float()  # (B, T)
 
 

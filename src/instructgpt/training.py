@@ -90,10 +90,6 @@ def make_optimizer(acc, model, t: TrainConfig, total_steps: int, roots: Optional
     dataloader), while our global batch already spans all processes. It is registered so checkpoints hold it.
     """
     sharding = fsdp_sharding(t)
-    if roots and sharding is None and acc.num_processes > 1 and acc.distributed_type != DistributedType.DEEPSPEED:
-        # DDP averages gradients in its wrapper's forward, which a stage that calls the parts never runs
-        raise ConfigError("the reward model trains on several processes under FSDP2 only (or DeepSpeed): accelerate "
-                          "launch --config_file configs/accelerate/fsdp2.yaml ...")
     if sharding is not None:
         model = shard_model(model, acc, sharding, roots)
     elif acc.distributed_type == DistributedType.DEEPSPEED:
@@ -101,7 +97,7 @@ def make_optimizer(acc, model, t: TrainConfig, total_steps: int, roots: Optional
     opt = adamw([p for p in model.parameters() if p.requires_grad], t, fused_adam_ok(model))
     sched = lr_schedule(opt, t, total_steps)
     if sharding is not None:
-        _checkpoint_sharded(acc, model, opt)
+        checkpoint_sharded(acc, model, opt)
     else:
         skeleton = vars(model).get("_full_skeleton")
         model, opt = acc.prepare(model, opt)
@@ -222,10 +218,11 @@ def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _checkpoint_sharded(acc, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+def checkpoint_sharded(acc, model: torch.nn.Module, opt: torch.optim.Optimizer, name: str = SHARDED_STATE) -> None:
     """Checkpoints of a sharded model: each process writes and reads its own shards of the model and of the
-    optimizer (torch.distributed.checkpoint, into checkpoint/sharded_state/), through accelerate's save/load hooks,
-    so that `StageRun.save_checkpoint` and `load_checkpoint` hold them beside the scheduler and the RNG states."""
+    optimizer (torch.distributed.checkpoint, into checkpoint/<name>/), through accelerate's save/load hooks, so that
+    `StageRun.save_checkpoint` and `load_checkpoint` hold them beside the scheduler and the RNG states. A stage with
+    two trained models (PPO's policy and value model) names each its own directory."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -234,11 +231,11 @@ def _checkpoint_sharded(acc, model: torch.nn.Module, opt: torch.optim.Optimizer)
         return {"model": model_sd, "optimizer": optim_sd}
 
     def save(models, weights, output_dir: str) -> None:
-        dcp.save(state(), checkpoint_id=os.path.join(output_dir, SHARDED_STATE))
+        dcp.save(state(), checkpoint_id=os.path.join(output_dir, name))
 
     def load(models, input_dir: str) -> None:
         sd = state()
-        dcp.load(sd, checkpoint_id=os.path.join(input_dir, SHARDED_STATE))
+        dcp.load(sd, checkpoint_id=os.path.join(input_dir, name))
         set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
 
     acc.register_save_state_pre_hook(save)

@@ -38,11 +38,13 @@ def sft(spec: dict, out: str) -> dict:
         "data": {"train": spec["sft"]["demos"], "eval_size": 0, "max_length": s["max_length"]},
         "train": train_section(s, s["sft_steps"], s["sft_batch"], s["sft_lr"]),
         "out_dir": run_dir(out), "seed": s["seed"]})
-    clock, tokens = measure.StepClock(), [0]
-    collate, optimizer_step = stage.collate, stage.optimizer_step
+    import instructgpt.supervised as loop  # SFT's training loop
 
-    def counting_collate(examples, pad_token_id, **kwargs):  # the real collate; counts the (non-pad) tokens it batches
-        b = collate(examples, pad_token_id, **kwargs)
+    clock, tokens = measure.StepClock(), [0]
+    loss_batch, optimizer_step = loop.loss_batch, loop.optimizer_step
+
+    def counting_batch(examples, pad_token_id, **kwargs):  # the real batching; counts the (non-pad) tokens it batches
+        b = loss_batch(examples, pad_token_id, **kwargs)
         tokens[0] += int(b["attention_mask"].sum())
         return b
 
@@ -51,7 +53,7 @@ def sft(spec: dict, out: str) -> dict:
         clock.step_done(tokens[0])
         tokens[0] = 0
 
-    stage.collate, stage.optimizer_step = counting_collate, timed_optimizer_step
+    loop.loss_batch, loop.optimizer_step = counting_batch, timed_optimizer_step
     stage.train(cfg)
     return {**clock.figures(s["sft_warmup"]), "unit": "tokens/s", "tokens_per_step": clock.amounts}
 
@@ -71,8 +73,10 @@ def rm(spec: dict, out: str, k: int) -> dict:
         "train": train_section(s, r["steps"], s["rm_prompts_per_step"], s["rm_lr"]),
         "normalize": {"demonstrations": None, "policy": None},
         "out_dir": out_dir, "seed": s["seed"]})
+    import instructgpt.rankings as loop  # the ranking loop the RM (and DPO) trains in
+
     clock, comparisons = measure.StepClock(), [0]
-    forward_rankings, optimizer_step = stage.forward_rankings, stage.optimizer_step
+    forward_rankings, optimizer_step = stage.forward_rankings, loop.optimizer_step
 
     def counting_forward(model, items, *args, **kwargs):  # the real forward; counts the comparisons it serves
         comparisons[0] += sum(len(ranking_pairs(it.ranks)) for it in items)
@@ -83,7 +87,7 @@ def rm(spec: dict, out: str, k: int) -> dict:
         clock.step_done(comparisons[0])
         comparisons[0] = 0
 
-    stage.forward_rankings, stage.optimizer_step = counting_forward, timed_optimizer_step
+    stage.forward_rankings, loop.optimizer_step = counting_forward, timed_optimizer_step
     stage.train(cfg)
     model = AutoModelForSequenceClassification.from_pretrained(os.path.join(out_dir, "model"))
     acc = measure.ranking_accuracy(model, measure.load_json(r["heldout"]), spec["pad_token_id"])
@@ -125,11 +129,12 @@ def generate(spec: dict, out: str) -> dict:
     return {"unit": "new tokens/s", "batches": res}
 
 
-def ppo_update(policy_dir: str, reward_dir: str, batch_size: int, response_length: int, ppo_epochs: int,
-               num_minibatches: int, updates: int, overrides: tuple[str, ...] | list[str] = ()) -> dict:
-    """`updates` plain-PPO updates of `instructgpt ppo` (no ptx, no monitor), timed from its own metrics:
-    {episodes_per_s, seconds_per_update, mean_response_length}; `overrides` (``key=value``) go last, e.g.
-    ``ppo.advantage_estimator=rloo`` for the critic-free race."""
+def ppo_update(policy_dir: str, reward_dir: str, prompts: str, batch_size: int, response_length: int,
+               ppo_epochs: int, num_minibatches: int, updates: int, overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """`updates` plain-PPO updates of `instructgpt ppo` (no ptx, no monitor) on the prompt source `prompts` (the
+    workload's, which TRL's side reads as token ids), timed from its own metrics:
+    {episodes_per_s, seconds_per_update, mean_response_length, mean_prompt_tokens}; `overrides` (``key=value``) go
+    last, e.g. ``ppo.advantage_estimator=rloo`` for the critic-free race."""
     import tempfile
 
     from instructgpt.config import load_config
@@ -139,7 +144,7 @@ def ppo_update(policy_dir: str, reward_dir: str, batch_size: int, response_lengt
 
     with tempfile.TemporaryDirectory() as d:
         cfg = load_config(PPOConfig, None, [
-            f"model.name_or_path={policy_dir}", f"reward_model.name_or_path={reward_dir}",
+            f"model.name_or_path={policy_dir}", f"reward_model.name_or_path={reward_dir}", f"data.train={prompts}",
             f"train.max_steps={updates}", f"train.batch_size={batch_size}", "train.save_every=0",
             "train.warmup_steps=0", f"ppo.response_length={response_length}", f"ppo.ppo_epochs={ppo_epochs}",
             f"ppo.num_minibatches={num_minibatches}", "ppo.ptx_coef=0", "ppo.eval_prompts=0", "ppo.sample_every=0",
@@ -151,11 +156,17 @@ def ppo_update(policy_dir: str, reward_dir: str, batch_size: int, response_lengt
             "mean_response_length": sum(r["ppo/mean_response_length"] for r in rows) / len(rows)}
 
 
-def ppo(spec: dict, out: str, configs: list[dict]) -> dict:
+# bf16 mixed precision (TRL's bf16=True): autocast for the training forwards and the frozen models' scoring, fp32
+# weights and optimizer; the ratio's old log-probs from the training forward (required under mixed precision); the
+# rollouts sampled in fp32, as the tiny model samples no faster in bf16
+BF16 = ("train.mixed_precision=bf16", "ppo.recompute_logprobs=true")
+
+
+def ppo(spec: dict, out: str, configs: list[dict], overrides: tuple[str, ...] = ()) -> dict:
     p, res = spec["ppo"], []
     for c in configs:
-        r = ppo_update(p["policy_dir"], p["reward_dir"], c["batch"], c["length"], p["epochs"],
-                            p["minibatches"], c["updates"])
+        r = ppo_update(p["policy_dir"], p["reward_dir"], spec["prompts_jsonl"], c["batch"], c["length"],
+                       p["epochs"], p["minibatches"], c["updates"], overrides)
         if "skipped" in r:
             return {"skipped": r["skipped"]}
         res.append({**c, **r})
@@ -166,9 +177,10 @@ def rloo(spec: dict, out: str) -> dict:
     """RLOO through the PPO loop: ppo.advantage_estimator=rloo, one epoch over the whole batch, TRL's beta, no
     advantage whitening (TRL's normalize_advantages=False)."""
     r = spec["rloo"]
-    res = ppo_update(r["policy_dir"], r["reward_dir"], r["batch"], r["length"], 1, 1, r["updates"],
-                          overrides=["ppo.advantage_estimator=rloo", f"ppo.samples_per_prompt={r['k']}",
-                                     f"ppo.kl_coef={r['beta']}", "ppo.whiten_advantages=false", f"train.lr={r['lr']}"])
+    res = ppo_update(r["policy_dir"], r["reward_dir"], spec["prompts_jsonl"], r["batch"], r["length"], 1, 1,
+                     r["updates"], overrides=["ppo.advantage_estimator=rloo", f"ppo.samples_per_prompt={r['k']}",
+                                              f"ppo.kl_coef={r['beta']}", "ppo.whiten_advantages=false",
+                                              f"train.lr={r['lr']}"])
     if "skipped" in res:
         return {"skipped": res["skipped"]}
     return {"unit": "episodes/s", "configs": [{"batch": r["batch"], "length": r["length"], "updates": r["updates"],
@@ -189,6 +201,7 @@ def main() -> None:
         "generate": generate,
         "ppo": lambda spec, out: ppo(spec, out, spec["ppo"]["main"]),
         "ppo_scaling": lambda spec, out: ppo(spec, out, spec["ppo"]["scaling"]),
+        "ppo_bf16": lambda spec, out: ppo(spec, out, spec["ppo"]["main"], BF16),
         "rloo": rloo,
     }, versions)
 

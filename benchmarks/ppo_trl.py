@@ -7,7 +7,8 @@ our side loads. An update is TRL's whole loop body: rollout (sampling), scoring,
 `num_ppo_epochs` epochs over `num_mini_batches` minibatches, logging. Its time is the interval between consecutive
 `on_step_end` callbacks (the first, from `on_train_begin`, is warm-up and left out of episodes/s).
 
-Settings beyond TRL's defaults, each to make both sides do the same work: fp32 (`bf16=False`), no gradient
+Settings beyond TRL's defaults, each to make both sides do the same work: fp32 (`bf16=False`; `ppo_bf16`: `bf16=True`,
+against ours with `train.mixed_precision=bf16`), no gradient
 checkpointing, temperature 1, `num_sample_generations=0` (no extra sample generation), the whole batch in one
 rollout forward (`local_rollout_forward_batch_size=batch`). TRL's default `stop_token=None` keeps every response
 exactly `response_length` tokens long, so the work per update does not depend on what the policy samples.
@@ -21,7 +22,7 @@ import os
 import measure
 
 
-def one_config(spec: dict, out: str, batch: int, length: int, updates: int) -> dict:
+def one_config(spec: dict, out: str, batch: int, length: int, updates: int, bf16: bool = False) -> dict:
     from datasets import Dataset
     from transformers import (
         AutoModelForCausalLM,
@@ -31,6 +32,10 @@ def one_config(spec: dict, out: str, batch: int, length: int, updates: int) -> d
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     p, s = spec["ppo"], spec["settings"]
+    if bf16:
+        # TRL 1.12's PPOTrainer makes its own Accelerator without a mixed_precision argument, so `bf16=True` alone
+        # leaves it in fp32 (its forwards run without autocast); accelerate reads this variable instead
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     clock = measure.StepClock()
     tok = AutoTokenizer.from_pretrained(p["policy_dir"], padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(p["policy_dir"])
@@ -44,7 +49,7 @@ def one_config(spec: dict, out: str, batch: int, length: int, updates: int) -> d
                      per_device_train_batch_size=batch // nmb, gradient_accumulation_steps=nmb,
                      num_mini_batches=nmb, num_ppo_epochs=p["epochs"], total_episodes=batch * updates,
                      response_length=length, local_rollout_forward_batch_size=batch, num_sample_generations=0,
-                     temperature=1.0, learning_rate=p["lr"], bf16=False, fp16=False, activation_checkpointing=False,
+                     temperature=1.0, learning_rate=p["lr"], bf16=bf16, fp16=False, activation_checkpointing=False,
                      use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=s["seed"])
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=ds, callbacks=[clock.update_callback(batch)])
@@ -54,9 +59,9 @@ def one_config(spec: dict, out: str, batch: int, length: int, updates: int) -> d
     return {"batch": batch, "length": length, "updates": updates, **clock.update_figures(batch)}
 
 
-def ppo(spec: dict, out: str, configs: list[dict]) -> dict:
+def ppo(spec: dict, out: str, configs: list[dict], bf16: bool = False) -> dict:
     return {"unit": "episodes/s",
-            "configs": [one_config(spec, out, c["batch"], c["length"], c["updates"]) for c in configs]}
+            "configs": [one_config(spec, out, c["batch"], c["length"], c["updates"], bf16) for c in configs]}
 
 
 def trl_version(task: str) -> dict:
@@ -67,7 +72,8 @@ def trl_version(task: str) -> dict:
 
 def main() -> None:
     measure.run_worker("trl", {"ppo": lambda spec, out: ppo(spec, out, spec["ppo"]["main"]),
-                               "ppo_scaling": lambda spec, out: ppo(spec, out, spec["ppo"]["scaling"])},
+                               "ppo_scaling": lambda spec, out: ppo(spec, out, spec["ppo"]["scaling"]),
+                               "ppo_bf16": lambda spec, out: ppo(spec, out, spec["ppo"]["main"], bf16=True)},
                        trl_version)
 
 

@@ -1,7 +1,7 @@
 """`make bench`: our stages against Hugging Face TRL on the same model, data and settings; prints a table of ratios
 (ours / theirs, higher is better for us) and writes benchmarks/results.json.
 
-usage: python benchmarks/run.py [--quick] [--only sft,rm_k4,rm_k9,generate,ppo,scaling,rloo] [--out FILE]
+usage: python benchmarks/run.py [--quick] [--only sft,rm_k4,rm_k9,generate,ppo,ppo_bf16,scaling,rloo] [--out FILE]
 
 Every measurement runs in its own process (ours.py, theirs.py, ppo_trl.py), so each side's peak RSS is its own and
 TRL is never imported next to our package. Each pair runs back-to-back, alternating which side goes first, `reps`
@@ -14,6 +14,7 @@ back-to-back figures). The workload (workload.py) is built once and read by both
 | ratio.rm_k4, ratio.rm_k9 | `instructgpt.rm.train` on K-way rankings | TRL `RewardTrainer`, same rankings as pairs |
 | ratio.generate_b{1,8,32} | `instructgpt.generation.sample`, new tokens/s | `model.generate` |
 | ratio.ppo | `ours.ppo_update` (instructgpt's PPO loop), episodes/s | TRL 1.12.0 `trl.experimental.ppo.PPOTrainer` |
+| ratio.ppo_bf16 | the same in bf16 mixed precision (`train.mixed_precision=bf16`) | the same with `bf16=True` |
 | ratio.rloo | the same with `ppo.advantage_estimator=rloo`, episodes/s | TRL `RLOOTrainer` (current TRL) |
 """
 
@@ -35,7 +36,7 @@ WORK = os.path.join(HERE, "work")
 TRL_CURRENT = os.path.join(HERE, ".trl", "current")
 TRL_PPO = os.path.join(HERE, ".trl", "ppo")
 TARGETS = {"ratio.sft": 1.0, "ratio.rm_k9": 3.0, "ratio.ppo": 1.5}
-BENCHMARKS = ("sft", "rm_k4", "rm_k9", "generate", "ppo", "scaling", "rloo")
+BENCHMARKS = ("sft", "rm_k4", "rm_k9", "generate", "ppo", "ppo_bf16", "scaling", "rloo")
 
 
 def log(msg: str) -> None:
@@ -80,6 +81,7 @@ SIDES = {  # benchmark -> ((our script, task), (their script, task, PYTHONPATH))
     "generate": (("ours.py", "generate"), ("theirs.py", "generate", None)),
     "ppo": (("ours.py", "ppo"), ("ppo_trl.py", "ppo", TRL_PPO)),
     "scaling": (("ours.py", "ppo_scaling"), ("ppo_trl.py", "ppo_scaling", TRL_PPO)),
+    "ppo_bf16": (("ours.py", "ppo_bf16"), ("ppo_trl.py", "ppo_bf16", TRL_PPO)),
     "rloo": (("ours.py", "rloo"), ("theirs.py", "rloo", TRL_CURRENT)),
 }
 
@@ -246,7 +248,7 @@ def print_table(results: dict) -> None:
 
     rows = [("sft", "SFT tokens/s vs SFTTrainer"), ("rm_k4", "RM K=4 comparisons/s vs RewardTrainer"),
             ("rm_k9", "RM K=9 comparisons/s vs RewardTrainer"), ("ppo", "PPO episodes/s vs TRL 1.12 PPOTrainer"),
-            ("rloo", "RLOO episodes/s vs RLOOTrainer")]
+            ("ppo_bf16", "PPO bf16 episodes/s vs TRL 1.12 PPOTrainer bf16"), ("rloo", "RLOO episodes/s vs RLOOTrainer")]
     rows += [(f"generate_b{b}", f"generate b={b} new tokens/s vs model.generate") for b in st["gen_batches"]]
     for name, label in rows:
         d = raw.get(name)
@@ -257,7 +259,7 @@ def print_table(results: dict) -> None:
         if ratio is not None and target is not None:
             shown = f"[{'green' if ratio >= target else 'red'}]{shown}[/]"
         acc = d.get("heldout_accuracy") or {}
-        p = 2 if name in ("ppo", "rloo") else 0
+        p = 2 if name in ("ppo", "ppo_bf16", "rloo") else 0
         table.add_row(label, fmt(median_or_none(d["ours"]), p), fmt(median_or_none(d["trl"]), p), shown,
                       fmt(target, 1), " ".join(fmt(r, 2) for r in d["ratios"]), fmt(d.get("cpu_ratio"), 2),
                       f"{fmt(d['rss_mb']['ours'])} / {fmt(d['rss_mb']['trl'])}",
@@ -304,14 +306,15 @@ def build_results(measured: dict, spec: dict, settings) -> dict:
                                               lambda r, b=b: r["batches"][str(b)]["throughput"],
                                               lambda r, b=b: r["batches"][str(b)].get("cpu_throughput"))
             raw[f"generate_b{b}"]["unit"] = "new tokens/s"
-    for name in ("ppo", "rloo"):
+    for name in ("ppo", "ppo_bf16", "rloo"):
         if name in measured:
             raw[name] = summarize(name, measured[name], ppo_episodes,
                                   lambda r: r["configs"][0].get("episodes_per_cpu_s"), ppo_details)
             raw[name]["unit"] = "episodes/s"
     for name, d in raw.items():
         results[f"ratio.{name}"] = d["ratio"]
-    for key in ("ratio.sft", "ratio.rm_k4", "ratio.rm_k9", "ratio.ppo", "ratio.rloo", "ratio.generate_b32"):
+    for key in ("ratio.sft", "ratio.rm_k4", "ratio.rm_k9", "ratio.ppo", "ratio.ppo_bf16", "ratio.rloo",
+                "ratio.generate_b32"):
         results.setdefault(key, None)  # always present; null when not measured
     if raw.get("ppo", {}).get("ours_skipped"):
         results["ratio.ppo_reason"] = raw["ppo"]["ours_skipped"]
@@ -338,7 +341,9 @@ def versions_of(measured: dict) -> dict:
 
 
 SETTINGS_NOTES = {
-    "precision": "fp32 on both sides (TRL's bf16 default off)",
+    "precision": "fp32 on both sides (TRL's bf16 default off), but ppo_bf16: bf16 autocast on both sides (TRL "
+                 "bf16=True; ours train.mixed_precision=bf16 with ppo.recompute_logprobs=true, rollouts sampled in "
+                 "fp32), fp32 weights and optimizer",
     "gradient_checkpointing": "off on both sides (TRL's default on)",
     "optimizer": "AdamW on both sides, same betas/eps/weight decay, grad clip, cosine to 10%, no warm-up",
     "sft": "same rows in the same order per step (TRL sequential sampler over our batch order); loss on "
@@ -350,7 +355,8 @@ SETTINGS_NOTES = {
                 "median call time after one warm-up call; held-out task prompts, left-padded",
     "ppo": "TRL 1.12.0 PPOTrainer: fp32, no gradient checkpointing, temperature 1, stop_token None "
            "(fixed-length responses), num_sample_generations 0, one rollout forward batch; episodes/s over "
-           "the updates after the first",
+           "the updates after the first; both sides sample the workload's prompts (ours reads them as a "
+           "prompt source and renders the same token ids)",
     "rloo": "TRL RLOOTrainer (current TRL): fp32, no gradient checkpointing, dropout off (ours: eval mode), "
             "temperature 1, top_k 0, top_p 1, beta 0.05 with a reference model, one iteration, no advantage "
             "normalisation, responses stop at EOS on both sides; TRL recomputes old log-probs with a forward, "

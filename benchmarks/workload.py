@@ -224,8 +224,13 @@ def build(work: str, s: Settings) -> dict:
     spec["rm_start"] = rm_start(os.path.join(work, "rm_start"), s.seed)
 
     # Prompts for generation and PPO rollouts: held-out tasks, rendered with our template
-    prompts = [encode_prompt(tok, t.prompt) for t in tasks.make_tasks("heldout", 256, seed=s.seed + 3)]
+    held_tasks = tasks.make_tasks("heldout", 256, seed=s.seed + 3)
+    prompts = [encode_prompt(tok, t.prompt) for t in held_tasks]
     spec["prompts"] = _write(os.path.join(work, "prompts.json"), prompts)
+    # the same prompts as a prompt source for our stages (which render them with the same template: the same ids)
+    spec["prompts_jsonl"] = os.path.join(work, "prompts.jsonl")
+    with open(spec["prompts_jsonl"], "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"prompt": t.prompt}) + "\n" for t in held_tasks)
 
     # PPO: one reward/value initialisation (seeded head) for both sides
     reward_dir = os.path.join(work, "reward_init")

@@ -309,6 +309,40 @@ def test_bf16_sampling_draws_the_fp32_models_distribution():
     assert fit(hot[:, 0]) < 1e-6 and same(fp32, hot) < 1e-6
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_matmul_attention_trains_as_sdpa_does(tiny, tmp_path, arch):
+    """The attention bf16 training on a CPU switches to (`use_matmul_attention`): a whole forward and backward of a
+    left-padded batch through it equals one through `sdpa` (fp32, to rounding): logits at the real positions and every
+    gradient, with grouped-query heads (Llama) and without; fp32, or another device, keeps `sdpa`."""
+    import copy
+
+    from instructgpt.generation import MATMUL_ATTENTION, use_matmul_attention
+    from instructgpt.modeling import position_ids_from_mask
+    from instructgpt.losses import masked_mean
+
+    model, tok = tiny
+    if arch == "llama":
+        model = tiny_llama(tmp_path, tok)
+    model.config._attn_implementation = "sdpa"
+    other = copy.deepcopy(model)
+    assert not use_matmul_attention(other, "no", "cpu") and not use_matmul_attention(other, "bf16", "cuda")
+    assert use_matmul_attention(other, "bf16", "cpu") and other.config._attn_implementation == MATMUL_ATTENTION
+    x, m = left_pad([tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"]
+                     for p in ("add 1 plus 2", "hi", "spell the word cat please")], tok.pad_token_id)
+    outs = []
+    for net in (model, other):
+        net.zero_grad()
+        logits = net(input_ids=x, attention_mask=m, position_ids=position_ids_from_mask(m)).logits
+        masked_mean(logits.float().logsumexp(-1), m.bool()).backward()
+        outs.append((logits.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = outs
+    assert torch.isfinite(b).all()  # the fully masked (padding) query rows too
+    torch.testing.assert_close(a[m.bool()], b[m.bool()], atol=1e-5, rtol=1e-4)
+    assert ga.keys() == gb.keys() and len(ga) > 4
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
 def test_decode_attention_equals_sdpa_for_one_query_with_grouped_heads_and_padding():
     """The bf16 decode step's attention: softmax(q k^T / sqrt(d) + mask) v, with 6 query heads over 2 key/value
     heads and left padding masked out, equals PyTorch's SDPA on the repeated keys (fp32, to rounding)."""

@@ -201,7 +201,11 @@ def test_policy_equal_to_reference_gives_zero_kl_and_first_ratio_one(ppo_inputs,
         assert (row[int(n):] == tok.pad_token_id).all()
 
 
-def test_bf16_mixed_precision_recomputes_old_logprobs_so_the_first_kl_is_zero(ppo_inputs, tmp_path):
+def test_bf16_mixed_precision_recomputes_old_logprobs_so_the_first_kl_is_zero(ppo_inputs, tmp_path, monkeypatch):
+    from instructgpt import ppo
+    switched = []  # on a CPU in bf16 the four models attend with generation.matmul_attention
+    real = ppo.use_matmul_attention
+    monkeypatch.setattr(ppo, "use_matmul_attention", lambda m, *a: switched.append(real(m, *a)) or switched[-1])
     with pytest.raises(ConfigError, match="needs ppo.recompute_logprobs=true"):
         load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "x", "train.mixed_precision=bf16"))
     cfg = load_config(PPOConfig, None, _args(ppo_inputs, tmp_path / "bf16", "train.mixed_precision=bf16",
@@ -216,6 +220,7 @@ def test_bf16_mixed_precision_recomputes_old_logprobs_so_the_first_kl_is_zero(pp
     assert rows[0]["objective/kl"] == 0.0
     assert rows[1]["objective/kl"] != 0.0 and all(math.isfinite(v) for r in rows for v in r.values()
                                                    if isinstance(v, float))
+    assert switched == [not torch.cuda.is_available()] * 4
 
 
 def test_bf16_rollouts_sample_in_bf16_and_keep_the_fp32_policys_logprobs(ppo_inputs, tmp_path):

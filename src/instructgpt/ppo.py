@@ -35,7 +35,7 @@ from instructgpt.advantages import explained_variance, gae, group_advantages, kl
 from instructgpt.batching import left_pad, pretrain_blocks, prompt_ids
 from instructgpt.config import ConfigError, ModelConfig
 from instructgpt.files import replace_dir
-from instructgpt.generation import SamplingParams, autocast, eos_ids, sample
+from instructgpt.generation import SamplingParams, autocast, eos_ids, sample, use_matmul_attention
 from instructgpt.judges import GOLD, GoldJudge, JudgeReward, judge_for
 from instructgpt.kl_control import AdaptiveKLController, FixedKLController
 from instructgpt.losses import lm_loss, masked_mean, policy_loss, value_loss
@@ -265,6 +265,10 @@ def train(cfg: PPOConfig) -> str:
     tok, critic = models.tokenizer, models.critic
     check_context(models.policy, cfg.data.max_length)  # every ptx block is data.max_length tokens long
     eos = eos_ids(models.policy, tok)
+    for m in (models.policy, models.ref, critic.module if critic is not None and not critic.reads_policy else None,
+              getattr(models.reward, "model", None)):  # bf16 on a CPU: attention as two matmuls (generation.py)
+        if m is not None:
+            use_matmul_attention(m, t.mixed_precision, acc.device)
     sharding = fsdp_sharding(t)
     if sharding is not None:
         # FSDP2: the two trained models sharded over the processes (each its own groups; the value model's trunk and

@@ -139,7 +139,8 @@ def _global(seen: list[dict], key: str, rollouts: list[dict]) -> list:
 
 
 @pytest.mark.parametrize("extra,nodes", [([], False), (["ppo.value_model=policy", "ppo.whiten_rewards=true"], False),
-                                         ([], True)], ids=["value_model", "value_head", "two_nodes"])
+                                         (["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4"], False),
+                                         ([], True)], ids=["value_model", "value_head", "grpo", "two_nodes"])
 def test_two_rank_ppo_equals_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path_factory, tmp_path, extra,
                                                                    nodes):
     """PPO-ptx split over two processes computes what one process does with the whole batch: the same rollouts

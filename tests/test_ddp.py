@@ -188,7 +188,8 @@ def test_two_rank_ppo_equals_one_process_on_the_same_global_batch(tiny_model_dir
     assert len(m1) == len(m2) == 3
     for a, b in zip(m1, m2):
         for key in ("objective/kl", "objective/scores", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/ptx",
-                    "ppo/policy/clipfrac", "ppo/val/ratio", "objective/entropy", "ppo/kl_coef"):
+                    "ppo/policy/clipfrac", "ppo/val/ratio", "objective/entropy", "ppo/kl_coef", "ppo/val/var_explained",
+                    "ppo/mean_response_length", "ppo/eos_rate"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), key
     d1, d2 = (json.load(open(tmp_path / d / "DONE.json")) for d in ("one", "two"))

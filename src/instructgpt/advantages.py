@@ -91,28 +91,31 @@ def group_advantages(returns: torch.Tensor, group_size: int, estimator: str = "r
     raise ValueError(f"unknown group estimator '{estimator}' (rloo or grpo)")
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum=None) -> torch.Tensor:
-    """(x - mean) / std over the masked positions (biased variance, as lm-human-preferences); shift_mean=False keeps
-    the mean (its reward whitening). `all_sum(tensor) -> tensor` sums over processes when the batch is split across
-    them: the mean and variance are then the whole batch's."""
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, all_sum=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) of `x` over the masked positions. `all_sum(tensor) -> tensor` sums over processes
+    when the batch is split across them: the moments are then the whole batch's."""
     if all_sum is None:
         mean = masked_mean(x, mask)
-        var = masked_mean((x - mean) ** 2, mask)
-    else:
-        m = mask.to(x.dtype)
-        n = all_sum(m.sum()).clamp(min=1.0)
-        mean = all_sum((x * m).sum()) / n
-        var = all_sum(((x - mean) ** 2 * m).sum()) / n
+        return mean, masked_mean((x - mean) ** 2, mask)
+    m = mask.to(x.dtype)
+    n = all_sum(m.sum()).clamp(min=1.0)
+    mean = all_sum((x * m).sum()) / n
+    return mean, all_sum(((x - mean) ** 2 * m).sum()) / n
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum=None) -> torch.Tensor:
+    """(x - mean) / std over the masked positions (biased variance, as lm-human-preferences); shift_mean=False keeps
+    the mean (its reward whitening). `all_sum`: :func:`masked_moments`'."""
+    mean, var = masked_moments(x, mask, all_sum)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
     return out * mask.to(x.dtype)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var[R - V] / Var[R] over response tokens (1: perfect value function, 0: no better than a constant)."""
-    r_mean = masked_mean(returns, mask)
-    var_r = masked_mean((returns - r_mean) ** 2, mask)
-    diff = returns - values
-    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, all_sum=None) -> float:
+    """1 - Var[R - V] / Var[R] over response tokens (1: perfect value function, 0: no better than a constant);
+    `all_sum`: :func:`masked_moments`'."""
+    var_r = masked_moments(returns, mask, all_sum)[1]
+    var_d = masked_moments(returns - values, mask, all_sum)[1]
     return float(1.0 - var_d / var_r.clamp(min=1e-8))

@@ -474,10 +474,10 @@ def train(cfg: PPOConfig) -> str:
                 "objective/scores": float(acc.reduce(b.scores.mean(), "mean")),
                 "objective/rlhf_reward": float(acc.reduce((b.scores + non_score.sum(-1)).mean(), "mean")),
                 "objective/non_score_reward": float(acc.reduce(non_score.sum(-1).mean(), "mean")),
-                **({"ppo/val/var_explained": explained_variance(b.values, b.returns, b.mask)}
+                **({"ppo/val/var_explained": explained_variance(b.values, b.returns, b.mask, all_sum)}
                    if critic is not None else {}),
-                "ppo/mean_response_length": float(b.mask.sum(-1).float().mean()),
-                "ppo/eos_rate": float(b.ended.float().mean()),
+                "ppo/mean_response_length": float(acc.reduce(b.mask.sum(-1).float().mean(), "mean")),
+                "ppo/eos_rate": float(acc.reduce(b.ended.float().mean(), "mean")),
                 "ppo/kl_coef": kl_ctl.value, "ppo/lr": sched.get_last_lr()[0],
                 "time/update_s": update_s, "time/episodes_per_s": eps,
                 **{name: sum(v) / len(v) if not split else float(acc.reduce(torch.tensor(sum(v) / len(v),

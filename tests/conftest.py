@@ -123,17 +123,21 @@ def saved_weights(run_dir) -> dict:
     return load_file(os.path.join(run_dir, "model", "model.safetensors"))
 
 
-def sigkill_after_checkpoint(cmd: list[str], out_dir, step: int, timeout: float = 120.0) -> None:
+def sigkill_after_checkpoint(cmd: list[str], out_dir, step: int, timeout: float = 120.0, env=None,
+                             group: bool = False) -> None:
     """Start a training command, wait until its checkpoint under `out_dir` has reached `step` (at most `timeout`
-    seconds), then SIGKILL it; asserts it died of the signal before finishing (no DONE.json)."""
+    seconds, or until it exits), then SIGKILL it; asserts it died of the signal before finishing (no DONE.json).
+    `group`: the command is a launcher with processes of its own (accelerate launch, torchrun): the signal goes to
+    them all, as to one process group."""
     import signal
     import subprocess
     import time
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=group)
     state = os.path.join(out_dir, "checkpoint", "trainer_state.json")
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    while proc.poll() is None and time.time() < deadline:
         try:
             with open(state, encoding="utf-8") as fh:
                 if json.load(fh)["step"] >= step:
@@ -141,7 +145,10 @@ def sigkill_after_checkpoint(cmd: list[str], out_dir, step: int, timeout: float 
         except (OSError, ValueError):
             pass
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not os.path.exists(os.path.join(out_dir, "DONE.json"))
 

@@ -19,13 +19,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# gloo on CPU even where a GPU is visible: two ranks on a one-GPU machine would both want a device of their own
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _torchrun(port: int, *args: str) -> list[str]:
+    """torchrun's command for the worker: its launcher options, then `--` and the worker's arguments."""
+    launcher, worker = args[:args.index("--")], args[args.index("--") + 1:]
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "--master_addr", "127.0.0.1",
+            "--master_port", str(port), os.path.join(HERE, "ddp_worker.py"), *worker]
+
+
 def _launch(nproc, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           os.path.join(HERE, "ddp_worker.py"), *args]
-    # gloo on CPU even where a GPU is visible: two ranks on a one-GPU machine would both want a device of their own
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    r = subprocess.run(_torchrun(_free_port(), "--nproc_per_node", str(nproc), "--", *args), capture_output=True,
+                       text=True, env=ENV, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -33,11 +40,9 @@ def _launch_two_nodes(*args):
     """Two "machines" on this one: two torchrun launches of one process each (--nnodes 2, --node_rank 0 and 1), their
     rendezvous on 127.0.0.1, as a two-node cluster starts (the README's launch lines)."""
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
-                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               os.path.join(HERE, "ddp_worker.py"), *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+    nodes = [subprocess.Popen(_torchrun(port, "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--",
+                                        *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for i in (0, 1)]
     for node in nodes:
         _, err = node.communicate(timeout=180)
         assert node.returncode == 0, err[-3000:]

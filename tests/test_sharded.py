@@ -5,19 +5,16 @@ SIGKILL and rerun ends bit-identical to an uninterrupted one (SFT, and PPO with 
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import fruit_over_animal_rankings, saved_weights, write_jsonl
+from conftest import fruit_over_animal_rankings, saved_weights, sigkill_after_checkpoint, write_jsonl
 from instructgpt.cli import main as cli
 from instructgpt.runs import read_metrics
 
@@ -147,20 +144,7 @@ def test_a_sharded_run_killed_with_sigkill_and_rerun_ends_identical_to_an_uninte
     out = tmp_path / "sft"
     args = runs["sft"]["args"] + [f"out_dir={out}", "train.save_every=1"]
     # the whole launch (launcher and both ranks, one process group) killed once a checkpoint of step 2 is written
-    proc = subprocess.Popen(_launch_cmd(_spec("sft", args)), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    state = out / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            if json.loads(state.read_text())["step"] >= 2:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (out / "DONE.json").exists()
+    sigkill_after_checkpoint(_launch_cmd(_spec("sft", args)), out, 2, timeout=240, env=ENV, group=True)
     checkpoint = out / "checkpoint" if (out / "checkpoint").exists() else out / "checkpoint.old"
     assert len(list((checkpoint / "sharded_state").glob("*.distcp"))) == 2  # one shard file per process
 
@@ -214,20 +198,7 @@ def test_two_process_fsdp2_ppo_equals_one_process_and_resumes_exactly(ppo_runs, 
             assert b[k] == pytest.approx(a[k], abs=1e-5, rel=1e-4), k
     out = tmp_path / "killed"
     args = r["args"] + [f"out_dir={out}"]
-    proc = subprocess.Popen(_launch_cmd(_spec("ppo", args)), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    state = out / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            if json.loads(state.read_text())["step"] >= 2:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (out / "DONE.json").exists()
+    sigkill_after_checkpoint(_launch_cmd(_spec("ppo", args)), out, 2, timeout=240, env=ENV, group=True)
     checkpoint = out / "checkpoint" if (out / "checkpoint").exists() else out / "checkpoint.old"
     for name in ("sharded_state", "sharded_state_value"):  # each trained model's shards, one file per process
         assert len(list((checkpoint / name).glob("*.distcp"))) == 2, name

@@ -501,9 +501,9 @@ def train(cfg: PPOConfig) -> str:
             if checkpoint_or_stop(run, acc, t, done, t.max_steps, "ppo", state):
                 return cfg.out_dir
 
-    # final model: the best kept checkpoint, else the EMA weights, else the last policy (gathered whole when sharded:
-    # every process takes part)
-    whole = full_model(acc, policy) if sharding is not None else unwrapped
+    # final model: the best kept checkpoint, else the EMA weights, else the last policy (`full_model`: the policy as
+    # it is, or gathered whole when sharded; every process takes part)
+    whole = full_model(acc, policy)
     if acc.is_main_process:
         if ema is not None:
             ema.copy_to(unwrapped)

@@ -75,5 +75,6 @@ def pad_responses(responses: Sequence[list[int]], eos: Sequence[int], pad_token_
     for i, r in enumerate(responses):
         tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
-    ended = torch.tensor([bool(r) and r[-1] in set(eos) for r in responses])
+    stops = set(eos)
+    ended = torch.tensor([bool(r) and r[-1] in stops for r in responses])
     return tokens.to(device), lengths.to(device), ended.to(device)

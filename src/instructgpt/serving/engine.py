@@ -57,6 +57,21 @@ class JobCancelled(RuntimeError):
     pass
 
 
+class Answer(Future):
+    """A `Future` that notes when it was answered: a closed-loop client's next request arrives after that, so the
+    engine can tell a wave's stragglers (queued before) from its clients coming back (queued after)."""
+
+    answered_at: Optional[float] = None
+
+    def set_result(self, result) -> None:
+        self.answered_at = time.monotonic()
+        super().set_result(result)
+
+    def set_exception(self, exception) -> None:
+        self.answered_at = time.monotonic()
+        super().set_exception(exception)
+
+
 @dataclass
 class Job:
     """One prompt of a request and its `params.n` samples; the future resolves to their `Completion`s."""
@@ -64,7 +79,7 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     on_text: Optional[Callable[[int, str], None]] = None  # streaming: (sample index, text delta), from the worker
-    future: Future = field(default_factory=Future)
+    future: Answer = field(default_factory=Answer)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)
 
@@ -322,8 +337,13 @@ class BatchingEngine:
                     if not job.future.done():
                         job.future.set_exception(e)
             key = self.key_fn(live[0].params)
+            # the runner answers its jobs one by one, and a client may send its next request before the batch ends:
+            # only what queued before the first answer belongs to this wave
+            first_answer = min((j.future.answered_at for j in live if j.future.answered_at is not None),
+                               default=time.monotonic())
             with self._cond:
-                queued = sum(j.rows for j in self._pending if self.key_fn(j.params) == key)
+                queued = sum(j.rows for j in self._pending
+                             if self.key_fn(j.params) == key and j.arrived < first_answer)
             self._wave = (key, rows + queued)
             self._idle_since = time.monotonic()
             self._last_batch_s = self._idle_since - started

@@ -24,6 +24,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, ProjectConfiguration
 
 from instructgpt.config import ConfigError, StageConfig, TrainConfig
+from instructgpt.generation import use_matmul_attention
 from instructgpt.runs import Interrupted, StageError, StageRun
 
 # train.log_with's trackers -> (the modules any one of which serves it, the package to install)
@@ -88,7 +89,10 @@ def make_optimizer(acc, model, t: TrainConfig, total_steps: int, roots: Optional
 
     The scheduler stays ours: accelerate's wrapper would step it once per process (it assumes a sharded
     dataloader), while our global batch already spans all processes. It is registered so checkpoints hold it.
+
+    Under bf16 autocast on a CPU the model attends with `generation.matmul_attention` (see MATMUL_ATTENTION).
     """
+    use_matmul_attention(model, t.mixed_precision, acc.device)
     sharding = fsdp_sharding(t)
     if sharding is not None:
         model = shard_model(model, acc, sharding, roots)

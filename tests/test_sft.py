@@ -16,7 +16,7 @@ from instructgpt.runs import StageError
 from instructgpt.batching import collate, pack
 from instructgpt.losses import token_loss_sum
 from instructgpt.sft import SFTConfig, build_examples, train
-from instructgpt.supervised import eval_loss, response_loss_sum
+from instructgpt.supervised import eval_loss, length_groups, response_loss_sum
 from instructgpt.training import batch_indices, cosine_lr_factor, grouped_batch_indices
 
 
@@ -240,6 +240,48 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_model_dir, demos_file
         assert runs[ga][1] == pytest.approx(runs[1][1], rel=1e-5)
 
 
+def test_length_groups_pad_the_fewest_tokens():
+    """supervised.length_groups: every row in exactly one group, and the split pads as few tokens as the best of
+    every split of the sorted rows into at most that many groups (brute force)."""
+    from itertools import combinations
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.randrange(3, 60) for _ in range(rng.randrange(1, 11))]
+        for groups in (1, 2, 3, 4):
+            split = length_groups(lengths, groups)
+            assert sorted(i for g in split for i in g) == list(range(len(lengths))) and len(split) <= groups
+            assert all(g == sorted(g) for g in split)
+            cost = sum(len(g) * max(lengths[i] for i in g) for g in split)
+            s = sorted(lengths)
+            best = min(sum((b - a) * s[b - 1] for a, b in zip((0,) + cuts, cuts + (len(s),)))
+                       for k in range(min(groups, len(s)))
+                       for cuts in combinations(range(1, len(s)), k))
+            assert cost == best, (lengths, groups, split)
+    assert length_groups([5, 5, 5], 3) == [[0, 1, 2]]  # equal lengths: one group, not three forwards
+
+
+def test_length_groups_train_as_one_padded_batch(tiny_model_dir, demos_file, tmp_path):
+    """train.length_groups forwards each micro-batch as groups of similar length, each padded to its own longest:
+    the same loss and weights as one padded batch, with the pretraining mix and gradient accumulation."""
+    ptx = tmp_path / "ptx.txt"
+    ptx.write_text("\n".join(f"the {w} is {c}." for w in ("moon", "sea", "road") for c in ("gold", "grey")) * 30)
+    runs = {}
+    for groups, ga in ((1, 1), (3, 1), (2, 2)):
+        out = tmp_path / f"g{groups}ga{ga}"
+        train(_cfg(tiny_model_dir, demos_file, out, **{"train.max_steps": 4, "train.length_groups": groups,
+                                                       "train.grad_accum": ga, "train.pretrain_coef": 0.5,
+                                                       "train.pretrain_batch_size": 2, "data.pretrain": str(ptx),
+                                                       "data.max_length": 64}))
+        runs[groups, ga] = (saved_weights(out), [json.loads(l)["train/loss"] for l in open(out / "metrics.jsonl")])
+    for key in ((3, 1), (2, 2)):
+        for k, w in runs[1, 1][0].items():
+            torch.testing.assert_close(runs[key][0][k], w, atol=1e-5, rtol=1e-4)
+        assert runs[key][1] == pytest.approx(runs[1, 1][1], rel=1e-5)
+    with pytest.raises(ConfigError, match="train.length_groups"):
+        _cfg(tiny_model_dir, demos_file, tmp_path / "bad", **{"train.length_groups": 0}).validate()
+
+
 def test_pretraining_mix_keeps_the_model_on_its_pretraining_text(tiny_model_dir, demos_file, tmp_path):
     """train.pretrain_coef: L = L_CE(responses) + coef * L_LM(pretraining blocks). With the mix the model's loss on
     the pretraining text falls instead of rising, while its demonstrations are learned as well."""
@@ -283,7 +325,7 @@ def test_pretrain_batch_size_sets_the_blocks_in_each_steps_mix(tiny_model_dir, d
 
     monkeypatch.setattr(loop, "collate", counting)
     over = {"train.max_steps": 3, "train.pretrain_coef": 1.0, "data.pretrain": str(ptx), "data.max_length": 32,
-            "train.grad_accum": 2, "data.eval_size": 0}
+            "train.grad_accum": 2, "data.eval_size": 0, "train.length_groups": 1}  # a micro-batch one forward
     train(_cfg(tiny_model_dir, demos_file, tmp_path / "a", **over, **{"train.pretrain_batch_size": 4}))
     assert rows["ptx"] == [2] * 6 and rows["demos"] == [4] * 6  # 3 steps x 2 micro-batches: 2 blocks, 4 demos
     with pytest.raises(ConfigError, match="pretrain_batch_size"):

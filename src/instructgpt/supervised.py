@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+from accelerate.utils import DistributedType
 
 from instructgpt.batching import Example, Seq2SeqExample, collate, collate_seq2seq
 from instructgpt.config import StageConfig
@@ -95,6 +96,34 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     return response_loss_sum(model, batch)
 
 
+def length_groups(lengths: Sequence[int], groups: int) -> list[list[int]]:
+    """The rows of a micro-batch in at most `groups` groups of similar length, chosen so that padding each group to
+    its own longest row pads the fewest tokens (a split of the rows sorted by length, by dynamic programming).
+    Each group's indices in their original order. The groups' summed losses and gradients are the whole batch's."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sizes = [lengths[i] for i in order]
+    n, g_max = len(sizes), max(1, min(groups, len(sizes)))
+    # best[g][j]: the fewest padded tokens of the j shortest rows in g groups; rows i..j-1 as one group cost
+    # (j - i) * sizes[j - 1]
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(g_max + 1)]
+    cut = [[0] * (n + 1) for _ in range(g_max + 1)]
+    best[0][0] = 0
+    for g in range(1, g_max + 1):
+        for j in range(g, n + 1):
+            for i in range(g - 1, j):
+                cost = best[g - 1][i] + (j - i) * sizes[j - 1]
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    g = min(range(1, g_max + 1), key=lambda k: (best[k][n], k))  # the fewest groups that pad the fewest tokens
+    out, j = [], n
+    while g:
+        i = cut[g][j]
+        out.append(sorted(order[i:j]))
+        j, g = i, g - 1
+    return out[::-1]
+
+
 @dataclass
 class FitResult:
     step: int
@@ -132,6 +161,12 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
 
     start = resume_step(run, acc, desc)
     lengths = [len(e.input_ids) for e in train_ex]
+    n_groups = t.length_groups if t.length_groups is not None else (1 if acc.device.type == "cuda" else 2)
+    if (acc.distributed_type == DistributedType.DEEPSPEED or "_full_skeleton" in vars(model)
+            or (train_ex and isinstance(train_ex[0], Seq2SeqExample))):
+        # one backward a micro-batch: DeepSpeed steps its optimizer at each, and a sharded model reduce-scatters at
+        # each, which every process must do as often; an encoder-decoder batch pads two sequences
+        n_groups = 1
 
     model.train()
     result = FitResult(step=start, model=model)
@@ -153,22 +188,25 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
             step_loss = 0.0
             for m in range(t.grad_accum):
                 mb = mine[m * micro:(m + 1) * micro]
-                b = {k: v.to(acc.device) for k, v in loss_batch(mb, pad).items()}
-                sync = m == t.grad_accum - 1
-                with (nullcontext() if sync else no_sync(acc, model)), acc.autocast():
-                    # 2. loss on response tokens only (labels are -100 elsewhere)
-                    mb_loss_sum, _ = loss_sum(model, b)
-                    loss = mb_loss_sum * world / max(n_loss_tokens, 1)
-                    # 3. optional pretraining mix: + pretrain_coef * L_LM
-                    if ptx_batch is not None:
-                        chunk = ptx_mine[m * ptx_micro:(m + 1) * ptx_micro]
-                        pb = {k: v.to(acc.device) for k, v in collate(chunk, pad).items()}
-                        plog = model(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"]).logits
-                        p_sum, _ = token_loss_sum(plog, pb["labels"])
-                        loss = loss + t.pretrain_coef * p_sum * world / max(n_ptx_tokens, 1)
-                    acc.backward(loss)
-                step_loss += float(mb_loss_sum.detach()) / max(n_loss_tokens, 1) * world
-                tokens_seen += int(b["attention_mask"].sum()) * world
+                # the micro-batch in groups of similar length, each padded to its own longest row
+                parts = length_groups([len(e.input_ids) for e in mb], n_groups) if n_groups > 1 else [range(len(mb))]
+                for j, part in enumerate(parts):
+                    b = {k: v.to(acc.device) for k, v in loss_batch([mb[i] for i in part], pad).items()}
+                    sync = m == t.grad_accum - 1 and j == len(parts) - 1
+                    with (nullcontext() if sync else no_sync(acc, model)), acc.autocast():
+                        # 2. loss on response tokens only (labels are -100 elsewhere)
+                        mb_loss_sum, _ = loss_sum(model, b)
+                        loss = mb_loss_sum * world / max(n_loss_tokens, 1)
+                        # 3. optional pretraining mix: + pretrain_coef * L_LM, with the micro-batch's first group
+                        if ptx_batch is not None and j == 0:
+                            chunk = ptx_mine[m * ptx_micro:(m + 1) * ptx_micro]
+                            pb = {k: v.to(acc.device) for k, v in collate(chunk, pad).items()}
+                            plog = model(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"]).logits
+                            p_sum, _ = token_loss_sum(plog, pb["labels"])
+                            loss = loss + t.pretrain_coef * p_sum * world / max(n_ptx_tokens, 1)
+                        acc.backward(loss)
+                    step_loss += float(mb_loss_sum.detach()) / max(n_loss_tokens, 1) * world
+                    tokens_seen += int(b["attention_mask"].sum()) * world
             # 4. clip, step, schedule
             optimizer_step(acc, model, opt, sched, t.max_grad_norm)
             done = step + 1

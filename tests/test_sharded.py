@@ -58,7 +58,8 @@ def runs(tiny_model_dir, tmp_path_factory):
     common = [f"model.name_or_path={tiny_model_dir}", "train.batch_size=8", "train.lr=3e-3", "train.log_every=1"]
     args = {
         "sft": common + [f"data.train={demos}", "train.max_steps=6", "data.eval_size=8", "train.eval_every=3",
-                         "train.save_every=0", "train.log_with=tensorboard"],
+                         "train.save_every=0", "train.log_with=tensorboard",
+                         "train.length_groups=1"],  # sharded, a micro-batch is one forward: so here too
         # the normalisation's forwards run sharded too
         "rm": common + [f"data.train={rankings}", "train.max_steps=4", "data.eval_size=4", "train.eval_every=2",
                         "train.grad_accum=2",  # micro-batches: each one reduce-scattered

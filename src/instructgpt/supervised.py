@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-from accelerate.utils import DistributedType
 
 from instructgpt.batching import Example, Seq2SeqExample, collate, collate_seq2seq
 from instructgpt.config import StageConfig
@@ -22,8 +21,8 @@ from instructgpt.losses import label_loss_sum, token_loss_sum
 from instructgpt.modeling import position_ids_from_mask
 from instructgpt.progress import StageProgress
 from instructgpt.runs import StageRun
-from instructgpt.training import (batch_indices, checkpoint_or_stop, grouped_batch_indices, make_optimizer,
-                                  micro_batch_size, no_sync, optimizer_step, preemptible, resume_step)
+from instructgpt.training import (backward_is_collective, batch_indices, checkpoint_or_stop, grouped_batch_indices,
+                                  make_optimizer, micro_batch_size, no_sync, optimizer_step, preemptible, resume_step)
 
 
 def packed_attention_supported() -> bool:
@@ -162,11 +161,8 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
     start = resume_step(run, acc, desc)
     lengths = [len(e.input_ids) for e in train_ex]
     n_groups = t.length_groups if t.length_groups is not None else (1 if acc.device.type == "cuda" else 2)
-    if (acc.distributed_type == DistributedType.DEEPSPEED or "_full_skeleton" in vars(model)
-            or (train_ex and isinstance(train_ex[0], Seq2SeqExample))):
-        # one backward a micro-batch: DeepSpeed steps its optimizer at each, and a sharded model reduce-scatters at
-        # each, which every process must do as often; an encoder-decoder batch pads two sequences
-        n_groups = 1
+    if backward_is_collective(acc, model) or (train_ex and isinstance(train_ex[0], Seq2SeqExample)):
+        n_groups = 1  # one backward a micro-batch; an encoder-decoder batch pads two sequences
 
     model.train()
     result = FitResult(step=start, model=model)

@@ -111,6 +111,13 @@ def make_optimizer(acc, model, t: TrainConfig, total_steps: int, roots: Optional
     return model, opt, sched
 
 
+def backward_is_collective(acc, model) -> bool:
+    """Whether every backward of `model` does work all processes must do as often: DeepSpeed steps its optimizer at
+    each, and a model `shard_model` sharded reduce-scatters at each. A stage may then not split a micro-batch's
+    forward and backward into several on some processes only."""
+    return acc.distributed_type == DistributedType.DEEPSPEED or "_full_skeleton" in vars(model)
+
+
 def no_sync(acc, model):
     """The context of a micro-batch that is not the step's last: DDP keeps its gradients local until the last one
     (accelerate's no_sync). A model `shard_model` sharded reduce-scatters them at every micro-batch, which keeps each

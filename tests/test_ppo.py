@@ -19,8 +19,9 @@ from instructgpt.kl_control import AdaptiveKLController
 from instructgpt.losses import lm_loss, policy_loss, value_loss
 from instructgpt.modeling import logprobs_from_logits
 from instructgpt.policy import policy_forward, response_logits
-from instructgpt.ppo import PPOConfig, load_models, rollout, train
+from instructgpt.ppo import PPOConfig, Rollout, load_models, rollout, train
 from instructgpt.runs import read_metrics
+from instructgpt.supervised import length_groups
 
 # --------------------------------------------------------------------------------------------------------------------
 # Math
@@ -374,6 +375,54 @@ def test_resume_equals_uninterrupted(ppo_inputs, tmp_path, estimator, lora):
     assert [r["objective/scores"] for r in ma] == pytest.approx([r["objective/scores"] for r in mb], abs=1e-5)
 
 
+def test_length_groups_train_as_one_padded_batch(ppo_inputs, tmp_path, monkeypatch):
+    """train.length_groups: the rollout's scoring forwards and each minibatch's forward and backward run over groups
+    of rows of similar query and response length, each without its all-padding columns; every mean is over the whole
+    minibatch's tokens and the ptx batch is the first group's, so 1, 2 or 3 groups train the same policy."""
+    from instructgpt import ppo
+    splits = []
+
+    def spy(lengths, groups):
+        out = length_groups(lengths, groups)
+        splits.append(len(out))
+        return out
+
+    monkeypatch.setattr(ppo, "length_groups", spy)
+    extra = ("train.max_steps=3", "model.dropout=0.0")
+    runs = {}
+    for groups in (1, 2, 3):
+        out = tmp_path / f"g{groups}"
+        train(load_config(PPOConfig, None, _args(ppo_inputs, out, *extra, f"train.length_groups={groups}")))
+        runs[groups] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r])
+    assert max(splits) == 3  # the rows did split
+    first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
+    assert any(not torch.allclose(runs[1][0][k], first[k], atol=1e-5) for k in first)  # the updates moved the policy
+    for groups in (2, 3):
+        for k in runs[1][0]:
+            torch.testing.assert_close(runs[groups][0][k], runs[1][0][k], atol=2e-5, rtol=1e-4)
+        for a, b in zip(runs[groups][1], runs[1][1]):
+            for key in ("objective/kl", "objective/scores", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/ptx",
+                        "ppo/policy/approxkl", "ppo/policy/clipfrac", "objective/entropy", "ppo/val/var_explained"):
+                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+
+def test_rollout_trimmed_drops_only_columns_that_are_padding_in_every_row():
+    """Rollout.trimmed: the query columns left of every row's prompt and the response columns right of every row's
+    end go; every real token stays where it was."""
+    q = torch.tensor([[0, 0, 0, 5, 6], [0, 0, 7, 8, 9]])
+    qm = (q != 0).long()
+    resp = torch.tensor([[1, 2, 0, 0], [3, 0, 0, 0]])
+    mask = resp != 0
+    z = torch.arange(8.).reshape(2, 4)
+    b = Rollout(q, qm, resp, mask, z, z + 1, z + 2, torch.zeros(2), torch.ones(2, dtype=torch.bool), ["a", "b"],
+                ["x", "y"], z + 3, None)
+    t = b.trimmed()
+    assert t.query.tolist() == [[0, 5, 6], [7, 8, 9]] and t.query_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert t.response.tolist() == [[1, 2], [3, 0]] and t.mask.tolist() == [[True, True], [True, False]]
+    assert t.logprobs.tolist() == z[:, :2].tolist() and t.advantages.tolist() == (z + 3)[:, :2].tolist()
+    assert t.returns is None and t.prompts == ["a", "b"] and t.scores.shape == (2,)
+
+
 def test_ema_of_the_policy_is_the_saved_model_and_resumes_exactly(ppo_inputs, tmp_path):
     """ppo.ema_decay (the paper's 0.992): the saved model is the EMA of the policy's weights after every optimizer
     step. Decay near 0 leaves the last weights, near 1 the first; in between it resumes like the rest of the state."""
@@ -535,8 +584,9 @@ def test_a_rollout_engine_samples_from_the_weights_of_each_update_and_the_traine
         return b
     monkeypatch.setattr(ppo, "rollout", spy)
     out = tmp_path / "engine"
+    # one length group: the rollout's log-probs from the same padded forward as the spy's, to the bit
     train(load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=3", "ppo.rollout_engine=vllm",
-                                             "ppo.recompute_logprobs=true")))
+                                             "ppo.recompute_logprobs=true", "train.length_groups=1")))
     (engine,) = StandInEngine.made
     assert len(engine.samples) == len(policy_at_rollout) == 3
     for engine_weights, policy_weights in zip(engine.samples, policy_at_rollout):

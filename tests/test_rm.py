@@ -39,6 +39,37 @@ def test_each_response_is_forwarded_exactly_once(tiny_model_dir):
     assert [r.shape[0] for r in rewards] == [4, 9, 2]
 
 
+def test_length_groups_give_the_rewards_and_gradients_of_one_padded_forward(tiny_model_dir, tmp_path):
+    """train.length_groups: a batch's responses forwarded in groups of similar length, each padded to its own
+    longest, give every response the reward (and the loss its gradient) of one padded forward, in the rows' order;
+    the RM stage trains the same with 1, 2 or 3 groups."""
+    model, tok = load_model(tiny_model_dir, model_class="sequence_classification")
+    init_reward_head(model.score)
+    g = torch.Generator().manual_seed(0)
+    items = [Encoded([torch.randint(5, 90, (int(n),), generator=g).tolist()
+                      for n in torch.randint(3, 30, (k,), generator=g)], list(range(1, k + 1))) for k in (4, 6, 3)]
+    grads, rewards = {}, {}
+    for groups in (1, 2, 3):
+        model.zero_grad()
+        r = forward_rankings(model, items, tok.pad_token_id, "cpu", groups)
+        sum(ranking_loss(x, it.ranks) for x, it in zip(r, items)).backward()
+        rewards[groups] = torch.cat(r).detach()
+        grads[groups] = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])
+    for groups in (2, 3):
+        torch.testing.assert_close(rewards[groups], rewards[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grads[groups], grads[1], atol=1e-5, rtol=1e-4)
+    rows = fruit_over_animal_rankings(24, 0)
+    tr = write_jsonl(tmp_path / "train.jsonl", rows)
+    base = [f"model.name_or_path={tiny_model_dir}", f"data.train={tr}", "train.batch_size=8", "train.lr=3e-3",
+            "data.eval_size=0", "normalize.demonstrations=null", "train.log_every=1"]
+    losses = {}
+    for groups in (1, 3):
+        out = tmp_path / f"g{groups}"
+        train(load_config(RMConfig, None, base + [f"out_dir={out}", f"train.length_groups={groups}"]))
+        losses[groups] = [json.loads(l)["train/loss"] for l in open(out / "metrics.jsonl")]
+    assert losses[3] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_head_init_std():
     head = torch.nn.Linear(256, 1, bias=True)
     torch.manual_seed(0)

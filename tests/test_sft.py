@@ -261,6 +261,28 @@ def test_length_groups_pad_the_fewest_tokens():
     assert length_groups([5, 5, 5], 3) == [[0, 1, 2]]  # equal lengths: one group, not three forwards
 
 
+def test_length_groups_of_two_lengths_pad_as_little_as_each_order_allows():
+    """A row of two lengths padded apart (PPO: left-padded query, right-padded response): a group costs its rows
+    times its longest query plus its longest response. The split is at least as good as the best split of the rows
+    sorted by their summed length, and finds the split a sum order misses."""
+    def cost(split, sizes):
+        return sum(len(g) * (max(sizes[i][0] for i in g) + max(sizes[i][1] for i in g)) for g in split)
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        n = int(torch.randint(2, 9, (1,), generator=g))
+        sizes = [tuple(int(x) for x in torch.randint(1, 40, (2,), generator=g)) for _ in range(n)]
+        for groups in (1, 2, 3):
+            split = length_groups(sizes, groups)
+            assert sorted(i for part in split for i in part) == list(range(n)) and len(split) <= groups
+            by_sum = length_groups([a + b for a, b in sizes], groups)
+            assert cost(split, sizes) <= cost(by_sum, sizes)
+    # queries of 10 and 1, responses of 1 and 10: by summed length all four rows tie; grouping by query pads least
+    sizes = [(10, 1), (1, 10), (10, 2), (1, 9)]
+    assert cost(length_groups(sizes, 2), sizes) == 2 * 12 + 2 * 11
+    assert length_groups([(5, 0), (3, 0), (9, 0)], 2) == length_groups([5, 3, 9], 2)
+
+
 def test_length_groups_train_as_one_padded_batch(tiny_model_dir, demos_file, tmp_path):
     """train.length_groups forwards each micro-batch as groups of similar length, each padded to its own longest:
     the same loss and weights as one padded batch, with the pretraining mix and gradient accumulation."""

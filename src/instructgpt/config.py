@@ -99,12 +99,15 @@ class TrainConfig:
     # epoch; but there a batch of one length is mostly one task family, and 8 cost quality (eval loss 1.88 -> 2.00,
     # greedy gold 0.236 -> 0.200), so the default pipeline leaves it off.
     group_by_length: int = 0
-    # SFT: each micro-batch forwarded as up to this many groups of similar length, each padded to its own longest
-    # (`supervised.length_groups`): the same examples and gradient as one padded batch, fewer padded tokens (the
-    # built-in demonstrations: 1.24x the real ones at 2 groups, 1.09x at 4, against 1.57x), but a forward more each.
-    # The forward and backward of a 32-demonstration batch of the built-in model in bf16 on a 2-core CPU: 0.254 s
-    # at 1, 0.219 at 2, 0.249 at 4; SmolLM2-135M with LoRA, 16 demonstrations: 3.88, 1.55 and 1.66 s.
-    # None: 2 on a CPU, 1 on a GPU, where one larger forward costs little more than a smaller one
+    # SFT, RM and PPO: each micro-batch forwarded as up to this many groups of similar length, each padded to its
+    # own longest (`supervised.length_groups`): the same examples and gradient as one padded batch, fewer padded
+    # tokens (the built-in demonstrations: 1.24x the real ones at 2 groups, 1.09x at 4, against 1.57x), but a
+    # forward more each. The forward and backward of a 32-demonstration batch of the built-in model in bf16 on a
+    # 2-core CPU: 0.254 s at 1, 0.219 at 2, 0.249 at 4; SmolLM2-135M with LoRA, 16 demonstrations: 3.88, 1.55 and
+    # 1.66 s. The RM forwards a batch's responses in groups, one backward through them all; PPO groups its rows by
+    # query and response length (left- and right-padded), for the rollout's scoring forwards and each minibatch.
+    # The RM and PPO keep one group with several processes. None: 2 on a CPU, 1 on a GPU, where one larger forward
+    # costs little more than a smaller one
     length_groups: Optional[int] = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = 10

@@ -48,9 +48,10 @@ from instructgpt.progress import StageProgress
 from instructgpt.reward import RewardModel, trunk_and_head
 from instructgpt.rollout_engine import ENGINES, pad_responses, row_seed
 from instructgpt.runs import StageRun
-from instructgpt.training import (EMA, SHARDED_STATE, adamw, checkpoint_or_stop, checkpoint_sharded, fsdp_sharding,
-                                  full_model, fused_adam_ok, lr_schedule, make_accelerator, preemptible, resume_step,
-                                  shard_model, stream_indices)
+from instructgpt.supervised import length_groups
+from instructgpt.training import (EMA, SHARDED_STATE, adamw, backward_is_collective, checkpoint_or_stop,
+                                  checkpoint_sharded, fsdp_sharding, full_model, fused_adam_ok, length_groups_for,
+                                  lr_schedule, make_accelerator, preemptible, resume_step, shard_model, stream_indices)
 
 # --------------------------------------------------------------------------------------------------------------------
 # The rollout record
@@ -90,6 +91,22 @@ class Rollout:
             return None if v is None else [v[i] for i in idx.tolist()]
 
         return Rollout(**{k: pick(v) for k, v in self.__dict__.items()})
+
+    def trimmed(self) -> Rollout:
+        """The same rows without the columns that are padding in all of them (see `unpadded_columns`): the same
+        log-probs, values and losses, over fewer positions."""
+        lead, r = unpadded_columns(self.query_mask, self.mask)
+        return Rollout(**{k: (v[:, lead:] if k in ("query", "query_mask") else
+                              v[:, :r] if isinstance(v, torch.Tensor) and v.dim() == 2 else v)
+                          for k, v in self.__dict__.items()})
+
+
+def unpadded_columns(query_mask: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+    """(lead, r) for rows of left-padded queries and right-padded responses: the first `lead` query columns are
+    padding in every row, and no response is longer than `r` (at least 1). Dropping those columns changes no real
+    token's result: position ids ignore left padding, and the attention is causal."""
+    lead = int((query_mask.sum(0) == 0).long().cumprod(0).sum())
+    return lead, max(1, int(mask.sum(1).max()))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -194,13 +211,14 @@ def minibatch_rows(perm: list[int], m: int, num_minibatches: int, rank: int, wor
 @torch.no_grad()
 def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: PPOParams, eos: list[int],
             generator: torch.Generator, device, draw_rows: tuple[torch.Tensor, int] | None = None,
-            engine=None, seeds: list[int] | None = None) -> Rollout:
+            engine=None, seeds: list[int] | None = None, n_groups: int = 1) -> Rollout:
     """Sample one response per query with `policy` (the unwrapped one), or with a rollout `engine` (its own copy of
     the policy's weights; a seed per response), and score it with the frozen models, each once. `draw_rows`: these
-    rows' places in a rollout batch split across processes (`generation.sample`)."""
+    rows' places in a rollout batch split across processes (`generation.sample`). `n_groups` > 1: the scoring
+    forwards run over up to that many groups of rows of similar length, each without its all-padding columns
+    (`train.length_groups`)."""
     tok, critic = models.tokenizer, models.critic
     q, qm = left_pad(queries, tok.pad_token_id, device)  # (B, P)
-    P = q.shape[1]
     if engine is not None:  # token ids only: every log-prob below is the training model's (recompute_logprobs)
         response, lengths, ended = pad_responses(engine.sample(queries, p.response_length, p.temperature, seeds, eos),
                                                  eos, tok.pad_token_id, device)
@@ -210,28 +228,48 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
             out = sample(policy, q, qm, SamplingParams(max_new_tokens=p.response_length, temperature=p.temperature),
                          eos, tok.pad_token_id, generator, draw_rows=draw_rows)
         response, lengths, ended = out.tokens, out.lengths, out.ended  # (B, R), (B,), (B,)
-    R = response.shape[1]
+    B, R = response.shape
     mask = torch.arange(R, device=device)[None, :] < lengths[:, None]  # (B, R)
-    ids, att = torch.cat([q, response], 1), torch.cat([qm, mask.long()], 1)
-    values = None
     head = critic is not None and critic.reads_policy
-    if p.recompute_logprobs or head:
-        # old log-probs from the same full forward the training step uses: the first ratio is exactly 1
-        logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
-        logprobs = logprobs_from_logits(response_logits(logits, p.temperature), response)
-        if head:
-            values = critic.values(ids, att, hidden)
-        del logits, hidden
+    recompute = p.recompute_logprobs or head
+
+    def score(q, qm, response, mask) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(log-probs (recomputed, else None), reference log-probs, values of the states before each response token
+        (None without a critic)) of these rows, each (n, r)."""
+        ids, att = torch.cat([q, response], 1), torch.cat([qm, mask.long()], 1)
+        P, R = q.shape[1], response.shape[1]
+        logprobs = values = None
+        if recompute:
+            # old log-probs from the same full forward the training step uses: the first ratio is exactly 1
+            logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
+            logprobs = logprobs_from_logits(response_logits(logits, p.temperature), response)
+            if head:
+                values = critic.values(ids, att, hidden)
+            del logits, hidden
+        ref_lp = logprobs_from_logits(response_logits(ref_logits(policy, models.ref, ids, att, R), p.temperature),
+                                      response)
+        if critic is not None and not head:
+            values = critic.values(ids, att)
+        return logprobs, ref_lp, (values[:, P - 1:-1] if values is not None else None)
+
+    if n_groups == 1:
+        logprobs, ref_logprobs, values = score(q, qm, response, mask)
     else:
+        logprobs = torch.zeros(B, R, device=device) if recompute else None
+        ref_logprobs = torch.zeros(B, R, device=device)
+        values = torch.zeros(B, R, device=device) if critic is not None else None
+        for group in length_groups(list(zip(qm.sum(1).tolist(), mask.sum(1).tolist())), n_groups):
+            rows = torch.tensor(group, device=device)
+            lead, r = unpadded_columns(qm[rows], mask[rows])
+            parts = score(q[rows, lead:], qm[rows, lead:], response[rows, :r], mask[rows, :r])
+            for whole, part in zip((logprobs, ref_logprobs, values), parts):
+                if part is not None:
+                    whole[rows, :r] = part
+    if not recompute:
         # the sampler's own log-probs (logits / temperature, KV-cached forwards): equal to a full forward's up to
         # float rounding (~1e-6), and one policy forward per rollout cheaper (TRL reuses them the same way)
         logprobs = out.logprobs
-    ref_logprobs = logprobs_from_logits(response_logits(ref_logits(policy, models.ref, ids, att, R), p.temperature),
-                                        response)
-    if critic is not None and not head:
-        values = critic.values(ids, att)
-    # (B, R): the value of the state before each response token; zeros without a critic
-    values = values[:, P - 1:-1] if values is not None else torch.zeros_like(logprobs)
+    values = values if values is not None else torch.zeros_like(logprobs)  # (B, R); zeros without a critic
     # the reward model reads each response as it was trained: the decoded text after the prompt, ending the turn as
     # the template does (a chat template may add tokens after EOS, e.g. "<|im_end|>\n"); reading the policy's own
     # token ids at the EOS would score a position the RM never saw in training
@@ -336,6 +374,13 @@ def train(cfg: PPOConfig) -> str:
     # over the process count (`count`), so DDP's average of the gradients is the whole minibatch's
     split = world > 1
     all_sum = (lambda x: acc.reduce(x, "sum")) if split else None
+    # train.length_groups (as SFT's; None: 2 on a CPU, 1 on a GPU): the rollout's scoring forwards and each
+    # minibatch's forward and backward over groups of rows of similar length. One group with several processes or a
+    # sharded model, which must all run as many forwards and backwards
+    n_groups = length_groups_for(t, acc)
+    if split or any(backward_is_collective(acc, m) for m in (policy, critic.module if critic is not None else None)
+                    if m is not None):
+        n_groups = 1
 
     def ptx_loss(n_tokens: float) -> torch.Tensor:
         """-E_pretrain[log pi(x)] on ptx_token_ratio x `n_tokens` tokens of pretraining text (the minibatch's tokens
@@ -386,7 +431,7 @@ def train(cfg: PPOConfig) -> str:
             with acc.autocast():  # train.mixed_precision: the frozen models' forwards in the same precision
                 b = rollout(models, unwrapped, [queries[i] for i in idx], [prompts[i] for i in idx], p, eos, gen,
                             acc.device, draw_rows=(torch.tensor(rows, device=acc.device), t.batch_size),
-                            engine=engine, seeds=[row_seed(cfg.seed, step, r) for r in rows])
+                            engine=engine, seeds=[row_seed(cfg.seed, step, r) for r in rows], n_groups=n_groups)
             # 2. rewards: score at the last token - beta * KL per token (the paper's Eq. 2, per token)
             kl = kl_per_token(b.logprobs, b.ref_logprobs, p.kl_estimator) * b.mask
             rewards, non_score = token_rewards(b.scores, kl, 0.0 if p.kl_in_loss else kl_ctl.value, b.mask)
@@ -411,35 +456,54 @@ def train(cfg: PPOConfig) -> str:
                     mb = b.rows(torch.tensor(mine or [0], device=acc.device))
                     if not mine:  # none of this minibatch's rows is this process's: one row with weight 0
                         mb.mask = torch.zeros_like(mb.mask)
-                    count = all_sum(mb.mask.sum().float()).clamp(min=1.0) / world if split else None
-                    P, R = mb.query.shape[1], mb.response.shape[1]
-                    ids, att = mb.input_ids, mb.attention_mask
-                    with acc.autocast():
-                        logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
-                    scaled = response_logits(logits, p.temperature)
-                    new_logprobs = logprobs_from_logits(scaled, mb.response)
-                    if epoch == 0:  # the policy's entropy on the rollouts, before (or barely after) this update
-                        with torch.no_grad():
-                            stats.setdefault("objective/entropy", []).append(
-                                float(masked_mean(entropy_from_logits(scaled), mb.mask, count)))
-                    del logits, scaled
-                    pg_loss, pg_stats = policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.mask, p.cliprange,
-                                                    count)
-                    kl_loss, vf_loss, vf_stats, ptx = zero, zero, {}, zero
-                    if p.kl_in_loss:
-                        kl_loss = masked_mean(kl_per_token(new_logprobs, mb.ref_logprobs, p.kl_estimator), mb.mask,
-                                              count)
-                    if critic is not None:
+                    count = (all_sum(mb.mask.sum().float()).clamp(min=1.0) / world if split
+                             else mb.mask.sum().float().clamp(min=1.0))
+                    ptx_tokens = mb.attention_mask.sum().float() if mine else zero
+                    # train.length_groups: the minibatch's rows in groups of similar length, each without its
+                    # all-padding columns, a backward each; every mean is over the whole minibatch's tokens (`count`)
+                    # and the ptx batch is the first group's, so the gradients add up to one padded forward's
+                    lengths = list(zip(mb.query_mask.sum(1).tolist(), mb.mask.sum(1).tolist()))  # (query, response)
+                    parts = ([mb] if n_groups == 1 else [mb.rows(torch.tensor(g, device=acc.device)).trimmed()
+                                                         for g in length_groups(lengths, n_groups)])
+                    logged, entropy = {}, 0.0
+                    for i, part in enumerate(parts):
+                        P, R = part.query.shape[1], part.response.shape[1]
+                        ids, att = part.input_ids, part.attention_mask
                         with acc.autocast():
-                            new_values = critic.values(ids, att, hidden)[:, P - 1:-1]  # the states before the tokens
-                        vf_loss, vf_stats = value_loss(new_values, mb.values, mb.returns, mb.mask, p.cliprange_value,
-                                                       count)
-                    if ptx_blocks is not None:
-                        tokens = att.sum().float() if mine else zero
-                        ptx = ptx_loss(float(all_sum(tokens) if split else tokens))
-                    kl_loss_coef = kl_ctl.value if p.kl_in_loss else 0.0  # beta in the loss, or in the reward
-                    loss = pg_loss + kl_loss_coef * kl_loss + p.vf_coef * vf_loss + p.ptx_coef * ptx
-                    acc.backward(loss)
+                            logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
+                        scaled = response_logits(logits, p.temperature)
+                        new_logprobs = logprobs_from_logits(scaled, part.response)
+                        if epoch == 0:  # the policy's entropy on the rollouts, before (or barely after) this update
+                            with torch.no_grad():
+                                entropy += float(masked_mean(entropy_from_logits(scaled), part.mask, count))
+                        del logits, scaled
+                        pg_loss, pg_stats = policy_loss(new_logprobs, part.logprobs, part.advantages, part.mask,
+                                                        p.cliprange, count)
+                        kl_loss, vf_loss, vf_stats, ptx = zero, zero, {}, zero
+                        if p.kl_in_loss:
+                            kl_loss = masked_mean(kl_per_token(new_logprobs, part.ref_logprobs, p.kl_estimator),
+                                                  part.mask, count)
+                        if critic is not None:
+                            with acc.autocast():  # the states before the tokens
+                                new_values = critic.values(ids, att, hidden)[:, P - 1:-1]
+                            vf_loss, vf_stats = value_loss(new_values, part.values, part.returns, part.mask,
+                                                           p.cliprange_value, count)
+                        if ptx_blocks is not None and i == 0:
+                            ptx = ptx_loss(float(all_sum(ptx_tokens) if split else ptx_tokens))
+                        kl_loss_coef = kl_ctl.value if p.kl_in_loss else 0.0  # beta in the loss, or in the reward
+                        loss = pg_loss + kl_loss_coef * kl_loss + p.vf_coef * vf_loss + p.ptx_coef * ptx
+                        acc.backward(loss)
+                        part_logged = {"ppo/policy/approxkl": pg_stats["approxkl"],
+                                       "ppo/policy/clipfrac": pg_stats["clipfrac"], "ppo/loss/policy": pg_loss,
+                                       "ppo/loss/ptx": ptx, "ppo/val/ratio": pg_stats["ratio"]}
+                        if critic is not None:
+                            part_logged.update({"ppo/val/clipfrac": vf_stats["clipfrac"], "ppo/loss/value": vf_loss})
+                        if p.kl_in_loss:
+                            part_logged["ppo/loss/kl"] = kl_loss
+                        for name, v in part_logged.items():
+                            logged[name] = logged.get(name, 0.0) + float(v.detach())
+                    if epoch == 0:
+                        stats.setdefault("objective/entropy", []).append(entropy)
                     if t.max_grad_norm:  # each network clipped on its own
                         acc.clip_grad_norm_(policy.parameters(), t.max_grad_norm)
                         if critic is not None:
@@ -450,14 +514,8 @@ def train(cfg: PPOConfig) -> str:
                             o.zero_grad(set_to_none=True)
                     if ema is not None:
                         ema.update(unwrapped)
-                    logged = {"ppo/policy/approxkl": pg_stats["approxkl"], "ppo/policy/clipfrac": pg_stats["clipfrac"],
-                              "ppo/loss/policy": pg_loss, "ppo/loss/ptx": ptx, "ppo/val/ratio": pg_stats["ratio"]}
-                    if critic is not None:
-                        logged.update({"ppo/val/clipfrac": vf_stats["clipfrac"], "ppo/loss/value": vf_loss})
-                    if p.kl_in_loss:
-                        logged["ppo/loss/kl"] = kl_loss
                     for name, v in logged.items():
-                        stats.setdefault(name, []).append(float(v.detach()))
+                        stats.setdefault(name, []).append(v)
             set_training(False)  # the monitor and the next rollout sample with a KV cache
             for s in (sched, vsched):
                 if s is not None:

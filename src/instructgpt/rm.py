@@ -26,7 +26,8 @@ from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load
 from instructgpt.reward import (RewardNorm, encode_pair, init_reward_head, last_token_rewards, raw_rewards,
                                 trunk_and_head)
 from instructgpt.runs import StageRun
-from instructgpt.training import full_model, make_accelerator
+from instructgpt.supervised import length_groups
+from instructgpt.training import backward_is_collective, full_model, length_groups_for, make_accelerator
 
 
 @dataclass
@@ -47,16 +48,26 @@ class RMConfig(RankingStageConfig):
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
 
-def forward_rankings(model, items: Sequence[Encoded], pad_token_id: int, device) -> list[torch.Tensor]:
-    """Rewards of every response of every prompt in one forward pass: each response exactly once. -> [(K_i,)]."""
+def forward_rankings(model, items: Sequence[Encoded], pad_token_id: int, device,
+                     groups: int = 1) -> list[torch.Tensor]:
+    """Rewards of every response of every prompt in one forward pass: each response exactly once. -> [(K_i,)].
+    `groups` > 1: the responses in up to that many forwards of similar length, each padded to its own longest
+    (`train.length_groups`), the same rewards."""
     rows = [s for it in items for s in it.seqs]
-    ids, mask = right_pad(rows, pad_token_id, device)
-    rewards = last_token_rewards(model, ids, mask)  # (sum K_i,)
+    if groups == 1:
+        rewards = last_token_rewards(model, *right_pad(rows, pad_token_id, device))  # (sum K_i,)
+    else:
+        parts = length_groups([len(r) for r in rows], groups)
+        out = torch.cat([last_token_rewards(model, *right_pad([rows[i] for i in g], pad_token_id, device))
+                         for g in parts])
+        order = torch.tensor([i for g in parts for i in g], device=out.device)
+        rewards = out[torch.argsort(order)]  # back in the rows' order
     return list(torch.split(rewards, [len(it.seqs) for it in items]))
 
 
 @torch.no_grad()
-def heldout_metrics(model, items: Sequence[Encoded], pad_token_id: int, device, batch_size: int = 16) -> dict:
+def heldout_metrics(model, items: Sequence[Encoded], pad_token_id: int, device, batch_size: int = 16,
+                    groups: int = 1) -> dict:
     was = model.training
     model.eval()
     right = total = 0
@@ -64,7 +75,7 @@ def heldout_metrics(model, items: Sequence[Encoded], pad_token_id: int, device, 
     all_r: list[float] = []
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
-        for it, r in zip(chunk, forward_rankings(model, chunk, pad_token_id, device)):
+        for it, r in zip(chunk, forward_rankings(model, chunk, pad_token_id, device, groups)):
             a, n = ranking_accuracy(r.tolist(), it.ranks)
             right, total = right + a, total + n
             loss_sum += float(ranking_loss(r, it.ranks))
@@ -120,10 +131,15 @@ def train(cfg: RMConfig) -> str:
     rankings, items, eval_items, skipped = load_ranking_items(cfg, tok)
     steps = cfg.total_steps(len(items))
     # 3. train: a batch of prompts a step, each prompt's C(K,2) comparisons one element, each response forwarded once
+    # train.length_groups (as SFT's): each batch's responses forwarded in groups of similar length, one backward
+    # through all of them. One group with several processes (DDP readies a parameter's gradient once a backward) or
+    # under DeepSpeed or FSDP
+    groups = 1 if acc.num_processes > 1 or backward_is_collective(acc, model) else length_groups_for(cfg.train, acc)
     model.train()
     model, last_eval = fit_rankings(cfg, run, acc, model, items, eval_items, steps, "rm",
-                                    lambda m, mb: forward_rankings(m, mb, tok.pad_token_id, acc.device),
-                                    lambda m: heldout_metrics(m, eval_items, tok.pad_token_id, acc.device),
+                                    lambda m, mb: forward_rankings(m, mb, tok.pad_token_id, acc.device, groups),
+                                    lambda m: heldout_metrics(m, eval_items, tok.pad_token_id, acc.device,
+                                                              groups=groups),
                                     roots=trunk_and_head(model))  # what the rewards call, not the model's forward
     if last_eval is None:  # stopped early (train.stop_after): rerun to resume
         return cfg.out_dir

@@ -22,7 +22,8 @@ from instructgpt.modeling import position_ids_from_mask
 from instructgpt.progress import StageProgress
 from instructgpt.runs import StageRun
 from instructgpt.training import (backward_is_collective, batch_indices, checkpoint_or_stop, grouped_batch_indices,
-                                  make_optimizer, micro_batch_size, no_sync, optimizer_step, preemptible, resume_step)
+                                  length_groups_for, make_optimizer, micro_batch_size, no_sync, optimizer_step,
+                                  preemptible, resume_step)
 
 
 def packed_attention_supported() -> bool:
@@ -95,32 +96,51 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     return response_loss_sum(model, batch)
 
 
-def length_groups(lengths: Sequence[int], groups: int) -> list[list[int]]:
+def length_groups(lengths: Sequence[int] | Sequence[tuple[int, ...]], groups: int) -> list[list[int]]:
     """The rows of a micro-batch in at most `groups` groups of similar length, chosen so that padding each group to
     its own longest row pads the fewest tokens (a split of the rows sorted by length, by dynamic programming).
-    Each group's indices in their original order. The groups' summed losses and gradients are the whole batch's."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    sizes = [lengths[i] for i in order]
+    Each group's indices in their original order. The groups' summed losses and gradients are the whole batch's.
+
+    A row's length may be a tuple of lengths padded apart (PPO's left-padded query and right-padded response): a
+    group then costs its rows times the sum of its longest of each, and the split is the best of those of the rows
+    sorted by each length and by their sum."""
+    sizes = [tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in lengths]
     n, g_max = len(sizes), max(1, min(groups, len(sizes)))
-    # best[g][j]: the fewest padded tokens of the j shortest rows in g groups; rows i..j-1 as one group cost
-    # (j - i) * sizes[j - 1]
+    keys = [lambda i: sizes[i]] if all(len(x) == 1 for x in sizes) else (
+        [lambda i: sum(sizes[i])] + [lambda i, d=d: (sizes[i][d], sum(sizes[i])) for d in range(len(sizes[0]))])
+    best_cost, best_split = float("inf"), None
+    for key in keys:
+        cost, split = _split_sorted(sorted(range(n), key=key), sizes, g_max)
+        if cost < best_cost:
+            best_cost, best_split = cost, split
+    return best_split
+
+
+def _split_sorted(order: list[int], sizes: list[tuple[int, ...]], g_max: int) -> tuple[float, list[list[int]]]:
+    """`length_groups` for one order of the rows: its best split into at most g_max runs, and that split's cost."""
+    n, dims = len(order), len(sizes[order[0]])
+    # best[g][j]: the fewest padded tokens of the first j rows in g groups; rows i..j-1 as one group cost (j - i)
+    # times the sum of their longest of each length
     inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(g_max + 1)]
     cut = [[0] * (n + 1) for _ in range(g_max + 1)]
     best[0][0] = 0
     for g in range(1, g_max + 1):
         for j in range(g, n + 1):
-            for i in range(g - 1, j):
-                cost = best[g - 1][i] + (j - i) * sizes[j - 1]
-                if cost < best[g][j]:
-                    best[g][j], cut[g][j] = cost, i
+            longest = [0] * dims
+            for i in range(j - 1, g - 2, -1):  # the group order[i:j], grown one row to the left at a time
+                longest = [max(a, b) for a, b in zip(longest, sizes[order[i]])]
+                c = best[g - 1][i] + (j - i) * sum(longest)
+                if c <= best[g][j]:
+                    best[g][j], cut[g][j] = c, i
     g = min(range(1, g_max + 1), key=lambda k: (best[k][n], k))  # the fewest groups that pad the fewest tokens
     out, j = [], n
+    total = best[g][n]
     while g:
         i = cut[g][j]
         out.append(sorted(order[i:j]))
         j, g = i, g - 1
-    return out[::-1]
+    return total, out[::-1]
 
 
 @dataclass
@@ -160,7 +180,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
 
     start = resume_step(run, acc, desc)
     lengths = [len(e.input_ids) for e in train_ex]
-    n_groups = t.length_groups if t.length_groups is not None else (1 if acc.device.type == "cuda" else 2)
+    n_groups = length_groups_for(t, acc)
     if backward_is_collective(acc, model) or (train_ex and isinstance(train_ex[0], Seq2SeqExample)):
         n_groups = 1  # one backward a micro-batch; an encoder-decoder batch pads two sequences
 

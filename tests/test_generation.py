@@ -367,3 +367,40 @@ def test_decode_attention_equals_sdpa_for_one_query_with_grouped_heads_and_paddi
     k2 = k.clone()
     k2[1, :, :4] = 100.0
     torch.testing.assert_close(decode_attention(SimpleNamespace(), q, k2, v, mask, scaling=D ** -0.5)[0], out)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_that_ended_leave_the_batch_and_the_others_sample_the_same_tokens(tiny, monkeypatch, temperature):
+    """Once at most COMPACT_BELOW of the rows the model runs are still sampling, the ended ones are dropped from its
+    batch and KV cache. Each row draws the random number it would in the whole batch, so the tokens, log-probs and
+    lengths are those of a run that never drops a row (top-k log-probs too), with fewer rows forwarded."""
+    from instructgpt import generation
+
+    model, tok = tiny
+    prompts = [f"{w} {i}" for i, w in enumerate(["add", "what is", "list the", "say", "count"] * 3)]
+    x, m = left_pad([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], tok.pad_token_id)
+    params = SamplingParams(max_new_tokens=16, temperature=temperature, logprobs=3)
+    # "EOS": tokens the same run samples without one, at a different step in each of ten rows, so rows end apart
+    probe = sample(model, x, m, params, None, tok.pad_token_id, torch.Generator().manual_seed(0))
+    eos = sorted({int(probe.tokens[r, 1 + r % 12]) for r in range(10)})
+    rows_seen = []
+    hook = model.register_forward_hook(lambda mod, args, kwargs, out: rows_seen.append(kwargs["input_ids"].shape[0]),
+                                       with_kwargs=True)
+    runs = {}
+    for below in (0.0, generation.COMPACT_BELOW):
+        monkeypatch.setattr(generation, "COMPACT_BELOW", below)
+        rows_seen.clear()
+        runs[below] = (sample(model, x, m, params, eos, tok.pad_token_id, torch.Generator().manual_seed(0)),
+                       list(rows_seen))
+    hook.remove()
+    (whole, whole_rows), (compact, compact_rows) = runs[0.0], runs[generation.COMPACT_BELOW]
+    assert set(whole_rows) == {len(prompts)}  # never dropping a row: every forward runs the whole batch
+    assert compact_rows[0] == len(prompts) and min(compact_rows) < len(prompts) // 2  # the ended rows left
+    assert compact_rows == sorted(compact_rows, reverse=True) and len(compact_rows) == len(whole_rows)
+    assert 0 < int(whole.ended.sum()) < len(prompts) and len(set(whole.lengths.tolist())) > 3
+    assert torch.equal(compact.tokens, whole.tokens) and torch.equal(compact.lengths, whole.lengths)
+    assert torch.equal(compact.ended, whole.ended)
+    torch.testing.assert_close(compact.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+    n = compact.lengths
+    for r in range(len(prompts)):
+        assert torch.equal(compact.top_ids[r, :n[r]], whole.top_ids[r, :n[r]])

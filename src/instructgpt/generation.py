@@ -7,7 +7,8 @@ Penalties follow OpenAI's definition: ``logit[j] -= count[j] * frequency_penalty
 counting the tokens generated so far in that completion.
 
 Speed: the KV cache and the attention mask are allocated once for the whole generation (transformers' own cache
-concatenates, copying every layer's cache at every step), with the same numbers as ``model.generate``; under bf16
+concatenates, copying every layer's cache at every step), with the same numbers as ``model.generate``; rows that have
+ended leave the model's batch (``COMPACT_BELOW``), drawing the same random numbers, so the same tokens; under bf16
 (``autocast(model, "bf16")``) a decode step on CPU attends with two small matmuls instead of PyTorch's CPU
 flash-attention kernel, which is slow for one bf16 query. ``benchmarks/sampler.py`` measures both against
 ``model.generate`` and against the machine's roofline.
@@ -194,6 +195,13 @@ if DynamicLayer is not None:
             self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
             return self.keys, self.values
 
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """Keep the rows `indices` only (the sampler drops rows that have ended): new buffers of those rows."""
+            if not self.is_initialized:
+                return
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
 
 # The attention the sampler gives a bf16 model on CPU: PyTorch's flash-attention kernel for CPU, which `sdpa` picks,
 # takes ~10x longer for the single query position of a decode step in bf16 than two small matmuls (in fp32 it is as
@@ -336,19 +344,24 @@ def _sample(model, input_ids, attention_mask, params, eos_token_id, pad_token_id
     full_mask[:, :P] = attention_mask
     position_ids = position_ids_from_mask(full_mask[:, :P])
     cache_kw = cache_argument(model)
+    cache = preallocated_cache(model, P + params.max_new_tokens)
     out = model(input_ids=input_ids, attention_mask=full_mask[:, :P], position_ids=position_ids, use_cache=True,
-                **keeps_last_logits(model), **preallocated_cache(model, P + params.max_new_tokens))
-    state = {"past": returned_cache(out), "next_pos": position_ids[:, -1] + 1}  # next_pos: (B,)
+                **keeps_last_logits(model), **cache)
+    state = {"past": returned_cache(out), "next_pos": position_ids[:, -1] + 1, "mask": full_mask}  # next_pos: (B,)
 
     def step(nxt: torch.Tensor, t: int) -> torch.Tensor:
-        out = model(input_ids=nxt[:, None], attention_mask=full_mask[:, : P + t + 1],
+        out = model(input_ids=nxt[:, None], attention_mask=state["mask"][:, : P + t + 1],
                     position_ids=state["next_pos"][:, None], use_cache=True, **{cache_kw: state["past"]})
         state["past"] = returned_cache(out)
         state["next_pos"] = state["next_pos"] + 1
         return out.logits[:, -1, :].float()
 
+    def keep_rows(rows: torch.Tensor) -> None:  # the model's batch from now on: these of its rows
+        state["past"].batch_select_indices(rows)
+        state["next_pos"], state["mask"] = state["next_pos"][rows], state["mask"][rows]
+
     return _decode(model, out.logits[:, -1, :].float(), step, params, eos_token_id, pad_token_id, generator,
-                   stop_check, end_rows, draw_rows)
+                   stop_check, end_rows, draw_rows, keep_rows if cache else None)
 
 
 def _sample_seq2seq(model, input_ids, attention_mask, params, eos_token_id, pad_token_id, generator, stop_check,
@@ -388,11 +401,18 @@ def _sample_seq2seq(model, input_ids, attention_mask, params, eos_token_id, pad_
                    stop_check, end_rows, draw_rows)
 
 
+# The sampler stops running a row through the model once it has ended, when at most this share of the rows the model
+# still runs has not: its KV cache rows are dropped (one copy of the cache), and the steps after cost what the rows
+# still sampling cost. Each row draws the random number it would in the whole batch, so the same tokens come out
+COMPACT_BELOW = 0.75
+
+
 def _decode(model, logits: torch.Tensor, step, params: SamplingParams, eos_token_id, pad_token_id: int, generator,
-            stop_check, end_rows, draw_rows=None) -> SampleBatch:
+            stop_check, end_rows, draw_rows=None, keep_rows=None) -> SampleBatch:
     """The decode loop both model kinds share: from the prefill's next-token `logits` (B, V), choose a token per row
     (penalties, top-k/top-p, greedy or sampled), record its log-prob, end rows at EOS, stop strings or `end_rows`,
-    and get the next logits from `step(tokens (B,), t)`, a cached forward of the model."""
+    and get the next logits from `step(tokens, t)`, a cached forward of the model over the rows it still runs.
+    `keep_rows(rows)`, where the model's state can drop rows, keeps only those of its rows (see COMPACT_BELOW)."""
     B = logits.shape[0]
     device = logits.device
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
@@ -405,24 +425,28 @@ def _decode(model, logits: torch.Tensor, step, params: SamplingParams, eos_token
     penalised = params.frequency_penalty or params.presence_penalty
     counts = torch.zeros(B, logits.shape[-1], device=device) if penalised else None  # (B, V)
     stop_cut: list[Optional[int]] = [None] * B
+    live = torch.arange(B, device=device)  # the rows the model still runs (`logits` are theirs), by batch index
+    draw_from, n_draws = draw_rows if draw_rows is not None else (torch.arange(B, device=device), B)
     for t in range(params.max_new_tokens):
         if vocab is not None and logits.shape[-1] > vocab:
             logits = logits[:, :vocab]
         greedy = is_greedy(params.temperature)
         scaled = logits if greedy else logits / params.temperature
-        logp_all = torch.log_softmax(scaled, dim=-1)  # (B, V) the policy's distribution at this temperature
-        work = scaled if counts is None else apply_penalties(scaled, counts, params.frequency_penalty,
+        logp_all = torch.log_softmax(scaled, dim=-1)  # (L, V) the policy's distribution at this temperature
+        work = scaled if counts is None else apply_penalties(scaled, counts[live], params.frequency_penalty,
                                                               params.presence_penalty)
         if greedy:
-            nxt = work.argmax(-1)
+            chosen = work.argmax(-1)
         else:
             work = filter_logits(work, params.top_k, params.top_p)
-            nxt = sample_from(torch.softmax(work, dim=-1), generator, draw_rows)  # (B,)
-        lp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+            chosen = sample_from(torch.softmax(work, dim=-1), generator, (draw_from[live], n_draws))  # (L,)
+        nxt = torch.full((B,), pad_token_id, dtype=torch.long, device=device)
+        lp = torch.zeros(B, device=device)
+        nxt[live], lp[live] = chosen, logp_all.gather(-1, chosen[:, None]).squeeze(-1)
         if params.logprobs:
             tl, ti = logp_all.topk(params.logprobs, dim=-1)
-            tops_i.append(ti)
-            tops_l.append(tl)
+            tops_i.append(torch.zeros(B, params.logprobs, dtype=ti.dtype, device=device).index_copy_(0, live, ti))
+            tops_l.append(torch.zeros(B, params.logprobs, dtype=tl.dtype, device=device).index_copy_(0, live, tl))
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         lp = torch.where(done, torch.zeros_like(lp), lp)
         tokens.append(nxt)
@@ -446,7 +470,12 @@ def _decode(model, logits: torch.Tensor, step, params: SamplingParams, eos_token
                 done[b] = True
         if bool(done.all()) or t == params.max_new_tokens - 1:  # no forward for a token that will not be sampled
             break
-        logits = step(nxt, t)
+        running = ~done[live]
+        if keep_rows is not None and int(running.sum()) <= COMPACT_BELOW * len(live):
+            keep = running.nonzero().squeeze(1)
+            keep_rows(keep)
+            live = live[keep]
+        logits = step(nxt[live], t)
     batch = SampleBatch(torch.stack(tokens, 1), torch.stack(logps, 1), lengths, ended, stop_cut=stop_cut)
     if params.logprobs:
         batch.top_ids, batch.top_logprobs = torch.stack(tops_i, 1), torch.stack(tops_l, 1)

@@ -70,6 +70,23 @@ def test_length_groups_give_the_rewards_and_gradients_of_one_padded_forward(tiny
     assert losses[3] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_raw_rewards_batch_pairs_of_similar_length_and_keep_the_pairs_order(tiny_model_dir):
+    """reward.raw_rewards: batches of pairs sorted by length, each reward the one the pair gets scored alone, in
+    the order of the pairs."""
+    from instructgpt.reward import raw_rewards
+
+    model, tok = load_model(tiny_model_dir, model_class="sequence_classification")
+    init_reward_head(model.score)
+    model.eval()
+    prompts = [f"question {i}" for i in range(7)]
+    answers = ["a b c d e f g h " * (i % 4) + str(i) for i in range(7)]
+    with torch.no_grad():
+        batched = raw_rewards(model, tok, prompts, answers, "cpu", batch_size=3)
+        alone = torch.cat([raw_rewards(model, tok, [p], [a], "cpu") for p, a in zip(prompts, answers)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+    assert len(set(batched.tolist())) == 7
+
+
 def test_head_init_std():
     head = torch.nn.Linear(256, 1, bias=True)
     torch.manual_seed(0)

@@ -94,11 +94,17 @@ class RewardNorm:
 @torch.no_grad()
 def raw_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str], device,
                 batch_size: int = 32) -> torch.Tensor:
-    """Unnormalised head values at the last token of each prompt + response, batched. -> (N,)."""
+    """Unnormalised head values at the last token of each prompt + response, batched. -> (N,). The batches are of
+    pairs of similar length (the fewest padded tokens), the rewards in the pairs' order."""
     seqs = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
-    out = [last_token_rewards(model, *right_pad(seqs[s:s + batch_size], tokenizer.pad_token_id, device))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [last_token_rewards(model, *right_pad([seqs[i] for i in order[s:s + batch_size]], tokenizer.pad_token_id,
+                                                device))
            for s in range(0, len(seqs), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0)
+    if not out:
+        return torch.zeros(0)
+    rewards = torch.cat(out)
+    return rewards[torch.argsort(torch.tensor(order, device=rewards.device))]
 
 
 class RewardModel:

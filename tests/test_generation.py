@@ -1,4 +1,6 @@
 
+import contextlib
+
 import pytest
 import torch
 
@@ -404,3 +406,37 @@ def test_rows_that_ended_leave_the_batch_and_the_others_sample_the_same_tokens(t
     n = compact.lengths
     for r in range(len(prompts)):
         assert torch.equal(compact.top_ids[r, :n[r]], whole.top_ids[r, :n[r]])
+
+
+def test_frozen_linear_weights_sample_in_bf16_as_autocast_would_cast_them(tiny, tmp_path, monkeypatch):
+    """generation.autocast(model, "bf16") holds a LoRA model's frozen linear weights in bf16 while it samples
+    (autocast would cast them again at every token): the same tokens and log-probs, to the bit, as autocast casting
+    them itself; the adapters, the embeddings and the tied LM head stay fp32, and every weight is back afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    from instructgpt import generation
+
+    _, tok = tiny
+    model = get_peft_model(tiny_llama(tmp_path, tok), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.eval()
+    before = {n: (w.dtype, w.data_ptr()) for n, w in model.named_parameters()}
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    seen = []
+    q.register_forward_hook(lambda mod, args, out: seen.append((mod.base_layer.weight.dtype,
+                                                                mod.lora_A["default"].weight.dtype)))
+    x, m = left_pad([tok(p, add_special_tokens=False)["input_ids"] for p in ("add 1 plus 2", "hi there")],
+                    tok.pad_token_id)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, stop_at_eos=False)
+    with generation.autocast(model, "bf16"):
+        held = sample(model, x, m, params, None, tok.pad_token_id, torch.Generator().manual_seed(0))
+    assert set(seen) == {(torch.bfloat16, torch.float32)}  # the frozen base in bf16, the adapter in fp32
+    assert {n: (w.dtype, w.data_ptr()) for n, w in model.named_parameters()} == before  # put back, as they were
+    embed = model.get_base_model().model.embed_tokens.weight
+    with generation.frozen_linears_in_bf16(model):
+        assert embed.dtype == torch.float32 and q.base_layer.weight.dtype == torch.bfloat16
+    seen.clear()
+    monkeypatch.setattr(generation, "frozen_linears_in_bf16", lambda model: contextlib.nullcontext())
+    with generation.autocast(model, "bf16"):
+        cast = sample(model, x, m, params, None, tok.pad_token_id, torch.Generator().manual_seed(0))
+    assert set(seen) == {(torch.float32, torch.float32)}
+    assert torch.equal(held.tokens, cast.tokens) and torch.equal(held.logprobs, cast.logprobs)

@@ -87,6 +87,23 @@ def test_raw_rewards_batch_pairs_of_similar_length_and_keep_the_pairs_order(tiny
     assert len(set(batched.tolist())) == 7
 
 
+def test_reward_model_scores_under_bf16_autocast_when_asked(tiny_model_dir, tmp_path):
+    """RewardModel.mixed_precision "bf16" (eval.rm_mixed_precision): the same scores to bf16 rounding, and not the
+    fp32 ones to the bit (the forwards did run in bf16)."""
+    from instructgpt.reward import RewardNorm
+
+    model, tok = load_model(tiny_model_dir, model_class="sequence_classification")
+    init_reward_head(model.score)
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    rm = RewardModel(model, tok, RewardNorm(bias=0.0, gain=1.0))
+    prompts, answers = [f"question {i}" for i in range(6)], [f"answer {'x ' * i}" for i in range(6)]
+    fp32 = torch.tensor(rm.score(prompts, answers))
+    rm.mixed_precision = "bf16"
+    bf16 = torch.tensor(rm.score(prompts, answers))
+    assert not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, atol=0.05 * float(fp32.abs().max()), rtol=0)
+
+
 def test_head_init_std():
     head = torch.nn.Linear(256, 1, bias=True)
     torch.manual_seed(0)

@@ -89,6 +89,9 @@ class EvalConfig:
     ptx_block_size: int = 256  # tokens per block
     n_resamples: int = 2000  # bootstrap resamples of the 95% intervals
     mixed_precision: Literal["no", "bf16"] = "no"  # bf16: sample under bf16 autocast
+    # bf16: the reward model scores under bf16 autocast too (as a bf16 PPO run's rollouts read it); the KL and
+    # perplexity passes stay fp32
+    rm_mixed_precision: Literal["no", "bf16"] = "no"
     device: str = "auto"  # auto: cuda when available
     # name -> a training stage's out_dir, for the training curves (found next to the policies otherwise)
     stage: dict[str, str] = field(default_factory=dict)
@@ -590,8 +593,9 @@ def evaluate(policies: dict[str, str], config: EvalConfig | None = None, *, out_
     the best-of-n curve for n = 1, 2, 4, ..., N from N samples of the SFT model on the first `bon_prompts` prompts
     (:func:`best_of_n_curve`), the RM's accuracy on pairs of those samples, by flag too, and the flag rates of the
     RM's pick of N.
-    `mixed_precision` "bf16" samples (answers, KL samples, best-of-n candidates) under bf16 autocast; the KL,
-    perplexity and reward-model passes stay in the models' own precision.
+    `mixed_precision` "bf16" samples (answers, KL samples, best-of-n candidates) under bf16 autocast, and
+    `rm_mixed_precision` "bf16" scores with the reward model under it; the KL and perplexity passes stay in the
+    models' own precision.
     """
     cfg = replace(config or EvalConfig(), **overrides)
     cfg.validate()
@@ -625,6 +629,7 @@ def evaluate(policies: dict[str, str], config: EvalConfig | None = None, *, out_
     if reward_model:
         scorer = RewardModel.load(reward_model)
         scorer.model.to(device)
+        scorer.mixed_precision = cfg.rm_mixed_precision
     ptx_cache: dict[tuple, list[list[int]]] = {}
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + 1)
@@ -737,7 +742,8 @@ def evaluate(policies: dict[str, str], config: EvalConfig | None = None, *, out_
     if bon_curve and gold is not None:  # what the curve's n = 1 is measured against: SFT's greedy answer there
         report["best_of_n_sft_greedy_gold"] = float(np.mean(gold[sft][:report["best_of_n_prompts"]]))
     report["decoding"] = {"temperature": temperature, "max_new_tokens": max_new_tokens, "kl_prompts": n_kl,
-                          "kl_temperature": 1.0, "mixed_precision": mixed_precision, "device": device}
+                          "kl_temperature": 1.0, "mixed_precision": mixed_precision,
+                          "rm_mixed_precision": cfg.rm_mixed_precision, "device": device}
     if best_of:
         report["decoding"]["best_of_temperature"] = best_of_temperature
     for name, resp in responses.items():
@@ -793,6 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--device", help="where the models run: auto (cuda when available), cpu, cuda:1 ...")
     flag("--batch-size")
     flag("--mixed-precision", help="sample under bf16 autocast (answers, KL samples, best-of-n candidates)")
+    flag("--rm-mixed-precision", help="the reward model scores under bf16 autocast")
     flag("--kl-prompts", help="prompts for the KL estimate (0: all)")
     flag("--stage", metavar="NAME=DIR",
          help="a training stage's out_dir for the curves (repeatable; found next to policies otherwise)")

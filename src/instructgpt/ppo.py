@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,7 +36,8 @@ from instructgpt.advantages import explained_variance, gae, group_advantages, kl
 from instructgpt.batching import left_pad, pretrain_blocks, prompt_ids
 from instructgpt.config import ConfigError, ModelConfig
 from instructgpt.files import replace_dir
-from instructgpt.generation import SamplingParams, autocast, eos_ids, sample, use_matmul_attention
+from instructgpt.generation import (SamplingParams, autocast, eos_ids, frozen_linears_in_bf16, sample,
+                                    use_matmul_attention)
 from instructgpt.judges import GOLD, GoldJudge, JudgeReward, judge_for
 from instructgpt.kl_control import AdaptiveKLController, FixedKLController
 from instructgpt.losses import lm_loss, masked_mean, policy_loss, value_loss
@@ -398,7 +400,9 @@ def train(cfg: PPOConfig) -> str:
     def evaluate_and_keep(done: int) -> dict:
         if not eval_prompts:
             return {}
-        with acc.autocast():
+        # under bf16 autocast, a LoRA policy's frozen weights held in bf16 (`frozen_linears_in_bf16`), not cast anew
+        # at every token of the monitor's samples
+        with acc.autocast(), (frozen_linears_in_bf16(unwrapped) if t.mixed_precision == "bf16" else nullcontext()):
             ev = heldout_metrics(unwrapped, models.ref, models.reward, tok, eval_prompts, p.response_length,
                                  p.temperature, cfg.seed, acc.device)
         key = {"gold": "eval/gold_score_greedy", "reward": "eval/rm_score"}.get(p.keep_best)

@@ -17,6 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from instructgpt.batching import right_pad
+from instructgpt.generation import autocast
 from instructgpt.modeling import load_model, position_ids_from_mask
 from instructgpt.prompting import encode_prompt, encode_response
 
@@ -110,8 +111,9 @@ def raw_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str], d
 class RewardModel:
     """A trained reward model, normalised, for scoring (prompt, response) pairs."""
 
-    def __init__(self, model, tokenizer, norm: RewardNorm):
+    def __init__(self, model, tokenizer, norm: RewardNorm, mixed_precision: str = "no"):
         self.model, self.tokenizer, self.norm = model.eval(), tokenizer, norm
+        self.mixed_precision = mixed_precision  # "bf16": score under bf16 autocast (the rewards read in fp32)
 
     @classmethod
     def load(cls, path: str) -> "RewardModel":
@@ -125,4 +127,6 @@ class RewardModel:
     def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32) -> list[float]:
         """Normalised rewards for each (prompt, response); a prompt is a string or a list of messages."""
         device = next(self.model.parameters()).device
-        return self.norm.apply(raw_rewards(self.model, self.tokenizer, prompts, responses, device, batch_size)).tolist()
+        with autocast(self.model, self.mixed_precision):
+            raw = raw_rewards(self.model, self.tokenizer, prompts, responses, device, batch_size)
+        return self.norm.apply(raw).tolist()

@@ -98,14 +98,21 @@ def raw_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str], d
     """Unnormalised head values at the last token of each prompt + response, batched. -> (N,). The batches are of
     pairs of similar length (the fewest padded tokens), the rewards in the pairs' order."""
     seqs = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = [last_token_rewards(model, *right_pad([seqs[i] for i in order[s:s + batch_size]], tokenizer.pad_token_id,
-                                                device))
-           for s in range(0, len(seqs), batch_size)]
-    if not out:
+    if not seqs:
         return torch.zeros(0)
-    rewards = torch.cat(out)
-    return rewards[torch.argsort(torch.tensor(order, device=rewards.device))]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    batches = [order[s:s + batch_size] for s in range(0, len(seqs), batch_size)]
+    return grouped_last_token_rewards(model, seqs, batches, tokenizer.pad_token_id, device)
+
+
+def grouped_last_token_rewards(model, seqs: Sequence[Sequence[int]], groups: Sequence[Sequence[int]],
+                               pad_token_id: int, device) -> torch.Tensor:
+    """:func:`last_token_rewards` of the token sequences `seqs`, forwarded a group of their indices at a time, each
+    group right-padded to its own longest; the rewards in the order of `seqs`. -> (len(seqs),)."""
+    out = torch.cat([last_token_rewards(model, *right_pad([seqs[i] for i in g], pad_token_id, device))
+                     for g in groups])
+    order = torch.tensor([i for g in groups for i in g], device=out.device)
+    return out[torch.argsort(order)]
 
 
 class RewardModel:

@@ -23,8 +23,8 @@ from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.modeling import apply_lora, check_context, load_model, require_decoder_only, save_model, set_seed
 from instructgpt.prompting import render_prompt
 from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items
-from instructgpt.reward import (RewardNorm, encode_pair, init_reward_head, last_token_rewards, raw_rewards,
-                                trunk_and_head)
+from instructgpt.reward import (RewardNorm, encode_pair, grouped_last_token_rewards, init_reward_head,
+                                last_token_rewards, raw_rewards, trunk_and_head)
 from instructgpt.runs import StageRun
 from instructgpt.supervised import length_groups
 from instructgpt.training import backward_is_collective, full_model, length_groups_for, make_accelerator
@@ -57,11 +57,8 @@ def forward_rankings(model, items: Sequence[Encoded], pad_token_id: int, device,
     if groups == 1:
         rewards = last_token_rewards(model, *right_pad(rows, pad_token_id, device))  # (sum K_i,)
     else:
-        parts = length_groups([len(r) for r in rows], groups)
-        out = torch.cat([last_token_rewards(model, *right_pad([rows[i] for i in g], pad_token_id, device))
-                         for g in parts])
-        order = torch.tensor([i for g in parts for i in g], device=out.device)
-        rewards = out[torch.argsort(order)]  # back in the rows' order
+        rewards = grouped_last_token_rewards(model, rows, length_groups([len(r) for r in rows], groups), pad_token_id,
+                                             device)
     return list(torch.split(rewards, [len(it.seqs) for it in items]))
 
 

@@ -106,6 +106,27 @@ class StepClock:
                 "episodes_per_cpu_s": episodes * len(timed_cpu) / sum(timed_cpu)}
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_work(fn, updates: int) -> tuple[object, dict]:
+    """Run `fn()` (`updates` PPO updates) under the PyTorch profiler and count the work its operators did: (fn's result,
+    {matmul_gflop_per_update, matmul_s_per_update, op_s_per_update, matmul_gflops}). Matmul FLOPs are the profiler's
+    count for mm / addmm / bmm (2 m n k each); the seconds are operators' own CPU time (the profiler's "self CPU"),
+    so `op_s_per_update` leaves out Python and the time between operators. Every update does the same work on
+    both sides (fixed-length responses), so the first update's setup is spread over all of them alike."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        result = fn()
+    events = prof.key_averages()
+    flops = sum(e.flops for e in events if e.key in MATMULS)
+    mm_s = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e6
+    op_s = sum(e.self_cpu_time_total for e in events) / 1e6
+    return result, {"matmul_gflop_per_update": flops / 1e9 / updates, "matmul_s_per_update": mm_s / updates,
+                    "op_s_per_update": op_s / updates, "matmul_gflops": flops / 1e9 / mm_s if mm_s else None}
+
+
 def read_spec() -> tuple[str, dict, str]:
     """Worker command line: TASK SPEC.json OUT.json -> (task, spec, out path)."""
     if len(sys.argv) != 4:

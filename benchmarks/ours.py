@@ -173,6 +173,16 @@ def ppo(spec: dict, out: str, configs: list[dict], overrides: tuple[str, ...] = 
     return {"unit": "episodes/s", "configs": res}
 
 
+def ppo_work(spec: dict, out: str) -> dict:
+    """The main PPO configuration once more, under the profiler: the matmul FLOPs and operator seconds of an update
+    (`measure.matmul_work`); its own timing is the profiler's and is not compared."""
+    p, c = spec["ppo"], spec["ppo"]["main"][0]
+    _, work = measure.matmul_work(lambda: ppo_update(p["policy_dir"], p["reward_dir"], spec["prompts_jsonl"],
+                                                     c["batch"], c["length"], p["epochs"], p["minibatches"],
+                                                     c["updates"]), c["updates"])
+    return {"batch": c["batch"], "length": c["length"], "updates": c["updates"], **work}
+
+
 def rloo(spec: dict, out: str) -> dict:
     """RLOO through the PPO loop: ppo.advantage_estimator=rloo, one epoch over the whole batch, TRL's beta, no
     advantage whitening (TRL's normalize_advantages=False)."""
@@ -202,6 +212,7 @@ def main() -> None:
         "ppo": lambda spec, out: ppo(spec, out, spec["ppo"]["main"]),
         "ppo_scaling": lambda spec, out: ppo(spec, out, spec["ppo"]["scaling"]),
         "ppo_bf16": lambda spec, out: ppo(spec, out, spec["ppo"]["main"], BF16),
+        "ppo_work": ppo_work,
         "rloo": rloo,
     }, versions)
 

@@ -64,6 +64,13 @@ def ppo(spec: dict, out: str, configs: list[dict], bf16: bool = False) -> dict:
             "configs": [one_config(spec, out, c["batch"], c["length"], c["updates"], bf16) for c in configs]}
 
 
+def ppo_work(spec: dict, out: str) -> dict:
+    """The main configuration once more, under the profiler (`measure.matmul_work`, as ours.ppo_work)."""
+    c = spec["ppo"]["main"][0]
+    _, work = measure.matmul_work(lambda: one_config(spec, out, c["batch"], c["length"], c["updates"]), c["updates"])
+    return {"batch": c["batch"], "length": c["length"], "updates": c["updates"], **work}
+
+
 def trl_version(task: str) -> dict:
     import trl
 
@@ -73,7 +80,8 @@ def trl_version(task: str) -> dict:
 def main() -> None:
     measure.run_worker("trl", {"ppo": lambda spec, out: ppo(spec, out, spec["ppo"]["main"]),
                                "ppo_scaling": lambda spec, out: ppo(spec, out, spec["ppo"]["scaling"]),
-                               "ppo_bf16": lambda spec, out: ppo(spec, out, spec["ppo"]["main"], bf16=True)},
+                               "ppo_bf16": lambda spec, out: ppo(spec, out, spec["ppo"]["main"], bf16=True),
+                               "ppo_work": ppo_work},
                        trl_version)
 
 

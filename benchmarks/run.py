@@ -1,7 +1,8 @@
 """`make bench`: our stages against Hugging Face TRL on the same model, data and settings; prints a table of ratios
 (ours / theirs, higher is better for us) and writes benchmarks/results.json.
 
-usage: python benchmarks/run.py [--quick] [--only sft,rm_k4,rm_k9,generate,ppo,ppo_bf16,scaling,rloo] [--out FILE]
+usage: python benchmarks/run.py [--quick] [--only sft,rm_k4,rm_k9,generate,ppo,ppo_bf16,ppo_work,scaling,rloo]
+                                [--out FILE]
 
 Every measurement runs in its own process (ours.py, theirs.py, ppo_trl.py), so each side's peak RSS is its own and
 TRL is never imported next to our package. Each pair runs back-to-back, alternating which side goes first, `reps`
@@ -16,6 +17,7 @@ back-to-back figures). The workload (workload.py) is built once and read by both
 | ratio.ppo | `ours.ppo_update` (instructgpt's PPO loop), episodes/s | TRL 1.12.0 `trl.experimental.ppo.PPOTrainer` |
 | ratio.ppo_bf16 | the same in bf16 mixed precision (`train.mixed_precision=bf16`) | the same with `bf16=True` |
 | ratio.rloo | the same with `ppo.advantage_estimator=rloo`, episodes/s | TRL `RLOOTrainer` (current TRL) |
+| ppo_work | the PPO figure's configuration under the profiler: matmul FLOPs and operator seconds an update | the same |
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ WORK = os.path.join(HERE, "work")
 TRL_CURRENT = os.path.join(HERE, ".trl", "current")
 TRL_PPO = os.path.join(HERE, ".trl", "ppo")
 TARGETS = {"ratio.sft": 1.0, "ratio.rm_k9": 3.0, "ratio.ppo": 1.5}
-BENCHMARKS = ("sft", "rm_k4", "rm_k9", "generate", "ppo", "ppo_bf16", "scaling", "rloo")
+BENCHMARKS = ("sft", "rm_k4", "rm_k9", "generate", "ppo", "ppo_bf16", "ppo_work", "scaling", "rloo")
 
 
 def log(msg: str) -> None:
@@ -82,6 +84,7 @@ SIDES = {  # benchmark -> ((our script, task), (their script, task, PYTHONPATH))
     "ppo": (("ours.py", "ppo"), ("ppo_trl.py", "ppo", TRL_PPO)),
     "scaling": (("ours.py", "ppo_scaling"), ("ppo_trl.py", "ppo_scaling", TRL_PPO)),
     "ppo_bf16": (("ours.py", "ppo_bf16"), ("ppo_trl.py", "ppo_bf16", TRL_PPO)),
+    "ppo_work": (("ours.py", "ppo_work"), ("ppo_trl.py", "ppo_work", TRL_PPO)),
     "rloo": (("ours.py", "rloo"), ("theirs.py", "rloo", TRL_CURRENT)),
 }
 
@@ -91,6 +94,9 @@ def headline(result: dict) -> str:
         return "error"
     if "skipped" in result:
         return "skipped"
+    if "matmul_gflop_per_update" in result:
+        return (f"{result['matmul_gflop_per_update']:,.0f} matmul GFLOP an update at {result['matmul_gflops']:.0f} GFLOPS, "
+                f"{result['matmul_s_per_update']:.2f} of {result['op_s_per_update']:.2f} operator s")
     if "batches" in result:
         return ", ".join(f"b{b} {r['throughput']:,.0f}" for b, r in result["batches"].items()) + " " + result["unit"]
     if "configs" in result:
@@ -219,6 +225,23 @@ def scaling_table(reps: list[dict]) -> dict:
     return out
 
 
+def ppo_work(pair: dict, ppo: dict | None) -> dict:
+    """Both sides' matmul FLOPs and operator seconds an update (ours.ppo_work, ppo_trl.ppo_work); with the `ppo`
+    figure: `ratio_if_only_matmuls`, the ratio ours would reach if nothing but its matmuls took time (TRL's median
+    seconds an update over ours' matmul seconds an update), the most that less overhead alone can give."""
+    keys = ("matmul_gflop_per_update", "matmul_s_per_update", "op_s_per_update", "matmul_gflops")
+    out = {s: ({k: None if pair[s][k] is None else round(pair[s][k], 3) for k in keys} if s in pair and "error" not in pair[s] else
+               {"error": pair.get(s, {}).get("error", "not run")}) for s in ("ours", "trl")}
+    o, t = out["ours"], out["trl"]
+    if "error" not in o and "error" not in t:
+        out["flop_ratio"] = round(t["matmul_gflop_per_update"] / o["matmul_gflop_per_update"], 3)
+        out["ours_matmul_share"] = round(o["matmul_s_per_update"] / o["op_s_per_update"], 3)
+        secs = [x for rep in (ppo or {}).get("seconds_per_update", {}).get("trl", []) if rep for x in rep[1:]]
+        if secs:
+            out["ratio_if_only_matmuls"] = round(statistics.median(secs) / o["matmul_s_per_update"], 3)
+    return out
+
+
 def episodes_per_s(c: dict) -> float:
     """episodes/s over the updates after the first (warm-up), from seconds_per_update: the same rule for both."""
     secs = c["seconds_per_update"]
@@ -264,9 +287,21 @@ def print_table(results: dict) -> None:
                       fmt(target, 1), " ".join(fmt(r, 2) for r in d["ratios"]), fmt(d.get("cpu_ratio"), 2),
                       f"{fmt(d['rss_mb']['ours'])} / {fmt(d['rss_mb']['trl'])}",
                       f"{fmt(acc.get('ours'), 3)} / {fmt(acc.get('trl'), 3)}" if acc else "")
-    console.print(table)
+    if table.row_count:
+        console.print(table)
     if results.get("ratio.ppo_reason"):
         console.print(f"ratio.ppo: null ({results['ratio.ppo_reason']})")
+    pw = results.get("ppo_work")
+    if pw:
+        for side, label in (("ours", "ours"), ("trl", "TRL 1.12")):
+            w = pw[side]
+            console.print(f"PPO work, {label}: " + (w["error"] if "error" in w else
+                          f"{w['matmul_gflop_per_update']:,.0f} matmul GFLOP an update at {w['matmul_gflops']:.0f} GFLOPS, "
+                          f"{w['matmul_s_per_update']:.2f} s of {w['op_s_per_update']:.2f} operator s"))
+        if "flop_ratio" in pw:
+            console.print(f"TRL / ours matmul FLOPs {pw['flop_ratio']:.2f}; ours' share in matmuls "
+                          f"{pw['ours_matmul_share']:.2f}; PPO ratio if only ours' matmuls took time "
+                          f"{fmt(pw.get('ratio_if_only_matmuls'), 2)}")
     sc = results.get("scaling")
     if sc:
         t = Table(title="PPO seconds per update (median after the first) against response length and batch")
@@ -321,6 +356,8 @@ def build_results(measured: dict, spec: dict, settings) -> dict:
     results["targets"] = TARGETS
     if "scaling" in measured:
         results["scaling"] = scaling_table(measured["scaling"])
+    if "ppo_work" in measured:
+        results["ppo_work"] = ppo_work(measured["ppo_work"][0], raw.get("ppo"))
     results["peak_rss_mb"] = {name: d["rss_mb"] for name, d in raw.items()}
     results["raw"] = raw
     results["versions"] = versions_of(measured)
@@ -413,7 +450,7 @@ def main() -> None:
             json.dump(spec, fh, indent=1)
         for name in only:
             log(f"[{name}]")
-            measured[name] = run_pair(name, 1 if name == "scaling" else settings.reps)
+            measured[name] = run_pair(name, 1 if name in ("scaling", "ppo_work") else settings.reps)
     measured = {k: v for k, v in measured.items() if v}
     results = build_results(measured, spec, settings)
     results["machine"] = {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),

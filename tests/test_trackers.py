@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -23,11 +22,16 @@ def _sft_args(model_dir, demos, out, *extra) -> list[str]:
             "train.max_steps=4", "train.log_every=1", "train.eval_every=2", "data.eval_size=8", *extra]
 
 
-def _scalars(logdir) -> dict[str, dict[int, float]]:
+def _accumulator(logdir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(logdir))
     ea.Reload()
+    return ea
+
+
+def _scalars(logdir) -> dict[str, dict[int, float]]:
+    ea = _accumulator(logdir)
     return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
 
 
@@ -68,21 +72,28 @@ def test_what_a_killed_run_logged_past_its_checkpoint_is_hidden_once_it_resumes(
     out = tmp_path / "sft"
     args = _sft_args(tiny_model_dir, demos_file, out, "train.max_steps=12", "train.save_every=3", "data.eval_size=0",
                      "train.log_with=tensorboard")
-    cmd = [sys.executable, "-m", "instructgpt.cli", "sft", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:  # killed once step 4 is logged: its checkpoint is step 3
-        if (out / "metrics.jsonl").exists() and read_metrics(str(out)) and read_metrics(str(out))[-1]["step"] >= 4:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    logged_past = read_metrics(str(out))[-1]["step"]
-    assert logged_past > json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+    # the run kills itself (SIGKILL) right after it has logged step 4, whose checkpoint is step 3's: a poll from here
+    # could miss that window on a busy machine and find the step-6 checkpoint already written
+    child = ("import os, signal, sys\n"
+             "from instructgpt import cli, runs\n"
+             "log = runs.StageRun.log\n"
+             "def log_then_die(self, step, metrics):\n"
+             "    log(self, step, metrics)\n"
+             "    if step == 4:\n"
+             "        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "runs.StageRun.log = log_then_die\n"
+             "sys.exit(cli.main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", child, "sft", *args], check=False, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert read_metrics(str(out))[-1]["step"] == 4
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert 4 in _scalars(out / "tensorboard" / "instructgpt")["train/loss"]  # TensorBoard has the step past it too
     train(load_config(SFTConfig, None, args))
     loss = _scalars(out / "tensorboard" / "instructgpt")["train/loss"]
     rows = read_metrics(str(out))
-    assert list(loss) == [r["step"] for r in rows] == list(range(1, 13))
+    steps = [e.step for e in _accumulator(out / "tensorboard" / "instructgpt").Scalars("train/loss")]
+    assert steps == [r["step"] for r in rows] == list(range(1, 13))  # step 4 once: the killed run's is purged
     assert loss == pytest.approx({r["step"]: r["train/loss"] for r in rows}, rel=1e-6)
 
 

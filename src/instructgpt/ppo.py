@@ -51,9 +51,9 @@ from instructgpt.reward import RewardModel, trunk_and_head
 from instructgpt.rollout_engine import ENGINES, pad_responses, row_seed
 from instructgpt.runs import StageRun
 from instructgpt.supervised import length_groups
-from instructgpt.training import (EMA, SHARDED_STATE, adamw, backward_is_collective, checkpoint_or_stop,
-                                  checkpoint_sharded, fsdp_sharding, full_model, fused_adam_ok, length_groups_for,
-                                  lr_schedule, make_accelerator, preemptible, resume_step, shard_model, stream_indices)
+from instructgpt.training import (EMA, SHARDED_STATE, adamw, checkpoint_or_stop, checkpoint_sharded, fsdp_sharding,
+                                  full_model, fused_adam_ok, length_groups_for, lr_schedule, make_accelerator,
+                                  preemptible, resume_step, shard_model, stream_indices)
 
 # --------------------------------------------------------------------------------------------------------------------
 # The rollout record
@@ -379,10 +379,8 @@ def train(cfg: PPOConfig) -> str:
     # train.length_groups (as SFT's; None: 2 on a CPU, 1 on a GPU): the rollout's scoring forwards and each
     # minibatch's forward and backward over groups of rows of similar length. One group with several processes or a
     # sharded model, which must all run as many forwards and backwards
-    n_groups = length_groups_for(t, acc)
-    if split or any(backward_is_collective(acc, m) for m in (policy, critic.module if critic is not None else None)
-                    if m is not None):
-        n_groups = 1
+    n_groups = length_groups_for(t, acc, policy, *([critic.module] if critic is not None else []),
+                                 one_process_only=True)
 
     def ptx_loss(n_tokens: float) -> torch.Tensor:
         """-E_pretrain[log pi(x)] on ptx_token_ratio x `n_tokens` tokens of pretraining text (the minibatch's tokens

@@ -27,7 +27,7 @@ from instructgpt.reward import (RewardNorm, encode_pair, grouped_last_token_rewa
                                 last_token_rewards, raw_rewards, trunk_and_head)
 from instructgpt.runs import StageRun
 from instructgpt.supervised import length_groups
-from instructgpt.training import backward_is_collective, full_model, length_groups_for, make_accelerator
+from instructgpt.training import full_model, length_groups_for, make_accelerator
 
 
 @dataclass
@@ -131,7 +131,7 @@ def train(cfg: RMConfig) -> str:
     # train.length_groups (as SFT's): each batch's responses forwarded in groups of similar length, one backward
     # through all of them. One group with several processes (DDP readies a parameter's gradient once a backward) or
     # under DeepSpeed or FSDP
-    groups = 1 if acc.num_processes > 1 or backward_is_collective(acc, model) else length_groups_for(cfg.train, acc)
+    groups = length_groups_for(cfg.train, acc, model, one_process_only=True)
     model.train()
     model, last_eval = fit_rankings(cfg, run, acc, model, items, eval_items, steps, "rm",
                                     lambda m, mb: forward_rankings(m, mb, tok.pad_token_id, acc.device, groups),

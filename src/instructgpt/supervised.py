@@ -21,9 +21,8 @@ from instructgpt.losses import label_loss_sum, token_loss_sum
 from instructgpt.modeling import position_ids_from_mask
 from instructgpt.progress import StageProgress
 from instructgpt.runs import StageRun
-from instructgpt.training import (backward_is_collective, batch_indices, checkpoint_or_stop, grouped_batch_indices,
-                                  length_groups_for, make_optimizer, micro_batch_size, no_sync, optimizer_step,
-                                  preemptible, resume_step)
+from instructgpt.training import (batch_indices, checkpoint_or_stop, grouped_batch_indices, length_groups_for,
+                                  make_optimizer, micro_batch_size, no_sync, optimizer_step, preemptible, resume_step)
 
 
 def packed_attention_supported() -> bool:
@@ -180,9 +179,9 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
 
     start = resume_step(run, acc, desc)
     lengths = [len(e.input_ids) for e in train_ex]
-    n_groups = length_groups_for(t, acc)
-    if backward_is_collective(acc, model) or (train_ex and isinstance(train_ex[0], Seq2SeqExample)):
-        n_groups = 1  # one backward a micro-batch; an encoder-decoder batch pads two sequences
+    n_groups = length_groups_for(t, acc, model)
+    if train_ex and isinstance(train_ex[0], Seq2SeqExample):
+        n_groups = 1  # an encoder-decoder batch pads two sequences
 
     model.train()
     result = FitResult(step=start, model=model)

@@ -111,9 +111,13 @@ def make_optimizer(acc, model, t: TrainConfig, total_steps: int, roots: Optional
     return model, opt, sched
 
 
-def length_groups_for(t: TrainConfig, acc) -> int:
+def length_groups_for(t: TrainConfig, acc, *models, one_process_only: bool = False) -> int:
     """`train.length_groups` as a stage runs it: None is 2 on a CPU and 1 on a GPU, where one larger forward costs
-    little more than a smaller one."""
+    little more than a smaller one. 1 where the backward of one of the stage's trained `models` is collective
+    (`backward_is_collective`), and with `one_process_only` (a stage whose groups are not one backward each under
+    DDP's no_sync) where several processes run."""
+    if any(backward_is_collective(acc, m) for m in models) or (one_process_only and acc.num_processes > 1):
+        return 1
     return t.length_groups if t.length_groups is not None else (1 if acc.device.type == "cuda" else 2)
 
 

@@ -295,9 +295,7 @@ def print_table(results: dict) -> None:
     if pw:
         for side, label in (("ours", "ours"), ("trl", "TRL 1.12")):
             w = pw[side]
-            console.print(f"PPO work, {label}: " + (w["error"] if "error" in w else
-                          f"{w['matmul_gflop_per_update']:,.0f} matmul GFLOP an update at {w['matmul_gflops']:.0f} GFLOPS, "
-                          f"{w['matmul_s_per_update']:.2f} s of {w['op_s_per_update']:.2f} operator s"))
+            console.print(f"PPO work, {label}: {w['error'] if 'error' in w else headline(w)}")
         if "flop_ratio" in pw:
             console.print(f"TRL / ours matmul FLOPs {pw['flop_ratio']:.2f}; ours' share in matmuls "
                           f"{pw['ours_matmul_share']:.2f}; PPO ratio if only ours' matmuls took time "

@@ -124,6 +124,43 @@ def test_logprobs_from_logits_matches_log_softmax():
     torch.testing.assert_close(logprobs_from_logits(logits, labels), want)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_from_logits_gradient_is_autograds(temperature):
+    """The hand-written backward (one vocabulary-wide tensor, in place) gives autograd's gradient of
+    gather(z) - logsumexp(z), z = logits / T: bitwise at T = 1, to rounding otherwise; through a sliced view and
+    from bf16 logits (a bf16 gradient) as well."""
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(3, 6, 50, generator=g) * 4
+    labels = torch.randint(0, 50, (3, 5), generator=g)
+    dy = torch.randn(3, 5, generator=g)
+
+    def grads(fn, dtype):
+        x = full.to(dtype).clone().requires_grad_(True)
+        y = fn(x[:, 1:], labels)  # a non-contiguous view, as a model's sliced logits are
+        y.backward(dy)
+        return y.detach(), x.grad
+
+    def reference(logits, labels):
+        z = logits.float() / temperature
+        return torch.gather(z, -1, labels[..., None])[..., 0] - torch.logsumexp(z, -1)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        y, dx = grads(lambda x, lab: logprobs_from_logits(x, lab, temperature), dtype)
+        y_ref, dx_ref = grads(reference, dtype)
+        assert dx.dtype == dtype and float(dx[:, 0].abs().max()) == 0.0
+        if temperature == 1.0 and dtype == torch.float32:
+            assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(dx, dx_ref, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+    # and it is the log-softmax's gradient: the rows of d logits sum to zero, the label's entry is dy (1 - p)
+    x = full[:, 1:].clone().requires_grad_(True)
+    logprobs_from_logits(x, labels, temperature).backward(dy)
+    p = torch.softmax(full[:, 1:] / temperature, -1)
+    torch.testing.assert_close(x.grad.sum(-1), torch.zeros(3, 5), atol=1e-5, rtol=0)
+    want = dy * (1 - p.gather(-1, labels[..., None])[..., 0]) / temperature
+    torch.testing.assert_close(x.grad.gather(-1, labels[..., None])[..., 0], want)
+
+
 def test_a_lora_model_uses_the_same_cache_argument_and_greedy_text(tiny):
     """A peft model passes the KV cache through to the base model under the name the base model takes."""
     import copy

@@ -199,10 +199,37 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[labels], without materialising the (B, T, V) log-softmax. Shapes (B, T, V), (B, T) -> (B, T)."""
-    logits = logits.float()
-    return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[labels] in fp32, without materialising the (B, T, V) log-softmax; its
+    gradient is written into one (B, T, V) tensor (`LabelLogprobs`). Shapes (B, T, V), (B, T) -> (B, T)."""
+    return LabelLogprobs.apply(logits, labels, float(temperature))
+
+
+class LabelLogprobs(torch.autograd.Function):
+    """y = z[label] - logsumexp(z), z = logits / T, with the backward d logits = (onehot(label) - softmax(z)) * dy / T
+    computed in place in one fresh (B, T, V) tensor. Autograd's gather + logsumexp (+ division) backward allocates
+    three vocabulary-wide tensors and passes over them about eight times, a cost that grows with the vocabulary; the
+    gradient is the same (bitwise at T = 1)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+        z = logits.float()
+        if temperature != 1.0:
+            z = z / temperature
+        lse = torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
+        return torch.gather(z, -1, labels.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        t = ctx.temperature
+        # softmax(z) in a fresh tensor: (z - lse).exp(), as logsumexp's own backward computes it
+        p = torch.sub(logits.float() / t if t != 1.0 else logits.float(), lse.unsqueeze(-1)).exp_()
+        g = grad.float() / t if t != 1.0 else grad.float()
+        p.mul_(g.neg().unsqueeze(-1)).scatter_add_(-1, labels.unsqueeze(-1), g.unsqueeze(-1))
+        return p.to(logits.dtype), None, None
 
 
 
@@ -216,9 +243,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                       temperature: float = 1.0) -> torch.Tensor:
     """log p(x_t | x_<t) for t = 1..T-1, logits divided by `temperature` (as when sampling). (B, T) -> (B, T-1)."""
     logits = forward_logits(model, input_ids, attention_mask)[:, :-1]  # (B, T-1, V)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logprobs_from_logits(logits, input_ids[:, 1:])
+    return logprobs_from_logits(logits, input_ids[:, 1:], temperature)
 
 
 def set_seed(seed: int) -> None:

@@ -9,7 +9,7 @@ from instructgpt.batching import left_pad, right_pad
 from instructgpt.generation import SamplingParams, generate
 from instructgpt.judges import judge_for
 from instructgpt.modeling import logprobs_from_logits
-from instructgpt.policy import policy_forward, ref_logits, response_logits
+from instructgpt.policy import policy_forward, ref_logits
 from instructgpt.prompting import encode_prompt, render_prompt
 
 
@@ -33,8 +33,8 @@ def heldout_metrics(policy, ref, reward, tok, prompts: list, response_length: in
         r, r_mask = right_pad([c.token_ids or [tok.pad_token_id] for _, c in chunk], tok.pad_token_id, device)
         ids, att = torch.cat([q, r], 1), torch.cat([qm, r_mask], 1)
         R = r.shape[1]
-        lp = logprobs_from_logits(response_logits(policy_forward(policy, ids, att, response_len=R)[0], temperature), r)
-        ref_lp = logprobs_from_logits(response_logits(ref_logits(policy, ref, ids, att, R), temperature), r)
+        lp = logprobs_from_logits(policy_forward(policy, ids, att, response_len=R)[0], r, temperature)
+        ref_lp = logprobs_from_logits(ref_logits(policy, ref, ids, att, R), r, temperature)
         kls += ((lp - ref_lp) * r_mask.bool()).sum(-1).tolist()
     out["eval/kl"] = sum(kls) / len(kls)
     judge = judge_for(prompts)

@@ -244,12 +244,11 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
         if recompute:
             # old log-probs from the same full forward the training step uses: the first ratio is exactly 1
             logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
-            logprobs = logprobs_from_logits(response_logits(logits, p.temperature), response)
+            logprobs = logprobs_from_logits(logits, response, p.temperature)
             if head:
                 values = critic.values(ids, att, hidden)
             del logits, hidden
-        ref_lp = logprobs_from_logits(response_logits(ref_logits(policy, models.ref, ids, att, R), p.temperature),
-                                      response)
+        ref_lp = logprobs_from_logits(ref_logits(policy, models.ref, ids, att, R), response, p.temperature)
         if critic is not None and not head:
             values = critic.values(ids, att)
         return logprobs, ref_lp, (values[:, P - 1:-1] if values is not None else None)
@@ -473,12 +472,12 @@ def train(cfg: PPOConfig) -> str:
                         ids, att = part.input_ids, part.attention_mask
                         with acc.autocast():
                             logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
-                        scaled = response_logits(logits, p.temperature)
-                        new_logprobs = logprobs_from_logits(scaled, part.response)
+                        new_logprobs = logprobs_from_logits(logits, part.response, p.temperature)
                         if epoch == 0:  # the policy's entropy on the rollouts, before (or barely after) this update
                             with torch.no_grad():
-                                entropy += float(masked_mean(entropy_from_logits(scaled), part.mask, count))
-                        del logits, scaled
+                                entropy += float(masked_mean(entropy_from_logits(response_logits(logits, p.temperature)),
+                                                             part.mask, count))
+                        del logits
                         pg_loss, pg_stats = policy_loss(new_logprobs, part.logprobs, part.advantages, part.mask,
                                                         p.cliprange, count)
                         kl_loss, vf_loss, vf_stats, ptx = zero, zero, {}, zero

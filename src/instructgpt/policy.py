@@ -29,16 +29,16 @@ def policy_forward(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """(logits, last hidden state (B, T, d) when `hidden`, else None) with position ids that ignore left padding.
 
     With `response_len` = R the logits are only those predicting the last R tokens, (B, R, V): positions
-    T-R-1 .. T-2, given to `logits_to_keep` as indices, so the LM head never runs over the query and the logits need
-    no slicing afterwards (whose backward would write a vocabulary-wide tensor of zeros). Otherwise (B, T, V).
+    T-R-1 .. T-2, so the LM head never runs over the query (`logits_to_keep`). Otherwise (B, T, V).
     """
-    T = input_ids.shape[1]
-    kw = ({"logits_to_keep": torch.arange(T - response_len - 1, T - 1, device=input_ids.device)}
-          if response_len is not None else {})
+    # R + 1 positions with the last dropped: R indices as `logits_to_keep` would spare the slice's backward, but
+    # under bf16 autocast the head's weight gradient (a sum over R rows, not R + 1) would round differently, and a
+    # PPO run would no longer repeat an earlier version's bitwise
+    kw = {"logits_to_keep": response_len + 1} if response_len is not None else {}
     out = policy(input_ids=input_ids, attention_mask=attention_mask,
                  position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                  output_hidden_states=hidden, **kw)
-    logits = out.logits
+    logits = out.logits[:, :-1] if response_len is not None else out.logits
     # fp32 log-probs under train.mixed_precision (a no-op in fp32)
     return logits.float(), (out.hidden_states[-1] if hidden else None)
 

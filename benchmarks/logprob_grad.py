@@ -8,7 +8,8 @@ Random fp32 logits of the built-in model's vocabulary (4,096: 32 rows x 32 respo
 minibatch) and of SmolLM2's (49,152: 16 x 40, a PPO minibatch of its recipe, and 16 x 64), sliced off one more
 position as `policy.policy_forward` slices them; labels uniform; temperature 1 and 0.7. Each repetition runs both
 ways, alternating which goes first; the figure is the median seconds of a forward and backward. The gradients are
-compared too: equal bitwise at temperature 1, the largest difference otherwise. Writes benchmarks/logprob_grad_results.json.
+compared too: equal bitwise at temperature 1, the largest difference otherwise. Writes
+benchmarks/logprob_grad_results.json.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from instructgpt.advantages import gae, gae_loop, group_advantages, kl_per_token
 from instructgpt.config import ConfigError, load_config
 from instructgpt.kl_control import AdaptiveKLController
 from instructgpt.losses import lm_loss, policy_loss, value_loss
-from instructgpt.modeling import logprobs_from_logits
-from instructgpt.policy import policy_forward, response_logits
+from instructgpt.modeling import logprobs_from_logits, scaled_logits
+from instructgpt.policy import policy_forward
 from instructgpt.ppo import PPOConfig, Rollout, load_models, rollout, train
 from instructgpt.runs import read_metrics
 from instructgpt.supervised import length_groups
@@ -173,7 +173,7 @@ def test_policy_equal_to_reference_gives_zero_kl_and_first_ratio_one(ppo_inputs,
     # the first minibatch of the first epoch sees exactly the rollout's policy: ratio 1, nothing clipped
     with torch.no_grad():
         logits, _ = policy_forward(models.policy, b.input_ids, b.attention_mask, response_len=b.response.shape[1])
-        new = logprobs_from_logits(response_logits(logits, cfg.ppo.temperature), b.response)
+        new = logprobs_from_logits(scaled_logits(logits, cfg.ppo.temperature), b.response)
         # the same as slicing the full forward's logits at the response positions
         full, _ = policy_forward(models.policy, b.input_ids, b.attention_mask)
     P = b.query.shape[1]
@@ -247,7 +247,7 @@ def test_bf16_rollouts_sample_in_bf16_and_keep_the_fp32_policys_logprobs(ppo_inp
     assert float(kl_per_token(b.logprobs, b.ref_logprobs).abs().max()) == 0.0
     with torch.no_grad():
         logits, _ = policy_forward(models.policy, b.input_ids, b.attention_mask, response_len=b.response.shape[1])
-    new = logprobs_from_logits(response_logits(logits, cfg.ppo.temperature), b.response)
+    new = logprobs_from_logits(scaled_logits(logits, cfg.ppo.temperature), b.response)
     assert torch.equal(new * b.mask, b.logprobs)  # the first ratio is exactly 1
 
 
@@ -526,7 +526,7 @@ def test_a_named_reference_model_is_the_kl_anchor(ppo_inputs, tmp_path):
                     eos_ids(models.policy, tok), torch.Generator().manual_seed(0), "cpu")
         with torch.no_grad():
             logits, _ = policy_forward(models.ref, b.input_ids, b.attention_mask, response_len=b.response.shape[1])
-        torch.testing.assert_close(b.ref_logprobs, logprobs_from_logits(response_logits(logits, 1.0), b.response))
+        torch.testing.assert_close(b.ref_logprobs, logprobs_from_logits(scaled_logits(logits, 1.0), b.response))
         assert float((kl_per_token(b.logprobs, b.ref_logprobs) * b.mask).abs().max()) > 1e-2  # not the policy
     narrow = build_tiny(str(tmp_path / "narrow"), n_embd=16)
     with pytest.raises(ConfigError, match="reference_model.name_or_path=.*is not the policy's"):
@@ -580,7 +580,7 @@ def test_a_rollout_engine_samples_from_the_weights_of_each_update_and_the_traine
         b = real(models, policy, *args, **kw)
         with torch.no_grad():
             logits, _ = policy_forward(policy, b.input_ids, b.attention_mask, response_len=b.response.shape[1])
-        rollouts.append((b, logprobs_from_logits(response_logits(logits, 1.0), b.response) * b.mask))
+        rollouts.append((b, logprobs_from_logits(scaled_logits(logits, 1.0), b.response) * b.mask))
         return b
     monkeypatch.setattr(ppo, "rollout", spy)
     out = tmp_path / "engine"

@@ -199,6 +199,11 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits divided by the sampling temperature (no division at 1, where it changes nothing)."""
+    return logits.float() / temperature if temperature != 1.0 else logits.float()
+
+
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature)[labels] in fp32, without materialising the (B, T, V) log-softmax; its
     gradient is written into one (B, T, V) tensor (`LabelLogprobs`). Shapes (B, T, V), (B, T) -> (B, T)."""
@@ -213,9 +218,7 @@ class LabelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-        z = logits.float()
-        if temperature != 1.0:
-            z = z / temperature
+        z = scaled_logits(logits, temperature)
         lse = torch.logsumexp(z, dim=-1)
         ctx.save_for_backward(logits, labels, lse)
         ctx.temperature = temperature
@@ -226,8 +229,8 @@ class LabelLogprobs(torch.autograd.Function):
         logits, labels, lse = ctx.saved_tensors
         t = ctx.temperature
         # softmax(z) in a fresh tensor: (z - lse).exp(), as logsumexp's own backward computes it
-        p = torch.sub(logits.float() / t if t != 1.0 else logits.float(), lse.unsqueeze(-1)).exp_()
-        g = grad.float() / t if t != 1.0 else grad.float()
+        p = torch.sub(scaled_logits(logits, t), lse.unsqueeze(-1)).exp_()
+        g = scaled_logits(grad, t)
         p.mul_(g.neg().unsqueeze(-1)).scatter_add_(-1, labels.unsqueeze(-1), g.unsqueeze(-1))
         return p.to(logits.dtype), None, None
 

@@ -13,11 +13,6 @@ from instructgpt.modeling import position_ids_from_mask
 from instructgpt.reward import token_values
 
 
-def response_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Logits that predict the response tokens (see `policy_forward(response_len=R)`), divided by the temperature."""
-    return logits.float() / temperature if temperature != 1.0 else logits.float()  # (B, R, V)
-
-
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H(softmax(logits)) at every position: (B, R, V) -> (B, R)."""
     logp = torch.log_softmax(logits, dim=-1)

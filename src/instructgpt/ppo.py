@@ -42,9 +42,9 @@ from instructgpt.judges import GOLD, GoldJudge, JudgeReward, judge_for
 from instructgpt.kl_control import AdaptiveKLController, FixedKLController
 from instructgpt.losses import lm_loss, masked_mean, policy_loss, value_loss
 from instructgpt.modeling import (apply_lora, check_context, disable_dropout, load_model, logprobs_from_logits,
-                                  require_decoder_only, resolve_path, save_model, set_seed)
+                                  require_decoder_only, resolve_path, save_model, scaled_logits, set_seed)
 from instructgpt.monitor import heldout_metrics
-from instructgpt.policy import Critic, ValueHead, entropy_from_logits, policy_forward, ref_logits, response_logits
+from instructgpt.policy import Critic, ValueHead, entropy_from_logits, policy_forward, ref_logits
 from instructgpt.ppo_config import PPOConfig, PPOParams
 from instructgpt.progress import StageProgress
 from instructgpt.reward import RewardModel, trunk_and_head
@@ -475,7 +475,7 @@ def train(cfg: PPOConfig) -> str:
                         new_logprobs = logprobs_from_logits(logits, part.response, p.temperature)
                         if epoch == 0:  # the policy's entropy on the rollouts, before (or barely after) this update
                             with torch.no_grad():
-                                entropy += float(masked_mean(entropy_from_logits(response_logits(logits, p.temperature)),
+                                entropy += float(masked_mean(entropy_from_logits(scaled_logits(logits, p.temperature)),
                                                              part.mask, count))
                         del logits
                         pg_loss, pg_stats = policy_loss(new_logprobs, part.logprobs, part.advantages, part.mask,

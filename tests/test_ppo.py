@@ -406,6 +406,53 @@ def test_length_groups_train_as_one_padded_batch(ppo_inputs, tmp_path, monkeypat
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
 
 
+@pytest.mark.parametrize("extra", [(), ("ppo.recompute_logprobs=true", "ppo.num_minibatches=1"),
+                                   ("ppo.value_model=policy", "train.length_groups=1")],
+                         ids=["value-model", "recompute-one-minibatch", "value-head"])
+def test_reused_rollout_forwards_train_as_forwards_run_again(ppo_inputs, tmp_path, monkeypatch, extra):
+    """ppo.reuse_rollout_forwards: the first epoch's first minibatch trains through the graphs of its scoring forwards
+    in the rollout (the value model's; the policy's too when it recomputes the old log-probs), one forward of each
+    fewer per update, and the run is the one that forwards them again."""
+    from instructgpt import policy as policy_module
+    from instructgpt import ppo
+    rows = {"policy": 0, "value": 0}
+    real_forward, real_values = ppo.policy_forward, policy_module.token_values
+
+    def count_policy(model, ids, *a, response_len=None, **kw):
+        rows["policy"] += ids.shape[0] if response_len is not None and model is not None else 0
+        return real_forward(model, ids, *a, response_len=response_len, **kw)
+
+    def count_values(model, ids, *a, **kw):
+        rows["value"] += ids.shape[0]
+        return real_values(model, ids, *a, **kw)
+
+    monkeypatch.setattr(ppo, "policy_forward", count_policy)
+    monkeypatch.setattr(policy_module, "token_values", count_values)
+    steps, batch = 3, 16
+    runs = {}
+    for reuse in ("false", "true"):
+        rows.update(policy=0, value=0)
+        out = tmp_path / reuse
+        cfg = load_config(PPOConfig, None, _args(ppo_inputs, out, f"train.max_steps={steps}", *extra,
+                                                 f"ppo.reuse_rollout_forwards={reuse}"))
+        train(cfg)
+        runs[reuse] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r], dict(rows))
+    minibatch = batch // cfg.ppo.num_minibatches
+    off, on = runs["false"][2], runs["true"][2]
+    recomputed = cfg.ppo.recompute_logprobs or cfg.ppo.value_model == "policy"
+    assert on["policy"] == off["policy"] - (steps * minibatch if recomputed else 0) > 0
+    if cfg.ppo.value_model == "reward_model":
+        assert on["value"] == off["value"] - steps * minibatch > 0
+    first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
+    assert any(not torch.allclose(runs["true"][0][k], first[k], atol=1e-5) for k in first)  # the updates moved it
+    for k, w in runs["false"][0].items():
+        torch.testing.assert_close(runs["true"][0][k], w, atol=2e-5, rtol=1e-4)
+    for a, b in zip(runs["true"][1], runs["false"][1]):
+        for key in ("objective/kl", "objective/scores", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/ptx",
+                    "ppo/policy/approxkl", "ppo/policy/clipfrac", "objective/entropy", "ppo/val/var_explained"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+
 def test_rollout_trimmed_drops_only_columns_that_are_padding_in_every_row():
     """Rollout.trimmed: the query columns left of every row's prompt and the response columns right of every row's
     end go; every real token stays where it was."""

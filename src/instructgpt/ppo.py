@@ -31,6 +31,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
+from accelerate.utils import DistributedType
 
 from instructgpt.advantages import explained_variance, gae, group_advantages, kl_per_token, token_rewards, whiten
 from instructgpt.batching import left_pad, pretrain_blocks, prompt_ids
@@ -76,6 +77,8 @@ class Rollout:
     texts: list  # B decoded responses, as the reward model read them
     advantages: torch.Tensor | None = None  # (B, R) filled in step 3
     returns: torch.Tensor | None = None  # (B, R) value targets (GAE); None without a critic
+    # the first epoch's first minibatch's parts, forwarded in the scoring with their graphs (ppo.reuse_rollout_forwards)
+    graphs: list[KeptForward] | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -92,15 +95,41 @@ class Rollout:
                 return v[idx]
             return None if v is None else [v[i] for i in idx.tolist()]
 
-        return Rollout(**{k: pick(v) for k, v in self.__dict__.items()})
+        return Rollout(**{k: None if k == "graphs" else pick(v) for k, v in self.__dict__.items()})
 
     def trimmed(self) -> Rollout:
         """The same rows without the columns that are padding in all of them (see `unpadded_columns`): the same
         log-probs, values and losses, over fewer positions."""
         lead, r = unpadded_columns(self.query_mask, self.mask)
         return Rollout(**{k: (v[:, lead:] if k in ("query", "query_mask") else
-                              v[:, :r] if isinstance(v, torch.Tensor) and v.dim() == 2 else v)
+                              v[:, :r] if isinstance(v, torch.Tensor) and v.dim() == 2 else
+                              None if k == "graphs" else v)
                           for k, v in self.__dict__.items()})
+
+
+@dataclass
+class KeptForward:
+    """One part of the first epoch's first minibatch as the rollout's scoring forwarded it, with gradients on: the same
+    weights and rows as the update's forward of that part would see (`ppo.reuse_rollout_forwards`)."""
+
+    logprobs: torch.Tensor | None  # (n, r) the policy's response log-probs (ppo.recompute_logprobs), else None
+    values: torch.Tensor | None  # (n, r) values of the states before the response tokens; None without a critic
+    entropy_sum: torch.Tensor | None  # the policy's entropy summed over the part's response tokens, with logprobs
+
+
+def minibatch_parts(query_mask: torch.Tensor, mask: torch.Tensor, rows: list[int], n_groups: int) -> list[list[int]]:
+    """The batch rows `rows` (a minibatch, in its order) in the groups its forwards run in: up to `n_groups` groups of
+    similar query and response length (`train.length_groups`), each in the minibatch's order; one at n_groups = 1."""
+    if n_groups == 1:
+        return [rows]
+    lengths = list(zip(query_mask[rows].sum(1).tolist(), mask[rows].sum(1).tolist()))  # (query, response)
+    return [[rows[j] for j in g] for g in length_groups(lengths, n_groups)]
+
+
+def epoch_order(seed: int, step: int, epoch: int, batch_size: int) -> list[int]:
+    """The whole rollout batch's rows in the order PPO epoch `epoch` of update `step` cuts into minibatches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + epoch)
+    return torch.randperm(batch_size, generator=g).tolist()
 
 
 def unpadded_columns(query_mask: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
@@ -213,12 +242,13 @@ def minibatch_rows(perm: list[int], m: int, num_minibatches: int, rank: int, wor
 @torch.no_grad()
 def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: PPOParams, eos: list[int],
             generator: torch.Generator, device, draw_rows: tuple[torch.Tensor, int] | None = None,
-            engine=None, seeds: list[int] | None = None, n_groups: int = 1) -> Rollout:
+            engine=None, seeds: list[int] | None = None, n_groups: int = 1, first: list[int] | None = None) -> Rollout:
     """Sample one response per query with `policy` (the unwrapped one), or with a rollout `engine` (its own copy of
     the policy's weights; a seed per response), and score it with the frozen models, each once. `draw_rows`: these
     rows' places in a rollout batch split across processes (`generation.sample`). `n_groups` > 1: the scoring
     forwards run over up to that many groups of rows of similar length, each without its all-padding columns
-    (`train.length_groups`)."""
+    (`train.length_groups`). `first`: the rows of the first epoch's first minibatch, scored in the parts that minibatch
+    trains in, the trained models' forwards with their graphs kept for it (`Rollout.graphs`)."""
     tok, critic = models.tokenizer, models.critic
     q, qm = left_pad(queries, tok.pad_token_id, device)  # (B, P)
     if engine is not None:  # token ids only: every log-prob below is the training model's (recompute_logprobs)
@@ -235,37 +265,51 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
     head = critic is not None and critic.reads_policy
     recompute = p.recompute_logprobs or head
 
-    def score(q, qm, response, mask) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    def score(q, qm, response, mask, keep: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None,
+                                                          torch.Tensor | None]:
         """(log-probs (recomputed, else None), reference log-probs, values of the states before each response token
-        (None without a critic)) of these rows, each (n, r)."""
+        (None without a critic), the summed entropy (`keep` and recomputed, else None)) of these rows, each (n, r);
+        `keep`: the trained models' forwards with gradients on."""
         ids, att = torch.cat([q, response], 1), torch.cat([qm, mask.long()], 1)
         P, R = q.shape[1], response.shape[1]
-        logprobs = values = None
-        if recompute:
-            # old log-probs from the same full forward the training step uses: the first ratio is exactly 1
-            logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
-            logprobs = logprobs_from_logits(logits, response, p.temperature)
-            if head:
-                values = critic.values(ids, att, hidden)
-            del logits, hidden
+        logprobs = values = entropy = None
+        with torch.enable_grad() if keep else nullcontext():
+            if recompute:
+                # old log-probs from the same full forward the training step uses: the first ratio is exactly 1
+                logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
+                logprobs = logprobs_from_logits(logits, response, p.temperature)
+                if keep:  # as the update's first epoch logs it
+                    with torch.no_grad():
+                        h = entropy_from_logits(scaled_logits(logits, p.temperature))
+                        entropy = (h * mask.to(h.dtype)).sum()
+                if head:
+                    values = critic.values(ids, att, hidden)
+                del logits, hidden
+            if critic is not None and not head:
+                values = critic.values(ids, att)
+            if values is not None:  # (with its graph: sliced here)
+                values = values[:, P - 1:-1]
         ref_lp = logprobs_from_logits(ref_logits(policy, models.ref, ids, att, R), response, p.temperature)
-        if critic is not None and not head:
-            values = critic.values(ids, att)
-        return logprobs, ref_lp, (values[:, P - 1:-1] if values is not None else None)
+        return logprobs, ref_lp, values, entropy
 
-    if n_groups == 1:
-        logprobs, ref_logprobs, values = score(q, qm, response, mask)
-    else:
-        logprobs = torch.zeros(B, R, device=device) if recompute else None
-        ref_logprobs = torch.zeros(B, R, device=device)
-        values = torch.zeros(B, R, device=device) if critic is not None else None
-        for group in length_groups(list(zip(qm.sum(1).tolist(), mask.sum(1).tolist())), n_groups):
-            rows = torch.tensor(group, device=device)
-            lead, r = unpadded_columns(qm[rows], mask[rows])
-            parts = score(q[rows, lead:], qm[rows, lead:], response[rows, :r], mask[rows, :r])
-            for whole, part in zip((logprobs, ref_logprobs, values), parts):
-                if part is not None:
-                    whole[rows, :r] = part
+    # the rows in the groups they are scored in: the first minibatch's as it trains, then the others'
+    units = [(g, True) for g in minibatch_parts(qm, mask, first, n_groups)] if first else []
+    taken = set(first or ())
+    rest = [i for i in range(B) if i not in taken]
+    units += [(g, False) for g in minibatch_parts(qm, mask, rest, n_groups)] if rest else []
+    logprobs = torch.zeros(B, R, device=device) if recompute else None
+    ref_logprobs = torch.zeros(B, R, device=device)
+    values = torch.zeros(B, R, device=device) if critic is not None else None
+    graphs = []
+    for group, keep in units:
+        rows = torch.tensor(group, device=device)
+        lead, r = unpadded_columns(qm[rows], mask[rows]) if n_groups > 1 else (0, R)
+        lp, ref_lp, v, entropy = score(q[rows, lead:], qm[rows, lead:], response[rows, :r], mask[rows, :r], keep)
+        for whole, part in zip((logprobs, ref_logprobs, values), (lp, ref_lp, v)):
+            if part is not None:
+                whole[rows, :r] = part.detach()
+        if keep:
+            graphs.append(KeptForward(lp, v, entropy))
     if not recompute:
         # the sampler's own log-probs (logits / temperature, KV-cached forwards): equal to a full forward's up to
         # float rounding (~1e-6), and one policy forward per rollout cheaper (TRL reuses them the same way)
@@ -279,7 +323,7 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
     if p.missing_eos_penalty is not None:
         scores = torch.where(ended, scores, torch.full_like(scores, p.missing_eos_penalty))
     return Rollout(q, qm, response, mask, logprobs * mask, ref_logprobs * mask, values * mask, scores, ended,
-                   list(prompts), texts)
+                   list(prompts), texts, graphs=graphs or None)
 
 
 def train(cfg: PPOConfig) -> str:
@@ -380,6 +424,11 @@ def train(cfg: PPOConfig) -> str:
     # sharded model, which must all run as many forwards and backwards
     n_groups = length_groups_for(t, acc, policy, *([critic.module] if critic is not None else []),
                                  one_process_only=True)
+    # ppo.reuse_rollout_forwards: the first minibatch trains through its scoring forwards' graphs, where the rollout's
+    # forwards are the update's (one process, no wrapper, no checkpointing) and one of them is a trained model's
+    reuse = (p.reuse_rollout_forwards and acc.distributed_type == DistributedType.NO and sharding is None
+             and policy is unwrapped and not cfg.model.gradient_checkpointing
+             and (critic is not None or p.recompute_logprobs))
 
     def ptx_loss(n_tokens: float) -> torch.Tensor:
         """-E_pretrain[log pi(x)] on ptx_token_ratio x `n_tokens` tokens of pretraining text (the minibatch's tokens
@@ -429,10 +478,13 @@ def train(cfg: PPOConfig) -> str:
             set_training(False)
             if engine is not None:  # the engine samples from the policy as this update starts (a resumed one too)
                 engine.load_weights((name, w.detach()) for name, w in unwrapped.state_dict().items())
+            first = (minibatch_rows(epoch_order(cfg.seed, step, 0, t.batch_size), 0, p.num_minibatches, rank, world, k)
+                     if reuse else None)
             with acc.autocast():  # train.mixed_precision: the frozen models' forwards in the same precision
                 b = rollout(models, unwrapped, [queries[i] for i in idx], [prompts[i] for i in idx], p, eos, gen,
                             acc.device, draw_rows=(torch.tensor(rows, device=acc.device), t.batch_size),
-                            engine=engine, seeds=[row_seed(cfg.seed, step, r) for r in rows], n_groups=n_groups)
+                            engine=engine, seeds=[row_seed(cfg.seed, step, r) for r in rows], n_groups=n_groups,
+                            first=first)
             # 2. rewards: score at the last token - beta * KL per token (the paper's Eq. 2, per token)
             kl = kl_per_token(b.logprobs, b.ref_logprobs, p.kl_estimator) * b.mask
             rewards, non_score = token_rewards(b.scores, kl, 0.0 if p.kl_in_loss else kl_ctl.value, b.mask)
@@ -450,8 +502,7 @@ def train(cfg: PPOConfig) -> str:
             set_training(cfg.model.gradient_checkpointing)
             stats: dict[str, list[float]] = {}
             for epoch in range(p.ppo_epochs):
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + epoch)
-                perm = torch.randperm(t.batch_size, generator=g).tolist()  # the whole batch's rows
+                perm = epoch_order(cfg.seed, step, epoch, t.batch_size)  # the whole batch's rows
                 for m in range(p.num_minibatches):
                     mine = minibatch_rows(perm, m, p.num_minibatches, rank, world, k)
                     mb = b.rows(torch.tensor(mine or [0], device=acc.device))
@@ -463,21 +514,27 @@ def train(cfg: PPOConfig) -> str:
                     # train.length_groups: the minibatch's rows in groups of similar length, each without its
                     # all-padding columns, a backward each; every mean is over the whole minibatch's tokens (`count`)
                     # and the ptx batch is the first group's, so the gradients add up to one padded forward's
-                    lengths = list(zip(mb.query_mask.sum(1).tolist(), mb.mask.sum(1).tolist()))  # (query, response)
-                    parts = ([mb] if n_groups == 1 else [mb.rows(torch.tensor(g, device=acc.device)).trimmed()
-                                                         for g in length_groups(lengths, n_groups)])
+                    parts = ([mb] if n_groups == 1 else [b.rows(torch.tensor(g, device=acc.device)).trimmed()
+                                                         for g in minibatch_parts(b.query_mask, b.mask, mine, n_groups)])
+                    # the rollout's scoring forwards of these parts, with their graphs (ppo.reuse_rollout_forwards)
+                    kept = b.graphs if epoch == 0 and m == 0 and b.graphs else [None] * len(parts)
                     logged, entropy = {}, 0.0
-                    for i, part in enumerate(parts):
+                    for i, (part, kf) in enumerate(zip(parts, kept)):
                         P, R = part.query.shape[1], part.response.shape[1]
                         ids, att = part.input_ids, part.attention_mask
-                        with acc.autocast():
-                            logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
-                        new_logprobs = logprobs_from_logits(logits, part.response, p.temperature)
-                        if epoch == 0:  # the policy's entropy on the rollouts, before (or barely after) this update
-                            with torch.no_grad():
-                                entropy += float(masked_mean(entropy_from_logits(scaled_logits(logits, p.temperature)),
-                                                             part.mask, count))
-                        del logits
+                        hidden = None
+                        if kf is not None and kf.logprobs is not None:
+                            new_logprobs = kf.logprobs
+                            entropy += float(kf.entropy_sum / count)
+                        else:
+                            with acc.autocast():
+                                logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
+                            new_logprobs = logprobs_from_logits(logits, part.response, p.temperature)
+                            if epoch == 0:  # the policy's entropy on the rollouts, before (or barely after) the update
+                                with torch.no_grad():
+                                    entropy += float(masked_mean(entropy_from_logits(
+                                        scaled_logits(logits, p.temperature)), part.mask, count))
+                            del logits
                         pg_loss, pg_stats = policy_loss(new_logprobs, part.logprobs, part.advantages, part.mask,
                                                         p.cliprange, count)
                         kl_loss, vf_loss, vf_stats, ptx = zero, zero, {}, zero
@@ -485,8 +542,11 @@ def train(cfg: PPOConfig) -> str:
                             kl_loss = masked_mean(kl_per_token(new_logprobs, part.ref_logprobs, p.kl_estimator),
                                                   part.mask, count)
                         if critic is not None:
-                            with acc.autocast():  # the states before the tokens
-                                new_values = critic.values(ids, att, hidden)[:, P - 1:-1]
+                            if kf is not None and kf.values is not None:
+                                new_values = kf.values
+                            else:
+                                with acc.autocast():  # the states before the tokens
+                                    new_values = critic.values(ids, att, hidden)[:, P - 1:-1]
                             vf_loss, vf_stats = value_loss(new_values, part.values, part.returns, part.mask,
                                                            p.cliprange_value, count)
                         if ptx_blocks is not None and i == 0:
@@ -503,6 +563,7 @@ def train(cfg: PPOConfig) -> str:
                             part_logged["ppo/loss/kl"] = kl_loss
                         for name, v in part_logged.items():
                             logged[name] = logged.get(name, 0.0) + float(v.detach())
+                    b.graphs = None  # used once (their backward has run)
                     if epoch == 0:
                         stats.setdefault("objective/entropy", []).append(entropy)
                     if t.max_grad_norm:  # each network clipped on its own

@@ -60,6 +60,11 @@ class PPOParams:
     missing_eos_penalty: float | None = -1.0  # score of a response that never emits EOS (None: the RM's score)
     value_model: Literal["reward_model", "policy"] = "reward_model"  # paper: a separate value model from the RM
     recompute_logprobs: bool = False  # old log-probs from a full forward after sampling instead of the sampler's
+    # the first epoch's first minibatch trains through the graphs of its rows' scoring forwards in the rollout (the
+    # value model's, and the policy's with recompute_logprobs): the same weights and inputs, so the same losses and
+    # gradients, with one forward of each fewer per update. One process, no gradient checkpointing; false runs those
+    # forwards again in the update, as TRL and OpenRLHF do
+    reuse_rollout_forwards: bool = True
     # "bf16": sample the rollouts under bf16 autocast (a CPU with avx512_bf16 or a GPU does it ~2-4x faster), the
     # training in train.mixed_precision; needs recompute_logprobs, so the old log-probs stay the fp32 policy's (the
     # split of TRL's and OpenRLHF's vLLM rollouts: sample in low precision, score the ratio with the trained model)

@@ -514,8 +514,9 @@ def train(cfg: PPOConfig) -> str:
                     # train.length_groups: the minibatch's rows in groups of similar length, each without its
                     # all-padding columns, a backward each; every mean is over the whole minibatch's tokens (`count`)
                     # and the ptx batch is the first group's, so the gradients add up to one padded forward's
-                    parts = ([mb] if n_groups == 1 else [b.rows(torch.tensor(g, device=acc.device)).trimmed()
-                                                         for g in minibatch_parts(b.query_mask, b.mask, mine, n_groups)])
+                    groups = minibatch_parts(b.query_mask, b.mask, mine, n_groups) if n_groups > 1 else []
+                    parts = [mb] if n_groups == 1 else [b.rows(torch.tensor(g, device=acc.device)).trimmed()
+                                                        for g in groups]
                     # the rollout's scoring forwards of these parts, with their graphs (ppo.reuse_rollout_forwards)
                     kept = b.graphs if epoch == 0 and m == 0 and b.graphs else [None] * len(parts)
                     logged, entropy = {}, 0.0

@@ -419,7 +419,7 @@ def test_reused_rollout_forwards_train_as_forwards_run_again(ppo_inputs, tmp_pat
     real_forward, real_values = ppo.policy_forward, policy_module.token_values
 
     def count_policy(model, ids, *a, response_len=None, **kw):
-        rows["policy"] += ids.shape[0] if response_len is not None and model is not None else 0
+        rows["policy"] += ids.shape[0] if response_len is not None else 0
         return real_forward(model, ids, *a, response_len=response_len, **kw)
 
     def count_values(model, ids, *a, **kw):

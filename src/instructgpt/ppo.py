@@ -114,7 +114,7 @@ class KeptForward:
 
     logprobs: torch.Tensor | None  # (n, r) the policy's response log-probs (ppo.recompute_logprobs), else None
     values: torch.Tensor | None  # (n, r) values of the states before the response tokens; None without a critic
-    entropy_sum: torch.Tensor | None  # the policy's entropy summed over the part's response tokens, with logprobs
+    entropy: torch.Tensor | None  # (n, r) the policy's entropy at each response position, with logprobs
 
 
 def minibatch_parts(query_mask: torch.Tensor, mask: torch.Tensor, rows: list[int], n_groups: int) -> list[list[int]]:
@@ -268,7 +268,7 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
     def score(q, qm, response, mask, keep: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None,
                                                           torch.Tensor | None]:
         """(log-probs (recomputed, else None), reference log-probs, values of the states before each response token
-        (None without a critic), the summed entropy (`keep` and recomputed, else None)) of these rows, each (n, r);
+        (None without a critic), the policy's entropy (`keep` and recomputed, else None)) of these rows, each (n, r);
         `keep`: the trained models' forwards with gradients on."""
         ids, att = torch.cat([q, response], 1), torch.cat([qm, mask.long()], 1)
         P, R = q.shape[1], response.shape[1]
@@ -280,8 +280,7 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
                 logprobs = logprobs_from_logits(logits, response, p.temperature)
                 if keep:  # as the update's first epoch logs it
                     with torch.no_grad():
-                        h = entropy_from_logits(scaled_logits(logits, p.temperature))
-                        entropy = (h * mask.to(h.dtype)).sum()
+                        entropy = entropy_from_logits(scaled_logits(logits, p.temperature))
                 if head:
                     values = critic.values(ids, att, hidden)
                 del logits, hidden
@@ -514,28 +513,27 @@ def train(cfg: PPOConfig) -> str:
                     # train.length_groups: the minibatch's rows in groups of similar length, each without its
                     # all-padding columns, a backward each; every mean is over the whole minibatch's tokens (`count`)
                     # and the ptx batch is the first group's, so the gradients add up to one padded forward's
-                    groups = minibatch_parts(b.query_mask, b.mask, mine, n_groups) if n_groups > 1 else []
-                    parts = [mb] if n_groups == 1 else [b.rows(torch.tensor(g, device=acc.device)).trimmed()
-                                                        for g in groups]
+                    parts = [b.rows(torch.tensor(g, device=acc.device)).trimmed()
+                             for g in minibatch_parts(b.query_mask, b.mask, mine, n_groups)] if n_groups > 1 else [mb]
                     # the rollout's scoring forwards of these parts, with their graphs (ppo.reuse_rollout_forwards)
                     kept = b.graphs if epoch == 0 and m == 0 and b.graphs else [None] * len(parts)
                     logged, entropy = {}, 0.0
                     for i, (part, kf) in enumerate(zip(parts, kept)):
                         P, R = part.query.shape[1], part.response.shape[1]
                         ids, att = part.input_ids, part.attention_mask
-                        hidden = None
+                        hidden = token_entropy = None
                         if kf is not None and kf.logprobs is not None:
-                            new_logprobs = kf.logprobs
-                            entropy += float(kf.entropy_sum / count)
+                            new_logprobs, token_entropy = kf.logprobs, kf.entropy
                         else:
                             with acc.autocast():
                                 logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
                             new_logprobs = logprobs_from_logits(logits, part.response, p.temperature)
-                            if epoch == 0:  # the policy's entropy on the rollouts, before (or barely after) the update
+                            if epoch == 0:
                                 with torch.no_grad():
-                                    entropy += float(masked_mean(entropy_from_logits(
-                                        scaled_logits(logits, p.temperature)), part.mask, count))
+                                    token_entropy = entropy_from_logits(scaled_logits(logits, p.temperature))
                             del logits
+                        if epoch == 0:  # the policy's entropy on the rollouts, before (or barely after) this update
+                            entropy += float(masked_mean(token_entropy, part.mask, count))
                         pg_loss, pg_stats = policy_loss(new_logprobs, part.logprobs, part.advantages, part.mask,
                                                         p.cliprange, count)
                         kl_loss, vf_loss, vf_stats, ptx = zero, zero, {}, zero

@@ -17,7 +17,7 @@ from instructgpt.advantages import gae, gae_loop, group_advantages, kl_per_token
 from instructgpt.config import ConfigError, load_config
 from instructgpt.kl_control import AdaptiveKLController
 from instructgpt.losses import lm_loss, policy_loss, value_loss
-from instructgpt.modeling import logprobs_from_logits, scaled_logits
+from instructgpt.modeling import last_layer_mlp, last_mlp_at_last, logprobs_from_logits, scaled_logits
 from instructgpt.policy import policy_forward
 from instructgpt.ppo import PPOConfig, Rollout, load_models, rollout, train
 from instructgpt.runs import read_metrics
@@ -443,6 +443,122 @@ def test_reused_rollout_forwards_train_as_forwards_run_again(ppo_inputs, tmp_pat
     assert on["policy"] == off["policy"] - (steps * minibatch if recomputed else 0) > 0
     if cfg.ppo.value_model == "reward_model":
         assert on["value"] == off["value"] - steps * minibatch > 0
+    first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
+    assert any(not torch.allclose(runs["true"][0][k], first[k], atol=1e-5) for k in first)  # the updates moved it
+    for k, w in runs["false"][0].items():
+        torch.testing.assert_close(runs["true"][0][k], w, atol=2e-5, rtol=1e-4)
+    for a, b in zip(runs["true"][1], runs["false"][1]):
+        for key in ("objective/kl", "objective/scores", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/ptx",
+                    "ppo/policy/approxkl", "ppo/policy/clipfrac", "objective/entropy", "ppo/val/var_explained"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+
+def _tiny_model(arch: str, tok):
+    """A random two-layer model of `arch`: GPT-2 (a Conv1D MLP), Llama (grouped-query attention, gated MLP), GPT-NeoX
+    (attention and MLP in parallel off one residual), or GPT-2's sequence classifier (a value model)."""
+    from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, GPTNeoXConfig,
+                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM)
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+                  eos_token_id=tok.eos_token_id)
+    if arch in ("gpt2", "gpt2-value"):
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, num_labels=1, **common)
+        return (GPT2LMHeadModel if arch == "gpt2" else GPT2ForSequenceClassification)(cfg)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, **common))
+    return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, use_parallel_residual=True, **common))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt-neox", "gpt2-value"])
+def test_last_mlp_at_last_keeps_the_outputs_read_and_their_gradients(tiny, arch):
+    """last_mlp_at_last: the last layer's MLP sees the last `keep` positions only, the outputs there (logits, or a
+    value model's head) and every weight's gradient of a loss on them are the full forward's, the outputs elsewhere
+    are not, and outside the context the model runs whole again."""
+    from instructgpt.reward import token_values
+    _, tok = tiny
+    model = _tiny_model(arch, tok).train()
+    model.config.attn_pdrop = model.config.resid_pdrop = model.config.embd_pdrop = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    torch.manual_seed(1)
+    B, T, keep = 3, 12, 5
+    ids = torch.randint(3, len(tok), (B, T))
+    att = torch.ones(B, T, dtype=torch.long)
+    att[0, :4] = 0  # a left-padded row, as PPO's queries are
+    mlp = last_layer_mlp(model)
+    assert mlp is not None
+    seen = []
+    spy = mlp.register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))  # before the context's own hook
+
+    def outputs():
+        if arch == "gpt2-value":
+            return token_values(model, ids, att)  # (B, T)
+        return policy_forward(model, ids, att)[0]  # (B, T, V)
+
+    def loss_and_grads(out):
+        loss = (out[:, -keep:].float() ** 2).mean()
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
+
+    full = outputs()
+    full_grads = loss_and_grads(full)
+    with last_mlp_at_last(model, keep):
+        part = outputs()
+    part_grads = loss_and_grads(part)
+    again = outputs()
+    spy.remove()
+    assert seen == [T, keep, T]
+    torch.testing.assert_close(part[:, -keep:], full[:, -keep:], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(part[:, :-keep], full[:, :-keep], atol=1e-3)  # not the model's outputs there
+    torch.testing.assert_close(again, full)
+    for g_part, g_full in zip(part_grads, full_grads):
+        torch.testing.assert_close(g_part, g_full, atol=1e-6, rtol=1e-4)
+    assert sum(float(g.abs().sum()) for g in full_grads[-6:]) > 0  # the last layers' gradients were not all zero
+
+
+def test_last_mlp_at_last_is_a_no_op_without_a_layer_list_or_keep(tiny):
+    """No `keep`, or a model without one list of config.num_hidden_layers layers with an `mlp`: nothing changes."""
+    model, _ = tiny
+    ids = torch.randint(3, 50, (2, 6))
+    att = torch.ones_like(ids)
+    full = policy_forward(model, ids, att)[0]
+    with last_mlp_at_last(model, None):
+        torch.testing.assert_close(policy_forward(model, ids, att)[0], full, atol=0, rtol=0)
+    with last_mlp_at_last(model, 6):  # every position kept
+        torch.testing.assert_close(policy_forward(model, ids, att)[0], full, atol=0, rtol=0)
+    assert last_layer_mlp(torch.nn.Linear(3, 3)) is None
+
+
+@pytest.mark.parametrize("extra", [(), ("ppo.recompute_logprobs=true", "ppo.reuse_rollout_forwards=false"),
+                                   ("ppo.value_model=policy",)],
+                         ids=["value-model", "recompute-no-reuse", "value-head"])
+def test_trimmed_last_mlp_trains_as_the_whole_model(ppo_inputs, tmp_path, monkeypatch, extra):
+    """ppo.trim_last_mlp: every forward of the policy, the reference and the value model on rollouts runs its last MLP
+    at the response positions only (R + 1 of them: the logits' and values' positions), and the run ends where the
+    one running it at every position does (weights and metrics, to float rounding). (No ptx: its forward reads
+    every position.)"""
+    from instructgpt import policy as policy_module
+    keeps = []
+    real = policy_module.last_mlp_at_last
+
+    def spy(model, keep):
+        keeps.append(keep)
+        return real(model, keep)
+
+    monkeypatch.setattr(policy_module, "last_mlp_at_last", spy)
+    runs = {}
+    for trim in ("false", "true"):
+        keeps.clear()
+        out = tmp_path / trim
+        cfg = load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=3", "ppo.response_length=8",
+                                                 "ppo.ptx_coef=0", *extra, f"ppo.trim_last_mlp={trim}"))
+        train(cfg)
+        runs[trim] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r], list(keeps))
+    assert set(runs["false"][2]) == {None}
+    assert len(runs["true"][2]) == len(runs["false"][2]) > 0 and set(runs["true"][2]) <= set(range(2, 10))
     first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
     assert any(not torch.allclose(runs["true"][0][k], first[k], atol=1e-5) for k in first)  # the updates moved it
     for k, w in runs["false"][0].items():

@@ -9,6 +9,7 @@ reward model, PPO and DPO do not (`require_decoder_only`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -247,6 +248,54 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """log p(x_t | x_<t) for t = 1..T-1, logits divided by `temperature` (as when sampling). (B, T) -> (B, T-1)."""
     logits = forward_logits(model, input_ids, attention_mask)[:, :-1]  # (B, T-1, V)
     return logprobs_from_logits(logits, input_ids[:, 1:], temperature)
+
+
+def last_layer_mlp(model) -> torch.nn.Module | None:
+    """The MLP of `model`'s last decoder layer: `mlp` of the last entry of its one list of `config.num_hidden_layers`
+    layers (GPT-2's `h`, Llama's, Qwen's and GPT-NeoX's `layers`), through a DDP or peft wrapper. None where there is
+    no such list, or its last layer has no `mlp`."""
+    inner = getattr(model, "module", model)  # DDP's and DeepSpeed's wrappers hold the model as .module
+    n = getattr(getattr(inner, "config", None), "num_hidden_layers", None)
+    if not n:
+        return None
+    lists = [m for m in inner.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    return getattr(lists[0][-1], "mlp", None) if len(lists) == 1 else None
+
+
+@contextlib.contextmanager
+def last_mlp_at_last(model, keep: int | None):
+    """Within: the MLP of `model`'s last decoder layer runs at the last `keep` positions of each row only, and adds 0
+    at the others. An MLP reads its own position alone and no layer reads the last one's output, so the final hidden
+    states at those `keep` positions, and the logits or values read there, are the full forward's; elsewhere they
+    are not the model's. What `logits_to_keep` does for the LM head, one layer deeper. A no-op with `keep` None, or
+    where `last_layer_mlp` finds no MLP."""
+    mlp = last_layer_mlp(model) if keep else None
+    if mlp is None:
+        yield
+        return
+    length = {}
+
+    def before(module, args):
+        x = args[0] if args else None
+        if x is None or x.dim() != 3 or x.shape[1] <= keep:
+            length.pop("T", None)
+            return None
+        length["T"] = x.shape[1]
+        return (x[:, -keep:].contiguous(), *args[1:])  # (B, keep, d); contiguous for GPT-2's Conv1D view
+
+    def after(module, args, out):
+        T = length.pop("T", None)
+        if T is None:
+            return None
+        pad = lambda y: torch.nn.functional.pad(y, (0, 0, T - y.shape[1], 0))  # noqa: E731  zeros before, (B, T, d)
+        return pad(out) if torch.is_tensor(out) else (pad(out[0]), *out[1:])
+
+    hooks = [mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def set_seed(seed: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from instructgpt.modeling import position_ids_from_mask
+from instructgpt.modeling import last_mlp_at_last, position_ids_from_mask
 from instructgpt.reward import token_values
 
 
@@ -20,31 +20,35 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def policy_forward(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False,
-                   response_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   response_len: int | None = None, trim_mlp: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logits, last hidden state (B, T, d) when `hidden`, else None) with position ids that ignore left padding.
 
     With `response_len` = R the logits are only those predicting the last R tokens, (B, R, V): positions
-    T-R-1 .. T-2, so the LM head never runs over the query (`logits_to_keep`). Otherwise (B, T, V).
+    T-R-1 .. T-2, so the LM head never runs over the query (`logits_to_keep`). Otherwise (B, T, V). `trim_mlp` (with
+    `response_len`): the last layer's MLP too runs at the last R + 1 positions only (`last_mlp_at_last`); the hidden
+    states are then the model's at those positions alone (a value head reads no others).
     """
     # R + 1 positions with the last dropped: R indices as `logits_to_keep` would spare the slice's backward, but
     # under bf16 autocast the head's weight gradient (a sum over R rows, not R + 1) would round differently, and a
     # PPO run would no longer repeat an earlier version's bitwise
     kw = {"logits_to_keep": response_len + 1} if response_len is not None else {}
-    out = policy(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                 output_hidden_states=hidden, **kw)
+    with last_mlp_at_last(policy, response_len + 1 if trim_mlp and response_len is not None else None):
+        out = policy(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                     output_hidden_states=hidden, **kw)
     logits = out.logits[:, :-1] if response_len is not None else out.logits
     # fp32 log-probs under train.mixed_precision (a no-op in fp32)
     return logits.float(), (out.hidden_states[-1] if hidden else None)
 
 
 @torch.no_grad()
-def ref_logits(policy, ref, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+def ref_logits(policy, ref, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+               trim_mlp: bool = False) -> torch.Tensor:
     """The reference's response logits: the frozen SFT model, or (LoRA, `ref` None) the policy with its adapter off."""
     if ref is not None:
-        return policy_forward(ref, input_ids, attention_mask, response_len=response_len)[0]
+        return policy_forward(ref, input_ids, attention_mask, response_len=response_len, trim_mlp=trim_mlp)[0]
     with policy.disable_adapter():
-        return policy_forward(policy, input_ids, attention_mask, response_len=response_len)[0]
+        return policy_forward(policy, input_ids, attention_mask, response_len=response_len, trim_mlp=trim_mlp)[0]
 
 
 class ValueHead(torch.nn.Module):
@@ -69,11 +73,13 @@ class Critic:
         self.reads_policy = isinstance(module, ValueHead)  # values from the policy's own forward, not one of theirs
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) values; a head needs `policy_hidden` (B, T, d)."""
+               policy_hidden: torch.Tensor | None = None, read_last: int | None = None) -> torch.Tensor:
+        """(B, T) values; a head needs `policy_hidden` (B, T, d). `read_last`: only the last that many are read, and
+        a value model's last MLP runs there alone (`last_mlp_at_last`): the others are not the model's."""
         if self.reads_policy:
             return self.module(policy_hidden)
-        return token_values(self.module, input_ids, attention_mask)  # (under DDP, through its wrapper)
+        with last_mlp_at_last(self.module, read_last):
+            return token_values(self.module, input_ids, attention_mask)  # (under DDP, through its wrapper)
 
     def parameters(self):
         return self.module.parameters()

@@ -242,13 +242,15 @@ def minibatch_rows(perm: list[int], m: int, num_minibatches: int, rank: int, wor
 @torch.no_grad()
 def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: PPOParams, eos: list[int],
             generator: torch.Generator, device, draw_rows: tuple[torch.Tensor, int] | None = None,
-            engine=None, seeds: list[int] | None = None, n_groups: int = 1, first: list[int] | None = None) -> Rollout:
+            engine=None, seeds: list[int] | None = None, n_groups: int = 1, first: list[int] | None = None,
+            trim_mlp: bool = False) -> Rollout:
     """Sample one response per query with `policy` (the unwrapped one), or with a rollout `engine` (its own copy of
     the policy's weights; a seed per response), and score it with the frozen models, each once. `draw_rows`: these
     rows' places in a rollout batch split across processes (`generation.sample`). `n_groups` > 1: the scoring
     forwards run over up to that many groups of rows of similar length, each without its all-padding columns
     (`train.length_groups`). `first`: the rows of the first epoch's first minibatch, scored in the parts that minibatch
-    trains in, the trained models' forwards with their graphs kept for it (`Rollout.graphs`)."""
+    trains in, the trained models' forwards with their graphs kept for it (`Rollout.graphs`). `trim_mlp`: each model's
+    last MLP at the positions read alone (`ppo.trim_last_mlp`)."""
     tok, critic = models.tokenizer, models.critic
     q, qm = left_pad(queries, tok.pad_token_id, device)  # (B, P)
     if engine is not None:  # token ids only: every log-prob below is the training model's (recompute_logprobs)
@@ -276,7 +278,7 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
         with torch.enable_grad() if keep else nullcontext():
             if recompute:
                 # old log-probs from the same full forward the training step uses: the first ratio is exactly 1
-                logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
+                logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R, trim_mlp=trim_mlp)
                 logprobs = logprobs_from_logits(logits, response, p.temperature)
                 if keep:  # as the update's first epoch logs it
                     with torch.no_grad():
@@ -285,10 +287,10 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
                     values = critic.values(ids, att, hidden)
                 del logits, hidden
             if critic is not None and not head:
-                values = critic.values(ids, att)
+                values = critic.values(ids, att, read_last=R + 1 if trim_mlp else None)
             if values is not None:  # (with its graph: sliced here)
                 values = values[:, P - 1:-1]
-        ref_lp = logprobs_from_logits(ref_logits(policy, models.ref, ids, att, R), response, p.temperature)
+        ref_lp = logprobs_from_logits(ref_logits(policy, models.ref, ids, att, R, trim_mlp), response, p.temperature)
         return logprobs, ref_lp, values, entropy
 
     # the rows in the groups they are scored in: the first minibatch's as it trains, then the others'
@@ -428,6 +430,8 @@ def train(cfg: PPOConfig) -> str:
     reuse = (p.reuse_rollout_forwards and acc.distributed_type == DistributedType.NO and sharding is None
              and policy is unwrapped and not cfg.model.gradient_checkpointing
              and (critic is not None or p.recompute_logprobs))
+    # ppo.trim_last_mlp: not under gradient checkpointing, whose backward reruns a layer's forward without the trim
+    trim_mlp = p.trim_last_mlp and not cfg.model.gradient_checkpointing
 
     def ptx_loss(n_tokens: float) -> torch.Tensor:
         """-E_pretrain[log pi(x)] on ptx_token_ratio x `n_tokens` tokens of pretraining text (the minibatch's tokens
@@ -483,7 +487,7 @@ def train(cfg: PPOConfig) -> str:
                 b = rollout(models, unwrapped, [queries[i] for i in idx], [prompts[i] for i in idx], p, eos, gen,
                             acc.device, draw_rows=(torch.tensor(rows, device=acc.device), t.batch_size),
                             engine=engine, seeds=[row_seed(cfg.seed, step, r) for r in rows], n_groups=n_groups,
-                            first=first)
+                            first=first, trim_mlp=trim_mlp)
             # 2. rewards: score at the last token - beta * KL per token (the paper's Eq. 2, per token)
             kl = kl_per_token(b.logprobs, b.ref_logprobs, p.kl_estimator) * b.mask
             rewards, non_score = token_rewards(b.scores, kl, 0.0 if p.kl_in_loss else kl_ctl.value, b.mask)
@@ -526,7 +530,8 @@ def train(cfg: PPOConfig) -> str:
                             new_logprobs, token_entropy = kf.logprobs, kf.entropy
                         else:
                             with acc.autocast():
-                                logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R)
+                                logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R,
+                                                                trim_mlp=trim_mlp)
                             new_logprobs = logprobs_from_logits(logits, part.response, p.temperature)
                             if epoch == 0:
                                 with torch.no_grad():
@@ -545,7 +550,8 @@ def train(cfg: PPOConfig) -> str:
                                 new_values = kf.values
                             else:
                                 with acc.autocast():  # the states before the tokens
-                                    new_values = critic.values(ids, att, hidden)[:, P - 1:-1]
+                                    read = R + 1 if trim_mlp else None  # the positions read
+                                    new_values = critic.values(ids, att, hidden, read)[:, P - 1:-1]
                             vf_loss, vf_stats = value_loss(new_values, part.values, part.returns, part.mask,
                                                            p.cliprange_value, count)
                         if ptx_blocks is not None and i == 0:

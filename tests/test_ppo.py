@@ -17,11 +17,11 @@ from instructgpt.advantages import gae, gae_loop, group_advantages, kl_per_token
 from instructgpt.config import ConfigError, load_config
 from instructgpt.kl_control import AdaptiveKLController
 from instructgpt.losses import lm_loss, policy_loss, value_loss
-from instructgpt.modeling import last_layer_mlp, last_mlp_at_last, logprobs_from_logits, scaled_logits
+from instructgpt.modeling import last_layer_mlp, last_mlp_only_at, logprobs_from_logits, scaled_logits
 from instructgpt.policy import policy_forward
 from instructgpt.ppo import PPOConfig, Rollout, load_models, rollout, train
 from instructgpt.runs import read_metrics
-from instructgpt.supervised import length_groups
+from instructgpt.batching import length_groups
 
 # --------------------------------------------------------------------------------------------------------------------
 # Math
@@ -472,8 +472,8 @@ def _tiny_model(arch: str, tok):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt-neox", "gpt2-value"])
-def test_last_mlp_at_last_keeps_the_outputs_read_and_their_gradients(tiny, arch):
-    """last_mlp_at_last: the last layer's MLP sees the last `keep` positions only, the outputs there (logits, or a
+def test_last_mlp_only_at_keeps_the_outputs_read_and_their_gradients(tiny, arch):
+    """last_mlp_only_at: the last layer's MLP sees the last `keep` positions only, the outputs there (logits, or a
     value model's head) and every weight's gradient of a loss on them are the full forward's, the outputs elsewhere
     are not, and outside the context the model runs whole again."""
     from instructgpt.reward import token_values
@@ -505,7 +505,7 @@ def test_last_mlp_at_last_keeps_the_outputs_read_and_their_gradients(tiny, arch)
 
     full = outputs()
     full_grads = loss_and_grads(full)
-    with last_mlp_at_last(model, keep):
+    with last_mlp_only_at(model, keep):
         part = outputs()
     part_grads = loss_and_grads(part)
     again = outputs()
@@ -519,17 +519,65 @@ def test_last_mlp_at_last_keeps_the_outputs_read_and_their_gradients(tiny, arch)
     assert sum(float(g.abs().sum()) for g in full_grads[-6:]) > 0  # the last layers' gradients were not all zero
 
 
-def test_last_mlp_at_last_is_a_no_op_without_a_layer_list_or_keep(tiny):
+def test_last_mlp_only_at_is_a_no_op_without_a_layer_list_or_keep(tiny):
     """No `keep`, or a model without one list of config.num_hidden_layers layers with an `mlp`: nothing changes."""
     model, _ = tiny
     ids = torch.randint(3, 50, (2, 6))
     att = torch.ones_like(ids)
     full = policy_forward(model, ids, att)[0]
-    with last_mlp_at_last(model, None):
+    with last_mlp_only_at(model, None):
         torch.testing.assert_close(policy_forward(model, ids, att)[0], full, atol=0, rtol=0)
-    with last_mlp_at_last(model, 6):  # every position kept
+    with last_mlp_only_at(model, 6):  # every position kept
         torch.testing.assert_close(policy_forward(model, ids, att)[0], full, atol=0, rtol=0)
     assert last_layer_mlp(torch.nn.Linear(3, 3)) is None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_reward_at_the_last_token_with_the_last_mlp_there_alone(tiny, arch):
+    """last_mlp_only_at with a position per row, as the reward model reads right-padded rows: the last layer's MLP
+    sees one position a row, and the rewards and every weight's gradient are the full forward's; raw_rewards in
+    length groups gives the rewards of one padded batch."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from instructgpt.reward import last_token_rewards, raw_rewards
+    _, tok = tiny
+    if arch == "gpt2":
+        model = _tiny_model("gpt2-value", tok)
+    else:
+        torch.manual_seed(0)
+        model = LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id))
+    model.eval()
+    torch.manual_seed(1)
+    ids = torch.randint(3, len(tok), (4, 10))
+    att = torch.ones_like(ids)
+    att[1, 6:] = att[2, 3:] = 0  # right-padded rows of 6 and 3 tokens
+    seen = []
+    spy = last_layer_mlp(model).register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape[:2])))
+
+    def rewards_and_grads(trim):
+        r = last_token_rewards(model, ids, att, trim_mlp=trim)
+        grads = torch.autograd.grad((r ** 2).sum(), list(model.parameters()), allow_unused=True)
+        return r, [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
+
+    full, full_grads = rewards_and_grads(False)
+    part, part_grads = rewards_and_grads(True)
+    assert seen == [(4, 10), (4, 1)]
+    torch.testing.assert_close(part, full, atol=1e-6, rtol=1e-5)
+    for a, b in zip(part_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    prompts = ["a b c", "a", "b c d e f g h", "c d"]
+    responses = ["x", "y z w v", "x y", "z"]
+    one = raw_rewards(model, tok, prompts, responses, "cpu")
+    for n_groups, trim in ((2, False), (3, True)):
+        seen.clear()
+        torch.testing.assert_close(raw_rewards(model, tok, prompts, responses, "cpu", n_groups=n_groups,
+                                               trim_mlp=trim), one, atol=1e-6, rtol=1e-5)
+        assert len(seen) == n_groups and sum(n for n, _ in seen) == 4  # a forward a group, every pair once
+        assert all(width == 1 for _, width in seen) == trim
+    spy.remove()
 
 
 @pytest.mark.parametrize("extra", [(), ("ppo.recompute_logprobs=true", "ppo.reuse_rollout_forwards=false"),
@@ -537,27 +585,38 @@ def test_last_mlp_at_last_is_a_no_op_without_a_layer_list_or_keep(tiny):
                          ids=["value-model", "recompute-no-reuse", "value-head"])
 def test_trimmed_last_mlp_trains_as_the_whole_model(ppo_inputs, tmp_path, monkeypatch, extra):
     """ppo.trim_last_mlp: every forward of the policy, the reference and the value model on rollouts runs its last MLP
-    at the response positions only (R + 1 of them: the logits' and values' positions), and the run ends where the
-    one running it at every position does (weights and metrics, to float rounding). (No ptx: its forward reads
+    at the response positions only (R + 1 of them: the logits' and values' positions), the reward model's at each
+    response's last token, and the run ends where the one running it at every position does (weights and metrics, to float rounding). (No ptx: its forward reads
     every position.)"""
     from instructgpt import policy as policy_module
     keeps = []
-    real = policy_module.last_mlp_at_last
+    real = policy_module.last_mlp_only_at
 
     def spy(model, keep):
         keeps.append(keep)
         return real(model, keep)
 
-    monkeypatch.setattr(policy_module, "last_mlp_at_last", spy)
+    monkeypatch.setattr(policy_module, "last_mlp_only_at", spy)
+    from instructgpt import reward as reward_module
+    rm_trims = []
+    real_rm = reward_module.last_mlp_only_at
+
+    def rm_spy(model, where):
+        rm_trims.append(where is not None)
+        return real_rm(model, where)
+
+    monkeypatch.setattr(reward_module, "last_mlp_only_at", rm_spy)
     runs = {}
     for trim in ("false", "true"):
         keeps.clear()
+        rm_trims.clear()
         out = tmp_path / trim
         cfg = load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=3", "ppo.response_length=8",
                                                  "ppo.ptx_coef=0", *extra, f"ppo.trim_last_mlp={trim}"))
         train(cfg)
-        runs[trim] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r], list(keeps))
-    assert set(runs["false"][2]) == {None}
+        runs[trim] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r], list(keeps), list(rm_trims))
+    assert set(runs["false"][2]) == {None} and set(runs["false"][3]) == {False}
+    assert set(runs["true"][3]) == {True}  # the reward model's last MLP at each response's last token alone
     assert len(runs["true"][2]) == len(runs["false"][2]) > 0 and set(runs["true"][2]) <= set(range(2, 10))
     first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
     assert any(not torch.allclose(runs["true"][0][k], first[k], atol=1e-5) for k in first)  # the updates moved it

@@ -13,10 +13,10 @@ from instructgpt.config import ConfigError, load_config
 from instructgpt.data import DataError, Demonstration, load_demonstrations
 from instructgpt.prompting import encode_conversation, encode_response, render_prompt, render_segments
 from instructgpt.runs import StageError
-from instructgpt.batching import collate, pack
+from instructgpt.batching import collate, length_groups, pack
 from instructgpt.losses import token_loss_sum
 from instructgpt.sft import SFTConfig, build_examples, train
-from instructgpt.supervised import eval_loss, length_groups, response_loss_sum
+from instructgpt.supervised import eval_loss, response_loss_sum
 from instructgpt.training import batch_indices, cosine_lr_factor, grouped_batch_indices
 
 
@@ -241,7 +241,7 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_model_dir, demos_file
 
 
 def test_length_groups_pad_the_fewest_tokens():
-    """supervised.length_groups: every row in exactly one group, and the split pads as few tokens as the best of
+    """batching.length_groups: every row in exactly one group, and the split pads as few tokens as the best of
     every split of the sorted rows into at most that many groups (brute force)."""
     from itertools import combinations
 

@@ -100,7 +100,7 @@ class TrainConfig:
     # greedy gold 0.236 -> 0.200), so the default pipeline leaves it off.
     group_by_length: int = 0
     # SFT, RM and PPO: each micro-batch forwarded as up to this many groups of similar length, each padded to its
-    # own longest (`supervised.length_groups`): the same examples and gradient as one padded batch, fewer padded
+    # own longest (`batching.length_groups`): the same examples and gradient as one padded batch, fewer padded
     # tokens (the built-in demonstrations: 1.24x the real ones at 2 groups, 1.09x at 4, against 1.57x), but a
     # forward more each. The forward and backward of a 32-demonstration batch of the built-in model in bf16 on a
     # 2-core CPU: 0.254 s at 1, 0.219 at 2, 0.249 at 4; SmolLM2-135M with LoRA, 16 demonstrations: 3.88, 1.55 and

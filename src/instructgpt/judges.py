@@ -52,5 +52,6 @@ class JudgeReward:
     def __init__(self, judge: Judge):
         self.judge = judge
 
-    def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32) -> list[float]:
-        return [2.0 * s - 1.0 for s in self.judge.score(prompts, responses)]
+    def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32, n_groups: int = 1,
+              trim_mlp: bool = False) -> list[float]:
+        return [2.0 * s - 1.0 for s in self.judge.score(prompts, responses)]  # (no forward to batch or trim)

@@ -263,32 +263,41 @@ def last_layer_mlp(model) -> torch.nn.Module | None:
 
 
 @contextlib.contextmanager
-def last_mlp_at_last(model, keep: int | None):
-    """Within: the MLP of `model`'s last decoder layer runs at the last `keep` positions of each row only, and adds 0
-    at the others. An MLP reads its own position alone and no layer reads the last one's output, so the final hidden
-    states at those `keep` positions, and the logits or values read there, are the full forward's; elsewhere they
-    are not the model's. What `logits_to_keep` does for the LM head, one layer deeper. A no-op with `keep` None, or
-    where `last_layer_mlp` finds no MLP."""
-    mlp = last_layer_mlp(model) if keep else None
+def last_mlp_only_at(model, where: int | torch.Tensor | None):
+    """Within: the MLP of `model`'s last decoder layer runs only where its outputs are read, and adds 0 elsewhere:
+    at the last `where` positions of every row (an int; PPO's response positions, left-padded queries), or at one
+    position per row (a (B,) tensor; a right-padded row's last token, which a reward model reads). An MLP reads its
+    own position alone and no layer reads the last one's output, so the final hidden states there, and the logits or
+    values read there, are the full forward's; elsewhere they are not the model's. What `logits_to_keep` does for the
+    LM head, one layer deeper. A no-op with `where` None, or where `last_layer_mlp` finds no MLP."""
+    mlp = last_layer_mlp(model) if where is not None else None
     if mlp is None:
         yield
         return
-    length = {}
+    per_row = torch.is_tensor(where)
+    shape = {}
 
     def before(module, args):
         x = args[0] if args else None
-        if x is None or x.dim() != 3 or x.shape[1] <= keep:
-            length.pop("T", None)
+        if x is None or x.dim() != 3 or (not per_row and x.shape[1] <= where) or (per_row and x.shape[0] != len(where)):
+            shape.pop("x", None)
             return None
-        length["T"] = x.shape[1]
-        return (x[:, -keep:].contiguous(), *args[1:])  # (B, keep, d); contiguous for GPT-2's Conv1D view
+        shape["x"] = x.shape
+        if per_row:  # (B, 1, d): each row's one position
+            return (x[torch.arange(x.shape[0], device=x.device), where.to(x.device)].unsqueeze(1), *args[1:])
+        return (x[:, -where:].contiguous(), *args[1:])  # (B, where, d); contiguous for GPT-2's Conv1D view
 
     def after(module, args, out):
-        T = length.pop("T", None)
-        if T is None:
+        full = shape.pop("x", None)
+        if full is None:
             return None
-        pad = lambda y: torch.nn.functional.pad(y, (0, 0, T - y.shape[1], 0))  # noqa: E731  zeros before, (B, T, d)
-        return pad(out) if torch.is_tensor(out) else (pad(out[0]), *out[1:])
+        y = out if torch.is_tensor(out) else out[0]
+        if per_row:  # back in place, zeros around it
+            rows = torch.arange(full[0], device=y.device)
+            y = y.new_zeros(full[:2] + y.shape[2:]).index_put((rows, where.to(y.device)), y[:, 0])
+        else:  # zeros before, (B, T, d)
+            y = torch.nn.functional.pad(y, (0, 0, full[1] - y.shape[1], 0))
+        return y if torch.is_tensor(out) else (y, *out[1:])
 
     hooks = [mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after)]
     try:

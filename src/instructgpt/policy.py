@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from instructgpt.modeling import last_mlp_at_last, position_ids_from_mask
+from instructgpt.modeling import last_mlp_only_at, position_ids_from_mask
 from instructgpt.reward import token_values
 
 
@@ -25,14 +25,14 @@ def policy_forward(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     With `response_len` = R the logits are only those predicting the last R tokens, (B, R, V): positions
     T-R-1 .. T-2, so the LM head never runs over the query (`logits_to_keep`). Otherwise (B, T, V). `trim_mlp` (with
-    `response_len`): the last layer's MLP too runs at the last R + 1 positions only (`last_mlp_at_last`); the hidden
+    `response_len`): the last layer's MLP too runs at the last R + 1 positions only (`last_mlp_only_at`); the hidden
     states are then the model's at those positions alone (a value head reads no others).
     """
     # R + 1 positions with the last dropped: R indices as `logits_to_keep` would spare the slice's backward, but
     # under bf16 autocast the head's weight gradient (a sum over R rows, not R + 1) would round differently, and a
     # PPO run would no longer repeat an earlier version's bitwise
     kw = {"logits_to_keep": response_len + 1} if response_len is not None else {}
-    with last_mlp_at_last(policy, response_len + 1 if trim_mlp and response_len is not None else None):
+    with last_mlp_only_at(policy, response_len + 1 if trim_mlp and response_len is not None else None):
         out = policy(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                      output_hidden_states=hidden, **kw)
@@ -75,10 +75,10 @@ class Critic:
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                policy_hidden: torch.Tensor | None = None, read_last: int | None = None) -> torch.Tensor:
         """(B, T) values; a head needs `policy_hidden` (B, T, d). `read_last`: only the last that many are read, and
-        a value model's last MLP runs there alone (`last_mlp_at_last`): the others are not the model's."""
+        a value model's last MLP runs there alone (`last_mlp_only_at`): the others are not the model's."""
         if self.reads_policy:
             return self.module(policy_hidden)
-        with last_mlp_at_last(self.module, read_last):
+        with last_mlp_only_at(self.module, read_last):
             return token_values(self.module, input_ids, attention_mask)  # (under DDP, through its wrapper)
 
     def parameters(self):

@@ -34,7 +34,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from instructgpt.advantages import explained_variance, gae, group_advantages, kl_per_token, token_rewards, whiten
-from instructgpt.batching import left_pad, pretrain_blocks, prompt_ids
+from instructgpt.batching import left_pad, length_groups, pretrain_blocks, prompt_ids
 from instructgpt.config import ConfigError, ModelConfig
 from instructgpt.files import replace_dir
 from instructgpt.generation import (SamplingParams, autocast, eos_ids, frozen_linears_in_bf16, sample,
@@ -51,7 +51,6 @@ from instructgpt.progress import StageProgress
 from instructgpt.reward import RewardModel, trunk_and_head
 from instructgpt.rollout_engine import ENGINES, pad_responses, row_seed
 from instructgpt.runs import StageRun
-from instructgpt.supervised import length_groups
 from instructgpt.training import (EMA, SHARDED_STATE, adamw, checkpoint_or_stop, checkpoint_sharded, fsdp_sharding,
                                   full_model, fused_adam_ok, length_groups_for, lr_schedule, make_accelerator,
                                   preemptible, resume_step, shard_model, stream_indices)
@@ -320,7 +319,8 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
     # the template does (a chat template may add tokens after EOS, e.g. "<|im_end|>\n"); reading the policy's own
     # token ids at the EOS would score a position the RM never saw in training
     texts = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(response, mask)]
-    scores = torch.tensor(models.reward.score(prompts, texts, batch_size=len(texts)), device=device)
+    scores = torch.tensor(models.reward.score(prompts, texts, batch_size=len(texts), n_groups=n_groups,
+                                              trim_mlp=trim_mlp), device=device)
     if p.missing_eos_penalty is not None:
         scores = torch.where(ended, scores, torch.full_like(scores, p.missing_eos_penalty))
     return Rollout(q, qm, response, mask, logprobs * mask, ref_logprobs * mask, values * mask, scores, ended,

@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from instructgpt.batching import right_pad
+from instructgpt.batching import length_groups, right_pad
 from instructgpt.generation import autocast
-from instructgpt.modeling import load_model, position_ids_from_mask
+from instructgpt.modeling import last_mlp_only_at, load_model, position_ids_from_mask
 from instructgpt.prompting import encode_prompt, encode_response
 
 NORM_FILE = "reward_norm.json"
@@ -58,10 +58,13 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return head(hidden).squeeze(-1).float()  # (B, T)
 
 
-def last_token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The head read at each row's last real token (right-padded rows). (B, T) -> (B,)."""
-    values = token_values(model, input_ids, attention_mask)
+def last_token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       trim_mlp: bool = False) -> torch.Tensor:
+    """The head read at each row's last real token (right-padded rows). (B, T) -> (B,). `trim_mlp`: the last layer's
+    MLP runs at that token alone (`last_mlp_only_at`), the same rewards."""
     last = attention_mask.long().sum(-1) - 1  # (B,)
+    with last_mlp_only_at(model, last if trim_mlp else None):
+        values = token_values(model, input_ids, attention_mask)
     return values.gather(1, last[:, None]).squeeze(1)
 
 
@@ -93,23 +96,27 @@ class RewardNorm:
 
 
 @torch.no_grad()
-def raw_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str], device,
-                batch_size: int = 32) -> torch.Tensor:
+def raw_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str], device, batch_size: int = 32,
+                n_groups: int = 1, trim_mlp: bool = False) -> torch.Tensor:
     """Unnormalised head values at the last token of each prompt + response, batched. -> (N,). The batches are of
-    pairs of similar length (the fewest padded tokens), the rewards in the pairs' order."""
+    pairs of similar length (the fewest padded tokens), the rewards in the pairs' order. `n_groups` > 1: each batch
+    forwarded as up to that many groups, each padded to its own longest (`length_groups`); `trim_mlp`: see
+    `last_token_rewards`."""
     seqs = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
     if not seqs:
         return torch.zeros(0)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     batches = [order[s:s + batch_size] for s in range(0, len(seqs), batch_size)]
-    return grouped_last_token_rewards(model, seqs, batches, tokenizer.pad_token_id, device)
+    if n_groups > 1:
+        batches = [[b[i] for i in g] for b in batches for g in length_groups([len(seqs[i]) for i in b], n_groups)]
+    return grouped_last_token_rewards(model, seqs, batches, tokenizer.pad_token_id, device, trim_mlp)
 
 
 def grouped_last_token_rewards(model, seqs: Sequence[Sequence[int]], groups: Sequence[Sequence[int]],
-                               pad_token_id: int, device) -> torch.Tensor:
+                               pad_token_id: int, device, trim_mlp: bool = False) -> torch.Tensor:
     """:func:`last_token_rewards` of the token sequences `seqs`, forwarded a group of their indices at a time, each
     group right-padded to its own longest; the rewards in the order of `seqs`. -> (len(seqs),)."""
-    out = torch.cat([last_token_rewards(model, *right_pad([seqs[i] for i in g], pad_token_id, device))
+    out = torch.cat([last_token_rewards(model, *right_pad([seqs[i] for i in g], pad_token_id, device), trim_mlp)
                      for g in groups])
     order = torch.tensor([i for g in groups for i in g], device=out.device)
     return out[torch.argsort(order)]
@@ -131,9 +138,11 @@ class RewardModel:
         return cls(model, tok, RewardNorm.load(path))
 
     @torch.no_grad()
-    def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32) -> list[float]:
-        """Normalised rewards for each (prompt, response); a prompt is a string or a list of messages."""
+    def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32, n_groups: int = 1,
+              trim_mlp: bool = False) -> list[float]:
+        """Normalised rewards for each (prompt, response); a prompt is a string or a list of messages. `n_groups`,
+        `trim_mlp`: how the batches are forwarded (`raw_rewards`), the same rewards."""
         device = next(self.model.parameters()).device
         with autocast(self.model, self.mixed_precision):
-            raw = raw_rewards(self.model, self.tokenizer, prompts, responses, device, batch_size)
+            raw = raw_rewards(self.model, self.tokenizer, prompts, responses, device, batch_size, n_groups, trim_mlp)
         return self.norm.apply(raw).tolist()

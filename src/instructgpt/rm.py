@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from instructgpt.batching import right_pad
+from instructgpt.batching import length_groups, right_pad
 from instructgpt.config import ConfigError, TrainConfig
 from instructgpt.data import load_demonstrations
 from instructgpt.generation import SamplingParams, generate
@@ -26,7 +26,6 @@ from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load
 from instructgpt.reward import (RewardNorm, encode_pair, grouped_last_token_rewards, init_reward_head,
                                 last_token_rewards, raw_rewards, trunk_and_head)
 from instructgpt.runs import StageRun
-from instructgpt.supervised import length_groups
 from instructgpt.training import full_model, length_groups_for, make_accelerator
 
 

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from instructgpt.batching import Example, Seq2SeqExample, collate, collate_seq2seq
+from instructgpt.batching import Example, Seq2SeqExample, collate, collate_seq2seq, length_groups
 from instructgpt.config import StageConfig
 from instructgpt.losses import label_loss_sum, token_loss_sum
 from instructgpt.modeling import position_ids_from_mask
@@ -93,53 +93,6 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     if "decoder_input_ids" in batch:
         return decoder_loss_sum(model, batch)
     return response_loss_sum(model, batch)
-
-
-def length_groups(lengths: Sequence[int] | Sequence[tuple[int, ...]], groups: int) -> list[list[int]]:
-    """The rows of a micro-batch in at most `groups` groups of similar length, chosen so that padding each group to
-    its own longest row pads the fewest tokens (a split of the rows sorted by length, by dynamic programming).
-    Each group's indices in their original order. The groups' summed losses and gradients are the whole batch's.
-
-    A row's length may be a tuple of lengths padded apart (PPO's left-padded query and right-padded response): a
-    group then costs its rows times the sum of its longest of each, and the split is the best of those of the rows
-    sorted by each length and by their sum."""
-    sizes = [tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in lengths]
-    n, g_max = len(sizes), max(1, min(groups, len(sizes)))
-    keys = [lambda i: sizes[i]] if all(len(x) == 1 for x in sizes) else (
-        [lambda i: sum(sizes[i])] + [lambda i, d=d: (sizes[i][d], sum(sizes[i])) for d in range(len(sizes[0]))])
-    best_cost, best_split = float("inf"), None
-    for key in keys:
-        cost, split = _split_sorted(sorted(range(n), key=key), sizes, g_max)
-        if cost < best_cost:
-            best_cost, best_split = cost, split
-    return best_split
-
-
-def _split_sorted(order: list[int], sizes: list[tuple[int, ...]], g_max: int) -> tuple[float, list[list[int]]]:
-    """`length_groups` for one order of the rows: its best split into at most g_max runs, and that split's cost."""
-    n, dims = len(order), len(sizes[order[0]])
-    # best[g][j]: the fewest padded tokens of the first j rows in g groups; rows i..j-1 as one group cost (j - i)
-    # times the sum of their longest of each length
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(g_max + 1)]
-    cut = [[0] * (n + 1) for _ in range(g_max + 1)]
-    best[0][0] = 0
-    for g in range(1, g_max + 1):
-        for j in range(g, n + 1):
-            longest = [0] * dims
-            for i in range(j - 1, g - 2, -1):  # the group order[i:j], grown one row to the left at a time
-                longest = [max(a, b) for a, b in zip(longest, sizes[order[i]])]
-                c = best[g - 1][i] + (j - i) * sum(longest)
-                if c <= best[g][j]:
-                    best[g][j], cut[g][j] = c, i
-    g = min(range(1, g_max + 1), key=lambda k: (best[k][n], k))  # the fewest groups that pad the fewest tokens
-    out, j = [], n
-    total = best[g][n]
-    while g:
-        i = cut[g][j]
-        out.append(sorted(order[i:j]))
-        j, g = i, g - 1
-    return total, out[::-1]
 
 
 @dataclass

@@ -65,11 +65,12 @@ class PPOParams:
     # gradients, with one forward of each fewer per update. One process, no gradient checkpointing; false runs those
     # forwards again in the update, as TRL and OpenRLHF do
     reuse_rollout_forwards: bool = True
-    # the last layer's MLP of the policy, the reference and the value model runs at the response positions only, the
-    # only ones whose outputs PPO reads (what `logits_to_keep` does for the LM head): the same log-probs and values,
-    # with the MLP FLOPs of the query positions in one layer fewer (1/L of a model's MLP work times the query's share
-    # of the tokens). That MLP's weight gradients round differently (a sum over fewer rows). Not with gradient
-    # checkpointing, whose recomputed forward would run it at every position; false runs it at every position
+    # the last layer's MLP of the policy, the reference and the value model runs at the response positions only, and
+    # the reward model's at each response's last token: the only ones whose outputs PPO reads (what `logits_to_keep`
+    # does for the LM head). The same log-probs, values and scores, with the MLP FLOPs of the other positions in one
+    # layer fewer (1/L of a model's MLP work times the query's share of the tokens). That MLP's weight gradients round
+    # differently (a sum over fewer rows). Not with gradient checkpointing, whose recomputed forward would run it at
+    # every position; false runs it at every position
     trim_last_mlp: bool = True
     # "bf16": sample the rollouts under bf16 autocast (a CPU with avx512_bf16 or a GPU does it ~2-4x faster), the
     # training in train.mixed_precision; needs recompute_logprobs, so the old log-probs stay the fp32 policy's (the

@@ -14,6 +14,7 @@ from conftest import ppo_inputs_in, read_jsonl, saved_weights, sigkill_after_che
 from safetensors.torch import load_file
 
 from instructgpt.advantages import gae, gae_loop, group_advantages, kl_per_token, token_rewards, whiten
+from instructgpt.batching import length_groups
 from instructgpt.config import ConfigError, load_config
 from instructgpt.kl_control import AdaptiveKLController
 from instructgpt.losses import lm_loss, policy_loss, value_loss
@@ -21,7 +22,6 @@ from instructgpt.modeling import last_layer_mlp, last_mlp_only_at, logprobs_from
 from instructgpt.policy import policy_forward
 from instructgpt.ppo import PPOConfig, Rollout, load_models, rollout, train
 from instructgpt.runs import read_metrics
-from instructgpt.batching import length_groups
 
 # --------------------------------------------------------------------------------------------------------------------
 # Math
@@ -479,8 +479,7 @@ def test_last_mlp_only_at_keeps_the_outputs_read_and_their_gradients(tiny, arch)
     from instructgpt.reward import token_values
     _, tok = tiny
     model = _tiny_model(arch, tok).train()
-    model.config.attn_pdrop = model.config.resid_pdrop = model.config.embd_pdrop = 0.0
-    for m in model.modules():
+    for m in model.modules():  # train mode (as PPO's update), without dropout's noise
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     torch.manual_seed(1)

@@ -19,6 +19,13 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def trimmed_positions(response_len: int | None, trim_mlp: bool) -> int | None:
+    """How many trailing positions a PPO forward reads with `response_len` = R: R + 1 (the logits predicting the
+    response, and the values of the states before its tokens, with the last position kept as `logits_to_keep` keeps
+    it), where `trim_mlp` asks the last MLP to run there alone; None otherwise (`last_mlp_only_at`)."""
+    return response_len + 1 if trim_mlp and response_len is not None else None
+
+
 def policy_forward(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False,
                    response_len: int | None = None, trim_mlp: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logits, last hidden state (B, T, d) when `hidden`, else None) with position ids that ignore left padding.
@@ -32,7 +39,7 @@ def policy_forward(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor
     # under bf16 autocast the head's weight gradient (a sum over R rows, not R + 1) would round differently, and a
     # PPO run would no longer repeat an earlier version's bitwise
     kw = {"logits_to_keep": response_len + 1} if response_len is not None else {}
-    with last_mlp_only_at(policy, response_len + 1 if trim_mlp and response_len is not None else None):
+    with last_mlp_only_at(policy, trimmed_positions(response_len, trim_mlp)):
         out = policy(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                      output_hidden_states=hidden, **kw)
@@ -73,12 +80,14 @@ class Critic:
         self.reads_policy = isinstance(module, ValueHead)  # values from the policy's own forward, not one of theirs
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               policy_hidden: torch.Tensor | None = None, read_last: int | None = None) -> torch.Tensor:
-        """(B, T) values; a head needs `policy_hidden` (B, T, d). `read_last`: only the last that many are read, and
-        a value model's last MLP runs there alone (`last_mlp_only_at`): the others are not the model's."""
+               policy_hidden: torch.Tensor | None = None, response_len: int | None = None,
+               trim_mlp: bool = False) -> torch.Tensor:
+        """(B, T) values; a head needs `policy_hidden` (B, T, d). `trim_mlp` with `response_len` = R: only the
+        values of the last R + 1 positions are read, and a value model's last MLP runs there alone
+        (`trimmed_positions`): the others are not the model's."""
         if self.reads_policy:
             return self.module(policy_hidden)
-        with last_mlp_only_at(self.module, read_last):
+        with last_mlp_only_at(self.module, trimmed_positions(response_len, trim_mlp)):
             return token_values(self.module, input_ids, attention_mask)  # (under DDP, through its wrapper)
 
     def parameters(self):

@@ -286,7 +286,7 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
                     values = critic.values(ids, att, hidden)
                 del logits, hidden
             if critic is not None and not head:
-                values = critic.values(ids, att, read_last=R + 1 if trim_mlp else None)
+                values = critic.values(ids, att, response_len=R, trim_mlp=trim_mlp)
             if values is not None:  # (with its graph: sliced here)
                 values = values[:, P - 1:-1]
         ref_lp = logprobs_from_logits(ref_logits(policy, models.ref, ids, att, R, trim_mlp), response, p.temperature)
@@ -550,8 +550,7 @@ def train(cfg: PPOConfig) -> str:
                                 new_values = kf.values
                             else:
                                 with acc.autocast():  # the states before the tokens
-                                    read = R + 1 if trim_mlp else None  # the positions read
-                                    new_values = critic.values(ids, att, hidden, read)[:, P - 1:-1]
+                                    new_values = critic.values(ids, att, hidden, R, trim_mlp)[:, P - 1:-1]
                             vf_loss, vf_stats = value_loss(new_values, part.values, part.returns, part.mask,
                                                            p.cliprange_value, count)
                         if ptx_blocks is not None and i == 0:

@@ -151,6 +151,23 @@ def ppo_inputs(tiny_model_dir, tmp_path_factory):
     return ppo_inputs_in(tmp_path_factory.mktemp("ppo"), tiny_model_dir, 200)
 
 
+RUN_METRICS = ("objective/kl", "objective/scores", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/ptx",
+               "ppo/policy/approxkl", "ppo/policy/clipfrac", "objective/entropy", "ppo/val/var_explained")
+
+
+def assert_same_run(ppo_inputs, run, reference):
+    """`run` and `reference` ((saved weights, logged metric rows) of two PPO runs from ppo_inputs' policy) both moved
+    the policy, and `run` ends where `reference` does: its weights to 2e-5, its logged metrics to 1e-3."""
+    first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
+    for weights in (run[0], reference[0]):
+        assert any(not torch.allclose(weights[k], first[k], atol=1e-5) for k in first)  # the updates moved it
+    for k, w in reference[0].items():
+        torch.testing.assert_close(run[0][k], w, atol=2e-5, rtol=1e-4)
+    for a, b in zip(run[1], reference[1]):
+        for key in RUN_METRICS:
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+
 def _args(inp, out, *extra):
     return [f"model.name_or_path={inp['policy']}", f"reward_model.name_or_path={inp['rm']}",
             f"data.train={inp['prompts']}", f"data.pretrain={inp['ptx']}", "data.max_length=32", "ppo.eval_prompts=0",
@@ -395,15 +412,8 @@ def test_length_groups_train_as_one_padded_batch(ppo_inputs, tmp_path, monkeypat
         train(load_config(PPOConfig, None, _args(ppo_inputs, out, *extra, f"train.length_groups={groups}")))
         runs[groups] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r])
     assert max(splits) == 3  # the rows did split
-    first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
-    assert any(not torch.allclose(runs[1][0][k], first[k], atol=1e-5) for k in first)  # the updates moved the policy
     for groups in (2, 3):
-        for k in runs[1][0]:
-            torch.testing.assert_close(runs[groups][0][k], runs[1][0][k], atol=2e-5, rtol=1e-4)
-        for a, b in zip(runs[groups][1], runs[1][1]):
-            for key in ("objective/kl", "objective/scores", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/ptx",
-                        "ppo/policy/approxkl", "ppo/policy/clipfrac", "objective/entropy", "ppo/val/var_explained"):
-                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+        assert_same_run(ppo_inputs, runs[groups], runs[1])
 
 
 @pytest.mark.parametrize("extra", [(), ("ppo.recompute_logprobs=true", "ppo.num_minibatches=1"),
@@ -443,14 +453,7 @@ def test_reused_rollout_forwards_train_as_forwards_run_again(ppo_inputs, tmp_pat
     assert on["policy"] == off["policy"] - (steps * minibatch if recomputed else 0) > 0
     if cfg.ppo.value_model == "reward_model":
         assert on["value"] == off["value"] - steps * minibatch > 0
-    first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
-    assert any(not torch.allclose(runs["true"][0][k], first[k], atol=1e-5) for k in first)  # the updates moved it
-    for k, w in runs["false"][0].items():
-        torch.testing.assert_close(runs["true"][0][k], w, atol=2e-5, rtol=1e-4)
-    for a, b in zip(runs["true"][1], runs["false"][1]):
-        for key in ("objective/kl", "objective/scores", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/ptx",
-                    "ppo/policy/approxkl", "ppo/policy/clipfrac", "objective/entropy", "ppo/val/var_explained"):
-            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+    assert_same_run(ppo_inputs, runs["true"], runs["false"])
 
 
 def _tiny_model(arch: str, tok):
@@ -585,8 +588,8 @@ def test_reward_at_the_last_token_with_the_last_mlp_there_alone(tiny, arch):
 def test_trimmed_last_mlp_trains_as_the_whole_model(ppo_inputs, tmp_path, monkeypatch, extra):
     """ppo.trim_last_mlp: every forward of the policy, the reference and the value model on rollouts runs its last MLP
     at the response positions only (R + 1 of them: the logits' and values' positions), the reward model's at each
-    response's last token, and the run ends where the one running it at every position does (weights and metrics, to float rounding). (No ptx: its forward reads
-    every position.)"""
+    response's last token, and the run ends where the one running it at every position does (weights and metrics,
+    to float rounding). (No ptx: its forward reads every position.)"""
     from instructgpt import policy as policy_module
     keeps = []
     real = policy_module.last_mlp_only_at
@@ -613,18 +616,12 @@ def test_trimmed_last_mlp_trains_as_the_whole_model(ppo_inputs, tmp_path, monkey
         cfg = load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=3", "ppo.response_length=8",
                                                  "ppo.ptx_coef=0", *extra, f"ppo.trim_last_mlp={trim}"))
         train(cfg)
-        runs[trim] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r], list(keeps), list(rm_trims))
+        runs[trim] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r],
+                      list(keeps), list(rm_trims))
     assert set(runs["false"][2]) == {None} and set(runs["false"][3]) == {False}
     assert set(runs["true"][3]) == {True}  # the reward model's last MLP at each response's last token alone
     assert len(runs["true"][2]) == len(runs["false"][2]) > 0 and set(runs["true"][2]) <= set(range(2, 10))
-    first = load_file(os.path.join(ppo_inputs["policy"], "model.safetensors"))
-    assert any(not torch.allclose(runs["true"][0][k], first[k], atol=1e-5) for k in first)  # the updates moved it
-    for k, w in runs["false"][0].items():
-        torch.testing.assert_close(runs["true"][0][k], w, atol=2e-5, rtol=1e-4)
-    for a, b in zip(runs["true"][1], runs["false"][1]):
-        for key in ("objective/kl", "objective/scores", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/ptx",
-                    "ppo/policy/approxkl", "ppo/policy/clipfrac", "objective/entropy", "ppo/val/var_explained"):
-            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+    assert_same_run(ppo_inputs, runs["true"], runs["false"])
 
 
 def test_rollout_trimmed_drops_only_columns_that_are_padding_in_every_row():

@@ -18,7 +18,8 @@ from instructgpt.batching import length_groups
 from instructgpt.config import ConfigError, load_config
 from instructgpt.kl_control import AdaptiveKLController
 from instructgpt.losses import lm_loss, policy_loss, value_loss
-from instructgpt.modeling import last_layer_mlp, last_mlp_only_at, logprobs_from_logits, scaled_logits
+from instructgpt.modeling import (decoder_stack, last_layer_mlp, last_mlp_only_at, logprobs_from_logits,
+                                  mlps_skip_padding, scaled_logits)
 from instructgpt.policy import policy_forward
 from instructgpt.ppo import PPOConfig, Rollout, load_models, rollout, train
 from instructgpt.runs import read_metrics
@@ -580,6 +581,119 @@ def test_reward_at_the_last_token_with_the_last_mlp_there_alone(tiny, arch):
         assert len(seen) == n_groups and sum(n for n, _ in seen) == 4  # a forward a group, every pair once
         assert all(width == 1 for _, width in seen) == trim
     spy.remove()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt-neox", "gpt2-value"])
+def test_mlps_skip_padding_keeps_every_real_token_and_its_gradients(tiny, arch):
+    """mlps_skip_padding: each layer's MLP sees the real tokens alone (left padding and padding after a response's
+    end dropped), every real token's output and every weight's gradient of a loss on them are the full forward's, the
+    padding's outputs are not; `skip_last` leaves the last layer's MLP whole; a batch without padding runs as without
+    the context, and outside it the model runs whole again."""
+    from instructgpt.reward import token_values
+    _, tok = tiny
+    model = _tiny_model(arch, tok).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    torch.manual_seed(1)
+    B, T = 3, 12
+    ids = torch.randint(3, len(tok), (B, T))
+    att = torch.ones(B, T, dtype=torch.long)
+    att[0, :4] = 0  # a left-padded query
+    att[1, 9:] = 0  # a response that ended early
+    att[2, :2] = att[2, 10:] = 0  # both
+    real = att.bool()
+    seen = []
+    layers = decoder_stack(model)[1]
+    spies = [layer.mlp.register_forward_hook(lambda m, a, out, i=i: seen.append((i, tuple(a[0].shape[:2]))))
+             for i, layer in enumerate(layers)]  # registered first: they see what the MLP itself sees
+
+    def outputs(mask):
+        return token_values(model, ids, mask) if arch == "gpt2-value" else policy_forward(model, ids, mask)[0]
+
+    def grads(out):
+        loss = (out[real].float() ** 2).mean()
+        g = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        return [torch.zeros_like(p) if x is None else x for p, x in zip(model.parameters(), g)]
+
+    full = outputs(att)
+    full_grads = grads(full)
+    seen.clear()
+    with mlps_skip_padding(model):
+        part = outputs(att)
+    assert seen == [(0, (1, int(att.sum()))), (1, (1, int(att.sum())))]
+    torch.testing.assert_close(part[real], full[real], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(part[~real], full[~real], atol=1e-3)  # not the model's outputs at the padding
+    for a, b in zip(grads(part), full_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert sum(float(g.abs().sum()) for g in full_grads) > 0
+    seen.clear()
+    with mlps_skip_padding(model, skip_last=True):
+        torch.testing.assert_close(outputs(att)[real], full[real], atol=1e-6, rtol=1e-5)
+        ones = torch.ones_like(att)
+        no_padding = outputs(ones)
+    assert seen == [(0, (1, int(att.sum()))), (1, (B, T)), (0, (B, T)), (1, (B, T))]
+    torch.testing.assert_close(no_padding, outputs(ones), atol=0, rtol=0)
+    seen.clear()
+    torch.testing.assert_close(outputs(att), full, atol=0, rtol=0)
+    assert seen == [(0, (B, T)), (1, (B, T))]
+    for h in spies:
+        h.remove()
+
+
+def test_mlps_skip_padding_leaves_a_decode_step_and_a_model_without_layers_alone(tiny):
+    """A KV-cached decode step (one new token against the whole mask) runs its MLPs whole, and sampling under the
+    context draws what it draws without; a module with no decoder stack is left as it is."""
+    from instructgpt.generation import SamplingParams, sample
+    model, tok = tiny
+    q = torch.tensor([[tok.pad_token_id, tok.pad_token_id, 5, 6], [7, 8, 9, 10]])
+    qm = (torch.arange(4)[None, :] >= torch.tensor([[2], [0]])).long()
+    params = SamplingParams(max_new_tokens=5, temperature=1.0)
+    eos = [tok.eos_token_id]
+    plain = sample(model, q, qm, params, eos, tok.pad_token_id, torch.Generator().manual_seed(3))
+    widths = []
+    spy = last_layer_mlp(model).register_forward_hook(lambda m, a, out: widths.append(tuple(a[0].shape[:2])))
+    with mlps_skip_padding(model):
+        out = sample(model, q, qm, params, eos, tok.pad_token_id, torch.Generator().manual_seed(3))
+    spy.remove()
+    assert widths[0] == (1, 6) and set(widths[1:]) == {(2, 1)}  # the prefill's real tokens, then one per row
+    assert out.tokens.tolist() == plain.tokens.tolist()
+    torch.testing.assert_close(out.logprobs, plain.logprobs, atol=1e-6, rtol=1e-5)
+    lin = torch.nn.Linear(3, 3)
+    with mlps_skip_padding(lin):
+        assert decoder_stack(lin) is None and not lin._forward_pre_hooks
+
+
+@pytest.mark.parametrize("extra", [(), ("ppo.trim_last_mlp=false", "ppo.value_model=policy")],
+                         ids=["trimmed-last", "whole-last-value-head"])
+def test_mlps_without_padding_train_as_the_whole_model(ppo_inputs, tmp_path, monkeypatch, extra):
+    """ppo.skip_padding_in_mlps: the policy's, the reference's, the value model's and the reward model's MLPs run at
+    the real tokens alone through the whole loop (the last layer's too where ppo.trim_last_mlp does not trim it), and
+    the run ends where the one running them at every position does (weights and metrics, to float rounding)."""
+    import instructgpt.ppo as ppo_module
+    entered = []
+    real = ppo_module.mlps_skip_padding
+
+    def spy(model, skip_last=False):
+        entered.append((type(getattr(model, "module", model)).__name__, skip_last))
+        return real(model, skip_last)
+
+    monkeypatch.setattr(ppo_module, "mlps_skip_padding", spy)
+    runs = {}
+    for skip in ("false", "true"):
+        entered.clear()
+        out = tmp_path / skip
+        cfg = load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=3", *extra,
+                                                 f"ppo.skip_padding_in_mlps={skip}"))
+        train(cfg)
+        runs[skip] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r],
+                      list(entered))
+    assert runs["false"][2] == []
+    trim = "ppo.trim_last_mlp=false" not in extra
+    models = [name for name, _ in runs["true"][2]]
+    assert {s for _, s in runs["true"][2]} == {trim}
+    assert models.count("GPT2LMHeadModel") == 2 and models.count("GPT2ForSequenceClassification") == (2 if trim else 1)
+    assert_same_run(ppo_inputs, runs["true"], runs["false"])
 
 
 @pytest.mark.parametrize("extra", [(), ("ppo.recompute_logprobs=true", "ppo.reuse_rollout_forwards=false"),

@@ -250,16 +250,82 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return logprobs_from_logits(logits, input_ids[:, 1:], temperature)
 
 
-def last_layer_mlp(model) -> torch.nn.Module | None:
-    """The MLP of `model`'s last decoder layer: `mlp` of the last entry of its one list of `config.num_hidden_layers`
-    layers (GPT-2's `h`, Llama's, Qwen's and GPT-NeoX's `layers`), through a DDP or peft wrapper. None where there is
-    no such list, or its last layer has no `mlp`."""
+def decoder_stack(model) -> tuple[torch.nn.Module, torch.nn.ModuleList] | None:
+    """(the module that runs them, the layers): `model`'s one list of `config.num_hidden_layers` decoder layers (GPT-2's
+    `h`, Llama's, Qwen's and GPT-NeoX's `layers`) and its owner (GPT2Model, LlamaModel, ...), through a DDP or peft
+    wrapper. None where there is no such list."""
     inner = getattr(model, "module", model)  # DDP's and DeepSpeed's wrappers hold the model as .module
     n = getattr(getattr(inner, "config", None), "num_hidden_layers", None)
     if not n:
         return None
     lists = [m for m in inner.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
-    return getattr(lists[0][-1], "mlp", None) if len(lists) == 1 else None
+    if len(lists) != 1:
+        return None
+    owner = next(m for m in inner.modules() if any(c is lists[0] for c in m.children()))
+    return owner, lists[0]
+
+
+def last_layer_mlp(model) -> torch.nn.Module | None:
+    """The MLP of `model`'s last decoder layer (`decoder_stack`): None where there is no stack, or its last layer has
+    no `mlp`."""
+    stack = decoder_stack(model)
+    return getattr(stack[1][-1], "mlp", None) if stack is not None else None
+
+
+@contextlib.contextmanager
+def mlps_skip_padding(model, skip_last: bool = False):
+    """Within: each decoder layer's MLP runs at the real tokens alone (the 1s of the `attention_mask` its stack is
+    called with) and adds 0 at the padding; `skip_last`: not the last layer's (`last_mlp_only_at` trims that one). An
+    MLP reads its own position alone, and a padding position's hidden state reaches no real token (masked as a key),
+    so every real token's result is the full forward's; the padding's are not the model's. A forward without padding,
+    with a 4-D mask or none, or a decode step (one new token against a longer mask) runs as it would without. A no-op
+    where `decoder_stack` finds no stack. Not under gradient checkpointing: its backward reruns a layer's forward
+    after the stack's, without the mask."""
+    found = decoder_stack(model)
+    if found is None:
+        yield
+        return
+    owner, layers = found
+    state: dict = {}
+    padded: dict = {}  # an MLP -> the (B, T, d) shape of its input this forward
+
+    def read_mask(module, args, kwargs):
+        state.clear()
+        mask = kwargs.get("attention_mask")
+        tokens = kwargs.get("inputs_embeds")
+        tokens = kwargs.get("input_ids", args[0] if args else None) if tokens is None else tokens
+        if (torch.is_tensor(mask) and mask.dim() == 2 and torch.is_tensor(tokens) and tokens.dim() >= 2
+                and tokens.shape[1] == mask.shape[1] and not bool(mask.all())):  # not a decode step's forward
+            state["shape"], state["real"] = tuple(mask.shape), mask.flatten().nonzero().squeeze(1)  # (N,)
+
+    def forget(module, args, kwargs, out):
+        state.clear()
+
+    def before(module, args):
+        x = args[0] if args else None
+        if not state or x is None or x.dim() != 3 or tuple(x.shape[:2]) != state["shape"]:
+            return None
+        padded[module] = x.shape
+        return (x.reshape(-1, x.shape[-1]).index_select(0, state["real"])[None], *args[1:])  # (1, N, d)
+
+    def after(module, args, out):
+        shape = padded.pop(module, None)
+        if shape is None:
+            return None
+        y = out if torch.is_tensor(out) else out[0]  # (1, N, d)
+        y = y.new_zeros(shape[0] * shape[1], y.shape[-1]).index_copy(0, state["real"], y[0]).view(*shape[:2], -1)
+        return y if torch.is_tensor(out) else (y, *out[1:])
+
+    mlps = [layer.mlp for layer in (layers[:-1] if skip_last else layers) if hasattr(layer, "mlp")]
+    hooks = [owner.register_forward_pre_hook(read_mask, with_kwargs=True),
+             owner.register_forward_hook(forget, with_kwargs=True)]
+    for mlp in mlps:
+        hooks += [mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @contextlib.contextmanager

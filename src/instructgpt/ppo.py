@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -43,7 +43,8 @@ from instructgpt.judges import GOLD, GoldJudge, JudgeReward, judge_for
 from instructgpt.kl_control import AdaptiveKLController, FixedKLController
 from instructgpt.losses import lm_loss, masked_mean, policy_loss, value_loss
 from instructgpt.modeling import (apply_lora, check_context, disable_dropout, load_model, logprobs_from_logits,
-                                  require_decoder_only, resolve_path, save_model, scaled_logits, set_seed)
+                                  mlps_skip_padding, require_decoder_only, resolve_path, save_model, scaled_logits,
+                                  set_seed)
 from instructgpt.monitor import heldout_metrics
 from instructgpt.policy import Critic, ValueHead, entropy_from_logits, policy_forward, ref_logits
 from instructgpt.ppo_config import PPOConfig, PPOParams
@@ -432,6 +433,9 @@ def train(cfg: PPOConfig) -> str:
              and (critic is not None or p.recompute_logprobs))
     # ppo.trim_last_mlp: not under gradient checkpointing, whose backward reruns a layer's forward without the trim
     trim_mlp = p.trim_last_mlp and not cfg.model.gradient_checkpointing
+    # ppo.skip_padding_in_mlps: every model's MLPs at the real tokens alone (the last layer's trimmed instead, above),
+    # in every forward of the loop below: sampling's prefill, the scoring, the update. Not under gradient checkpointing
+    skip_padding = p.skip_padding_in_mlps and not cfg.model.gradient_checkpointing
 
     def ptx_loss(n_tokens: float) -> torch.Tensor:
         """-E_pretrain[log pi(x)] on ptx_token_ratio x `n_tokens` tokens of pretraining text (the minibatch's tokens
@@ -466,8 +470,12 @@ def train(cfg: PPOConfig) -> str:
     if start == 0 and eval_prompts:
         run.log(0, evaluate_and_keep(0))
     t0, episodes_t0 = time.time(), state["episodes"]
-    with preemptible(run, acc, "ppo"), StageProgress("ppo", total=t.max_steps, start=start,
-                                                     enabled=acc.is_main_process) as bar:
+    with ExitStack() as unpadded, preemptible(run, acc, "ppo"), StageProgress("ppo", total=t.max_steps, start=start,
+                                                                          enabled=acc.is_main_process) as bar:
+        for m in ((policy, models.ref, critic.module if critic is not None else None,
+                   getattr(models.reward, "model", None)) if skip_padding else ()):
+            if m is not None:
+                unpadded.enter_context(mlps_skip_padding(m, skip_last=trim_mlp))
         for step in range(start, t.max_steps):
             t_update = time.time()
             # 1. rollout: this update's prompts are a pure function of the step (exact resume); each rank its share,

@@ -72,11 +72,12 @@ class PPOParams:
     # differently (a sum over fewer rows). Not with gradient checkpointing, whose recomputed forward would run it at
     # every position; false runs it at every position
     trim_last_mlp: bool = True
-    # every other layer's MLP of those four models runs at the real tokens alone (`modeling.mlps_skip_padding`): not at
-    # the queries' left padding nor after a response's EOS, whose results no real token reads. The same log-probs,
-    # values and scores (an MLP reads its own position alone), with the padded positions' share of the MLP FLOPs fewer;
-    # the MLPs' weight gradients round differently (sums over fewer rows). Not with gradient checkpointing, whose
-    # recomputed forward would run them at every position; false runs them at every position
+    # the MLPs of those four models run at the real tokens alone (`modeling.mlps_skip_padding`; the last layer's is
+    # left to trim_last_mlp where that is on): not at the queries' left padding nor after a response's EOS, whose
+    # results no real token reads. The same log-probs, values and scores (an MLP reads its own position alone), with
+    # the padded positions' share of the MLP FLOPs fewer; the MLPs' weight gradients round differently (sums over
+    # fewer rows). Not with gradient checkpointing, whose recomputed forward would run them at every position; false
+    # runs them at every position
     skip_padding_in_mlps: bool = True
     # "bf16": sample the rollouts under bf16 autocast (a CPU with avx512_bf16 or a GPU does it ~2-4x faster), the
     # training in train.mixed_precision; needs recompute_logprobs, so the old log-probs stay the fp32 policy's (the

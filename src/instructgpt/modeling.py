@@ -273,6 +273,36 @@ def last_layer_mlp(model) -> torch.nn.Module | None:
 
 
 @contextlib.contextmanager
+def _mlps_on_rows(mlps, take):
+    """Within: each of `mlps` runs on some rows of its input alone. `take(x)` -> (those rows, put), or None to run
+    the MLP whole; put(y) places the MLP's output on them back in the input's shape, with zeros elsewhere. An output
+    tuple (a mixture of experts' router logits after the hidden states) keeps its other items."""
+    pending: dict = {}  # an MLP -> its `put`, from its pre-hook to its hook
+
+    def before(module, args):
+        picked = take(args[0]) if args and args[0] is not None else None
+        pending.pop(module, None)
+        if picked is None:
+            return None
+        pending[module] = picked[1]
+        return (picked[0], *args[1:])
+
+    def after(module, args, out):
+        put = pending.pop(module, None)
+        if put is None:
+            return None
+        y = put(out if torch.is_tensor(out) else out[0])
+        return y if torch.is_tensor(out) else (y, *out[1:])
+
+    hooks = [h for mlp in mlps for h in (mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after))]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
 def mlps_skip_padding(model, skip_last: bool = False):
     """Within: each decoder layer's MLP runs at the real tokens alone (the 1s of the `attention_mask` its stack is
     called with) and adds 0 at the padding; `skip_last`: not the last layer's (`last_mlp_only_at` trims that one). An
@@ -286,8 +316,7 @@ def mlps_skip_padding(model, skip_last: bool = False):
         yield
         return
     owner, layers = found
-    state: dict = {}
-    padded: dict = {}  # an MLP -> the (B, T, d) shape of its input this forward
+    state: dict = {}  # this stack forward's mask shape (B, T) and its real tokens' flat indices (N,)
 
     def read_mask(module, args, kwargs):
         state.clear()
@@ -296,33 +325,24 @@ def mlps_skip_padding(model, skip_last: bool = False):
         tokens = kwargs.get("input_ids", args[0] if args else None) if tokens is None else tokens
         if (torch.is_tensor(mask) and mask.dim() == 2 and torch.is_tensor(tokens) and tokens.dim() >= 2
                 and tokens.shape[1] == mask.shape[1] and not bool(mask.all())):  # not a decode step's forward
-            state["shape"], state["real"] = tuple(mask.shape), mask.flatten().nonzero().squeeze(1)  # (N,)
+            state["shape"], state["real"] = tuple(mask.shape), mask.flatten().nonzero().squeeze(1)
 
     def forget(module, args, kwargs, out):
         state.clear()
 
-    def before(module, args):
-        x = args[0] if args else None
-        if not state or x is None or x.dim() != 3 or tuple(x.shape[:2]) != state["shape"]:
+    def take(x):
+        if not state or x.dim() != 3 or tuple(x.shape[:2]) != state["shape"]:
             return None
-        padded[module] = x.shape
-        return (x.reshape(-1, x.shape[-1]).index_select(0, state["real"])[None], *args[1:])  # (1, N, d)
+        (B, T), real = state["shape"], state["real"]
+        return (x.reshape(-1, x.shape[-1]).index_select(0, real)[None],  # (1, N, d)
+                lambda y: y.new_zeros(B * T, y.shape[-1]).index_copy(0, real, y[0]).view(B, T, -1))
 
-    def after(module, args, out):
-        shape = padded.pop(module, None)
-        if shape is None:
-            return None
-        y = out if torch.is_tensor(out) else out[0]  # (1, N, d)
-        y = y.new_zeros(shape[0] * shape[1], y.shape[-1]).index_copy(0, state["real"], y[0]).view(*shape[:2], -1)
-        return y if torch.is_tensor(out) else (y, *out[1:])
-
-    mlps = [layer.mlp for layer in (layers[:-1] if skip_last else layers) if hasattr(layer, "mlp")]
     hooks = [owner.register_forward_pre_hook(read_mask, with_kwargs=True),
              owner.register_forward_hook(forget, with_kwargs=True)]
-    for mlp in mlps:
-        hooks += [mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after)]
+    mlps = [layer.mlp for layer in (layers[:-1] if skip_last else layers) if hasattr(layer, "mlp")]
     try:
-        yield
+        with _mlps_on_rows(mlps, take):
+            yield
     finally:
         for h in hooks:
             h.remove()
@@ -341,36 +361,20 @@ def last_mlp_only_at(model, where: int | torch.Tensor | None):
         yield
         return
     per_row = torch.is_tensor(where)
-    shape = {}
 
-    def before(module, args):
-        x = args[0] if args else None
-        if x is None or x.dim() != 3 or (not per_row and x.shape[1] <= where) or (per_row and x.shape[0] != len(where)):
-            shape.pop("x", None)
+    def take(x):
+        if x.dim() != 3 or (not per_row and x.shape[1] <= where) or (per_row and x.shape[0] != len(where)):
             return None
-        shape["x"] = x.shape
-        if per_row:  # (B, 1, d): each row's one position
-            return (x[torch.arange(x.shape[0], device=x.device), where.to(x.device)].unsqueeze(1), *args[1:])
-        return (x[:, -where:].contiguous(), *args[1:])  # (B, where, d); contiguous for GPT-2's Conv1D view
+        B, T = x.shape[:2]
+        if per_row:  # (B, 1, d): each row's one position, put back in place with zeros around it
+            rows, cols = torch.arange(B, device=x.device), where.to(x.device)
+            return (x[rows, cols].unsqueeze(1),
+                    lambda y: y.new_zeros((B, T) + y.shape[2:]).index_put((rows, cols), y[:, 0]))
+        # (B, where, d), contiguous for GPT-2's Conv1D view; put back with zeros before it
+        return x[:, -where:].contiguous(), lambda y: torch.nn.functional.pad(y, (0, 0, T - y.shape[1], 0))
 
-    def after(module, args, out):
-        full = shape.pop("x", None)
-        if full is None:
-            return None
-        y = out if torch.is_tensor(out) else out[0]
-        if per_row:  # back in place, zeros around it
-            rows = torch.arange(full[0], device=y.device)
-            y = y.new_zeros(full[:2] + y.shape[2:]).index_put((rows, where.to(y.device)), y[:, 0])
-        else:  # zeros before, (B, T, d)
-            y = torch.nn.functional.pad(y, (0, 0, full[1] - y.shape[1], 0))
-        return y if torch.is_tensor(out) else (y, *out[1:])
-
-    hooks = [mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after)]
-    try:
+    with _mlps_on_rows([mlp], take):
         yield
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def set_seed(seed: int) -> None:

@@ -472,10 +472,11 @@ def train(cfg: PPOConfig) -> str:
     t0, episodes_t0 = time.time(), state["episodes"]
     with ExitStack() as unpadded, preemptible(run, acc, "ppo"), StageProgress("ppo", total=t.max_steps, start=start,
                                                                           enabled=acc.is_main_process) as bar:
-        for m in ((policy, models.ref, critic.module if critic is not None else None,
-                   getattr(models.reward, "model", None)) if skip_padding else ()):
-            if m is not None:
-                unpadded.enter_context(mlps_skip_padding(m, skip_last=trim_mlp))
+        if skip_padding:
+            for m in (policy, models.ref, critic.module if critic is not None else None,
+                      getattr(models.reward, "model", None)):
+                if m is not None:
+                    unpadded.enter_context(mlps_skip_padding(m, skip_last=trim_mlp))
         for step in range(start, t.max_steps):
             t_update = time.time()
             # 1. rollout: this update's prompts are a pure function of the step (exact resume); each rank its share,

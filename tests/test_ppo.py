@@ -18,8 +18,8 @@ from instructgpt.batching import length_groups
 from instructgpt.config import ConfigError, load_config
 from instructgpt.kl_control import AdaptiveKLController
 from instructgpt.losses import lm_loss, policy_loss, value_loss
-from instructgpt.modeling import (decoder_stack, last_layer_mlp, last_mlp_only_at, logprobs_from_logits,
-                                  mlps_skip_padding, scaled_logits)
+from instructgpt.modeling import (decoder_stack, last_attention_only_at, last_layer_attention, last_layer_mlp,
+                                  last_mlp_only_at, logprobs_from_logits, mlps_skip_padding, scaled_logits)
 from instructgpt.policy import policy_forward
 from instructgpt.ppo import PPOConfig, Rollout, load_models, rollout, train
 from instructgpt.runs import read_metrics
@@ -662,6 +662,130 @@ def test_mlps_skip_padding_leaves_a_decode_step_and_a_model_without_layers_alone
     lin = torch.nn.Linear(3, 3)
     with mlps_skip_padding(lin):
         assert decoder_stack(lin) is None and not lin._forward_pre_hooks
+
+
+@pytest.mark.parametrize("arch,impl", [("gpt2", "sdpa"), ("llama", "sdpa"), ("gpt-neox", "sdpa"),
+                                       ("gpt2-value", "sdpa"), ("llama", "instructgpt_matmul")])
+def test_last_attention_only_at_keeps_the_outputs_read_and_their_gradients(tiny, arch, impl):
+    """last_attention_only_at: the last layer's attention takes queries at the last `keep` positions alone (its own
+    query and output projections run there alone), to every position's keys; the outputs there and every weight's
+    gradient of a loss on them are the full forward's, with a left-padded row (sdpa's mask) and without padding (no
+    mask: causal), alone and with the last MLP trimmed too; the outputs elsewhere are not the model's; outside the
+    context the model runs whole again, with its own config. `instructgpt_matmul`: the CPU's bf16 training attention."""
+    import instructgpt.generation  # noqa: F401  (registers instructgpt_matmul)
+    from instructgpt.reward import token_values
+    _, tok = tiny
+    model = _tiny_model(arch, tok).train()
+    model.set_attn_implementation(impl)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    torch.manual_seed(1)
+    B, T, keep = 3, 12, 5
+    ids = torch.randint(3, len(tok), (B, T))
+    padded = torch.ones(B, T, dtype=torch.long)
+    padded[0, :4] = 0  # a left-padded row, as PPO's queries are
+    attn = last_layer_attention(model)
+    config = attn.config
+    out_proj = next(getattr(attn, n) for n in ("o_proj", "c_proj", "dense") if hasattr(attn, n))
+    projections = [out_proj] + ([attn.q_proj] if arch == "llama" else [])
+    seen = []  # registered before the context's hooks: the rows each projection runs at
+    spies = [m.register_forward_hook(lambda m, a, out: seen.append(out.shape[1])) for m in projections]
+
+    def outputs(att):
+        return token_values(model, ids, att) if arch == "gpt2-value" else policy_forward(model, ids, att)[0]
+
+    def loss_and_grads(out):
+        loss = (out[:, -keep:].float() ** 2).mean()
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
+
+    for att in (padded, torch.ones_like(padded)):
+        full = outputs(att)
+        full_grads = loss_and_grads(full)
+        for mlp_too in (False, True):
+            seen.clear()
+            with last_attention_only_at(model, keep), last_mlp_only_at(model, keep if mlp_too else None):
+                assert attn.config is not config and attn.config._attn_implementation != impl
+                part = outputs(att)
+            assert seen == [keep] * len(projections)
+            torch.testing.assert_close(part[:, -keep:], full[:, -keep:], atol=1e-6, rtol=1e-5)
+            assert not torch.allclose(part[:, :-keep], full[:, :-keep], atol=1e-3)  # not the model's outputs there
+            for g_part, g_full in zip(loss_and_grads(part), full_grads):
+                torch.testing.assert_close(g_part, g_full, atol=1e-6, rtol=1e-4)
+        assert sum(float(g.abs().sum()) for g in full_grads[-6:]) > 0
+        assert attn.config is config
+        seen.clear()
+        torch.testing.assert_close(outputs(att), full, atol=0, rtol=0)
+        assert seen == [T] * len(projections)
+    for h in spies:
+        h.remove()
+
+
+def test_last_attention_only_at_leaves_eager_a_short_row_and_a_decode_step_alone(tiny):
+    """No `keep`, `keep` >= the row's length, or eager attention (each model's own function): nothing changes. Sampling
+    under the context (a prefill trimmed to its last positions, then one-token decode steps against the KV cache, which
+    run whole) draws what it draws without."""
+    from instructgpt.generation import SamplingParams, sample
+    model, tok = tiny
+    ids = torch.randint(3, 50, (2, 6))
+    att = torch.ones_like(ids)
+    full = policy_forward(model, ids, att)[0]
+    for keep in (None, 6):
+        with last_attention_only_at(model, keep):
+            torch.testing.assert_close(policy_forward(model, ids, att)[0], full, atol=0, rtol=0)
+    q = torch.tensor([[tok.pad_token_id, tok.pad_token_id, 5, 6, 7], [7, 8, 9, 10, 11]])
+    qm = (torch.arange(5)[None, :] >= torch.tensor([[2], [0]])).long()
+    params = SamplingParams(max_new_tokens=5, temperature=1.0)
+    plain = sample(model, q, qm, params, [tok.eos_token_id], tok.pad_token_id, torch.Generator().manual_seed(3))
+    widths = []
+    spy = last_layer_attention(model).c_proj.register_forward_hook(lambda m, a, out: widths.append(out.shape[:2]))
+    with last_attention_only_at(model, 2):
+        out = sample(model, q, qm, params, [tok.eos_token_id], tok.pad_token_id, torch.Generator().manual_seed(3))
+    spy.remove()
+    assert widths[0] == (2, 2) and set(widths[1:]) == {(2, 1)}  # the prefill's last 2 positions, then one a row
+    assert out.tokens.tolist() == plain.tokens.tolist()
+    torch.testing.assert_close(out.logprobs, plain.logprobs, atol=1e-6, rtol=1e-5)
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        eager = policy_forward(model, ids, att)[0]
+        with last_attention_only_at(model, 2):
+            assert last_layer_attention(model).config._attn_implementation == "eager"
+            torch.testing.assert_close(policy_forward(model, ids, att)[0], eager, atol=0, rtol=0)
+    finally:
+        model.set_attn_implementation(impl)
+    assert last_layer_attention(torch.nn.Linear(3, 3)) is None
+
+
+@pytest.mark.parametrize("extra", [(), ("ppo.value_model=policy", "ppo.trim_last_mlp=false")],
+                         ids=["value-model", "value-head-whole-mlp"])
+def test_trimmed_last_attention_trains_as_the_whole_model(ppo_inputs, tmp_path, monkeypatch, extra):
+    """ppo.trim_last_attention: every forward of the policy, the reference and the value model on rollouts attends
+    from the response positions alone in its last layer (R + 1 of them), and the run ends where the one attending from
+    every position does (weights and metrics, to float rounding)."""
+    from instructgpt import policy as policy_module
+    keeps = []
+    real = policy_module.last_attention_only_at
+
+    def spy(model, keep):
+        keeps.append((type(getattr(model, "module", model)).__name__, keep))
+        return real(model, keep)
+
+    monkeypatch.setattr(policy_module, "last_attention_only_at", spy)
+    runs = {}
+    for trim in ("false", "true"):
+        keeps.clear()
+        out = tmp_path / trim
+        cfg = load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=3", "ppo.ptx_coef=0", *extra,
+                                                 f"ppo.trim_last_attention={trim}"))
+        train(cfg)
+        runs[trim] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r], list(keeps))
+    assert {k for _, k in runs["false"][2]} == {None}
+    assert len(runs["true"][2]) == len(runs["false"][2]) > 0 and {k for _, k in runs["true"][2]} <= set(range(2, 10))
+    models = {name for name, _ in runs["true"][2]}
+    assert models == ({"GPT2LMHeadModel"} if extra else {"GPT2LMHeadModel", "GPT2ForSequenceClassification"})
+    assert_same_run(ppo_inputs, runs["true"], runs["false"])
 
 
 @pytest.mark.parametrize("extra", [(), ("ppo.trim_last_mlp=false", "ppo.value_model=policy")],

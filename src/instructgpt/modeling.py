@@ -14,6 +14,7 @@ import copy
 import os
 import random
 import shutil
+import weakref
 
 import numpy as np
 import torch
@@ -25,6 +26,13 @@ from instructgpt import builtin
 from instructgpt.config import ConfigError, ModelConfig
 from instructgpt.files import replace_dir
 from instructgpt.gguf_checkpoint import dequantize_gguf, drop_gguf_quantizer, is_gguf_source
+
+try:  # transformers >= 4.53: attention functions registered by name
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError:
+    AttentionInterface = None
 
 PAD_TOKEN = "<|pad|>"
 _DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout",
@@ -273,11 +281,12 @@ def last_layer_mlp(model) -> torch.nn.Module | None:
 
 
 @contextlib.contextmanager
-def _mlps_on_rows(mlps, take):
-    """Within: each of `mlps` runs on some rows of its input alone. `take(x)` -> (those rows, put), or None to run
-    the MLP whole; put(y) places the MLP's output on them back in the input's shape, with zeros elsewhere. An output
-    tuple (a mixture of experts' router logits after the hidden states) keeps its other items."""
-    pending: dict = {}  # an MLP -> its `put`, from its pre-hook to its hook
+def _on_rows(modules, take):
+    """Within: each of `modules` (position-wise: an MLP, a projection) runs on some rows of its input alone.
+    `take(x)` -> (those rows, put), or None to run the module whole; put(y) places the module's output on them back in
+    the input's shape, with zeros elsewhere. An output tuple (a mixture of experts' router logits after the hidden
+    states) keeps its other items."""
+    pending: dict = {}  # a module -> its `put`, from its pre-hook to its hook
 
     def before(module, args):
         picked = take(args[0]) if args and args[0] is not None else None
@@ -294,7 +303,7 @@ def _mlps_on_rows(mlps, take):
         y = put(out if torch.is_tensor(out) else out[0])
         return y if torch.is_tensor(out) else (y, *out[1:])
 
-    hooks = [h for mlp in mlps for h in (mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after))]
+    hooks = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
     try:
         yield
     finally:
@@ -341,7 +350,7 @@ def mlps_skip_padding(model, skip_last: bool = False):
              owner.register_forward_hook(forget, with_kwargs=True)]
     mlps = [layer.mlp for layer in (layers[:-1] if skip_last else layers) if hasattr(layer, "mlp")]
     try:
-        with _mlps_on_rows(mlps, take):
+        with _on_rows(mlps, take):
             yield
     finally:
         for h in hooks:
@@ -370,11 +379,94 @@ def last_mlp_only_at(model, where: int | torch.Tensor | None):
             rows, cols = torch.arange(B, device=x.device), where.to(x.device)
             return (x[rows, cols].unsqueeze(1),
                     lambda y: y.new_zeros((B, T) + y.shape[2:]).index_put((rows, cols), y[:, 0]))
-        # (B, where, d), contiguous for GPT-2's Conv1D view; put back with zeros before it
-        return x[:, -where:].contiguous(), lambda y: torch.nn.functional.pad(y, (0, 0, T - y.shape[1], 0))
+        return _last_positions(x, where)
 
-    with _mlps_on_rows([mlp], take):
+    with _on_rows([mlp], take):
         yield
+
+
+# The name `last_attention_only_at` gives the attention function of the attention it trims, and what that attention
+# keeps: its module -> (the last positions whose queries attend, the attention function it would use without)
+LAST_POSITIONS_ATTENTION = "instructgpt_last_positions"
+_TRIMMED_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def last_positions_attention(module, query, key, value, attention_mask, **kwargs):
+    """The attention of a module that `last_attention_only_at` trims: its own function (sdpa, ...) for the queries
+    of the last `where` positions alone, against the keys and values of every position, and zeros for the queries
+    before them. query (B, H, T, D) -> (B, T, H, D), as every attention function returns it. A forward with a KV
+    cache (fewer queries than keys), or with a position bias over every query, runs whole. Its masks are sdpa's:
+    (B or 1, 1 or H, T, T) boolean, or None for plain causal attention."""
+    where, impl = _TRIMMED_ATTENTION[module]
+    attend = ALL_ATTENTION_FUNCTIONS[impl]
+    T = query.shape[2]
+    if T <= where or key.shape[2] != T or kwargs.get("position_bias") is not None:
+        return attend(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None:  # the rows of the queries kept
+        mask = attention_mask[:, :, -where:]
+    elif getattr(module, "is_causal", True):  # no padding: causal, and the kept query i sits at position T - where + i
+        mask = torch.ones(1, 1, where, T, dtype=torch.bool, device=query.device).tril(T - where)
+    else:
+        mask = None
+    out, weights = attend(module, query[:, :, -where:], key, value, mask, **kwargs)  # (B, where, H, D)
+    return torch.nn.functional.pad(out, (0, 0, 0, 0, T - where, 0)), weights
+
+
+if AttentionInterface is not None:
+    AttentionInterface.register(LAST_POSITIONS_ATTENTION, last_positions_attention)
+    AttentionMaskInterface.register(LAST_POSITIONS_ATTENTION, sdpa_mask)
+
+
+def last_layer_attention(model) -> torch.nn.Module | None:
+    """The self-attention module of `model`'s last decoder layer (`decoder_stack`): Llama's `self_attn`, GPT-2's
+    `attn`, GPT-NeoX's `attention`; None where there is no stack or no such module."""
+    stack = decoder_stack(model)
+    layer = stack[1][-1] if stack is not None else None
+    return next((getattr(layer, n) for n in ("self_attn", "attn", "attention")
+                 if isinstance(getattr(layer, n, None), torch.nn.Module)), None)
+
+
+@contextlib.contextmanager
+def last_attention_only_at(model, where: int | None):
+    """Within: the self-attention of `model`'s last decoder layer attends from the last `where` positions of every
+    row alone (PPO's response positions, left-padded queries), to the keys and values of every position, its query
+    projection (where it has one of its own, `q_proj`) and output projection (`o_proj`, `c_proj`, `out_proj`,
+    `dense`) run there alone, and it adds 0 elsewhere. No layer reads the last one's output, and its MLP reads its own
+    position, so the final hidden states at those positions, and the logits or values read there, are the full
+    forward's; elsewhere they are not the model's. With `last_mlp_only_at`, all of the last layer but its keys and
+    values runs at the positions read. A no-op with `where` None, where `last_layer_attention` finds no module, or
+    where that module's attention function does not take sdpa's masks (sdpa and `generation`'s do; flash attention
+    and flex attention take others, and eager is each model's own)."""
+    attn = last_layer_attention(model) if where is not None and AttentionInterface is not None else None
+    config = getattr(attn, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if (attn is None or impl in (None, LAST_POSITIONS_ATTENTION) or impl not in ALL_ATTENTION_FUNCTIONS
+            or ALL_MASK_ATTENTION_FUNCTIONS.get(impl) is not sdpa_mask):
+        yield
+        return
+    trimmed = copy.copy(config)
+    trimmed._attn_implementation_internal = LAST_POSITIONS_ATTENTION  # this module's config alone, not its sub-configs
+    projections = [getattr(attn, n) for n in ("q_proj", "o_proj", "c_proj", "out_proj", "dense")
+                   if isinstance(getattr(attn, n, None), torch.nn.Module)]
+
+    def take(x):
+        return _last_positions(x, where) if x.dim() == 3 and x.shape[1] > where else None
+
+    _TRIMMED_ATTENTION[attn] = (where, impl)
+    attn.config = trimmed
+    try:
+        with _on_rows(projections, take):
+            yield
+    finally:
+        attn.config = config
+        _TRIMMED_ATTENTION.pop(attn, None)
+
+
+def _last_positions(x: torch.Tensor, where: int):
+    """`_on_rows`' take for the last `where` positions of (B, T, d) rows: (B, where, d), contiguous for GPT-2's Conv1D
+    view, put back with zeros before it."""
+    T = x.shape[1]
+    return x[:, -where:].contiguous(), lambda y: torch.nn.functional.pad(y, (0, 0, T - y.shape[1], 0))
 
 
 def set_seed(seed: int) -> None:

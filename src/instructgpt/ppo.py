@@ -243,14 +243,15 @@ def minibatch_rows(perm: list[int], m: int, num_minibatches: int, rank: int, wor
 def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: PPOParams, eos: list[int],
             generator: torch.Generator, device, draw_rows: tuple[torch.Tensor, int] | None = None,
             engine=None, seeds: list[int] | None = None, n_groups: int = 1, first: list[int] | None = None,
-            trim_mlp: bool = False) -> Rollout:
+            trim_mlp: bool = False, trim_attention: bool = False) -> Rollout:
     """Sample one response per query with `policy` (the unwrapped one), or with a rollout `engine` (its own copy of
     the policy's weights; a seed per response), and score it with the frozen models, each once. `draw_rows`: these
     rows' places in a rollout batch split across processes (`generation.sample`). `n_groups` > 1: the scoring
     forwards run over up to that many groups of rows of similar length, each without its all-padding columns
     (`train.length_groups`). `first`: the rows of the first epoch's first minibatch, scored in the parts that minibatch
     trains in, the trained models' forwards with their graphs kept for it (`Rollout.graphs`). `trim_mlp`: each model's
-    last MLP at the positions read alone (`ppo.trim_last_mlp`)."""
+    last MLP at the positions read alone (`ppo.trim_last_mlp`); `trim_attention`: the policy's, the reference's and the
+    value model's last attention from those positions alone (`ppo.trim_last_attention`)."""
     tok, critic = models.tokenizer, models.critic
     q, qm = left_pad(queries, tok.pad_token_id, device)  # (B, P)
     if engine is not None:  # token ids only: every log-prob below is the training model's (recompute_logprobs)
@@ -266,6 +267,7 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
     mask = torch.arange(R, device=device)[None, :] < lengths[:, None]  # (B, R)
     head = critic is not None and critic.reads_policy
     recompute = p.recompute_logprobs or head
+    trim = {"trim_mlp": trim_mlp, "trim_attention": trim_attention}
 
     def score(q, qm, response, mask, keep: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None,
                                                           torch.Tensor | None]:
@@ -278,7 +280,7 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
         with torch.enable_grad() if keep else nullcontext():
             if recompute:
                 # old log-probs from the same full forward the training step uses: the first ratio is exactly 1
-                logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R, trim_mlp=trim_mlp)
+                logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R, **trim)
                 logprobs = logprobs_from_logits(logits, response, p.temperature)
                 if keep:  # as the update's first epoch logs it
                     with torch.no_grad():
@@ -287,10 +289,10 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
                     values = critic.values(ids, att, hidden)
                 del logits, hidden
             if critic is not None and not head:
-                values = critic.values(ids, att, response_len=R, trim_mlp=trim_mlp)
+                values = critic.values(ids, att, response_len=R, **trim)
             if values is not None:  # (with its graph: sliced here)
                 values = values[:, P - 1:-1]
-        ref_lp = logprobs_from_logits(ref_logits(policy, models.ref, ids, att, R, trim_mlp), response, p.temperature)
+        ref_lp = logprobs_from_logits(ref_logits(policy, models.ref, ids, att, R, **trim), response, p.temperature)
         return logprobs, ref_lp, values, entropy
 
     # the rows in the groups they are scored in: the first minibatch's as it trains, then the others'
@@ -433,6 +435,8 @@ def train(cfg: PPOConfig) -> str:
              and (critic is not None or p.recompute_logprobs))
     # ppo.trim_last_mlp: not under gradient checkpointing, whose backward reruns a layer's forward without the trim
     trim_mlp = p.trim_last_mlp and not cfg.model.gradient_checkpointing
+    # ppo.trim_last_attention: likewise
+    trim = {"trim_mlp": trim_mlp, "trim_attention": p.trim_last_attention and not cfg.model.gradient_checkpointing}
     # ppo.skip_padding_in_mlps: every model's MLPs at the real tokens alone (the last layer's trimmed instead, above),
     # in every forward of the loop below: sampling's prefill, the scoring, the update. Not under gradient checkpointing
     skip_padding = p.skip_padding_in_mlps and not cfg.model.gradient_checkpointing
@@ -496,7 +500,7 @@ def train(cfg: PPOConfig) -> str:
                 b = rollout(models, unwrapped, [queries[i] for i in idx], [prompts[i] for i in idx], p, eos, gen,
                             acc.device, draw_rows=(torch.tensor(rows, device=acc.device), t.batch_size),
                             engine=engine, seeds=[row_seed(cfg.seed, step, r) for r in rows], n_groups=n_groups,
-                            first=first, trim_mlp=trim_mlp)
+                            first=first, **trim)
             # 2. rewards: score at the last token - beta * KL per token (the paper's Eq. 2, per token)
             kl = kl_per_token(b.logprobs, b.ref_logprobs, p.kl_estimator) * b.mask
             rewards, non_score = token_rewards(b.scores, kl, 0.0 if p.kl_in_loss else kl_ctl.value, b.mask)
@@ -540,7 +544,7 @@ def train(cfg: PPOConfig) -> str:
                         else:
                             with acc.autocast():
                                 logits, hidden = policy_forward(policy, ids, att, hidden=head, response_len=R,
-                                                                trim_mlp=trim_mlp)
+                                                                **trim)
                             new_logprobs = logprobs_from_logits(logits, part.response, p.temperature)
                             if epoch == 0:
                                 with torch.no_grad():
@@ -559,7 +563,7 @@ def train(cfg: PPOConfig) -> str:
                                 new_values = kf.values
                             else:
                                 with acc.autocast():  # the states before the tokens
-                                    new_values = critic.values(ids, att, hidden, R, trim_mlp)[:, P - 1:-1]
+                                    new_values = critic.values(ids, att, hidden, R, **trim)[:, P - 1:-1]
                             vf_loss, vf_stats = value_loss(new_values, part.values, part.returns, part.mask,
                                                            p.cliprange_value, count)
                         if ptx_blocks is not None and i == 0:

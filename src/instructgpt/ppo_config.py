@@ -72,6 +72,13 @@ class PPOParams:
     # differently (a sum over fewer rows). Not with gradient checkpointing, whose recomputed forward would run it at
     # every position; false runs it at every position
     trim_last_mlp: bool = True
+    # the last layer's self-attention of the policy, the reference and the value model attends from the response
+    # positions only, to the keys and values of every position, and its query (where separate) and output projections
+    # run there alone (`modeling.last_attention_only_at`): the same log-probs and values to float rounding, with the
+    # query positions' share of one layer's attention and projections left out. Where the model's attention takes
+    # sdpa's masks (sdpa, the CPU's bf16 matmul attention; not flash or flex attention). Not with gradient
+    # checkpointing; false runs it at every position
+    trim_last_attention: bool = True
     # the MLPs of those four models run at the real tokens alone (`modeling.mlps_skip_padding`; the last layer's is
     # left to trim_last_mlp where that is on): not at the queries' left padding nor after a response's EOS, whose
     # results no real token reads. The same log-probs, values and scores (an MLP reads its own position alone), with

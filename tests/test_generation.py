@@ -152,6 +152,18 @@ def test_logprobs_from_logits_gradient_is_autograds(temperature):
             assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
         torch.testing.assert_close(y, y_ref)
         torch.testing.assert_close(dx, dx_ref, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+    # logits at one position more than the labels (a model's whole row): the last is left out, its gradient 0, the
+    # rest bitwise as through the slice
+    for dtype in (torch.float32, torch.bfloat16):
+        x = full.to(dtype).clone().requires_grad_(True)
+        y = logprobs_from_logits(x, labels, temperature)
+        y.backward(dy)
+        x2 = full.to(dtype).clone().requires_grad_(True)
+        logprobs_from_logits(x2[:, :-1], labels, temperature).backward(dy)
+        assert torch.equal(y, logprobs_from_logits(full.to(dtype)[:, :-1], labels, temperature))
+        assert x.grad.dtype == dtype and torch.equal(x.grad, x2.grad) and float(x.grad[:, -1].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="logits at 6 positions for 4 labels"):
+        logprobs_from_logits(full, labels[:, 1:])
     # and it is the log-softmax's gradient: the rows of d logits sum to zero, the label's entry is dy (1 - p)
     x = full[:, 1:].clone().requires_grad_(True)
     logprobs_from_logits(x, labels, temperature).backward(dy)

@@ -195,7 +195,7 @@ def test_policy_equal_to_reference_gives_zero_kl_and_first_ratio_one(ppo_inputs,
         # the same as slicing the full forward's logits at the response positions
         full, _ = policy_forward(models.policy, b.input_ids, b.attention_mask)
     P = b.query.shape[1]
-    torch.testing.assert_close(logits, full[:, P - 1:-1])
+    torch.testing.assert_close(logits, full[:, P - 1:])  # R + 1 positions, the last predicting past the row
     adv = whiten(torch.randn_like(new), b.mask)
     # the rollout keeps the sampler's log-probs: the full forward's, up to float rounding
     assert float(((new - b.logprobs) * b.mask).abs().max()) < 1e-4

@@ -215,19 +215,24 @@ def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature)[labels] in fp32, without materialising the (B, T, V) log-softmax; its
-    gradient is written into one (B, T, V) tensor (`LabelLogprobs`). Shapes (B, T, V), (B, T) -> (B, T)."""
+    gradient is written into one tensor of the logits' shape (`LabelLogprobs`). Shapes (B, T, V) or (B, T + 1, V),
+    (B, T) -> (B, T): logits at one position more than the labels (a model's logits up to a row's last position, which
+    predicts nothing in the row) leave out the last, with a gradient of 0 there and no slice to copy it through."""
     return LabelLogprobs.apply(logits, labels, float(temperature))
 
 
 class LabelLogprobs(torch.autograd.Function):
     """y = z[label] - logsumexp(z), z = logits / T, with the backward d logits = (onehot(label) - softmax(z)) * dy / T
-    computed in place in one fresh (B, T, V) tensor. Autograd's gather + logsumexp (+ division) backward allocates
-    three vocabulary-wide tensors and passes over them about eight times, a cost that grows with the vocabulary; the
-    gradient is the same (bitwise at T = 1)."""
+    computed in place in one fresh tensor of the logits' shape (0 at a last position without a label). Autograd's
+    gather + logsumexp (+ division) backward allocates three vocabulary-wide tensors and passes over them about eight
+    times, a cost that grows with the vocabulary, and a slice of the logits adds a zero-filled one and a copy into it;
+    the gradient is the same (bitwise at T = 1)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-        z = scaled_logits(logits, temperature)
+        if logits.shape[1] not in (labels.shape[1], labels.shape[1] + 1):
+            raise ValueError(f"logits at {logits.shape[1]} positions for {labels.shape[1]} labels")
+        z = scaled_logits(logits[:, :labels.shape[1]], temperature)
         lse = torch.logsumexp(z, dim=-1)
         ctx.save_for_backward(logits, labels, lse)
         ctx.temperature = temperature
@@ -236,13 +241,14 @@ class LabelLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, labels, lse = ctx.saved_tensors
-        t = ctx.temperature
-        # softmax(z) in a fresh tensor: (z - lse).exp(), as logsumexp's own backward computes it
-        p = torch.sub(scaled_logits(logits, t), lse.unsqueeze(-1)).exp_()
+        t, T = ctx.temperature, labels.shape[1]
+        d = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # fp32, as scaled_logits
+        # softmax(z) into it: (z - lse).exp(), as logsumexp's own backward computes it
+        p = torch.sub(scaled_logits(logits[:, :T], t), lse.unsqueeze(-1), out=d[:, :T]).exp_()
         g = scaled_logits(grad, t)
         p.mul_(g.neg().unsqueeze(-1)).scatter_add_(-1, labels.unsqueeze(-1), g.unsqueeze(-1))
-        return p.to(logits.dtype), None, None
-
+        d[:, T:].zero_()
+        return d.to(logits.dtype), None, None
 
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -254,7 +260,7 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
     """log p(x_t | x_<t) for t = 1..T-1, logits divided by `temperature` (as when sampling). (B, T) -> (B, T-1)."""
-    logits = forward_logits(model, input_ids, attention_mask)[:, :-1]  # (B, T-1, V)
+    logits = forward_logits(model, input_ids, attention_mask)  # (B, T, V): the last predicts nothing in the row
     return logprobs_from_logits(logits, input_ids[:, 1:], temperature)
 
 

@@ -43,29 +43,31 @@ def policy_forward(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor
                    trim_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logits, last hidden state (B, T, d) when `hidden`, else None) with position ids that ignore left padding.
 
-    With `response_len` = R the logits are only those predicting the last R tokens, (B, R, V): positions
-    T-R-1 .. T-2, so the LM head never runs over the query (`logits_to_keep`). Otherwise (B, T, V). `trim_mlp` (with
-    `response_len`): the last layer's MLP too runs at the last R + 1 positions only (`last_mlp_only_at`), and
-    `trim_attention` its attention's queries (`last_attention_only_at`); the hidden states are then the model's at
-    those positions alone (a value head reads no others).
+    With `response_len` = R the logits are those of the last R + 1 positions, (B, R + 1, V): positions T-R-1 .. T-1,
+    the first R predicting the last R tokens and the last predicting nothing in the row, which `logprobs_from_logits`
+    leaves out given R labels; so the LM head never runs over the query (`logits_to_keep`). Otherwise (B, T, V).
+    `trim_mlp` (with `response_len`): the last layer's MLP too runs at the last R + 1 positions only
+    (`last_mlp_only_at`), and `trim_attention` its attention's queries (`last_attention_only_at`); the hidden states
+    are then the model's at those positions alone (a value head reads no others).
     """
-    # R + 1 positions with the last dropped: R indices as `logits_to_keep` would spare the slice's backward, but
-    # under bf16 autocast the head's weight gradient (a sum over R rows, not R + 1) would round differently, and a
-    # PPO run would no longer repeat an earlier version's bitwise
+    # R + 1 positions, the last left to logprobs_from_logits: R indices as `logits_to_keep` would run the head over
+    # one row fewer, but under bf16 autocast its weight gradient (a sum over R rows, not R + 1) would round
+    # differently, and a PPO run would no longer repeat an earlier version's bitwise; slicing the last off here would
+    # cost a zero-filled copy of the logits' gradient in the backward
     kw = {"logits_to_keep": response_len + 1} if response_len is not None else {}
     with last_layer_trimmed(policy, response_len, trim_mlp, trim_attention):
         out = policy(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                      output_hidden_states=hidden, **kw)
-    logits = out.logits[:, :-1] if response_len is not None else out.logits
     # fp32 log-probs under train.mixed_precision (a no-op in fp32)
-    return logits.float(), (out.hidden_states[-1] if hidden else None)
+    return out.logits.float(), (out.hidden_states[-1] if hidden else None)
 
 
 @torch.no_grad()
 def ref_logits(policy, ref, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                trim_mlp: bool = False, trim_attention: bool = False) -> torch.Tensor:
-    """The reference's response logits: the frozen SFT model, or (LoRA, `ref` None) the policy with its adapter off."""
+    """The reference's response logits, (B, R + 1, V) as `policy_forward`'s: the frozen SFT model, or (LoRA, `ref`
+    None) the policy with its adapter off."""
     trim = {"trim_mlp": trim_mlp, "trim_attention": trim_attention}
     if ref is not None:
         return policy_forward(ref, input_ids, attention_mask, response_len=response_len, **trim)[0]

@@ -284,7 +284,7 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
                 logprobs = logprobs_from_logits(logits, response, p.temperature)
                 if keep:  # as the update's first epoch logs it
                     with torch.no_grad():
-                        entropy = entropy_from_logits(scaled_logits(logits, p.temperature))
+                        entropy = entropy_from_logits(scaled_logits(logits[:, :R], p.temperature))
                 if head:
                     values = critic.values(ids, att, hidden)
                 del logits, hidden
@@ -548,7 +548,8 @@ def train(cfg: PPOConfig) -> str:
                             new_logprobs = logprobs_from_logits(logits, part.response, p.temperature)
                             if epoch == 0:
                                 with torch.no_grad():
-                                    token_entropy = entropy_from_logits(scaled_logits(logits, p.temperature))
+                                    token_entropy = entropy_from_logits(scaled_logits(logits[:, :R],
+                                                                                      p.temperature))
                             del logits
                         if epoch == 0:  # the policy's entropy on the rollouts, before (or barely after) this update
                             entropy += float(masked_mean(token_entropy, part.mask, count))

@@ -391,8 +391,9 @@ def last_mlp_only_at(model, where: int | torch.Tensor | None):
         yield
 
 
-# The name `last_attention_only_at` gives the attention function of the attention it trims, and what that attention
-# keeps: its module -> (the last positions whose queries attend, the attention function it would use without)
+# The attention function `last_attention_only_at` gives the module it trims (by this name, in a copy of the module's
+# config), and what each trimmed module keeps: module -> (the last positions whose queries attend, the attention
+# function it uses otherwise)
 LAST_POSITIONS_ATTENTION = "instructgpt_last_positions"
 _TRIMMED_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

@@ -18,8 +18,9 @@ from instructgpt.batching import length_groups
 from instructgpt.config import ConfigError, load_config
 from instructgpt.kl_control import AdaptiveKLController
 from instructgpt.losses import lm_loss, policy_loss, value_loss
-from instructgpt.modeling import (decoder_stack, last_attention_only_at, last_layer_attention, last_layer_mlp,
-                                  last_mlp_only_at, logprobs_from_logits, mlps_skip_padding, scaled_logits)
+from instructgpt.modeling import (decoder_stack, disable_dropout, last_attention_only_at, last_layer_attention,
+                                  last_layer_mlp, last_mlp_only_at, logprobs_from_logits, mlps_skip_padding,
+                                  scaled_logits)
 from instructgpt.policy import policy_forward
 from instructgpt.ppo import PPOConfig, Rollout, load_models, rollout, train
 from instructgpt.runs import read_metrics
@@ -475,6 +476,19 @@ def _tiny_model(arch: str, tok):
                                             num_attention_heads=4, use_parallel_residual=True, **common))
 
 
+def _training_model(arch: str, tok):
+    """`_tiny_model` in train mode, as PPO's update runs it, without dropout's noise."""
+    model = _tiny_model(arch, tok).train()
+    disable_dropout(model)
+    return model
+
+
+def _param_grads(model, loss: torch.Tensor) -> list[torch.Tensor]:
+    """d loss / d every parameter of `model`, zeros for those it does not reach."""
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt-neox", "gpt2-value"])
 def test_last_mlp_only_at_keeps_the_outputs_read_and_their_gradients(tiny, arch):
     """last_mlp_only_at: the last layer's MLP sees the last `keep` positions only, the outputs there (logits, or a
@@ -482,10 +496,7 @@ def test_last_mlp_only_at_keeps_the_outputs_read_and_their_gradients(tiny, arch)
     are not, and outside the context the model runs whole again."""
     from instructgpt.reward import token_values
     _, tok = tiny
-    model = _tiny_model(arch, tok).train()
-    for m in model.modules():  # train mode (as PPO's update), without dropout's noise
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    model = _training_model(arch, tok)
     torch.manual_seed(1)
     B, T, keep = 3, 12, 5
     ids = torch.randint(3, len(tok), (B, T))
@@ -502,9 +513,7 @@ def test_last_mlp_only_at_keeps_the_outputs_read_and_their_gradients(tiny, arch)
         return policy_forward(model, ids, att)[0]  # (B, T, V)
 
     def loss_and_grads(out):
-        loss = (out[:, -keep:].float() ** 2).mean()
-        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
+        return _param_grads(model, (out[:, -keep:].float() ** 2).mean())
 
     full = outputs()
     full_grads = loss_and_grads(full)
@@ -562,8 +571,7 @@ def test_reward_at_the_last_token_with_the_last_mlp_there_alone(tiny, arch):
 
     def rewards_and_grads(trim):
         r = last_token_rewards(model, ids, att, trim_mlp=trim)
-        grads = torch.autograd.grad((r ** 2).sum(), list(model.parameters()), allow_unused=True)
-        return r, [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
+        return r, _param_grads(model, (r ** 2).sum())
 
     full, full_grads = rewards_and_grads(False)
     part, part_grads = rewards_and_grads(True)
@@ -591,10 +599,7 @@ def test_mlps_skip_padding_keeps_every_real_token_and_its_gradients(tiny, arch):
     the context, and outside it the model runs whole again."""
     from instructgpt.reward import token_values
     _, tok = tiny
-    model = _tiny_model(arch, tok).train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    model = _training_model(arch, tok)
     torch.manual_seed(1)
     B, T = 3, 12
     ids = torch.randint(3, len(tok), (B, T))
@@ -612,9 +617,7 @@ def test_mlps_skip_padding_keeps_every_real_token_and_its_gradients(tiny, arch):
         return token_values(model, ids, mask) if arch == "gpt2-value" else policy_forward(model, ids, mask)[0]
 
     def grads(out):
-        loss = (out[real].float() ** 2).mean()
-        g = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
-        return [torch.zeros_like(p) if x is None else x for p, x in zip(model.parameters(), g)]
+        return _param_grads(model, (out[real].float() ** 2).mean())
 
     full = outputs(att)
     full_grads = grads(full)
@@ -675,11 +678,8 @@ def test_last_attention_only_at_keeps_the_outputs_read_and_their_gradients(tiny,
     import instructgpt.generation  # noqa: F401  (registers instructgpt_matmul)
     from instructgpt.reward import token_values
     _, tok = tiny
-    model = _tiny_model(arch, tok).train()
+    model = _training_model(arch, tok)
     model.set_attn_implementation(impl)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
     torch.manual_seed(1)
     B, T, keep = 3, 12, 5
     ids = torch.randint(3, len(tok), (B, T))
@@ -696,9 +696,7 @@ def test_last_attention_only_at_keeps_the_outputs_read_and_their_gradients(tiny,
         return token_values(model, ids, att) if arch == "gpt2-value" else policy_forward(model, ids, att)[0]
 
     def loss_and_grads(out):
-        loss = (out[:, -keep:].float() ** 2).mean()
-        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
+        return _param_grads(model, (out[:, -keep:].float() ** 2).mean())
 
     for att in (padded, torch.ones_like(padded)):
         full = outputs(att)

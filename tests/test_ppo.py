@@ -460,15 +460,20 @@ def test_reused_rollout_forwards_train_as_forwards_run_again(ppo_inputs, tmp_pat
 
 def _tiny_model(arch: str, tok):
     """A random two-layer model of `arch`: GPT-2 (a Conv1D MLP), Llama (grouped-query attention, gated MLP), GPT-NeoX
-    (attention and MLP in parallel off one residual), or GPT-2's sequence classifier (a value model)."""
-    from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, GPTNeoXConfig,
-                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM)
+    (attention and MLP in parallel off one residual), BLOOM (an MLP that adds the residual itself, called with it), or
+    GPT-2's or BLOOM's sequence classifier (a value model, a reward model)."""
+    from transformers import (BloomConfig, BloomForCausalLM, BloomForSequenceClassification, GPT2Config,
+                              GPT2ForSequenceClassification, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
+                              LlamaConfig, LlamaForCausalLM)
     torch.manual_seed(0)
     common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
                   eos_token_id=tok.eos_token_id)
     if arch in ("gpt2", "gpt2-value"):
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, num_labels=1, **common)
         return (GPT2LMHeadModel if arch == "gpt2" else GPT2ForSequenceClassification)(cfg)
+    if arch in ("bloom", "bloom-value"):
+        cfg = BloomConfig(hidden_size=32, n_layer=2, n_head=4, num_labels=1, **common)
+        return (BloomForCausalLM if arch == "bloom" else BloomForSequenceClassification)(cfg)
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, **common))
@@ -489,7 +494,7 @@ def _param_grads(model, loss: torch.Tensor) -> list[torch.Tensor]:
     return [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt-neox", "gpt2-value"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt-neox", "bloom", "gpt2-value"])
 def test_last_mlp_only_at_keeps_the_outputs_read_and_their_gradients(tiny, arch):
     """last_mlp_only_at: the last layer's MLP sees the last `keep` positions only, the outputs there (logits, or a
     value model's head) and every weight's gradient of a loss on them are the full forward's, the outputs elsewhere
@@ -508,7 +513,7 @@ def test_last_mlp_only_at_keeps_the_outputs_read_and_their_gradients(tiny, arch)
     spy = mlp.register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))  # before the context's own hook
 
     def outputs():
-        if arch == "gpt2-value":
+        if arch.endswith("-value"):
             return token_values(model, ids, att)  # (B, T)
         return policy_forward(model, ids, att)[0]  # (B, T, V)
 
@@ -544,7 +549,7 @@ def test_last_mlp_only_at_is_a_no_op_without_a_layer_list_or_keep(tiny):
     assert last_layer_mlp(torch.nn.Linear(3, 3)) is None
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bloom"])
 def test_reward_at_the_last_token_with_the_last_mlp_there_alone(tiny, arch):
     """last_mlp_only_at with a position per row, as the reward model reads right-padded rows: the last layer's MLP
     sees one position a row, and the rewards and every weight's gradient are the full forward's; raw_rewards in
@@ -553,8 +558,8 @@ def test_reward_at_the_last_token_with_the_last_mlp_there_alone(tiny, arch):
 
     from instructgpt.reward import last_token_rewards, raw_rewards
     _, tok = tiny
-    if arch == "gpt2":
-        model = _tiny_model("gpt2-value", tok)
+    if arch in ("gpt2", "bloom"):
+        model = _tiny_model(f"{arch}-value", tok)
     else:
         torch.manual_seed(0)
         model = LlamaForSequenceClassification(LlamaConfig(
@@ -591,7 +596,7 @@ def test_reward_at_the_last_token_with_the_last_mlp_there_alone(tiny, arch):
     spy.remove()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt-neox", "gpt2-value"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt-neox", "bloom", "gpt2-value"])
 def test_mlps_skip_padding_keeps_every_real_token_and_its_gradients(tiny, arch):
     """mlps_skip_padding: each layer's MLP sees the real tokens alone (left padding and padding after a response's
     end dropped), every real token's output and every weight's gradient of a loss on them are the full forward's, the
@@ -614,7 +619,7 @@ def test_mlps_skip_padding_keeps_every_real_token_and_its_gradients(tiny, arch):
              for i, layer in enumerate(layers)]  # registered first: they see what the MLP itself sees
 
     def outputs(mask):
-        return token_values(model, ids, mask) if arch == "gpt2-value" else policy_forward(model, ids, mask)[0]
+        return token_values(model, ids, mask) if arch.endswith("-value") else policy_forward(model, ids, mask)[0]
 
     def grads(out):
         return _param_grads(model, (out[real].float() ** 2).mean())

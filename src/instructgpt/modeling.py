@@ -290,17 +290,23 @@ def last_layer_mlp(model) -> torch.nn.Module | None:
 def _on_rows(modules, take):
     """Within: each of `modules` (position-wise: an MLP, a projection) runs on some rows of its input alone.
     `take(x)` -> (those rows, put), or None to run the module whole; put(y) places the module's output on them back in
-    the input's shape, with zeros elsewhere. An output tuple (a mixture of experts' router logits after the hidden
-    states) keeps its other items."""
+    the input's shape, with zeros elsewhere. Another input of the input's shape (BLOOM's MLP adds the residual
+    itself) is taken at the same rows. An output tuple (a mixture of experts' router logits after the hidden states)
+    keeps its other items."""
     pending: dict = {}  # a module -> its `put`, from its pre-hook to its hook
 
-    def before(module, args):
-        picked = take(args[0]) if args and args[0] is not None else None
+    def before(module, args, kwargs):
+        x = args[0] if args else None
+        picked = take(x) if torch.is_tensor(x) else None
         pending.pop(module, None)
         if picked is None:
             return None
         pending[module] = picked[1]
-        return (picked[0], *args[1:])
+
+        def rows(t):
+            return take(t)[0] if torch.is_tensor(t) and t.shape == x.shape else t
+
+        return (picked[0], *map(rows, args[1:])), {k: rows(v) for k, v in kwargs.items()}
 
     def after(module, args, out):
         put = pending.pop(module, None)
@@ -309,7 +315,8 @@ def _on_rows(modules, take):
         y = put(out if torch.is_tensor(out) else out[0])
         return y if torch.is_tensor(out) else (y, *out[1:])
 
-    hooks = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    hooks = [h for m in modules
+             for h in (m.register_forward_pre_hook(before, with_kwargs=True), m.register_forward_hook(after))]
     try:
         yield
     finally:

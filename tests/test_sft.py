@@ -462,6 +462,35 @@ def test_saving_a_lora_model_merges_a_copy_and_leaves_the_adapter_training(tiny,
                                    atol=1e-5, rtol=0)
 
 
+
+@pytest.mark.parametrize("arch,expected", [("gpt2", ["c_attn"]), ("mixtral", ["q_proj", "v_proj"]),
+                                           ("phi3", ["qkv_proj"]), ("smollm3", ["q_proj", "v_proj"])])
+def test_lora_adapts_peft_default_modules_else_the_query_and_value_projections(arch, expected):
+    """model.lora.target_modules null: peft's default for the model type (GPT-2's c_attn; Mixtral's q_proj and v_proj,
+    which peft finds none of by itself under this transformers), else, where peft names none (Phi-3, SmolLM3), the
+    query and value projections or a fused query-key-value one; a list given is used as it is, and a model with none
+    of those layers is a config error naming the key."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from instructgpt.config import LoraConfig
+    from instructgpt.modeling import apply_lora, lora_target_modules
+    torch.manual_seed(0)
+    shape = dict(vocab_size=64, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0, bos_token_id=1,
+                 eos_token_id=1)
+    shape.update(n_embd=32) if arch == "gpt2" else shape.update(hidden_size=32, intermediate_size=64,
+                                                                  num_key_value_heads=2)
+    if arch == "mixtral":
+        shape.update(num_local_experts=2, num_experts_per_tok=1)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **shape))
+    assert lora_target_modules(model, None) == expected
+    assert lora_target_modules(model, ["o_proj"]) == ["o_proj"]
+    adapted = apply_lora(model, LoraConfig(enabled=True, r=4))
+    with_lora = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in adapted.named_parameters() if ".lora_A" in n}
+    assert with_lora == set(expected)
+    assert sum("lora_A" in n for n, _ in adapted.named_parameters()) == 2 * len(expected)  # in both layers
+    with pytest.raises(ConfigError, match="model.lora.target_modules: peft has no default"):
+        lora_target_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)), None)
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
         load_config(SFTConfig, None, ["train.lrr=1"])

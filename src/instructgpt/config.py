@@ -37,7 +37,8 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
+    # None: peft's default for the architecture, else the query and value projections (modeling.lora_target_modules)
+    target_modules: Optional[list[str]] = None
 
 
 @dataclass

@@ -19,6 +19,7 @@ import weakref
 import numpy as np
 import torch
 from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                           AutoTokenizer)
 
@@ -165,15 +166,41 @@ def check_context(model, max_length: int) -> None:
         raise ConfigError(f"data.max_length={max_length} is longer than the model's context ({context} positions)")
 
 
+# The attention projections LoRA adapts where peft names none for a model type: the query and value projections (the
+# LoRA paper's W_q and W_v, peft's choice for Llama, Qwen, Mistral ...), else a fused query-key-value projection
+LORA_FALLBACK_TARGETS = (("q_proj", "v_proj"), ("qkv_proj",), ("query_key_value",), ("Wqkv",), ("c_attn",),
+                         ("query", "value"))
+
+
+def lora_target_modules(model, configured: list[str] | None) -> list[str]:
+    """The modules LoRA adapts: `configured` (model.lora.target_modules) as given; else peft's default for the model
+    type; else, where peft has none (Phi-3, SmolLM3, OLMo-2 ...), the first of LORA_FALLBACK_TARGETS whose names
+    all name linear layers of `model`."""
+    if configured:
+        return list(configured)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    mapped = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if mapped:
+        return [mapped] if isinstance(mapped, str) else sorted(mapped)
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+    for names in LORA_FALLBACK_TARGETS:
+        if all(n in linear for n in names):
+            return list(names)
+    raise ConfigError(f"model.lora.target_modules: peft has no default for model type {model_type!r} and none of "
+                      f"{[list(t) for t in LORA_FALLBACK_TARGETS]} names its layers; name the linear layers to adapt")
+
+
 def apply_lora(model, lora_cfg, task: str = "causal_lm"):
-    """Wrap `model` with a peft LoRA adapter (merged back into the weights on save). task "seq_cls" (reward and value
-    models) also trains the scalar head in full; an encoder-decoder model gets peft's seq2seq task."""
+    """Wrap `model` with a peft LoRA adapter (merged back into the weights on save) on `lora_target_modules`. task
+    "seq_cls" (reward and value models) also trains the scalar head in full; an encoder-decoder model gets peft's
+    seq2seq task."""
     if task == "seq_cls":
         task_type = TaskType.SEQ_CLS
     else:
         task_type = TaskType.SEQ_2_SEQ_LM if is_encoder_decoder(model) else TaskType.CAUSAL_LM
     pc = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=lora_cfg.target_modules, task_type=task_type)
+                        target_modules=lora_target_modules(model, lora_cfg.target_modules), task_type=task_type)
     return get_peft_model(model, pc)
 
 

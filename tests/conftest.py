@@ -35,6 +35,33 @@ def build_tiny(out_dir: str, n_layer: int = 2, n_embd: int = 32, vocab: int = 30
     return out_dir
 
 
+
+# Architectures beyond GPT-2 and Llama that a user brings, each with what sets it apart: sliding-window attention
+# (Mistral), sliding and global layers with query/key norms (Gemma 3), a fused query-key-value projection (Phi-3), a
+# mixture of experts (Mixtral), multi-query attention (GPT-BigCode), attention and MLP off one residual (GPT-J,
+# Falcon), learned positions with their own offset (OPT), an MLP that adds the residual itself and ALiBi (BLOOM)
+ARCHS = ("qwen3", "mistral", "gemma3_text", "phi3", "mixtral", "gpt_bigcode", "gptj", "falcon", "opt", "bloom")
+
+
+def tiny_arch(arch: str, tok, head: str = "causal_lm"):
+    """A random two-layer, 32-wide model of transformers model type `arch` over `tok`'s vocabulary, eval mode: a causal
+    LM, or (`head` "seq_cls") a one-label sequence classifier, as a reward or value model is."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kw = dict(vocab_size=len(tok), num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+              num_key_value_heads=2, max_position_embeddings=256, num_labels=1, pad_token_id=tok.pad_token_id,
+              bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    kw.update({"qwen3": dict(head_dim=8), "mistral": dict(sliding_window=6),
+               "gemma3_text": dict(head_dim=8, sliding_window=6), "mixtral": dict(num_local_experts=4,
+                                                                                 num_experts_per_tok=2),
+               "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, multi_query=True),
+               "gptj": dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=256), "opt": dict(ffn_dim=64),
+               "falcon": dict(parallel_attn=True), "bloom": dict(n_layer=2, n_head=4)}.get(arch, {}))
+    torch.manual_seed(0)
+    auto = AutoModelForSequenceClassification if head == "seq_cls" else AutoModelForCausalLM
+    return auto.from_config(AutoConfig.for_model(arch, **kw)).eval()
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     return build_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))

@@ -1,9 +1,11 @@
 
 import contextlib
+import copy
 
 import pytest
 import torch
 
+from conftest import ARCHS, tiny_arch
 from instructgpt.generation import (
     SamplingParams,
     apply_penalties,
@@ -265,21 +267,30 @@ def tiny_llama(tmp_path, tok):
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", *ARCHS])
 def test_greedy_equals_model_generate_token_for_token(tiny, tmp_path, arch):
     """The sampler (preallocated KV cache, its own attention mask) decodes greedily exactly what transformers'
-    `model.generate` does, on a left-padded batch, for GPT-2 and for a grouped-query Llama."""
+    `model.generate` does, on a left-padded batch, for GPT-2, a grouped-query Llama and the architectures of
+    conftest.ARCHS (a sliding window shorter than the rows among them)."""
     model, tok = tiny
     if arch == "llama":
         model = tiny_llama(tmp_path, tok)
+    elif arch != "gpt2":
+        model = tiny_arch(arch, tok)
     x, m = left_pad([tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"]
                      for p in ("add 1 plus 2", "hi", "spell the word cat please")], tok.pad_token_id)
     n = 24
     out = sample(model, x, m, SamplingParams(max_new_tokens=n, temperature=0.0, stop_at_eos=False),
                  tok.eos_token_id, tok.pad_token_id)
-    with torch.no_grad():
-        ref = model.generate(input_ids=x, attention_mask=m, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=tok.pad_token_id)[:, x.shape[1]:]
+    # no end of sequence on either side (min_new_tokens would forbid EOS to generate alone, not to the sampler)
+    unstopped = copy.deepcopy(model.generation_config)
+    unstopped.update(max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    kept, model.generation_config = model.generation_config, unstopped  # generate fills unset keys from the model's
+    try:
+        with torch.no_grad():
+            ref = model.generate(input_ids=x, attention_mask=m)[:, x.shape[1]:]
+    finally:
+        model.generation_config = kept
     assert out.tokens.shape == (3, n)
     assert torch.equal(out.tokens, ref)
 

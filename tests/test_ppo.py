@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ppo_inputs_in, read_jsonl, saved_weights, sigkill_after_checkpoint
+from conftest import ARCHS, ppo_inputs_in, read_jsonl, saved_weights, sigkill_after_checkpoint, tiny_arch
 from safetensors.torch import load_file
 
 from instructgpt.advantages import gae, gae_loop, group_advantages, kl_per_token, token_rewards, whiten
@@ -671,6 +671,38 @@ def test_mlps_skip_padding_leaves_a_decode_step_and_a_model_without_layers_alone
     with mlps_skip_padding(lin):
         assert decoder_stack(lin) is None and not lin._forward_pre_hooks
 
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_trim_keeps_the_logits_and_rewards_read_on_each_architecture(tiny, arch):
+    """PPO's forwards with every trim on (the last layer's MLP and attention at the response positions, every MLP at
+    the real tokens) give the full forward's logits at the response positions, and a reward model's forward with its
+    last MLP at one position a row and its padding skipped gives the full rewards, on each architecture of
+    conftest.ARCHS, with left-padded queries and right-padded reward rows (up to float rounding: a matrix product
+    over fewer rows may round differently)."""
+    from instructgpt.reward import last_token_rewards
+    _, tok = tiny
+    model = tiny_arch(arch, tok)
+    torch.manual_seed(1)
+    B, T, R = 3, 12, 5
+    ids = torch.randint(3, len(tok), (B, T))
+    att = torch.ones(B, T, dtype=torch.long)
+    att[0, :3] = att[1, :1] = 0  # left-padded queries
+    tol = dict(atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        full = policy_forward(model, ids, att, response_len=R)[0]
+        with mlps_skip_padding(model, skip_last=True):
+            part = policy_forward(model, ids, att, response_len=R, trim_mlp=True, trim_attention=True)[0]
+    assert part.shape == full.shape == (B, R + 1, len(tok))
+    torch.testing.assert_close(part, full, **tol)
+    rm = tiny_arch(arch, tok, head="seq_cls")
+    right = torch.ones(B, T, dtype=torch.long)
+    right[0, 7:] = right[2, 10:] = 0  # rows of 7, 12 and 10 tokens
+    with torch.no_grad():
+        rewards = last_token_rewards(rm, ids * right, right)
+        with mlps_skip_padding(rm, skip_last=True):
+            trimmed = last_token_rewards(rm, ids * right, right, trim_mlp=True)
+    torch.testing.assert_close(trimmed, rewards, **tol)
 
 @pytest.mark.parametrize("arch,impl", [("gpt2", "sdpa"), ("llama", "sdpa"), ("gpt-neox", "sdpa"),
                                        ("gpt2-value", "sdpa"), ("llama", "instructgpt_matmul")])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import read_jsonl, saved_weights, sigkill_after_checkpoint
 from instructgpt.config import ConfigError, load_config
-from instructgpt.data import DataError, Demonstration, load_demonstrations
+from instructgpt.data import DataError, Demonstration, load_comparisons, load_demonstrations
 from instructgpt.prompting import encode_conversation, encode_response, render_prompt, render_segments
 from instructgpt.runs import StageError
 from instructgpt.batching import collate, length_groups, pack
@@ -74,6 +74,67 @@ def test_too_long_example_names_file_and_line(tiny, tmp_path):
     ok, skipped = build_examples(tok, demos, 64, skip_bad=True)
     assert len(ok) == 1 and skipped == 1
 
+
+
+# A Gemma-style template: no system role (its raise_exception), the assistant as "model"
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}"
+    "{{ eos_token if m['role'] == 'assistant' else '' }}\n{% endfor %}{% if add_generation_prompt %}<turn>model\n"
+    "{% endif %}")
+# Like Qwen3's: the answer after the last user turn opens with an empty thinking block that earlier answers drop, so
+# a conversation with two answers cannot be split into what the model generates at each
+HISTORY_REWRITING_TEMPLATE = (
+    "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last = loop.index0 %}"
+    "{% endif %}{% endfor %}{% for m in messages %}<{{ m['role'] }}>{% if m['role'] == 'assistant' and loop.index0 > "
+    "ns.last %}<think></think>{% endif %}{{ m['content'] }}{{ eos_token if m['role'] == 'assistant' else '' }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_a_conversation_the_chat_template_refuses_names_file_and_line(tiny, tmp_path):
+    """A record whose conversation the model's chat template refuses (a system turn a template without a system role
+    raises on), in demonstrations, PPO's prompts or rankings, is a DataError naming its file, line and field, or with
+    data.skip_bad_lines a counted skip; so is a demonstration of two answers under a template that renders earlier
+    answers otherwise once a later turn follows (its single-answer ones train)."""
+    import copy
+
+    from instructgpt.batching import prompt_ids
+    from instructgpt.rankings import encode_rankings
+    from conftest import write_jsonl
+    _, tok = tiny
+    tok = copy.deepcopy(tok)
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    refused = r"d.jsonl, line 2: field 'messages': the chat template refuses this conversation: System role not"
+    demos = load_demonstrations(write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "hi", "response": "ok"}, {"messages": system + [{"role": "assistant", "content": "ok"}]}]))
+    with pytest.raises(DataError, match=refused):
+        build_examples(tok, demos, 64)
+    ok, skipped = build_examples(tok, demos, 64, skip_bad=True)
+    assert len(ok) == 1 and skipped == 1
+    prompts = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi"}, {"messages": system}, {"prompt": "yo"}])
+    with pytest.raises(DataError, match=refused):
+        prompt_ids(tok, prompts, 64)
+    kept, ids, skipped = prompt_ids(tok, prompts, 64, skip_bad=True)
+    assert [m[-1]["content"] for m in kept] == ["hi", "yo"] and len(ids) == 2 and skipped == 1
+    rankings = load_comparisons(write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "hi", "responses": ["a", "b"], "ranks": [1, 2]},
+        {"messages": system, "responses": ["a", "b"], "ranks": [1, 2]}]))
+    with pytest.raises(DataError, match=refused):
+        encode_rankings(tok, rankings, 64, skip_bad=False)
+    items, skipped = encode_rankings(tok, rankings, 64, skip_bad=True)
+    assert len(items) == 1 and skipped == 1
+    tok.chat_template = HISTORY_REWRITING_TEMPLATE
+    two = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+           {"role": "assistant", "content": "d"}]
+    demos = load_demonstrations(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "response": "ok"},
+                                                                    {"messages": two}]))
+    with pytest.raises(DataError, match=r"d.jsonl, line 2: field 'messages': .*does not render this conversation "
+                                        r"incrementally"):
+        build_examples(tok, demos, 64)
+    (one,), skipped = build_examples(tok, demos, 64, skip_bad=True)
+    assert skipped == 1
+    assert tok.decode([t for t, m in zip(one.input_ids, one.loss_mask) if m]) == "<think></think>ok" + tok.eos_token + "\n"
 
 def test_response_only_head_equals_the_full_forward(tiny):
     """Left padding + the LM head over the response positions only gives the full forward's loss and gradients."""

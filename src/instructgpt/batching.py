@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from instructgpt.config import ConfigError, DataConfig
-from instructgpt.data import DataError, iter_pretrain_text, load_prompts
+from instructgpt.data import DataError, iter_pretrain_text, load_prompts, rendering
 from instructgpt.prompting import encode_prompt
 
 
@@ -176,11 +176,15 @@ def prompt_ids(tokenizer, source: str, max_length: int, skip_bad: bool = False,
     records = load_prompts(source, skip_bad=skip_bad)
     prompts, ids, skipped = [], [], records.skipped
     for r in records:
-        q = encode_prompt(tokenizer, r.messages)
-        if len(q) > max_length:
-            if not skip_bad:
+        try:
+            with rendering(r):
+                q = encode_prompt(tokenizer, r.messages)
+            if len(q) > max_length:
                 raise DataError(r.file, r.line, "prompt",
                                 f"prompt is {len(q)} tokens, longer than data.max_length={max_length}")
+        except DataError:
+            if not skip_bad:
+                raise
             skipped += 1
             continue
         prompts.append(r.messages)

@@ -9,6 +9,7 @@ skipped and counted instead (``Loaded.skipped``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from instructgpt import builtin
+from instructgpt.prompting import ChatTemplateError
 
 ROLES = ("system", "user", "assistant")
 MAX_RANKED = 9  # the paper: labelers ranked K = 4..9 outputs; we accept 2..9
@@ -34,6 +36,16 @@ class DataError(ValueError):
         where = file + (f", line {line}" if line is not None else "")
         what = f"field '{field_name}': " if field_name else ""
         super().__init__(f"{where}: {what}{message}")
+
+
+@contextlib.contextmanager
+def rendering(record):
+    """Within: the chat template refusing `record`'s conversation (ChatTemplateError) is a DataError naming the
+    record's file and line, field 'messages'."""
+    try:
+        yield
+    except ChatTemplateError as e:
+        raise DataError(record.file, record.line, "messages", str(e)) from e
 
 
 # --------------------------------------------------------------------------------------------------------------------

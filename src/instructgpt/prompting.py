@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from jinja2 import TemplateError
+
 # Alpaca-style, kept short because every token costs on a CPU. Assistant turns end with EOS (what generation stops on).
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -29,9 +31,17 @@ def as_messages(prompt: str | Sequence[dict]) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
+class ChatTemplateError(ValueError):
+    """The chat template refuses a conversation (its `raise_exception`: a system turn where it has no system role,
+    roles out of order ...), or cannot say where its assistant turns are."""
+
+
 def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(list(messages), chat_template=template_of(tokenizer), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(list(messages), chat_template=template_of(tokenizer), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise ChatTemplateError(f"the chat template refuses this conversation: {e}") from e
 
 
 def render_prompt(tokenizer, messages: str | Sequence[dict]) -> str:
@@ -53,8 +63,9 @@ def render_segments(tokenizer, messages: Sequence[dict]) -> list[tuple[str, bool
         prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
         full = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not prefix.startswith(done) or not full.startswith(prefix):
-            raise ValueError("the chat template does not render conversations incrementally; cannot locate "
-                             "assistant turns")
+            raise ChatTemplateError("the chat template does not render this conversation incrementally (an earlier "
+                                    "turn is rendered differently once a later one follows); cannot locate its "
+                                    "assistant turns")
         if len(prefix) > len(done):
             pieces.append((prefix[len(done):], False))
         pieces.append((full[len(prefix):], True))

@@ -15,7 +15,7 @@ import torch
 
 from instructgpt.batching import split_eval
 from instructgpt.config import ConfigError, StageConfig
-from instructgpt.data import DataError, Ranking, load_comparisons
+from instructgpt.data import DataError, Ranking, load_comparisons, rendering
 from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.progress import StageProgress
 from instructgpt.prompting import encode_prompt, encode_response
@@ -60,15 +60,19 @@ def encode_rankings(tokenizer, rankings: Sequence[Ranking], max_length: int, ski
     DataError naming its file and line, or with `skip_bad` skipped and counted."""
     out, skipped = [], 0
     for r in rankings:
-        prompt = encode_prompt(tokenizer, r.messages)
-        seqs = [prompt + encode_response(tokenizer, resp) for resp in r.responses]  # as reward.encode_pair
-        longest = max(len(s) for s in seqs)
-        if longest > max_length:
-            if skip_bad:
-                skipped += 1
-                continue
-            raise DataError(r.file, r.line, "responses",
-                            f"prompt + response is {longest} tokens, longer than data.max_length={max_length}")
+        try:
+            with rendering(r):
+                prompt = encode_prompt(tokenizer, r.messages)
+                seqs = [prompt + encode_response(tokenizer, resp) for resp in r.responses]  # as reward.encode_pair
+            longest = max(len(s) for s in seqs)
+            if longest > max_length:
+                raise DataError(r.file, r.line, "responses",
+                                f"prompt + response is {longest} tokens, longer than data.max_length={max_length}")
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+            continue
         out.append(cls(seqs, r.ranks, len(prompt)))
     return out, skipped
 

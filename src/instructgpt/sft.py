@@ -16,7 +16,7 @@ from typing import Sequence
 
 from instructgpt.batching import Example, Seq2SeqExample, pack, pretrain_blocks, split_eval
 from instructgpt.config import ConfigError, StageConfig
-from instructgpt.data import DataError, Demonstration, load_demonstrations
+from instructgpt.data import DataError, Demonstration, load_demonstrations, rendering
 from instructgpt.modeling import apply_lora, check_context, is_encoder_decoder, load_model, save_model, set_seed
 from instructgpt.prompting import encode_conversation, encode_exchange
 from instructgpt.runs import StageRun
@@ -38,7 +38,8 @@ class SFTConfig(StageConfig):
 
 
 def demonstration_example(tokenizer, demo: Demonstration, max_length: int) -> Example:
-    ids, mask = encode_conversation(tokenizer, demo.messages)
+    with rendering(demo):
+        ids, mask = encode_conversation(tokenizer, demo.messages)
     if not any(mask):
         raise DataError(demo.file, demo.line, "response", "empty response (no tokens to learn from)")
     if len(ids) > max_length:
@@ -51,7 +52,8 @@ def demonstration_example(tokenizer, demo: Demonstration, max_length: int) -> Ex
 def seq2seq_example(tokenizer, demo: Demonstration, max_length: int, decoder_start_token_id: int) -> Seq2SeqExample:
     """An encoder-decoder model's row: the prompt for the encoder, the last assistant turn (with EOS) for the decoder;
     each at most `max_length` tokens."""
-    prompt, response = encode_exchange(tokenizer, demo.messages)
+    with rendering(demo):
+        prompt, response = encode_exchange(tokenizer, demo.messages)
     for name, ids in (("prompt", prompt), ("response", response)):
         if len(ids) > max_length:
             raise DataError(demo.file, demo.line, name,

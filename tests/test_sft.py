@@ -134,7 +134,8 @@ def test_a_conversation_the_chat_template_refuses_names_file_and_line(tiny, tmp_
         build_examples(tok, demos, 64)
     (one,), skipped = build_examples(tok, demos, 64, skip_bad=True)
     assert skipped == 1
-    assert tok.decode([t for t, m in zip(one.input_ids, one.loss_mask) if m]) == "<think></think>ok" + tok.eos_token + "\n"
+    answer = tok.decode([t for t, m in zip(one.input_ids, one.loss_mask) if m])
+    assert answer == "<think></think>ok" + tok.eos_token + "\n"
 
 def test_response_only_head_equals_the_full_forward(tiny):
     """Left padding + the LM head over the response positions only gives the full forward's loss and gradients."""

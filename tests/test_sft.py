@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from conftest import read_jsonl, saved_weights, sigkill_after_checkpoint
 from instructgpt.config import ConfigError, load_config
 from instructgpt.data import DataError, Demonstration, load_comparisons, load_demonstrations
-from instructgpt.prompting import encode_conversation, encode_response, render_prompt, render_segments
+from instructgpt.prompting import (encode_conversation, encode_prompt, encode_response, render_prompt,
+                                   render_segments)
 from instructgpt.runs import StageError
 from instructgpt.batching import collate, length_groups, pack
 from instructgpt.losses import token_loss_sum
@@ -94,8 +95,7 @@ HISTORY_REWRITING_TEMPLATE = (
 def test_a_conversation_the_chat_template_refuses_names_file_and_line(tiny, tmp_path):
     """A record whose conversation the model's chat template refuses (a system turn a template without a system role
     raises on), in demonstrations, PPO's prompts or rankings, is a DataError naming its file, line and field, or with
-    data.skip_bad_lines a counted skip; so is a demonstration of two answers under a template that renders earlier
-    answers otherwise once a later turn follows (its single-answer ones train)."""
+    data.skip_bad_lines a counted skip."""
     import copy
 
     from instructgpt.batching import prompt_ids
@@ -124,18 +124,40 @@ def test_a_conversation_the_chat_template_refuses_names_file_and_line(tiny, tmp_
         encode_rankings(tok, rankings, 64, skip_bad=False)
     items, skipped = encode_rankings(tok, rankings, 64, skip_bad=True)
     assert len(items) == 1 and skipped == 1
+
+
+def test_a_template_that_rewrites_earlier_answers_trains_each_answer_in_its_own_context(tiny, tmp_path):
+    """Where the chat template renders an earlier answer otherwise once a later turn follows (Qwen3's drops the
+    thinking of answers before the last user turn), a demonstration of two answers becomes two rows: each answer,
+    with the loss on it alone, after its turns as generation renders them; a one-answer demonstration stays one row,
+    and an incremental template keeps a conversation one row."""
+    import copy
+
+    from conftest import write_jsonl
+    _, tok = tiny
+    tok = copy.deepcopy(tok)
     tok.chat_template = HISTORY_REWRITING_TEMPLATE
     two = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
            {"role": "assistant", "content": "d"}]
     demos = load_demonstrations(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "response": "ok"},
                                                                     {"messages": two}]))
-    with pytest.raises(DataError, match=r"d.jsonl, line 2: field 'messages': .*does not render this conversation "
-                                        r"incrementally"):
-        build_examples(tok, demos, 64)
-    (one,), skipped = build_examples(tok, demos, 64, skip_bad=True)
-    assert skipped == 1
-    answer = tok.decode([t for t, m in zip(one.input_ids, one.loss_mask) if m])
-    assert answer == "<think></think>ok" + tok.eos_token + "\n"
+    rows, skipped = build_examples(tok, demos, 64)
+    assert skipped == 0 and len(rows) == 3
+
+    def split(row):
+        return (tok.decode([t for t, m in zip(row.input_ids, row.loss_mask) if not m]),
+                tok.decode([t for t, m in zip(row.input_ids, row.loss_mask) if m]))
+
+    eos = tok.eos_token
+    assert split(rows[0]) == ("<user>hi\n<assistant>", f"<think></think>ok{eos}\n")
+    assert split(rows[1]) == ("<user>a\n<assistant>", f"<think></think>b{eos}\n")
+    assert split(rows[2]) == (f"<user>a\n<assistant>b{eos}\n<user>c\n<assistant>", f"<think></think>d{eos}\n")
+    for row, messages in zip(rows[1:], (two[:1], two[:3])):  # each context exactly as generation renders it
+        assert row.input_ids[:row.loss_mask.index(True)] == encode_prompt(tok, messages)
+    tok.chat_template = NO_SYSTEM_TEMPLATE  # incremental: one row with both answers
+    rows, _ = build_examples(tok, demos[1:], 64)
+    assert len(rows) == 1 and split(rows[0])[1] == f"b{eos}\nd{eos}\n"
+
 
 def test_response_only_head_equals_the_full_forward(tiny):
     """Left padding + the LM head over the response positions only gives the full forward's loss and gradients."""

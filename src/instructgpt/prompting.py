@@ -36,6 +36,11 @@ class ChatTemplateError(ValueError):
     roles out of order ...), or cannot say where its assistant turns are."""
 
 
+class NotIncrementalError(ChatTemplateError):
+    """The chat template renders an earlier turn otherwise once a later one follows (Qwen3's drops the thinking of
+    answers before the last user turn), so one rendering of a conversation is not each answer's context."""
+
+
 def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(list(messages), chat_template=template_of(tokenizer), tokenize=False,
@@ -63,9 +68,9 @@ def render_segments(tokenizer, messages: Sequence[dict]) -> list[tuple[str, bool
         prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
         full = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not prefix.startswith(done) or not full.startswith(prefix):
-            raise ChatTemplateError("the chat template does not render this conversation incrementally (an earlier "
-                                    "turn is rendered differently once a later one follows); cannot locate its "
-                                    "assistant turns")
+            raise NotIncrementalError("the chat template does not render this conversation incrementally (an "
+                                      "earlier turn is rendered differently once a later one follows); cannot locate "
+                                      "its assistant turns")
         if len(prefix) > len(done):
             pieces.append((prefix[len(done):], False))
         pieces.append((full[len(prefix):], True))
@@ -85,6 +90,30 @@ def encode_conversation(tokenizer, messages: Sequence[dict]) -> tuple[list[int],
         ids += t
         mask += [is_assistant] * len(t)
     return ids, mask
+
+
+def encode_answers(tokenizer, messages: Sequence[dict]) -> list[tuple[list[int], list[bool]]]:
+    """A conversation as SFT trains on it: `encode_conversation`'s one sequence; or, where the template renders an
+    earlier turn otherwise once a later one follows (NotIncrementalError), a sequence per assistant turn: the turns
+    before it as generation renders them (`encode_prompt`), then that answer as the template ends it, so each answer
+    is learnt in the context the model has when it gives it."""
+    try:
+        return [encode_conversation(tokenizer, messages)]
+    except NotIncrementalError:
+        pass
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+        full = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not full.startswith(prefix):
+            raise ChatTemplateError("the chat template renders an answer's context otherwise after the answer; "
+                                    "cannot locate its assistant turns")
+        prompt = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(full[len(prefix):], add_special_tokens=False)["input_ids"]
+        out.append((prompt + answer, [False] * len(prompt) + [True] * len(answer)))
+    return out
 
 
 def encode_prompt(tokenizer, messages: str | Sequence[dict]) -> list[int]:

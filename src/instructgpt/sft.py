@@ -18,7 +18,7 @@ from instructgpt.batching import Example, Seq2SeqExample, pack, pretrain_blocks,
 from instructgpt.config import ConfigError, StageConfig
 from instructgpt.data import DataError, Demonstration, load_demonstrations, rendering
 from instructgpt.modeling import apply_lora, check_context, is_encoder_decoder, load_model, save_model, set_seed
-from instructgpt.prompting import encode_conversation, encode_exchange
+from instructgpt.prompting import encode_answers, encode_exchange
 from instructgpt.runs import StageRun
 from instructgpt.supervised import fit, packing_isolates
 from instructgpt.training import full_model, make_accelerator
@@ -37,16 +37,19 @@ class SFTConfig(StageConfig):
 # Data -> examples
 
 
-def demonstration_example(tokenizer, demo: Demonstration, max_length: int) -> Example:
+def demonstration_examples(tokenizer, demo: Demonstration, max_length: int) -> list[Example]:
+    """A demonstration's training rows: one, or one per answer where the chat template rewrites earlier turns
+    (`prompting.encode_answers`)."""
     with rendering(demo):
-        ids, mask = encode_conversation(tokenizer, demo.messages)
-    if not any(mask):
-        raise DataError(demo.file, demo.line, "response", "empty response (no tokens to learn from)")
-    if len(ids) > max_length:
-        # Never cut the response away silently: the example is an error (or a counted skip).
-        raise DataError(demo.file, demo.line, "response",
-                        f"example is {len(ids)} tokens, longer than data.max_length={max_length}")
-    return Example(ids, mask)
+        encoded = encode_answers(tokenizer, demo.messages)
+    for ids, mask in encoded:
+        if not any(mask):
+            raise DataError(demo.file, demo.line, "response", "empty response (no tokens to learn from)")
+        if len(ids) > max_length:
+            # Never cut the response away silently: the example is an error (or a counted skip).
+            raise DataError(demo.file, demo.line, "response",
+                            f"example is {len(ids)} tokens, longer than data.max_length={max_length}")
+    return [Example(ids, mask) for ids, mask in encoded]
 
 
 def seq2seq_example(tokenizer, demo: Demonstration, max_length: int, decoder_start_token_id: int) -> Seq2SeqExample:
@@ -63,13 +66,13 @@ def seq2seq_example(tokenizer, demo: Demonstration, max_length: int, decoder_sta
 
 def build_examples(tokenizer, demos: Sequence[Demonstration], max_length: int, skip_bad: bool = False,
                    decoder_start_token_id: int | None = None) -> tuple[list[Example | Seq2SeqExample], int]:
-    """Training rows of `demos`, and how many were skipped (`skip_bad`). With `decoder_start_token_id` (an
-    encoder-decoder model's), `Seq2SeqExample` s."""
+    """Training rows of `demos` (`demonstration_examples`), and how many demonstrations were skipped (`skip_bad`).
+    With `decoder_start_token_id` (an encoder-decoder model's), `Seq2SeqExample` s."""
     out, skipped = [], 0
     for d in demos:
         try:
             if decoder_start_token_id is None:
-                out.append(demonstration_example(tokenizer, d, max_length))
+                out.extend(demonstration_examples(tokenizer, d, max_length))
             else:
                 out.append(seq2seq_example(tokenizer, d, max_length, decoder_start_token_id))
         except DataError:

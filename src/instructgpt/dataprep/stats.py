@@ -14,7 +14,7 @@ from instructgpt.dataprep.configs import InspectConfig
 from instructgpt.dataprep.dedup import Duplicate, find_in, settings_report
 from instructgpt.dataprep.rows import Document, Item, Record, prompt_messages, read_input, report_header
 from instructgpt.modeling import load_tokenizer
-from instructgpt.prompting import encode_conversation, encode_prompt, encode_response
+from instructgpt.prompting import encode_answers, encode_prompt, encode_response
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -33,10 +33,12 @@ def token_lengths(tokenizer, record: Record) -> Lengths:
         n = len(tokenizer(record.text, add_special_tokens=False)["input_ids"])
         return Lengths(0, [n], n)
     if isinstance(record, Demonstration):
-        # SFT's own encoding; the answer is the last run of assistant tokens (the last assistant turn)
-        ids, mask = encode_conversation(tokenizer, record.messages)
+        # SFT's own encoding (a row, or a row per answer); the answer is the last run of assistant tokens of the last
+        # row (the last assistant turn), the example SFT's longest row
+        rows = encode_answers(tokenizer, record.messages)
+        ids, mask = rows[-1]
         answer = len(mask) - next((i + 1 for i in range(len(mask) - 1, -1, -1) if not mask[i]), 0)
-        return Lengths(len(ids) - answer, [answer], len(ids))
+        return Lengths(len(ids) - answer, [answer], max(len(r) for r, _ in rows))
     prompt = len(encode_prompt(tokenizer, prompt_messages(record)))
     if isinstance(record, PromptRecord):
         return Lengths(prompt, [], prompt)

@@ -62,6 +62,23 @@ def tiny_arch(arch: str, tok, head: str = "causal_lm"):
     auto = AutoModelForSequenceClassification if head == "seq_cls" else AutoModelForCausalLM
     return auto.from_config(AutoConfig.for_model(arch, **kw)).eval()
 
+
+# Chat templates of two shapes real models have. Gemma-style: no system role (its raise_exception), the assistant
+# as "model"
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}"
+    "{{ eos_token if m['role'] == 'assistant' else '' }}\n{% endfor %}{% if add_generation_prompt %}<turn>model\n"
+    "{% endif %}")
+# Like Qwen3's: the answer after the last user turn opens with an empty thinking block that earlier answers drop, so
+# one rendering of a conversation with two answers is not the first answer's context
+HISTORY_REWRITING_TEMPLATE = (
+    "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last = loop.index0 %}"
+    "{% endif %}{% endfor %}{% for m in messages %}<{{ m['role'] }}>{% if m['role'] == 'assistant' and loop.index0 > "
+    "ns.last %}<think></think>{% endif %}{{ m['content'] }}{{ eos_token if m['role'] == 'assistant' else '' }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     return build_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))

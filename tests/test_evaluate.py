@@ -5,9 +5,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import read_jsonl, tiny_corpus, write_jsonl
+from conftest import NO_SYSTEM_TEMPLATE, read_jsonl, tiny_corpus, write_jsonl
 
 from instructgpt import evaluate as ev
+from instructgpt.data import DataError
 from instructgpt.report import check_expectations, render_markdown, stage_kind
 from instructgpt.batching import text_blocks
 
@@ -350,6 +351,22 @@ def test_eval_without_gold_is_judged_by_the_reward_model(tiny_model_dir, eval_mo
                                                           abs=1e-3)
     assert 0.0 <= report["rouge_l.ppo"] <= 1.0 and "bleu.sft" in report
 
+
+
+def test_a_prompt_the_chat_template_refuses_is_named_by_file_and_line(tiny_model_dir, tmp_path):
+    """A prompt file row whose conversation the policy's chat template refuses (a system turn where it has no system
+    role) stops the evaluation with a DataError naming the file and line, before any answer is generated."""
+    from instructgpt.modeling import load_model, save_model
+    model, tok = load_model(tiny_model_dir)
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    save_model(model, tok, str(tmp_path / "sft"))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "tell me about the cat"},
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"p.jsonl, line 2: field 'messages': the chat template refuses this "
+                                        r"conversation: System role not supported"):
+        ev.evaluate({"sft": str(tmp_path / "sft")}, sft="sft", reward_model=None, heldout=2, prompts=prompts,
+                    ptx_text=None, out_dir=str(tmp_path / "out"), max_new_tokens=4, n_resamples=10)
 
 def test_rm_scores_score_each_distinct_answer_once():
     class LengthScorer:  # a stand-in reward model: the response's length

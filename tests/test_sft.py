@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_jsonl, saved_weights, sigkill_after_checkpoint
+from conftest import (HISTORY_REWRITING_TEMPLATE, NO_SYSTEM_TEMPLATE, read_jsonl, saved_weights,
+                      sigkill_after_checkpoint)
 from instructgpt.config import ConfigError, load_config
 from instructgpt.data import DataError, Demonstration, load_comparisons, load_demonstrations
 from instructgpt.prompting import (encode_conversation, encode_prompt, encode_response, render_prompt,
@@ -74,22 +75,6 @@ def test_too_long_example_names_file_and_line(tiny, tmp_path):
         build_examples(tok, demos, 64)
     ok, skipped = build_examples(tok, demos, 64, skip_bad=True)
     assert len(ok) == 1 and skipped == 1
-
-
-
-# A Gemma-style template: no system role (its raise_exception), the assistant as "model"
-NO_SYSTEM_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for m in messages %}<turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}"
-    "{{ eos_token if m['role'] == 'assistant' else '' }}\n{% endfor %}{% if add_generation_prompt %}<turn>model\n"
-    "{% endif %}")
-# Like Qwen3's: the answer after the last user turn opens with an empty thinking block that earlier answers drop, so
-# a conversation with two answers cannot be split into what the model generates at each
-HISTORY_REWRITING_TEMPLATE = (
-    "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last = loop.index0 %}"
-    "{% endif %}{% endfor %}{% for m in messages %}<{{ m['role'] }}>{% if m['role'] == 'assistant' and loop.index0 > "
-    "ns.last %}<think></think>{% endif %}{{ m['content'] }}{{ eos_token if m['role'] == 'assistant' else '' }}\n"
-    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 def test_a_conversation_the_chat_template_refuses_names_file_and_line(tiny, tmp_path):

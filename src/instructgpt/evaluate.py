@@ -47,7 +47,7 @@ from instructgpt.batching import left_pad, right_pad, text_blocks
 from instructgpt.best_of import best_of_n
 from instructgpt.config import (ConfigError, add_alias, add_config_arguments, command_error, config_from_args,
                                 parse_command_line)
-from instructgpt.data import DataError, iter_pretrain_text, iter_rows, parse_prompt
+from instructgpt.data import DataError, iter_pretrain_text, iter_rows, parse_prompt, rendering
 from instructgpt.generation import SamplingParams, autocast, generate
 from instructgpt.modeling import (is_encoder_decoder, load_model, logprobs_from_logits, pick_device,
                                   position_ids_from_mask, resolve_path, sequence_logprobs)
@@ -376,10 +376,22 @@ class EvalPrompt:
     text: str  # the last user turn (what the gold labeler parses)
     task: object = None  # tasks.Task when the prompt is one of the built-in task's (gold labeler available)
     reference: str | None = None  # the reference answer for BLEU / ROUGE-L
+    file: str = field(default="built-in held-out prompts", compare=False)  # where it came from, for errors
+    line: int | None = field(default=None, compare=False)
 
     @property
     def family(self) -> str | None:
         return getattr(self.task, "family", None)
+
+
+def rendered_prompts(tok, items: Sequence[EvalPrompt]) -> list[str]:
+    """Each prompt as `tok`'s chat template renders it for generation; one the template refuses is a DataError naming
+    its file and line."""
+    out = []
+    for p in items:
+        with rendering(p):
+            out.append(render_prompt(tok, p.messages))
+    return out
 
 
 def heldout_prompts(n: int, seed: int = 0, suite: str | None = None) -> list[EvalPrompt]:
@@ -404,7 +416,8 @@ def load_eval_prompts(source: str, n: int | None = None) -> list[EvalPrompt]:
         rec = parse_prompt(file, line, row)
         task = gold_labeler.parse_task(rec.text)
         ref = next((row[k] for k in _REFERENCE_KEYS if isinstance(row.get(k), str)), None)
-        out.append(EvalPrompt(rec.messages, rec.text, task, ref if ref is not None else getattr(task, "answer", None)))
+        out.append(EvalPrompt(rec.messages, rec.text, task, ref if ref is not None else getattr(task, "answer", None),
+                              file, line))
     if not out:
         raise DataError(source, None, None, "no prompts")
     return out
@@ -645,7 +658,7 @@ def evaluate(policies: dict[str, str], config: EvalConfig | None = None, *, out_
         is_sft = _canonical(path) == sft_path
         model, tok = (sft_model, sft_tok) if is_sft else load_model(path)
         model.to(device)
-        texts = [render_prompt(tok, p.messages) for p in items]
+        texts = rendered_prompts(tok, items)
         with autocast(model, mixed_precision):
             comps = [c[0] for c in generate_sorted(model, tok, texts, greedy, batch_size)]
         responses[name] = [c.text for c in comps]
@@ -676,7 +689,7 @@ def evaluate(policies: dict[str, str], config: EvalConfig | None = None, *, out_
     if best_of:
         t0 = time.time()
         name = f"best_of_{best_of}"
-        texts = [render_prompt(sft_tok, p.messages) for p in items]
+        texts = rendered_prompts(sft_tok, items)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=best_of_temperature, n=best_of,
                                 seed=seed + 2)
         # every sample kept, best first: the best is the policy's answer; all n feed the RM accuracy below
@@ -703,7 +716,7 @@ def evaluate(policies: dict[str, str], config: EvalConfig | None = None, *, out_
     if bon_curve:
         t0 = time.time()
         sub = items[:bon_prompts]
-        texts = [render_prompt(sft_tok, p.messages) for p in sub]
+        texts = rendered_prompts(sft_tok, sub)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=best_of_temperature, n=bon_curve,
                                 seed=seed + 3)
         with autocast(sft_model, mixed_precision):

@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from instructgpt.config import ConfigError, DataConfig
-from instructgpt.data import DataError, iter_pretrain_text, load_prompts, rendering
+from instructgpt.data import DataError, encode_each, iter_pretrain_text, load_prompts
 from instructgpt.prompting import encode_prompt
 
 
@@ -174,23 +174,16 @@ def prompt_ids(tokenizer, source: str, max_length: int, skip_bad: bool = False,
     skipped). One longer than `max_length` tokens is a DataError naming its file and line, or with `skip_bad` a
     counted skip."""
     records = load_prompts(source, skip_bad=skip_bad)
-    prompts, ids, skipped = [], [], records.skipped
-    for r in records:
-        try:
-            with rendering(r):
-                q = encode_prompt(tokenizer, r.messages)
-            if len(q) > max_length:
-                raise DataError(r.file, r.line, "prompt",
-                                f"prompt is {len(q)} tokens, longer than data.max_length={max_length}")
-        except DataError:
-            if not skip_bad:
-                raise
-            skipped += 1
-            continue
-        prompts.append(r.messages)
-        ids.append(q)
-        if limit and len(ids) >= limit:
-            break
+
+    def encode(r) -> list[int]:
+        q = encode_prompt(tokenizer, r.messages)
+        if len(q) > max_length:
+            raise DataError(r.file, r.line, "prompt",
+                            f"prompt is {len(q)} tokens, longer than data.max_length={max_length}")
+        return q
+
+    encoded, skipped = encode_each(records, encode, skip_bad, limit)
+    prompts, ids, skipped = [r.messages for r, _ in encoded], [q for _, q in encoded], records.skipped + skipped
     if not ids:
         raise ConfigError(f"data: no usable prompts in {source}")
     return prompts, ids, skipped

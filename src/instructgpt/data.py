@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import datasets
 import pyarrow as pa
@@ -46,6 +46,31 @@ def rendering(record):
         yield
     except ChatTemplateError as e:
         raise DataError(record.file, record.line, "messages", str(e)) from e
+
+
+R = TypeVar("R")
+E = TypeVar("E")
+
+
+def encode_each(records: Iterable[R], encode: Callable[[R], E], skip_bad: bool,
+                limit: int | None = None) -> tuple[list[tuple[R, E]], int]:
+    """(record, encode(record)) for the records, the first `limit` that encode, and how many were skipped: a record
+    whose encoding raises a DataError (longer than data.max_length, a conversation the chat template refuses, through
+    `rendering`) stops the reading with it or, with `skip_bad`, is skipped and counted."""
+    out, skipped = [], 0
+    for record in records:
+        try:
+            with rendering(record):
+                value = encode(record)
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+            continue
+        out.append((record, value))
+        if limit and len(out) >= limit:
+            break
+    return out, skipped
 
 
 # --------------------------------------------------------------------------------------------------------------------

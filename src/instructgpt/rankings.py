@@ -15,7 +15,7 @@ import torch
 
 from instructgpt.batching import split_eval
 from instructgpt.config import ConfigError, StageConfig
-from instructgpt.data import DataError, Ranking, load_comparisons, rendering
+from instructgpt.data import DataError, Ranking, encode_each, load_comparisons
 from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.progress import StageProgress
 from instructgpt.prompting import encode_prompt, encode_response
@@ -58,23 +58,17 @@ def encode_rankings(tokenizer, rankings: Sequence[Ranking], max_length: int, ski
                     cls: type[Encoded] = Encoded) -> tuple[list[Encoded], int]:
     """Each ranking as `cls` (Encoded or a subclass), the prompt encoded once; one longer than `max_length` is a
     DataError naming its file and line, or with `skip_bad` skipped and counted."""
-    out, skipped = [], 0
-    for r in rankings:
-        try:
-            with rendering(r):
-                prompt = encode_prompt(tokenizer, r.messages)
-                seqs = [prompt + encode_response(tokenizer, resp) for resp in r.responses]  # as reward.encode_pair
-            longest = max(len(s) for s in seqs)
-            if longest > max_length:
-                raise DataError(r.file, r.line, "responses",
-                                f"prompt + response is {longest} tokens, longer than data.max_length={max_length}")
-        except DataError:
-            if not skip_bad:
-                raise
-            skipped += 1
-            continue
-        out.append(cls(seqs, r.ranks, len(prompt)))
-    return out, skipped
+    def encode(r: Ranking) -> Encoded:
+        prompt = encode_prompt(tokenizer, r.messages)
+        seqs = [prompt + encode_response(tokenizer, resp) for resp in r.responses]  # as reward.encode_pair
+        longest = max(len(s) for s in seqs)
+        if longest > max_length:
+            raise DataError(r.file, r.line, "responses",
+                            f"prompt + response is {longest} tokens, longer than data.max_length={max_length}")
+        return cls(seqs, r.ranks, len(prompt))
+
+    encoded, skipped = encode_each(rankings, encode, skip_bad)
+    return [item for _, item in encoded], skipped
 
 
 def load_ranking_items(cfg: RankingStageConfig, tokenizer, cls: type[Encoded] = Encoded):

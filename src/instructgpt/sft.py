@@ -16,7 +16,7 @@ from typing import Sequence
 
 from instructgpt.batching import Example, Seq2SeqExample, pack, pretrain_blocks, split_eval
 from instructgpt.config import ConfigError, StageConfig
-from instructgpt.data import DataError, Demonstration, load_demonstrations, rendering
+from instructgpt.data import DataError, Demonstration, encode_each, load_demonstrations
 from instructgpt.modeling import apply_lora, check_context, is_encoder_decoder, load_model, save_model, set_seed
 from instructgpt.prompting import encode_answers, encode_exchange
 from instructgpt.runs import StageRun
@@ -40,8 +40,7 @@ class SFTConfig(StageConfig):
 def demonstration_examples(tokenizer, demo: Demonstration, max_length: int) -> list[Example]:
     """A demonstration's training rows: one, or one per answer where the chat template rewrites earlier turns
     (`prompting.encode_answers`)."""
-    with rendering(demo):
-        encoded = encode_answers(tokenizer, demo.messages)
+    encoded = encode_answers(tokenizer, demo.messages)
     for ids, mask in encoded:
         if not any(mask):
             raise DataError(demo.file, demo.line, "response", "empty response (no tokens to learn from)")
@@ -55,8 +54,7 @@ def demonstration_examples(tokenizer, demo: Demonstration, max_length: int) -> l
 def seq2seq_example(tokenizer, demo: Demonstration, max_length: int, decoder_start_token_id: int) -> Seq2SeqExample:
     """An encoder-decoder model's row: the prompt for the encoder, the last assistant turn (with EOS) for the decoder;
     each at most `max_length` tokens."""
-    with rendering(demo):
-        prompt, response = encode_exchange(tokenizer, demo.messages)
+    prompt, response = encode_exchange(tokenizer, demo.messages)
     for name, ids in (("prompt", prompt), ("response", response)):
         if len(ids) > max_length:
             raise DataError(demo.file, demo.line, name,
@@ -68,18 +66,14 @@ def build_examples(tokenizer, demos: Sequence[Demonstration], max_length: int, s
                    decoder_start_token_id: int | None = None) -> tuple[list[Example | Seq2SeqExample], int]:
     """Training rows of `demos` (`demonstration_examples`), and how many demonstrations were skipped (`skip_bad`).
     With `decoder_start_token_id` (an encoder-decoder model's), `Seq2SeqExample` s."""
-    out, skipped = [], 0
-    for d in demos:
-        try:
-            if decoder_start_token_id is None:
-                out.extend(demonstration_examples(tokenizer, d, max_length))
-            else:
-                out.append(seq2seq_example(tokenizer, d, max_length, decoder_start_token_id))
-        except DataError:
-            if not skip_bad:
-                raise
-            skipped += 1
-    return out, skipped
+
+    def rows(demo: Demonstration) -> list[Example | Seq2SeqExample]:
+        if decoder_start_token_id is None:
+            return demonstration_examples(tokenizer, demo, max_length)
+        return [seq2seq_example(tokenizer, demo, max_length, decoder_start_token_id)]
+
+    encoded, skipped = encode_each(demos, rows, skip_bad)
+    return [row for _, demo_rows in encoded for row in demo_rows], skipped
 
 
 def train(cfg: SFTConfig) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -168,6 +170,21 @@ def assert_same_run(ppo_inputs, run, reference):
     for a, b in zip(run[1], reference[1]):
         for key in RUN_METRICS:
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+
+def _runs_off_and_on(ppo_inputs, tmp_path, flag: str, *overrides, seen=()) -> dict:
+    """Two PPO runs from ppo_inputs with `overrides`, the boolean `flag` false, then true: {"false" | "true": (saved
+    weights, logged metric rows, then a copy of each of `seen`, what a test's spies record, emptied before each run)},
+    for `assert_same_run`."""
+    runs = {}
+    for value in ("false", "true"):
+        for record in seen:
+            record.clear()
+        out = tmp_path / value
+        train(load_config(PPOConfig, None, _args(ppo_inputs, out, *overrides, f"{flag}={value}")))
+        runs[value] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r],
+                       *(copy.copy(record) for record in seen))
+    return runs
 
 
 def _args(inp, out, *extra):
@@ -427,7 +444,7 @@ def test_reused_rollout_forwards_train_as_forwards_run_again(ppo_inputs, tmp_pat
     fewer per update, and the run is the one that forwards them again."""
     from instructgpt import policy as policy_module
     from instructgpt import ppo
-    rows = {"policy": 0, "value": 0}
+    rows = Counter()
     real_forward, real_values = ppo.policy_forward, policy_module.token_values
 
     def count_policy(model, ids, *a, response_len=None, **kw):
@@ -441,14 +458,9 @@ def test_reused_rollout_forwards_train_as_forwards_run_again(ppo_inputs, tmp_pat
     monkeypatch.setattr(ppo, "policy_forward", count_policy)
     monkeypatch.setattr(policy_module, "token_values", count_values)
     steps, batch = 3, 16
-    runs = {}
-    for reuse in ("false", "true"):
-        rows.update(policy=0, value=0)
-        out = tmp_path / reuse
-        cfg = load_config(PPOConfig, None, _args(ppo_inputs, out, f"train.max_steps={steps}", *extra,
-                                                 f"ppo.reuse_rollout_forwards={reuse}"))
-        train(cfg)
-        runs[reuse] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r], dict(rows))
+    runs = _runs_off_and_on(ppo_inputs, tmp_path, "ppo.reuse_rollout_forwards", f"train.max_steps={steps}", *extra,
+                           seen=(rows,))
+    cfg = load_config(PPOConfig, None, _args(ppo_inputs, tmp_path, *extra))  # the runs' settings
     minibatch = batch // cfg.ppo.num_minibatches
     off, on = runs["false"][2], runs["true"][2]
     recomputed = cfg.ppo.recompute_logprobs or cfg.ppo.value_model == "policy"
@@ -808,14 +820,8 @@ def test_trimmed_last_attention_trains_as_the_whole_model(ppo_inputs, tmp_path, 
         return real(model, keep)
 
     monkeypatch.setattr(policy_module, "last_attention_only_at", spy)
-    runs = {}
-    for trim in ("false", "true"):
-        keeps.clear()
-        out = tmp_path / trim
-        cfg = load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=3", "ppo.ptx_coef=0", *extra,
-                                                 f"ppo.trim_last_attention={trim}"))
-        train(cfg)
-        runs[trim] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r], list(keeps))
+    runs = _runs_off_and_on(ppo_inputs, tmp_path, "ppo.trim_last_attention", "train.max_steps=3", "ppo.ptx_coef=0",
+                           *extra, seen=(keeps,))
     assert {k for _, k in runs["false"][2]} == {None}
     assert len(runs["true"][2]) == len(runs["false"][2]) > 0 and {k for _, k in runs["true"][2]} <= set(range(2, 10))
     models = {name for name, _ in runs["true"][2]}
@@ -838,15 +844,8 @@ def test_mlps_without_padding_train_as_the_whole_model(ppo_inputs, tmp_path, mon
         return real(model, skip_last)
 
     monkeypatch.setattr(ppo_module, "mlps_skip_padding", spy)
-    runs = {}
-    for skip in ("false", "true"):
-        entered.clear()
-        out = tmp_path / skip
-        cfg = load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=3", *extra,
-                                                 f"ppo.skip_padding_in_mlps={skip}"))
-        train(cfg)
-        runs[skip] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r],
-                      list(entered))
+    runs = _runs_off_and_on(ppo_inputs, tmp_path, "ppo.skip_padding_in_mlps", "train.max_steps=3", *extra,
+                           seen=(entered,))
     assert runs["false"][2] == []
     trim = "ppo.trim_last_mlp=false" not in extra
     models = [name for name, _ in runs["true"][2]]
@@ -881,16 +880,8 @@ def test_trimmed_last_mlp_trains_as_the_whole_model(ppo_inputs, tmp_path, monkey
         return real_rm(model, where)
 
     monkeypatch.setattr(reward_module, "last_mlp_only_at", rm_spy)
-    runs = {}
-    for trim in ("false", "true"):
-        keeps.clear()
-        rm_trims.clear()
-        out = tmp_path / trim
-        cfg = load_config(PPOConfig, None, _args(ppo_inputs, out, "train.max_steps=3", "ppo.response_length=8",
-                                                 "ppo.ptx_coef=0", *extra, f"ppo.trim_last_mlp={trim}"))
-        train(cfg)
-        runs[trim] = (saved_weights(out), [r for r in read_metrics(str(out)) if "objective/scores" in r],
-                      list(keeps), list(rm_trims))
+    runs = _runs_off_and_on(ppo_inputs, tmp_path, "ppo.trim_last_mlp", "train.max_steps=3", "ppo.response_length=8",
+                           "ppo.ptx_coef=0", *extra, seen=(keeps, rm_trims))
     assert set(runs["false"][2]) == {None} and set(runs["false"][3]) == {False}
     assert set(runs["true"][3]) == {True}  # the reward model's last MLP at each response's last token alone
     assert len(runs["true"][2]) == len(runs["false"][2]) > 0 and set(runs["true"][2]) <= set(range(2, 10))

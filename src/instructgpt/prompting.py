@@ -54,54 +54,11 @@ def render_prompt(tokenizer, messages: str | Sequence[dict]) -> str:
     return render(tokenizer, as_messages(messages), add_generation_prompt=True)
 
 
-def render_segments(tokenizer, messages: Sequence[dict]) -> list[tuple[str, bool]]:
-    """Split a whole conversation into (text, is_assistant) pieces whose concatenation is the rendered conversation.
-
-    Each assistant piece is the difference between the conversation up to and including that turn and the
-    generation prompt before it, so it holds exactly what a model must generate there (content and end-of-turn).
-    """
-    pieces: list[tuple[str, bool]] = []
-    done = ""
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
-        full = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not prefix.startswith(done) or not full.startswith(prefix):
-            raise NotIncrementalError("the chat template does not render this conversation incrementally (an "
-                                      "earlier turn is rendered differently once a later one follows); cannot locate "
-                                      "its assistant turns")
-        if len(prefix) > len(done):
-            pieces.append((prefix[len(done):], False))
-        pieces.append((full[len(prefix):], True))
-        done = full
-    return pieces
-
-
-def encode_conversation(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation and, per token, whether it belongs to an assistant turn (SFT's loss mask).
-
-    Pieces are tokenized separately, the way generation sees them: the prompt's tokens, then the response's.
-    """
-    ids: list[int] = []
-    mask: list[bool] = []
-    for text, is_assistant in render_segments(tokenizer, messages):
-        t = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += t
-        mask += [is_assistant] * len(t)
-    return ids, mask
-
-
-def encode_answers(tokenizer, messages: Sequence[dict]) -> list[tuple[list[int], list[bool]]]:
-    """A conversation as SFT trains on it: `encode_conversation`'s one sequence; or, where the template renders an
-    earlier turn otherwise once a later one follows (NotIncrementalError), a sequence per assistant turn: the turns
-    before it as generation renders them (`encode_prompt`), then that answer as the template ends it, so each answer
-    is learnt in the context the model has when it gives it."""
-    try:
-        return [encode_conversation(tokenizer, messages)]
-    except NotIncrementalError:
-        pass
-    out = []
+def _answer_turns(tokenizer, messages: Sequence[dict]) -> list[tuple[str, str]]:
+    """(the generation prompt before it, what a model must generate there) for each assistant turn: the conversation
+    rendered up to that turn for generation, and the rest of its rendering up to and including the turn (content and
+    end-of-turn)."""
+    turns = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -110,10 +67,65 @@ def encode_answers(tokenizer, messages: Sequence[dict]) -> list[tuple[list[int],
         if not full.startswith(prefix):
             raise ChatTemplateError("the chat template renders an answer's context otherwise after the answer; "
                                     "cannot locate its assistant turns")
-        prompt = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        answer = tokenizer(full[len(prefix):], add_special_tokens=False)["input_ids"]
-        out.append((prompt + answer, [False] * len(prompt) + [True] * len(answer)))
-    return out
+        turns.append((prefix, full[len(prefix):]))
+    return turns
+
+
+def _segments(turns: Sequence[tuple[str, str]]) -> list[tuple[str, bool]]:
+    """`_answer_turns` as the (text, is_assistant) pieces of one rendering of the whole conversation."""
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for prefix, answer in turns:
+        if not prefix.startswith(done):
+            raise NotIncrementalError("the chat template does not render this conversation incrementally (an "
+                                      "earlier turn is rendered differently once a later one follows); cannot locate "
+                                      "its assistant turns")
+        if len(prefix) > len(done):
+            pieces.append((prefix[len(done):], False))
+        pieces.append((answer, True))
+        done = prefix + answer
+    return pieces
+
+
+def render_segments(tokenizer, messages: Sequence[dict]) -> list[tuple[str, bool]]:
+    """Split a whole conversation into (text, is_assistant) pieces whose concatenation is the rendered conversation.
+
+    Each assistant piece is the difference between the conversation up to and including that turn and the
+    generation prompt before it, so it holds exactly what a model must generate there (content and end-of-turn).
+    """
+    return _segments(_answer_turns(tokenizer, messages))
+
+
+def _encode_segments(tokenizer, segments: Sequence[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """Each (text, is_assistant) piece tokenized on its own, the way generation sees them: the ids and, per token,
+    whether it belongs to an assistant turn."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, is_assistant in segments:
+        t = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += t
+        mask += [is_assistant] * len(t)
+    return ids, mask
+
+
+def encode_conversation(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation and, per token, whether it belongs to an assistant turn (SFT's loss mask).
+
+    Pieces are tokenized separately, the way generation sees them: the prompt's tokens, then the response's.
+    """
+    return _encode_segments(tokenizer, render_segments(tokenizer, messages))
+
+
+def encode_answers(tokenizer, messages: Sequence[dict]) -> list[tuple[list[int], list[bool]]]:
+    """A conversation as SFT trains on it: `encode_conversation`'s one sequence; or, where the template renders an
+    earlier turn otherwise once a later one follows (NotIncrementalError), a sequence per assistant turn: the turns
+    before it as generation renders them (`encode_prompt`), then that answer as the template ends it, so each answer
+    is learnt in the context the model has when it gives it."""
+    turns = _answer_turns(tokenizer, messages)
+    try:
+        return [_encode_segments(tokenizer, _segments(turns))]
+    except NotIncrementalError:
+        return [_encode_segments(tokenizer, [(prefix, False), (answer, True)]) for prefix, answer in turns]
 
 
 def encode_prompt(tokenizer, messages: str | Sequence[dict]) -> list[int]:

@@ -22,6 +22,7 @@ from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                           AutoTokenizer)
+from transformers.pytorch_utils import Conv1D
 
 from instructgpt import builtin
 from instructgpt.config import ConfigError, ModelConfig
@@ -183,7 +184,7 @@ def lora_target_modules(model, configured: list[str] | None) -> list[str]:
     if mapped:
         return [mapped] if isinstance(mapped, str) else sorted(mapped)
     linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+              if isinstance(m, (torch.nn.Linear, Conv1D))}
     for names in LORA_FALLBACK_TARGETS:
         if all(n in linear for n in names):
             return list(names)

@@ -500,3 +500,33 @@ def test_frozen_linear_weights_sample_in_bf16_as_autocast_would_cast_them(tiny, 
         cast = sample(model, x, m, params, None, tok.pad_token_id, torch.Generator().manual_seed(0))
     assert set(seen) == {(torch.float32, torch.float32)}
     assert torch.equal(held.tokens, cast.tokens) and torch.equal(held.logprobs, cast.logprobs)
+
+
+def test_generate_cli_names_a_refused_conversation_and_takes_raw_prompts(tiny_model_dir, tmp_path, capsys):
+    """`instructgpt generate --prompts`: a conversation the chat template refuses exits 2 naming its file and line;
+    --raw continues each {"prompt"} row's text as it is, and refuses a conversation by its line."""
+    import json
+
+    from conftest import NO_SYSTEM_TEMPLATE, write_jsonl
+    from instructgpt.generate_cli import main
+    from instructgpt.modeling import load_model, save_model
+    model, tok = load_model(tiny_model_dir)
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    save_model(model, tok, str(tmp_path / "m"))
+    greedy = ["--model", str(tmp_path / "m"), "--max-new-tokens", "5", "--temperature", "0"]
+    system = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "add 1 plus 2"}, system])
+    capsys.readouterr()
+    assert main([*greedy, "--prompts", prompts]) == 2
+    assert ("p.jsonl, line 2: field 'messages': the chat template refuses this conversation: System role not "
+            "supported") in capsys.readouterr().err
+    assert main([*greedy, "--prompts", prompts, "--raw"]) == 2
+    assert "p.jsonl, line 2: field 'messages': --raw continues a prompt's text" in capsys.readouterr().err
+    texts = ["add 1 plus 2", "Once upon a time"]
+    write_jsonl(prompts, [{"prompt": t} for t in texts])
+    for raw in (True, False):
+        assert main([*greedy, "--prompts", prompts, *(["--raw"] if raw else [])]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        want = generate(model, tok, texts if raw else [render_prompt(tok, t) for t in texts],
+                        SamplingParams(max_new_tokens=5, temperature=0))
+        assert [r["completions"][0]["text"] for r in rows] == [w[0].text for w in want]

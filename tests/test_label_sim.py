@@ -2,6 +2,7 @@ import random
 
 import pytest
 
+from conftest import NO_SYSTEM_TEMPLATE, write_jsonl
 from instructgpt.data import load_comparisons
 from instructgpt.label_sim import PAPER_AGREEMENT, agreement, calibrate, label, main, noisy_ranks
 
@@ -106,3 +107,26 @@ def test_bf16_label_sim_samples_under_autocast(tiny_model_dir, tmp_path, monkeyp
     assert main(args + ["--out", str(out), "--mixed-precision", "bf16"]) == 0
     assert seen == [True, True] and load_comparisons(str(out))  # one call per temperature, both in bf16
     assert main(args + ["--out", str(tmp_path / "f.jsonl")]) == 0 and seen[2:] == [False, False]
+
+
+def test_a_prompt_the_chat_template_refuses_stops_label_sim_naming_file_and_line(tiny_model_dir, tmp_path, capsys):
+    """A prompt file row whose conversation the policy's chat template refuses (a system turn where it has no system
+    role): label-sim exits 2 naming the file and line, and writes no rankings."""
+    from instructgpt.data import load_prompts
+    from instructgpt.modeling import load_model, save_model
+    model, tok = load_model(tiny_model_dir)
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    save_model(model, tok, str(tmp_path / "policy"))
+    first, second = load_prompts("builtin:task-prompts?split=train&n=2&seed=3")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"messages": first.messages}, {"messages": [{"role": "system", "content": "be brief"}, *second.messages]}])
+    out = tmp_path / "r.jsonl"
+    assert main(["--policy", str(tmp_path / "policy"), "--prompts", prompts, "--out", str(out), "--k", "4",
+                 "--max-new-tokens", "4"]) == 2
+    assert ("p.jsonl, line 2: field 'messages': the chat template refuses this conversation: System role not "
+            "supported") in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "r.jsonl.stats.json").exists()
+    # without the system turn, the same file is sampled and ranked
+    write_jsonl(prompts, [{"messages": first.messages}, {"messages": second.messages}])
+    assert main(["--policy", str(tmp_path / "policy"), "--prompts", prompts, "--out", str(out), "--k", "4",
+                 "--max-new-tokens", "4"]) == 0 and out.exists()

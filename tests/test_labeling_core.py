@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import read_jsonl, write_jsonl
+from conftest import NO_SYSTEM_TEMPLATE, read_jsonl, write_jsonl
 from instructgpt import data
 from instructgpt.data import DataError
 from instructgpt.labeling import security
@@ -529,6 +529,28 @@ def test_cli_import_generates_outputs_with_a_real_model(tmp_path, tiny_model_dir
         assert 2 <= len(t.responses) <= 3 and all(r.strip() for r in t.responses)
     assert label_main(args) == 0  # restarting does not sample again
     assert "0 tasks added" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_import_names_a_prompt_the_models_chat_template_refuses_before_sampling(tmp_path, tiny_model_dir, capsys,
+                                                                                monkeypatch):
+    """`--model DIR` whose chat template has no system role, and a prompt file whose second row has a system turn:
+    the import exits 2 naming that file and line, before any prompt is sampled, and adds no task."""
+    from instructgpt.labeling import outputs
+    from instructgpt.modeling import load_model, save_model
+    model, tok = load_model(tiny_model_dir)
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    save_model(model, tok, str(tmp_path / "m"))
+    sampled = []
+    monkeypatch.setattr(outputs, "generate", lambda *a, **kw: sampled.append(a) or [])
+    db = str(tmp_path / "l.sqlite")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "add 2 plus 3"},
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "spell cat"}]}])
+    args = ["import", "--db", db, "--prompts", prompts, "--model", str(tmp_path / "m"), "--k", "3", "--batch-size", "1"]
+    assert label_main(args) == 2
+    assert ("p.jsonl, line 2: field 'messages': the chat template refuses this conversation: System role not "
+            "supported") in capsys.readouterr().err
+    assert sampled == [] and Store(db).counts()["ranking_tasks"] == 0
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from instructgpt import builtin
-from instructgpt.prompting import ChatTemplateError
+from instructgpt.prompting import ChatTemplateError, render_prompt
 
 ROLES = ("system", "user", "assistant")
 MAX_RANKED = 9  # the paper: labelers ranked K = 4..9 outputs; we accept 2..9
@@ -46,6 +46,17 @@ def rendering(record):
         yield
     except ChatTemplateError as e:
         raise DataError(record.file, record.line, "messages", str(e)) from e
+
+
+def rendered_prompts(tok, records: Iterable) -> list[str]:
+    """Each record's `messages` as `tok`'s chat template renders them for generation (PromptRecord, evaluate's
+    EvalPrompt: records with a file and line); one the template refuses is a DataError naming its file and line, before
+    anything is sampled."""
+    out = []
+    for r in records:
+        with rendering(r):
+            out.append(render_prompt(tok, r.messages))
+    return out
 
 
 R = TypeVar("R")

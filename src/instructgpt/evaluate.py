@@ -47,11 +47,11 @@ from instructgpt.batching import left_pad, right_pad, text_blocks
 from instructgpt.best_of import best_of_n
 from instructgpt.config import (ConfigError, add_alias, add_config_arguments, command_error, config_from_args,
                                 parse_command_line)
-from instructgpt.data import DataError, iter_pretrain_text, iter_rows, parse_prompt, rendering
+from instructgpt.data import DataError, iter_pretrain_text, iter_rows, parse_prompt, rendered_prompts
 from instructgpt.generation import SamplingParams, autocast, generate
 from instructgpt.modeling import (is_encoder_decoder, load_model, logprobs_from_logits, pick_device,
                                   position_ids_from_mask, resolve_path, sequence_logprobs)
-from instructgpt.prompting import encode_prompt, render_prompt
+from instructgpt.prompting import encode_prompt
 from instructgpt.report import write_report
 from instructgpt.reward import RewardModel
 from instructgpt.tasks import RIGHT_CONTENT
@@ -382,16 +382,6 @@ class EvalPrompt:
     @property
     def family(self) -> str | None:
         return getattr(self.task, "family", None)
-
-
-def rendered_prompts(tok, items: Sequence[EvalPrompt]) -> list[str]:
-    """Each prompt as `tok`'s chat template renders it for generation; one the template refuses is a DataError naming
-    its file and line."""
-    out = []
-    for p in items:
-        with rendering(p):
-            out.append(render_prompt(tok, p.messages))
-    return out
 
 
 def heldout_prompts(n: int, seed: int = 0, suite: str | None = None) -> list[EvalPrompt]:

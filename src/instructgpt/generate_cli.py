@@ -11,7 +11,7 @@ from typing import Optional
 from instructgpt.config import (ConfigError, add_alias, add_config_arguments, command_error, config_from_args,
                                 parse_command_line)
 from instructgpt.best_of import best_of_n
-from instructgpt.data import DataError, load_prompts
+from instructgpt.data import DataError, load_prompts, rendered_prompts
 from instructgpt.files import write_jsonl
 from instructgpt.generation import SamplingParams, generate
 from instructgpt.modeling import load_model, pick_device
@@ -83,17 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def raw_prompt(record) -> str:
+    """--raw: the text of a prompt file's record that is one user turn (a {"prompt"} row), continued as it is."""
+    if len(record.messages) != 1 or record.messages[0]["role"] != "user":
+        raise DataError(record.file, record.line, "messages", "--raw continues a prompt's text as it is; this is a "
+                                                              "conversation, which only a chat template renders")
+    return record.messages[0]["content"]
+
+
 def main(argv: list[str]) -> int:
     args = parse_command_line(build_parser(), argv)
     try:
         cfg = config_from_args(GenerateConfig, args)
         device = pick_device(cfg.device)
-        messages = [cfg.prompt] if cfg.prompt is not None else [r.messages for r in load_prompts(cfg.prompts)]
+        records = None if cfg.prompt is not None else load_prompts(cfg.prompts)
+        messages = [cfg.prompt] if records is None else [r.messages for r in records]
+        raw = ([cfg.prompt] if records is None else [raw_prompt(r) for r in records]) if cfg.raw else None
     except (ConfigError, DataError, ValueError) as e:
         return command_error("generate", e)
     model, tok = load_model(cfg.model)
     model.to(device)
-    texts = [m if cfg.raw and isinstance(m, str) else render_prompt(tok, m) for m in messages]
+    try:  # a conversation the chat template refuses is named by its file and line
+        texts = raw if raw is not None else (
+            [render_prompt(tok, cfg.prompt)] if records is None else rendered_prompts(tok, records))
+    except (DataError, ValueError) as e:
+        return command_error("generate", e)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k, n=cfg.best_of or cfg.n, stop=tuple(cfg.stop),
                             frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty,

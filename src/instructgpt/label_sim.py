@@ -40,11 +40,10 @@ from typing import Literal, Optional, Sequence
 from instructgpt import generation, gold
 from instructgpt.config import (ConfigError, add_alias, add_config_arguments, command_error, config_from_args,
                                 parse_command_line)
-from instructgpt.data import DataError, load_prompts
+from instructgpt.data import DataError, load_prompts, rendered_prompts
 from instructgpt.files import write_json, write_jsonl
 from instructgpt.generation import SamplingParams, autocast
 from instructgpt.modeling import load_model, pick_device
-from instructgpt.prompting import render_prompt
 
 PAPER_AGREEMENT = 0.726  # Ouyang et al. 2022, sec. 3.4: training labelers agree with each other 72.6 +- 1.5%
 
@@ -226,11 +225,12 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def sample_responses(model, tok, conversations: Sequence[list[dict]], cfg: LabelSimConfig) -> list[list[str]]:
-    """`cfg.k` responses of `model` to each conversation, stripped, response i sampled at temperature i mod
-    len(cfg.temperatures) (seed cfg.seed + that index): what the labelers rank."""
+def sample_responses(model, tok, prompts: Sequence, cfg: LabelSimConfig) -> list[list[str]]:
+    """`cfg.k` responses of `model` to each prompt's conversation (records with `messages`, a file and a line),
+    stripped, response i sampled at temperature i mod len(cfg.temperatures) (seed cfg.seed + that index): what the
+    labelers rank. A conversation the chat template refuses is a DataError naming its file and line."""
     temps = cfg.temperatures or [cfg.temperature]
-    texts = [render_prompt(tok, m) for m in conversations]
+    texts = rendered_prompts(tok, prompts)
     counts = [sum(1 for i in range(cfg.k) if i % len(temps) == j) for j in range(len(temps))]
     with autocast(model, cfg.mixed_precision):
         per_temp = [generation.generate(model, tok, texts, SamplingParams(max_new_tokens=cfg.max_new_tokens,
@@ -255,7 +255,7 @@ def run(cfg: LabelSimConfig) -> dict:
                           f"{unknown[:80]!r}")
     model, tok = load_model(cfg.policy)
     model.to(device)
-    outs = sample_responses(model, tok, [r.messages for r in prompts], cfg)
+    outs = sample_responses(model, tok, prompts, cfg)
     # 1. the gold labeler judges every response
     judged, skipped = [], 0
     for rec, responses in zip(prompts, outs):

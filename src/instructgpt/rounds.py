@@ -39,7 +39,7 @@ def write_items_to_rank(cfg: LabelSimConfig, path: str) -> int:
     prompts = load_prompts(cfg.prompts)
     model, tok = load_model(cfg.policy)
     model.to(pick_device(cfg.device))
-    outs = label_sim.sample_responses(model, tok, [r.messages for r in prompts], cfg)
+    outs = label_sim.sample_responses(model, tok, prompts, cfg)
     rows = []
     for rec, responses in zip(prompts, outs):
         if all(responses):
@@ -92,7 +92,7 @@ def rm_accuracy_on_samples(policies: dict[str, str], reward_models: dict[str, st
     for name, path in policies.items():
         model, tok = load_model(path)
         model.to(device)
-        samples[name] = label_sim.sample_responses(model, tok, [p.messages for p in items], sampling)
+        samples[name] = label_sim.sample_responses(model, tok, items, sampling)
         del model
     report: dict = {"rm_accuracy_samples_prompts": len(items), "rm_accuracy_samples_k": sampling.k}
     golds = {name: [[gold.gold_score(p.text, r) for r in resp] for p, resp in zip(items, outs)]

@@ -27,7 +27,7 @@ class GenerateConfig:
     prompt: Optional[str] = None  # one prompt (rendered with the model's prompt template) ...
     prompts: Optional[str] = None  # ... or a prompts file (JSONL {'prompt'} or {'messages'}, or any prompt source)
     out: Optional[str] = None  # write JSONL results here (None: print)
-    raw: bool = False  # do not apply the prompt template
+    raw: bool = False  # do not apply the prompt template: --prompt, or a prompts file's {"prompt"} rows, as they are
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--prompts", container=src,
          help="prompts file (JSONL {'prompt'} or {'messages'}, or any prompt source)")
     flag("--out", help="write JSONL results here (default: print)")
-    flag("--raw", help="do not apply the prompt template")
+    flag("--raw", help="do not apply the prompt template: continue --prompt, or each {\"prompt\"} row of --prompts, "
+                       "as it is")
     flag("--max-new-tokens")
     flag("--temperature")
     flag("--top-p")

@@ -27,7 +27,7 @@ if sys.argv[1] == "dpo":  # usage: ddp_worker.py dpo MODEL_DIR RANKINGS OUT_DIR:
     model_dir, rankings, out = sys.argv[2:5]
     train(load_config(DPOConfig, None, [f"model.name_or_path={model_dir}", f"data.train={rankings}", f"out_dir={out}",
                                         "train.batch_size=8", "train.max_steps=4", "train.lr=3e-3", "beta=0.5",
-                                        "data.eval_size=0", "train.save_every=0"]))
+                                        "data.eval_size=0", "train.save_every=0", "train.log_every=1"]))
     sys.exit(0)
 
 if sys.argv[1] == "rm":  # usage: ddp_worker.py rm MODEL_DIR RANKINGS DEMOS OUT_DIR: the reward model's whole stage

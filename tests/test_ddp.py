@@ -82,6 +82,11 @@ def test_two_rank_dpo_equals_one_process_on_the_same_global_batches(tiny_model_d
     assert any(not (one[k] == start[k]).all() for k in one)  # it trained
     for k in one:
         assert (one[k] - two[k]).abs().max() < 1e-5, k
+    # the loss and accuracy logged are the global batch's, as one process logs them
+    from instructgpt.runs import read_metrics
+    logged = [[v for m in read_metrics(str(tmp_path / d)) if "train/loss" in m
+               for v in (m["train/loss"], m["train/accuracy"])] for d in ("one", "two")]
+    assert len(logged[0]) == 8 and logged[1] == pytest.approx(logged[0], rel=1e-5)
 
 
 def test_two_rank_reward_model_scores_as_one_process(tiny_model_dir, tmp_path):

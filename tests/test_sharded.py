@@ -93,6 +93,15 @@ def _assert_tensorboard_holds_the_metrics(out_dir):
         assert [v for _, v in logged[k]] == pytest.approx([v for _, v in expected[k]], rel=1e-6), k
 
 
+def _assert_logged_as_one_process(one, two, keys):
+    """Every logged step's training figures (the global batch's, whichever process logs them) are one process's."""
+    rows = [[m for m in read_metrics(str(d)) if keys[0] in m] for d in (one, two)]
+    assert [m["step"] for m in rows[0]] == [m["step"] for m in rows[1]] and rows[0]
+    for a, b in zip(*rows):
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-5), (a["step"], k)
+
+
 def _assert_close_weights(one, two, atol):
     a, b = saved_weights(one), saved_weights(two)
     assert a.keys() == b.keys()
@@ -106,6 +115,7 @@ def test_two_process_fsdp2_sft_equals_one_process_and_saves_a_plain_checkpoint(r
 
     r = runs["sft"]
     _assert_close_weights(r["one"], r["two"], 1e-5)
+    _assert_logged_as_one_process(r["one"], r["two"], ["train/loss"])
     start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert any(not torch.equal(saved_weights(r["two"])[k], start[k]) for k in start)  # it trained
     model = AutoModelForCausalLM.from_pretrained(r["two"] / "model")  # plain from_pretrained, whole tensors
@@ -133,11 +143,13 @@ def test_two_process_fsdp2_reward_model_scores_as_one_process(runs):
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5
     assert max(one) - min(one) > 0.5  # it tells responses apart
     _assert_close_weights(r["one"], r["two"], 1e-3)
+    _assert_logged_as_one_process(r["one"], r["two"], ["train/loss", "train/accuracy"])
 
 
 def test_two_process_fsdp2_dpo_equals_one_process(runs):
     r = runs["dpo"]
     _assert_close_weights(r["one"], r["two"], 1e-5)
+    _assert_logged_as_one_process(r["one"], r["two"], ["train/loss", "train/accuracy"])
     assert read_metrics(str(r["two"]))[-1]["eval/accuracy"] == read_metrics(str(r["one"]))[-1]["eval/accuracy"]
 
 

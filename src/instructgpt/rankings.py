@@ -21,7 +21,7 @@ from instructgpt.progress import StageProgress
 from instructgpt.prompting import encode_prompt, encode_response
 from instructgpt.runs import StageRun
 from instructgpt.training import (batch_indices, checkpoint_or_stop, make_optimizer, micro_batch_size, no_sync,
-                                  optimizer_step, preemptible, resume_step)
+                                  optimizer_step, preemptible, resume_step, summed_over_processes)
 
 
 @dataclass
@@ -113,12 +113,13 @@ def fit_rankings(cfg: RankingStageConfig, run: StageRun, acc, model, items: Sequ
                     losses = torch.stack([ranking_loss(r, it.ranks) for r, it in zip(rewards, mb)])
                     loss = losses.sum() * world / len(batch)  # the mean over the global batch of prompts
                     acc.backward(loss)
-                step_loss += float(losses.detach().sum()) / len(batch) * world
+                step_loss += float(losses.detach().sum()) / len(batch)  # this process's share of the batch's mean
                 for r, it in zip(rewards, mb):
                     a, n = ranking_accuracy(r.detach().tolist(), it.ranks)
                     right, total = right + a, total + n
-            comparisons += total * world
             optimizer_step(acc, model, opt, sched, t.max_grad_norm)
+            step_loss, right, total = summed_over_processes(acc, step_loss, right, total)  # the global batch's
+            comparisons += total
             done = step + 1
             cps = comparisons / max(time.time() - t0, 1e-9)
             bar.update(done, loss=step_loss, acc=right / max(total, 1), cmp_s=cps)

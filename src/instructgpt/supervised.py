@@ -22,7 +22,8 @@ from instructgpt.modeling import position_ids_from_mask
 from instructgpt.progress import StageProgress
 from instructgpt.runs import StageRun
 from instructgpt.training import (batch_indices, checkpoint_or_stop, grouped_batch_indices, length_groups_for,
-                                  make_optimizer, micro_batch_size, no_sync, optimizer_step, preemptible, resume_step)
+                                  make_optimizer, micro_batch_size, no_sync, optimizer_step, preemptible, resume_step,
+                                  summed_over_processes)
 
 
 def packed_attention_supported() -> bool:
@@ -153,7 +154,7 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
                 ptx_batch = [ptx_ex[i] for i in batch_indices(len(ptx_ex), ptx_bs, step, cfg.seed + 1)]
                 n_ptx_tokens = sum(len(e.input_ids) - 1 for e in ptx_batch)
                 ptx_mine = ptx_batch[rank::world]
-            step_loss = 0.0
+            step_loss, step_tokens = 0.0, 0  # this process's share of the global batch's mean loss, its tokens
             for m in range(t.grad_accum):
                 mb = mine[m * micro:(m + 1) * micro]
                 # the micro-batch in groups of similar length, each padded to its own longest row
@@ -173,10 +174,12 @@ def fit(cfg: StageConfig, run: StageRun, acc, model, tokenizer, train_ex: list[E
                             p_sum, _ = token_loss_sum(plog, pb["labels"])
                             loss = loss + t.pretrain_coef * p_sum * world / max(n_ptx_tokens, 1)
                         acc.backward(loss)
-                    step_loss += float(mb_loss_sum.detach()) / max(n_loss_tokens, 1) * world
-                    tokens_seen += int(b["attention_mask"].sum()) * world
+                    step_loss += float(mb_loss_sum.detach()) / max(n_loss_tokens, 1)
+                    step_tokens += int(b["attention_mask"].sum())
             # 4. clip, step, schedule
             optimizer_step(acc, model, opt, sched, t.max_grad_norm)
+            step_loss, step_tokens = summed_over_processes(acc, step_loss, step_tokens)  # the global batch's
+            tokens_seen += step_tokens
             done = step + 1
             tps = tokens_seen / max(time.time() - t0, 1e-9)
             bar.update(done, loss=step_loss, tok_s=tps)

@@ -145,6 +145,16 @@ def optimizer_step(acc, model, opt, sched, max_grad_norm: float) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def summed_over_processes(acc, *values: float) -> list[float]:
+    """Each of `values` (this process's share of a figure of the global batch: its part of the mean loss, its token
+    count) summed over all processes, so that every process logs the global batch's figure, as one process would
+    (HF Trainer gathers its logged loss likewise); one process: the values as they are. A collective: every process
+    must call it."""
+    if acc.num_processes == 1:
+        return list(values)
+    return acc.reduce(torch.tensor(values, dtype=torch.float64, device=acc.device), "sum").tolist()
+
+
 def micro_batch_size(t: TrainConfig, world: int, batch_size: int | None = None, key: str = "train.batch_size") -> int:
     """Examples per forward on each rank: train.batch_size (or `batch_size`, named `key`) over processes x
     train.grad_accum, which must divide it (else the examples past the last whole micro-batch would never be seen)."""

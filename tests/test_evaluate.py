@@ -439,3 +439,18 @@ def test_best_of_candidates_are_sampled_at_best_of_temperature(tiny_model_dir, e
     assert not (tmp_path / "bad").exists()  # refused before anything is written
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert cold["decoding"]["device"] == warm["decoding"]["device"] == expected  # "auto"
+
+
+def test_overoptimisation_plot_without_gold_draws_the_rm_axis_and_no_empty_legend(tmp_path):
+    """A PPO run judged by its reward model alone (no gold labeler): its held-out rows have a KL and an RM score, so
+    the RM axis gets the run's line and its legend, and the gold axis, with nothing labelled, none (matplotlib warns
+    of an empty legend)."""
+    import warnings
+
+    from instructgpt.report import plot_overoptimisation
+    rows = [{"step": s, "objective/kl": 0.1 * s} for s in range(1, 4)] + [
+        {"step": s, "eval/kl": 0.1 * s, "eval/rm_score": 0.2 * s} for s in range(1, 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_overoptimisation({"ppo": rows}, {"policies": []}, str(tmp_path / "o.png"))
+    assert (tmp_path / "o.png").stat().st_size > 5000

@@ -3,6 +3,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -550,10 +551,24 @@ def test_lora_adapts_peft_default_modules_else_the_query_and_value_projections(a
                                                                   num_key_value_heads=2)
     if arch == "mixtral":
         shape.update(num_local_experts=2, num_experts_per_tok=1)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **shape))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **shape)).eval()
     assert lora_target_modules(model, None) == expected
     assert lora_target_modules(model, ["o_proj"]) == ["o_proj"]
-    adapted = apply_lora(model, LoraConfig(enabled=True, r=4))
+    x = torch.randint(2, 64, (2, 6))
+    before = model(x).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapted = apply_lora(model, LoraConfig(enabled=True, r=4))
+    # GPT-2's Conv1D layers are adapted with fan_in_fan_out set beforehand, not by peft with a warning each
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    assert adapted.peft_config["default"].fan_in_fan_out == (arch == "gpt2")
+    with torch.no_grad():  # LoRA's B starts at zero: the model is unchanged ...
+        assert torch.equal(adapted(x).logits, before)
+        for n, p in adapted.named_parameters():
+            if ".lora_B" in n:
+                p.normal_()
+        # ... and a nonzero B changes it: the adapter's product has the layer's shape (transposed for Conv1D)
+        assert not torch.allclose(adapted(x).logits, before)
     with_lora = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in adapted.named_parameters() if ".lora_A" in n}
     assert with_lora == set(expected)
     assert sum("lora_A" in n for n, _ in adapted.named_parameters()) == 2 * len(expected)  # in both layers

@@ -200,8 +200,13 @@ def apply_lora(model, lora_cfg, task: str = "causal_lm"):
         task_type = TaskType.SEQ_CLS
     else:
         task_type = TaskType.SEQ_2_SEQ_LM if is_encoder_decoder(model) else TaskType.CAUSAL_LM
+    targets = lora_target_modules(model, lora_cfg.target_modules)
+    # GPT-2's Conv1D stores its weight transposed (in, out): peft's fan_in_fan_out, which peft would otherwise set
+    # itself, with a warning, for every such layer
+    targeted = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
+    conv1d = bool(targeted) and all(isinstance(m, Conv1D) for m in targeted)
     pc = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=lora_target_modules(model, lora_cfg.target_modules), task_type=task_type)
+                        target_modules=targets, task_type=task_type, fan_in_fan_out=conv1d)
     return get_peft_model(model, pc)
 
 

@@ -235,7 +235,7 @@ def plot_overoptimisation(metrics: dict[str, list[dict]], report: dict, path: st
         ax.set_ylabel(title)
         ax.set_title(f"{title} vs sqrt(KL)" + ("" if drawn else " (no data)"))
         ax.grid(alpha=0.3)
-        if runs or report.get("best_of_n_curve"):
+        if ax.get_legend_handles_labels()[0]:  # a line with a label drawn (a run's evaluations, the best-of-n curve)
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -137,3 +137,14 @@ def test_a_recipes_eval_and_label_sim_sections_are_the_commands_configs():
     assert recipe.label_sim.temperatures == [0.7, 1.0, 1.3] and recipe.eval.bon_curve == 16
     with pytest.raises(ConfigError, match="eval.heldout: expected an integer"):
         load_recipe(None, ["eval.heldout=all"])
+
+
+def test_a_file_given_without_its_flag_is_refused_with_a_hint(tmp_path, capsys):
+    """`instructgpt data inspect demos.jsonl` (the file without --input) or `instructgpt sft sft.yaml` (without
+    --config): the token is not key=value, and since it names a file the error says a file goes after its flag."""
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text('{"prompt": "hi", "response": "hello"}\n')
+    assert cli_main(["data", "inspect", str(demos)]) == 2
+    assert f"override '{demos}': expected key.sub=value (a file is given after its flag" in capsys.readouterr().err
+    assert cli_main(["sft", "train.lr"]) == 2  # not a file: no hint
+    assert capsys.readouterr().err.rstrip().endswith("override 'train.lr': expected key.sub=value")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -288,7 +289,8 @@ def parse_overrides(overrides: list[str]) -> dict:
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key:
-            raise ConfigError(f"override '{item}': expected key.sub=value")
+            hint = " (a file is given after its flag, e.g. --config or --input: see --help)" if os.path.exists(item) else ""
+            raise ConfigError(f"override '{item}': expected key.sub=value{hint}")
         try:
             value = _safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:

@@ -289,7 +289,8 @@ def parse_overrides(overrides: list[str]) -> dict:
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key:
-            hint = " (a file is given after its flag, e.g. --config or --input: see --help)" if os.path.exists(item) else ""
+            hint = (" (a file is given after its flag, e.g. --config or --input: see --help)"
+                    if os.path.exists(item) else "")
             raise ConfigError(f"override '{item}': expected key.sub=value{hint}")
         try:
             value = _safe_load(raw) if raw.strip() else ""

@@ -148,3 +148,10 @@ def test_a_file_given_without_its_flag_is_refused_with_a_hint(tmp_path, capsys):
     assert f"override '{demos}': expected key.sub=value (a file is given after its flag" in capsys.readouterr().err
     assert cli_main(["sft", "train.lr"]) == 2  # not a file: no hint
     assert capsys.readouterr().err.rstrip().endswith("override 'train.lr': expected key.sub=value")
+
+
+def test_version_flag_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    assert cli_main(["--version"]) == 0 and cli_main(["-V"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"instructgpt {version('instructgpt')}"] * 2

@@ -22,3 +22,10 @@ The built-in world (``builtin``, ``gold``, ``assistant``, ``constraints``, ``tas
 labeler of the default job: the built-in sources enter through ``data`` (``builtin:...``), the gold labeler through
 ``judges``; no stage knows it.
 """
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("instructgpt")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0"

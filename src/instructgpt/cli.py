@@ -31,7 +31,7 @@ COMMANDS = {
     "data": "instructgpt.dataprep.cli",
 }
 
-HELP = """usage: instructgpt <command> [args]
+HELP = """usage: instructgpt <command> [args]   (instructgpt --version: the installed version)
 
 training stages (instructgpt <stage> [--config FILE.yaml] [key.sub=value ...]):
   pretrain    language-model pretraining (builds the shipped base model)
@@ -79,6 +79,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from instructgpt import __version__
+
+        print(f"instructgpt {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in STAGES and _available(STAGES[cmd][0]):

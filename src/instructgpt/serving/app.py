@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import importlib.metadata
 import json
 import math
 import secrets
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import AutoConfig
 
+from instructgpt import __version__
 from instructgpt.best_of import best_indices, mean_logprob, reward_scores
 from instructgpt.generation import Completion, SamplingParams
 from instructgpt.modeling import context_length, load_model, load_tokenizer, pick_device, resolve_path
@@ -820,17 +820,10 @@ def openapi_schema(app: FastAPI, server: Server) -> dict:
     return app.openapi_schema
 
 
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("instructgpt")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "0"
-
-
 def create_app(server: Server) -> FastAPI:
     # the schema at /openapi.json, as OpenAI-compatible servers serve it, behind the API key like /v1 (it names the
     # served model and the server's limits); no docs pages (they load scripts from a CDN)
-    app = FastAPI(title="instructgpt", version=_package_version(),
+    app = FastAPI(title="instructgpt", version=__version__,
                   description="An OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions.",
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.openapi = lambda: openapi_schema(app, server)

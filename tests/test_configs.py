@@ -155,3 +155,21 @@ def test_version_flag_prints_the_installed_version(capsys):
 
     assert cli_main(["--version"]) == 0 and cli_main(["-V"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"instructgpt {version('instructgpt')}"] * 2
+
+
+@pytest.mark.parametrize("stage,extra", [("sft", []), ("rm", []), ("dpo", []),
+                                         ("ppo", [f"reward_model.name_or_path={os.devnull}", "ppo.ptx_coef=0"])])
+def test_a_missing_data_file_is_named_before_any_model_loads(stage, extra, tmp_path, monkeypatch, capsys):
+    """A stage whose data.train names a file that is not there says so before it loads a model (minutes for a large
+    one): no load_model is called."""
+    import importlib
+
+    mod = importlib.import_module(f"instructgpt.{stage}")
+
+    def load_model(*a, **kw):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(mod, "load_model", load_model)
+    missing = tmp_path / "missing.jsonl"
+    assert cli_main([stage, f"data.train={missing}", f"out_dir={tmp_path / 'out'}", *extra]) == 2
+    assert f"instructgpt {stage}: error: {missing}: no such file" in capsys.readouterr().err

@@ -276,7 +276,7 @@ def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, 
                 yield source, 1, {"text": fh.read()}
             return
         raise DataError(source, None, None, f"unsupported file type '{ext}' (use .jsonl, .json, .parquet or .txt)")
-    if source.lower().endswith(_FILE_TYPES) or not _HUB_ID.match(source):
+    if _missing_file(source):
         raise DataError(source, None, None, "no such file")
     # A Hugging Face dataset: [owner/]name[@config][:split], e.g. openai/summarize_from_feedback@comparisons:validation
     name, _, split = source.partition(":")
@@ -294,6 +294,21 @@ def iter_rows(source: str, streaming: bool = False) -> Iterator[tuple[str, int, 
 # (./x, /abs/x, a/b/c, x.jsonl) is "no such file" instead
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w.-]+)?(:[\w.%:\[\]+-]+)?$")  # train[:10%]
 _FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet", ".txt")
+
+
+def _missing_file(source: str) -> bool:
+    """`source` names a local file or directory (a path, or a name with a data file's extension) that is not there:
+    neither a built-in source nor what could be a Hugging Face dataset id."""
+    return (not source.startswith("builtin:") and not os.path.exists(source)
+            and (source.lower().endswith(_FILE_TYPES) or not _HUB_ID.match(source)))
+
+
+def check_sources(*sources: str | None) -> None:
+    """A DataError for the first of `sources` (None: not used) that names a local file that is not there: what a
+    stage checks before it loads a model, which can take minutes, only to find its data missing."""
+    for source in sources:
+        if source and _missing_file(source):
+            raise DataError(source, None, None, "no such file")
 
 
 @dataclass

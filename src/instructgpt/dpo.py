@@ -18,6 +18,7 @@ import torch
 
 from instructgpt.batching import right_pad
 from instructgpt.config import ConfigError, TrainConfig
+from instructgpt.data import check_sources
 from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.modeling import (apply_lora, check_context, disable_dropout, load_model, save_model, sequence_logprobs,
                                   require_decoder_only, set_seed)
@@ -95,6 +96,7 @@ def train(cfg: DPOConfig) -> str:
         acc.print(f"[dpo] {cfg.out_dir} is already finished (DONE.json); nothing to do")
         return cfg.out_dir
     set_seed(cfg.seed)
+    check_sources(cfg.data.train, cfg.data.eval)
     # 1. rankings -> items; the reference's log-probs from a fresh load of the starting model, once. With
     # model.gradient_checkpointing the policy trains in train mode (below), so it loads with its dropout at 0
     gc = cfg.model.gradient_checkpointing

@@ -36,6 +36,7 @@ from accelerate.utils import DistributedType
 from instructgpt.advantages import explained_variance, gae, group_advantages, kl_per_token, token_rewards, whiten
 from instructgpt.batching import left_pad, length_groups, pretrain_blocks, prompt_ids
 from instructgpt.config import ConfigError, ModelConfig
+from instructgpt.data import check_sources
 from instructgpt.files import replace_dir
 from instructgpt.generation import (SamplingParams, autocast, eos_ids, frozen_linears_in_bf16, sample,
                                     use_matmul_attention)
@@ -341,6 +342,8 @@ def train(cfg: PPOConfig) -> str:
         return cfg.out_dir
     set_seed(cfg.seed)
     t, p = cfg.train, cfg.ppo
+    check_sources(cfg.data.train, cfg.data.eval if p.eval_prompts else None,
+                  cfg.data.pretrain if p.ptx_coef > 0 else None)
     world, rank = acc.num_processes, acc.process_index
     if t.batch_size % (world * p.num_minibatches) or (t.batch_size // p.samples_per_prompt) % world:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of processes x ppo.num_minibatches "

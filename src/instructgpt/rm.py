@@ -17,7 +17,7 @@ import torch
 
 from instructgpt.batching import length_groups, right_pad
 from instructgpt.config import ConfigError, TrainConfig
-from instructgpt.data import load_demonstrations
+from instructgpt.data import check_sources, load_demonstrations
 from instructgpt.generation import SamplingParams, generate
 from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.modeling import apply_lora, check_context, load_model, require_decoder_only, save_model, set_seed
@@ -117,6 +117,7 @@ def train(cfg: RMConfig) -> str:
         acc.print(f"[rm] {cfg.out_dir} is already finished (DONE.json); nothing to do")
         return cfg.out_dir
     set_seed(cfg.seed)
+    check_sources(cfg.data.train, cfg.data.eval, cfg.normalize.demonstrations)
     # 1. backbone from the SFT model, a fresh scalar head
     model, tok = load_model(cfg.model, for_training=True, model_class="sequence_classification")
     check_context(model, cfg.data.max_length)

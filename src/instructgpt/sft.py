@@ -16,7 +16,7 @@ from typing import Sequence
 
 from instructgpt.batching import Example, Seq2SeqExample, pack, pretrain_blocks, split_eval
 from instructgpt.config import ConfigError, StageConfig
-from instructgpt.data import DataError, Demonstration, encode_each, load_demonstrations
+from instructgpt.data import DataError, Demonstration, check_sources, encode_each, load_demonstrations
 from instructgpt.modeling import apply_lora, check_context, is_encoder_decoder, load_model, save_model, set_seed
 from instructgpt.prompting import encode_answers, encode_exchange
 from instructgpt.runs import StageRun
@@ -85,7 +85,7 @@ def train(cfg: SFTConfig) -> str:
         acc.print(f"[sft] {cfg.out_dir} is already finished (DONE.json); nothing to do")
         return cfg.out_dir
     set_seed(cfg.seed)
-
+    check_sources(cfg.data.train, cfg.data.eval, cfg.data.pretrain if cfg.train.pretrain_coef > 0 else None)
     model, tokenizer = load_model(cfg.model, for_training=True)
     check_context(model, cfg.data.max_length)
     start_id = None  # a decoder-only model's examples; an encoder-decoder's decoder starts with this token

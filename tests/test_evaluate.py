@@ -454,3 +454,15 @@ def test_overoptimisation_plot_without_gold_draws_the_rm_axis_and_no_empty_legen
         warnings.simplefilter("error")
         assert plot_overoptimisation({"ppo": rows}, {"policies": []}, str(tmp_path / "o.png"))
     assert (tmp_path / "o.png").stat().st_size > 5000
+
+
+def test_a_missing_ptx_text_is_named_before_any_answer_is_generated(tiny_model_dir, tmp_path, monkeypatch):
+    """The held-out text is read after every policy has answered: a file that is not there is a DataError first."""
+    def generate(*a, **kw):
+        raise AssertionError("an answer was generated")
+
+    monkeypatch.setattr(ev, "generate", generate)
+    missing = str(tmp_path / "plays.txt")
+    with pytest.raises(DataError, match=f"{missing}: no such file"):
+        ev.evaluate({"sft": tiny_model_dir}, sft="sft", reward_model=None, heldout=2, ptx_text=missing,
+                    out_dir=str(tmp_path / "out"), max_new_tokens=4, n_resamples=10)

@@ -47,7 +47,8 @@ from instructgpt.batching import left_pad, right_pad, text_blocks
 from instructgpt.best_of import best_of_n
 from instructgpt.config import (ConfigError, add_alias, add_config_arguments, command_error, config_from_args,
                                 parse_command_line)
-from instructgpt.data import DataError, iter_pretrain_text, iter_rows, parse_prompt, rendered_prompts
+from instructgpt.data import (DataError, check_sources, iter_pretrain_text, iter_rows, parse_prompt,
+                              rendered_prompts)
 from instructgpt.generation import SamplingParams, autocast, generate
 from instructgpt.modeling import (is_encoder_decoder, load_model, logprobs_from_logits, pick_device,
                                   position_ids_from_mask, resolve_path, sequence_logprobs)
@@ -621,6 +622,7 @@ def evaluate(policies: dict[str, str], config: EvalConfig | None = None, *, out_
     os.makedirs(out_dir, exist_ok=True)
     # 1. prompts, never seen in training, and the models every policy is compared with
     items = load_eval_prompts(prompts, heldout) if prompts else heldout_prompts(heldout, seed, suite)
+    check_sources(ptx_text)  # read after every policy has answered: a missing file is named now
     has_gold = all(p.task is not None for p in items)
     _log(f"{len(items)} prompts ({'gold labeler' if has_gold else 'no gold labeler'}), policies: {list(policies)}"
          + (f" + best_of_{best_of}" if best_of else ""))

@@ -138,6 +138,18 @@ def test_unknown_recipe_section_and_key_are_errors(tmp_path):
         load_recipe(None, ["label_sim.policy=some/model"])
 
 
+def test_a_missing_data_file_stops_the_pipeline_before_its_first_stage(tiny_model_dir, tmp_path, capsys):
+    """A file the recipe names for a late stage (PPO's ptx text) that is not there: the pipeline exits 2 naming it
+    before SFT runs, not after SFT, label-sim and the reward model; the run's own rankings.jsonl, which label-sim
+    writes, is not asked for beforehand."""
+    missing = tmp_path / "text.txt"
+    out = tmp_path / "run"
+    assert cli_main(["pipeline", "--out", str(out), *_tiny_overrides(tiny_model_dir),
+                     f"ppo.data.pretrain={missing}"]) == 2
+    assert f"{missing}: no such file" in capsys.readouterr().err
+    assert not (out / "sft").exists()
+
+
 def test_expectations_are_a_recipes_own_and_overrides_reach_nested_keys(tmp_path):
     default = load_recipe(None, []).expectations
     assert default["win_rate_no_ties.ppo_vs_sft"].min == 0.75 and default["gold_score.sft"].min == "gold_score.base"

@@ -88,6 +88,11 @@ def heldout_metrics(model, items: Sequence[Item], pad_token_id: int, device, bet
             "eval/reward_best": sum(best) / n, "eval/reward_worst": sum(worst) / n}
 
 
+def data_sources(cfg: DPOConfig) -> list[str | None]:
+    """The data the run reads (None: none there): rankings and held-out ones."""
+    return [cfg.data.train, cfg.data.eval]
+
+
 def train(cfg: DPOConfig) -> str:
     require_decoder_only(cfg.model, "dpo")
     acc = make_accelerator(cfg)
@@ -96,7 +101,7 @@ def train(cfg: DPOConfig) -> str:
         acc.print(f"[dpo] {cfg.out_dir} is already finished (DONE.json); nothing to do")
         return cfg.out_dir
     set_seed(cfg.seed)
-    check_sources(cfg.data.train, cfg.data.eval)
+    check_sources(*data_sources(cfg))
     # 1. rankings -> items; the reference's log-probs from a fresh load of the starting model, once. With
     # model.gradient_checkpointing the policy trains in train mode (below), so it loads with its dropout at 0
     gc = cfg.model.gradient_checkpointing

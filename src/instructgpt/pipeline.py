@@ -40,7 +40,7 @@ from rich.table import Table
 from instructgpt import dpo, label_sim, ppo, rm, rounds, sft
 from instructgpt.config import (ConfigError, command_error, deep_merge, from_dict, load_config, parse_command_line,
                                 parse_overrides, read_yaml_mapping, to_dict)
-from instructgpt.data import DataError
+from instructgpt.data import DataError, check_sources
 from instructgpt.evaluate import EvalConfig, evaluate
 from instructgpt.files import read_jsonl, write_json
 from instructgpt.label_sim import LabelSimConfig
@@ -243,6 +243,21 @@ def label_sim_config(recipe: RecipeConfig, out: str) -> LabelSimConfig:
                    seed=recipe.seed)
 
 
+STAGE_MODULES = {"sft": sft, "rm": rm, "ppo": ppo, "ppo_noptx": ppo, "rloo": ppo, "dpo": dpo}
+
+
+def recipe_sources(recipe: RecipeConfig, out: str, cfgs: dict) -> list[str]:
+    """The data the run's stages, label-sim and evaluation read that no step of the run writes (outside `out`): what
+    the pipeline checks before its first stage, so a missing file is not found only once the stages before its
+    reader have run."""
+    ev = eval_config(recipe, out)
+    named = [s for name, c in cfgs.items() for s in STAGE_MODULES[name].data_sources(c)]
+    named += [ev.prompts, None if (ev.ptx_text or "none").lower() == "none" else ev.ptx_text]
+    named += [recipe.label_sim.prompts] if recipe.label_sim is not None else []
+    inside = os.path.abspath(out) + os.sep
+    return [s for s in named if s and not os.path.abspath(s).startswith(inside)]
+
+
 def eval_config(recipe: RecipeConfig, out: str) -> EvalConfig:
     """The recipe's eval section for the run in `out`: judged with its reward model unless the section names one
     (best-of-n needs one), the report written there."""
@@ -371,6 +386,7 @@ def run(recipe: RecipeConfig, out: str) -> int:
     stage_dirs = {k: cfgs[k].out_dir for k in cfgs}
     ranking = label_sim_config(recipe, out) if recipe.label_sim is not None else None
     try:
+        check_sources(*recipe_sources(recipe, out, cfgs))
         timed("sft", sft.train, cfgs["sft"])
         # the pipeline ranks samples of the SFT model when the RM or DPO learns from its rankings.jsonl
         if ranking is not None and any(cfgs[k].data.train == ranking.out for k in ("rm", "dpo") if k in cfgs):

@@ -331,6 +331,12 @@ def rollout(models: Models, policy, queries: list[list[int]], prompts: list, p: 
                    list(prompts), texts, graphs=graphs or None)
 
 
+def data_sources(cfg: PPOConfig) -> list[str | None]:
+    """The data the run reads (None: none there): prompts, the monitor's held-out prompts, the ptx text."""
+    p = cfg.ppo
+    return [cfg.data.train, cfg.data.eval if p.eval_prompts else None, cfg.data.pretrain if p.ptx_coef > 0 else None]
+
+
 def train(cfg: PPOConfig) -> str:
     """Run PPO(-ptx); returns the out_dir. Rerun on the same out_dir to resume."""
     cfg.validate()
@@ -342,8 +348,7 @@ def train(cfg: PPOConfig) -> str:
         return cfg.out_dir
     set_seed(cfg.seed)
     t, p = cfg.train, cfg.ppo
-    check_sources(cfg.data.train, cfg.data.eval if p.eval_prompts else None,
-                  cfg.data.pretrain if p.ptx_coef > 0 else None)
+    check_sources(*data_sources(cfg))
     world, rank = acc.num_processes, acc.process_index
     if t.batch_size % (world * p.num_minibatches) or (t.batch_size // p.samples_per_prompt) % world:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of processes x ppo.num_minibatches "

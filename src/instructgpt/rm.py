@@ -109,6 +109,11 @@ def fit_normalization(model, tokenizer, cfg: NormalizeConfig, prompts: Sequence,
     return norm
 
 
+def data_sources(cfg: RMConfig) -> list[str | None]:
+    """The data the run reads (None: none there): rankings, held-out ones, the normalisation's demonstrations."""
+    return [cfg.data.train, cfg.data.eval, cfg.normalize.demonstrations]
+
+
 def train(cfg: RMConfig) -> str:
     require_decoder_only(cfg.model, "rm")
     acc = make_accelerator(cfg)
@@ -117,7 +122,7 @@ def train(cfg: RMConfig) -> str:
         acc.print(f"[rm] {cfg.out_dir} is already finished (DONE.json); nothing to do")
         return cfg.out_dir
     set_seed(cfg.seed)
-    check_sources(cfg.data.train, cfg.data.eval, cfg.normalize.demonstrations)
+    check_sources(*data_sources(cfg))
     # 1. backbone from the SFT model, a fresh scalar head
     model, tok = load_model(cfg.model, for_training=True, model_class="sequence_classification")
     check_context(model, cfg.data.max_length)

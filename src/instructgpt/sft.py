@@ -76,6 +76,11 @@ def build_examples(tokenizer, demos: Sequence[Demonstration], max_length: int, s
     return [row for _, demo_rows in encoded for row in demo_rows], skipped
 
 
+def data_sources(cfg: SFTConfig) -> list[str | None]:
+    """The data the run reads (None: none there): demonstrations, held-out ones, the pretraining mix's text."""
+    return [cfg.data.train, cfg.data.eval, cfg.data.pretrain if cfg.train.pretrain_coef > 0 else None]
+
+
 def train(cfg: SFTConfig) -> str:
     """Run SFT; returns the out_dir. Rerun on the same out_dir to resume; a finished run says so and exits."""
     acc = make_accelerator(cfg)
@@ -85,7 +90,7 @@ def train(cfg: SFTConfig) -> str:
         acc.print(f"[sft] {cfg.out_dir} is already finished (DONE.json); nothing to do")
         return cfg.out_dir
     set_seed(cfg.seed)
-    check_sources(cfg.data.train, cfg.data.eval, cfg.data.pretrain if cfg.train.pretrain_coef > 0 else None)
+    check_sources(*data_sources(cfg))
     model, tokenizer = load_model(cfg.model, for_training=True)
     check_context(model, cfg.data.max_length)
     start_id = None  # a decoder-only model's examples; an encoder-decoder's decoder starts with this token

@@ -173,3 +173,16 @@ def test_a_missing_data_file_is_named_before_any_model_loads(stage, extra, tmp_p
     missing = tmp_path / "missing.jsonl"
     assert cli_main([stage, f"data.train={missing}", f"out_dir={tmp_path / 'out'}", *extra]) == 2
     assert f"instructgpt {stage}: error: {missing}: no such file" in capsys.readouterr().err
+
+
+def test_sft_names_a_bad_demonstration_before_its_model_loads(tmp_path, monkeypatch, capsys):
+    import instructgpt.sft as sft_stage
+
+    def load_model(*a, **kw):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(sft_stage, "load_model", load_model)
+    demos = tmp_path / "d.jsonl"
+    demos.write_text('{"prompt": "hi", "response": "hello"}\n{"prompt": "hi"}\n')
+    assert cli_main(["sft", f"data.train={demos}", f"out_dir={tmp_path / 'out'}"]) == 2
+    assert f"{demos}, line 2" in capsys.readouterr().err

@@ -91,6 +91,9 @@ def train(cfg: SFTConfig) -> str:
         return cfg.out_dir
     set_seed(cfg.seed)
     check_sources(*data_sources(cfg))
+    # the demonstrations read before the model loads (minutes for a large one): a bad line is named first
+    demos = load_demonstrations(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
+    eval_demos = load_demonstrations(cfg.data.eval, skip_bad=cfg.data.skip_bad_lines) if cfg.data.eval else None
     model, tokenizer = load_model(cfg.model, for_training=True)
     check_context(model, cfg.data.max_length)
     start_id = None  # a decoder-only model's examples; an encoder-decoder's decoder starts with this token
@@ -105,11 +108,9 @@ def train(cfg: SFTConfig) -> str:
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
 
-    demos = load_demonstrations(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
     train_ex, skipped = build_examples(tokenizer, demos, cfg.data.max_length, cfg.data.skip_bad_lines, start_id)
     skipped += demos.skipped
-    if cfg.data.eval:
-        eval_demos = load_demonstrations(cfg.data.eval, skip_bad=cfg.data.skip_bad_lines)
+    if eval_demos is not None:
         eval_ex, _ = build_examples(tokenizer, eval_demos, cfg.data.max_length, cfg.data.skip_bad_lines, start_id)
     else:
         train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_size, cfg.seed)

@@ -175,14 +175,20 @@ def test_a_missing_data_file_is_named_before_any_model_loads(stage, extra, tmp_p
     assert f"instructgpt {stage}: error: {missing}: no such file" in capsys.readouterr().err
 
 
-def test_sft_names_a_bad_demonstration_before_its_model_loads(tmp_path, monkeypatch, capsys):
-    import instructgpt.sft as sft_stage
+@pytest.mark.parametrize("stage,good", [("sft", {"prompt": "hi", "response": "hello"}),
+                                        ("rm", {"prompt": "hi", "responses": ["a", "b"], "ranks": [1, 2]}),
+                                        ("dpo", {"prompt": "hi", "responses": ["a", "b"], "ranks": [1, 2]})])
+def test_a_bad_training_line_is_named_before_the_model_loads(stage, good, tmp_path, monkeypatch, capsys):
+    """SFT's demonstrations and the RM's and DPO's rankings are read before the model loads (minutes for a large
+    one): a malformed line stops the stage first."""
+    import importlib
+    import json
 
     def load_model(*a, **kw):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(sft_stage, "load_model", load_model)
-    demos = tmp_path / "d.jsonl"
-    demos.write_text('{"prompt": "hi", "response": "hello"}\n{"prompt": "hi"}\n')
-    assert cli_main(["sft", f"data.train={demos}", f"out_dir={tmp_path / 'out'}"]) == 2
-    assert f"{demos}, line 2" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.import_module(f"instructgpt.{stage}"), "load_model", load_model)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(good) + '\n{"prompt": "hi"}\n')
+    assert cli_main([stage, f"data.train={data}", f"out_dir={tmp_path / 'out'}"]) == 2
+    assert f"{data}, line 2" in capsys.readouterr().err

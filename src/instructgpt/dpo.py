@@ -22,7 +22,7 @@ from instructgpt.data import check_sources
 from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.modeling import (apply_lora, check_context, disable_dropout, load_model, save_model, sequence_logprobs,
                                   require_decoder_only, set_seed)
-from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items
+from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items, read_rankings
 from instructgpt.runs import StageRun
 from instructgpt.training import full_model, make_accelerator
 
@@ -102,12 +102,13 @@ def train(cfg: DPOConfig) -> str:
         return cfg.out_dir
     set_seed(cfg.seed)
     check_sources(*data_sources(cfg))
+    read = read_rankings(cfg)  # before the model loads: a bad line is named first
     # 1. rankings -> items; the reference's log-probs from a fresh load of the starting model, once. With
     # model.gradient_checkpointing the policy trains in train mode (below), so it loads with its dropout at 0
     gc = cfg.model.gradient_checkpointing
     model, tok = load_model(replace(cfg.model, dropout=0.0) if gc else cfg.model, for_training=True)
     check_context(model, cfg.data.max_length)
-    _, items, eval_items, skipped = load_ranking_items(cfg, tok, Item)
+    _, items, eval_items, skipped = load_ranking_items(cfg, tok, Item, read)
     pad = tok.pad_token_id
     model.eval()  # dropout off for good: the policy's log-probs and the reference's come from the same forward
     model.to(acc.device)

@@ -71,15 +71,22 @@ def encode_rankings(tokenizer, rankings: Sequence[Ranking], max_length: int, ski
     return [item for _, item in encoded], skipped
 
 
-def load_ranking_items(cfg: RankingStageConfig, tokenizer, cls: type[Encoded] = Encoded):
+def read_rankings(cfg: RankingStageConfig) -> tuple:
+    """`data.train`'s rankings and `data.eval`'s (None without one), read and checked: what a stage reads before it
+    loads its model (minutes for a large one), so a bad line is named first."""
+    return (load_comparisons(cfg.data.train, skip_bad=cfg.data.skip_bad_lines),
+            load_comparisons(cfg.data.eval, cfg.data.skip_bad_lines) if cfg.data.eval else None)
+
+
+def load_ranking_items(cfg: RankingStageConfig, tokenizer, cls: type[Encoded] = Encoded, read: tuple | None = None):
     """`data.train`'s rankings encoded, and the held-out ones: `data.eval`'s, or `data.eval_size` of the training
-    rankings held out. -> (rankings read, train items, held-out items, skipped)."""
-    rankings = load_comparisons(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
+    rankings held out; `read`: `read_rankings(cfg)` already. -> (rankings read, train items, held-out items,
+    skipped)."""
+    rankings, held_out = read if read is not None else read_rankings(cfg)
     items, skipped = encode_rankings(tokenizer, rankings, cfg.data.max_length, cfg.data.skip_bad_lines, cls)
     skipped += rankings.skipped
-    if cfg.data.eval:
-        eval_items, _ = encode_rankings(tokenizer, load_comparisons(cfg.data.eval, cfg.data.skip_bad_lines),
-                                        cfg.data.max_length, True, cls)
+    if held_out is not None:
+        eval_items, _ = encode_rankings(tokenizer, held_out, cfg.data.max_length, True, cls)
     else:
         items, eval_items = split_eval(items, cfg.data.eval_size, cfg.seed)
     return rankings, items, eval_items, skipped

@@ -22,7 +22,7 @@ from instructgpt.generation import SamplingParams, generate
 from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.modeling import apply_lora, check_context, load_model, require_decoder_only, save_model, set_seed
 from instructgpt.prompting import render_prompt
-from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items
+from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items, read_rankings
 from instructgpt.reward import (RewardNorm, encode_pair, grouped_last_token_rewards, init_reward_head,
                                 last_token_rewards, raw_rewards, trunk_and_head)
 from instructgpt.runs import StageRun
@@ -123,6 +123,7 @@ def train(cfg: RMConfig) -> str:
         return cfg.out_dir
     set_seed(cfg.seed)
     check_sources(*data_sources(cfg))
+    read = read_rankings(cfg)  # before the model loads: a bad line is named first
     # 1. backbone from the SFT model, a fresh scalar head
     model, tok = load_model(cfg.model, for_training=True, model_class="sequence_classification")
     check_context(model, cfg.data.max_length)
@@ -130,7 +131,7 @@ def train(cfg: RMConfig) -> str:
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora, task="seq_cls")  # the head trains in full, the trunk through LoRA
     # 2. rankings -> (K responses, ranks) per prompt
-    rankings, items, eval_items, skipped = load_ranking_items(cfg, tok)
+    rankings, items, eval_items, skipped = load_ranking_items(cfg, tok, read=read)
     steps = cfg.total_steps(len(items))
     # 3. train: a batch of prompts a step, each prompt's C(K,2) comparisons one element, each response forwarded once
     # train.length_groups (as SFT's): each batch's responses forwarded in groups of similar length, one backward

@@ -148,11 +148,11 @@ def import_prompts(store: Store, path: str, *, tasks: str = "auto", overlap: int
 
     if to_generate:
         # a prompt the model's chat template refuses, by its file and line, before anything is sampled
-        refused = getattr(generator, "refused", None)
-        found = refused([it.messages for it, _ in to_generate]) if refused is not None else None
-        if found is not None:
-            item = to_generate[found[0]][0]
-            raise DataError(item.file, item.line, "messages", found[1])
+        check = getattr(generator, "check", None)
+        if check is not None:
+            for item, _ in to_generate:
+                with data.rendering(item):
+                    check(item.messages)
         log(f"generating {k} outputs for each of {len(to_generate)} prompts with {model_id}")
         outputs = generate_outputs([it.messages for it, _ in to_generate], generator, batch_size=batch_size, log=log)
         for (item, key), texts in zip(to_generate, outputs):

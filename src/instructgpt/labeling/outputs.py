@@ -2,7 +2,7 @@
 
 A generator is any callable ``(list of prompts as messages) -> K texts per prompt``; :func:`model_generator` builds
 one from a model directory with instructgpt's own loading, prompt template and sampling, and tests pass a fake. A
-generator with a ``refused(prompts)`` method is asked first which prompt, if any, it cannot render.
+generator with a ``check(messages)`` method is asked first whether it can render each prompt.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Callable
 
 from instructgpt.generation import SamplingParams, generate
 from instructgpt.modeling import load_model
-from instructgpt.prompting import ChatTemplateError, render_prompt
+from instructgpt.prompting import render_prompt
 
 Messages = list[dict[str, str]]
 Generator = Callable[[list[Messages]], list[list[str]]]
@@ -33,16 +33,9 @@ class ModelGenerator:
             self.loaded = load_model(self.model_dir)
         return self.loaded
 
-    def refused(self, prompts: list[Messages]) -> tuple[int, str] | None:
-        """The first of `prompts` the model's chat template refuses, as (its index, why), or None: asked before any
-        is sampled."""
-        tokenizer = self.load()[1]
-        for i, messages in enumerate(prompts):
-            try:
-                render_prompt(tokenizer, messages)
-            except ChatTemplateError as e:
-                return i, str(e)
-        return None
+    def check(self, messages: Messages) -> None:
+        """Raise the ChatTemplateError of a prompt the model's chat template refuses: asked before any is sampled."""
+        render_prompt(self.load()[1], messages)
 
     def __call__(self, batch: list[Messages]) -> list[list[str]]:
         model, tokenizer = self.load()
@@ -55,7 +48,7 @@ class ModelGenerator:
 def model_generator(model_dir: str, k: int, *, max_new_tokens: int = 64, temperature: float = 1.0,
                     top_p: float = 1.0, seed: int = 0) -> ModelGenerator:
     """A generator that samples `k` outputs per prompt from `model_dir` with instructgpt's own loading, chat template
-    and sampling; its `refused(prompts)` names a prompt the chat template refuses before anything is sampled."""
+    and sampling; its `check(messages)` raises for a prompt the chat template refuses, before anything is sampled."""
     return ModelGenerator(model_dir, k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           seed=seed)
 

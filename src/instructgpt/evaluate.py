@@ -98,6 +98,10 @@ class EvalConfig:
     stage: dict[str, str] = field(default_factory=dict)
     out: Optional[str] = None  # the output directory; None: runs/eval-<timestamp>
 
+    def ptx_source(self) -> str | None:
+        """The held-out text read for perplexity: `ptx_text`, None where it is null or "none"."""
+        return None if (self.ptx_text or "none").lower() == "none" else self.ptx_text
+
     def validate(self) -> None:
         if (self.best_of or self.bon_curve) and not self.reward_model:
             raise ConfigError("best-of-n needs a reward model")
@@ -612,7 +616,7 @@ def evaluate(policies: dict[str, str], config: EvalConfig | None = None, *, out_
                                                             cfg.bon_prompts)
     max_new_tokens, temperature, batch_size, mixed_precision = (cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
                                                                 cfg.mixed_precision)
-    ptx_text = None if (cfg.ptx_text or "none").lower() == "none" else cfg.ptx_text
+    ptx_text = cfg.ptx_source()
     ptx_blocks, ptx_block_size, ptx_max_tokens = cfg.ptx_blocks, cfg.ptx_block_size, cfg.ptx_max_tokens
     kl_prompts, n_resamples = cfg.kl_prompts or None, cfg.n_resamples  # kl_prompts 0: all
     if sft not in policies:

@@ -252,7 +252,7 @@ def recipe_sources(recipe: RecipeConfig, out: str, cfgs: dict) -> list[str]:
     reader have run."""
     ev = eval_config(recipe, out)
     named = [s for name, c in cfgs.items() for s in STAGE_MODULES[name].data_sources(c)]
-    named += [ev.prompts, None if (ev.ptx_text or "none").lower() == "none" else ev.ptx_text]
+    named += [ev.prompts, ev.ptx_source()]
     named += [recipe.label_sim.prompts] if recipe.label_sim is not None else []
     inside = os.path.abspath(out) + os.sep
     return [s for s in named if s and not os.path.abspath(s).startswith(inside)]

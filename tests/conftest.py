@@ -172,10 +172,14 @@ def sigkill_after_checkpoint(cmd: list[str], out_dir, step: int, timeout: float 
     """Start a training command, wait until its checkpoint under `out_dir` has reached `step` (at most `timeout`
     seconds, or until it exits), then SIGKILL it; asserts it died of the signal before finishing (no DONE.json).
     `group`: the command is a launcher with processes of its own (accelerate launch, torchrun): the signal goes to
-    them all, as to one process group."""
+    them all at once, as when a machine dies. Its workers are found as its descendants: torch elastic starts each in a
+    session of its own, out of the launcher's process group, and a worker that outlived its launcher would finish the
+    run on its own."""
     import signal
     import subprocess
     import time
+
+    import psutil
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=group)
@@ -189,11 +193,19 @@ def sigkill_after_checkpoint(cmd: list[str], out_dir, step: int, timeout: float 
         except (OSError, ValueError):
             pass
         time.sleep(0.01)
+    workers = psutil.Process(proc.pid).children(recursive=True) if group else []
     if group:
         os.killpg(proc.pid, signal.SIGKILL)
     else:
         proc.send_signal(signal.SIGKILL)
+    for w in workers:
+        try:
+            w.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"still running after SIGKILL: {alive}"
     assert proc.returncode == -signal.SIGKILL and not os.path.exists(os.path.join(out_dir, "DONE.json"))
 
 

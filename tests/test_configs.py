@@ -175,12 +175,15 @@ def test_a_missing_data_file_is_named_before_any_model_loads(stage, extra, tmp_p
     assert f"instructgpt {stage}: error: {missing}: no such file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("stage,good", [("sft", {"prompt": "hi", "response": "hello"}),
-                                        ("rm", {"prompt": "hi", "responses": ["a", "b"], "ranks": [1, 2]}),
-                                        ("dpo", {"prompt": "hi", "responses": ["a", "b"], "ranks": [1, 2]})])
-def test_a_bad_training_line_is_named_before_the_model_loads(stage, good, tmp_path, monkeypatch, capsys):
-    """SFT's demonstrations and the RM's and DPO's rankings are read before the model loads (minutes for a large
-    one): a malformed line stops the stage first."""
+@pytest.mark.parametrize("stage,good,bad", [("sft", {"prompt": "hi", "response": "hello"}, {"prompt": "hi"}),
+                                            ("rm", {"prompt": "hi", "responses": ["a", "b"], "ranks": [1, 2]},
+                                             {"prompt": "hi"}),
+                                            ("dpo", {"prompt": "hi", "responses": ["a", "b"], "ranks": [1, 2]},
+                                             {"prompt": "hi"}),
+                                            ("ppo", {"prompt": "hi"}, {"prompt": ["hi"]})])  # a list for a string
+def test_a_bad_training_line_is_named_before_the_model_loads(stage, good, bad, tmp_path, monkeypatch, capsys):
+    """SFT's demonstrations, the RM's and DPO's rankings and PPO's prompts are read before the model loads (minutes
+    for a large one; PPO loads four): a malformed line stops the stage first."""
     import importlib
     import json
 
@@ -189,6 +192,7 @@ def test_a_bad_training_line_is_named_before_the_model_loads(stage, good, tmp_pa
 
     monkeypatch.setattr(importlib.import_module(f"instructgpt.{stage}"), "load_model", load_model)
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps(good) + '\n{"prompt": "hi"}\n')
-    assert cli_main([stage, f"data.train={data}", f"out_dir={tmp_path / 'out'}"]) == 2
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    extra = ["reward_model.name_or_path=builtin:base", "ppo.ptx_coef=0"] if stage == "ppo" else []  # never loaded
+    assert cli_main([stage, f"data.train={data}", f"out_dir={tmp_path / 'out'}", *extra]) == 2
     assert f"{data}, line 2" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from instructgpt.config import ConfigError, DataConfig
-from instructgpt.data import DataError, encode_each, iter_pretrain_text, load_prompts
+from instructgpt.data import DataError, Loaded, encode_each, iter_pretrain_text, load_prompts
 from instructgpt.prompting import encode_prompt
 
 
@@ -168,12 +168,13 @@ def split_eval(examples: list[Example], eval_size: int, seed: int) -> tuple[list
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-def prompt_ids(tokenizer, source: str, max_length: int, skip_bad: bool = False,
-               limit: int | None = None) -> tuple[list, list[list[int]], int]:
+def prompt_ids(tokenizer, source: str, max_length: int, skip_bad: bool = False, limit: int | None = None,
+               records: Loaded | None = None) -> tuple[list, list[list[int]], int]:
     """A prompt source's prompts (messages) and their token ids, the first `limit` usable ones: -> (prompts, ids,
     skipped). One longer than `max_length` tokens is a DataError naming its file and line, or with `skip_bad` a
-    counted skip."""
-    records = load_prompts(source, skip_bad=skip_bad)
+    counted skip. `records`: the source already read (`load_prompts` with the same `skip_bad`)."""
+    if records is None:
+        records = load_prompts(source, skip_bad=skip_bad)
 
     def encode(r) -> list[int]:
         q = encode_prompt(tokenizer, r.messages)

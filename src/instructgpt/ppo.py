@@ -36,7 +36,7 @@ from accelerate.utils import DistributedType
 from instructgpt.advantages import explained_variance, gae, group_advantages, kl_per_token, token_rewards, whiten
 from instructgpt.batching import left_pad, length_groups, pretrain_blocks, prompt_ids
 from instructgpt.config import ConfigError, ModelConfig
-from instructgpt.data import check_sources
+from instructgpt.data import check_sources, load_prompts
 from instructgpt.files import replace_dir
 from instructgpt.generation import (SamplingParams, autocast, eos_ids, frozen_linears_in_bf16, sample,
                                     use_matmul_attention)
@@ -355,6 +355,11 @@ def train(cfg: PPOConfig) -> str:
                           f"({world} x {p.num_minibatches}), and its prompts (train.batch_size / "
                           f"ppo.samples_per_prompt) of processes ({world})")
 
+    # the prompts read before the models load (minutes for large ones): a malformed line is named first; the
+    # monitor's are optional, so its bad lines are skipped rather than stopping the run
+    train_records = load_prompts(cfg.data.train, skip_bad=cfg.data.skip_bad_lines)
+    eval_records = load_prompts(cfg.data.eval, skip_bad=True) if p.eval_prompts else None
+
     # models: policy, reference, critic, reward; one optimizer (and schedule) per trained network
     models = load_models(cfg)
     tok, critic = models.tokenizer, models.critic
@@ -408,10 +413,11 @@ def train(cfg: PPOConfig) -> str:
             critic.train(mode)
 
     # data: training prompts, held-out prompts for the monitor, ptx text blocks
-    prompts, queries, skipped = prompt_ids(tok, cfg.data.train, cfg.data.max_length, cfg.data.skip_bad_lines)
+    prompts, queries, skipped = prompt_ids(tok, cfg.data.train, cfg.data.max_length, cfg.data.skip_bad_lines,
+                                           records=train_records)
     # the monitor's prompts: optional, so too-long ones are skipped rather than stopping the run
-    eval_prompts = (prompt_ids(tok, cfg.data.eval, cfg.data.max_length, True, p.eval_prompts)[0]
-                    if p.eval_prompts else [])
+    eval_prompts = (prompt_ids(tok, cfg.data.eval, cfg.data.max_length, True, p.eval_prompts, eval_records)[0]
+                    if eval_records is not None else [])
     ptx_blocks = pretrain_blocks(tok, cfg.data) if p.ptx_coef > 0 else None
     # a rollout engine of its own (vLLM): made once, from the starting model's files; the weights pushed every update
     engine = None if p.rollout_engine == "policy" else ENGINES[p.rollout_engine](

@@ -324,7 +324,8 @@ def test_every_write_of_a_stage_refused_in_turn_leaves_it_resumable(tiny_model_d
         _sft(args + [f"out_dir={out}"])
         _assert_same_weights(ref, out)
         assert [m["step"] for m in read_metrics(str(out))] == [2, 4, 5], (k, what, path)
-        assert sorted(os.listdir(out)) == ["DONE.json", "config.yaml", "metrics.jsonl", "model"], (k, what, path)
+        assert sorted(os.listdir(out)) == [".lock", "DONE.json", "config.yaml", "metrics.jsonl", "model"], \
+            (k, what, path)
     # the message names what could not be written: the checkpoint, the model, the log, DONE.json, the config
     named = " ".join(failures.values())
     for what in ("checkpoint", "model", "metrics.jsonl", "DONE.json", "config.yaml"):

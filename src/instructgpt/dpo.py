@@ -23,7 +23,7 @@ from instructgpt.losses import ranking_accuracy, ranking_loss
 from instructgpt.modeling import (apply_lora, check_context, disable_dropout, load_model, save_model, sequence_logprobs,
                                   require_decoder_only, set_seed)
 from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items, read_rankings
-from instructgpt.runs import StageRun
+from instructgpt.runs import StageRun, releases_out_dir
 from instructgpt.training import full_model, make_accelerator
 
 
@@ -93,6 +93,7 @@ def data_sources(cfg: DPOConfig) -> list[str | None]:
     return [cfg.data.train, cfg.data.eval]
 
 
+@releases_out_dir
 def train(cfg: DPOConfig) -> str:
     require_decoder_only(cfg.model, "dpo")
     acc = make_accelerator(cfg)

@@ -1,10 +1,12 @@
-"""Files written so a reader never sees half of one: JSONL rows and whole directories swapped in with renames."""
+"""Files written so a reader never sees half of one: JSONL rows and whole directories swapped in with renames; and
+a run's directory held by one process at a time."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterable
 
 
@@ -43,3 +45,48 @@ def replace_dir(tmp: str, final: str) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+_HELD: dict[str, int] = {}  # the directories this process holds (hold_dir): their lock files' descriptors
+
+
+def hold_dir(path: str) -> str | None:
+    """Hold `path`, a run's output directory, for this process: an exclusive lock on ``path/.lock``, which the
+    system releases when the process ends however it ends (a SIGKILL too), or `release_dir`. Returns None once it is
+    held (also when this process holds it already, and where the file system keeps no locks, as some network ones do,
+    or the platform has no ``fcntl``: there the directory goes unguarded), else who holds it: "process N on HOST"."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    key = os.path.realpath(path)
+    if key in _HELD:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # nothing can be written there: the run's first write names the directory and the error
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+        os.close(fd)
+        return holder or "another process"
+    except OSError:
+        os.close(fd)
+        return None
+    try:  # who holds it, for the message another run gets
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    except OSError:
+        pass
+    _HELD[key] = fd
+    return None
+
+
+def release_dir(path: str) -> None:
+    """Let go of a directory `hold_dir` took (nothing when this process does not hold it)."""
+    fd = _HELD.pop(os.path.realpath(path), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops its lock

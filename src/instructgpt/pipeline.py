@@ -42,7 +42,7 @@ from instructgpt.config import (ConfigError, command_error, deep_merge, from_dic
                                 parse_overrides, read_yaml_mapping, to_dict)
 from instructgpt.data import DataError, check_sources
 from instructgpt.evaluate import EvalConfig, evaluate
-from instructgpt.files import read_jsonl, write_json
+from instructgpt.files import hold_dir, read_jsonl, release_dir, write_json
 from instructgpt.label_sim import LabelSimConfig
 from instructgpt.report import Expectation, write_report
 from instructgpt.runs import Interrupted, StageError
@@ -348,10 +348,16 @@ def main(argv: list[str]) -> int:
         out = os.path.join("runs", runs[-1]) if runs else None
     out = out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
+    holder = hold_dir(out)  # each stage holds its own out_dir too
+    if holder is not None:
+        return command_error("pipeline", f"{out} is in use by another pipeline ({holder}): let it finish or stop it, "
+                                         f"or give this one another --out")
     try:
         return run(recipe, out)
     except ConfigError as e:
         return command_error("pipeline", e)
+    finally:
+        release_dir(out)
 
 
 def run(recipe: RecipeConfig, out: str) -> int:

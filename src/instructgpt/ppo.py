@@ -52,7 +52,7 @@ from instructgpt.ppo_config import PPOConfig, PPOParams
 from instructgpt.progress import StageProgress
 from instructgpt.reward import RewardModel, trunk_and_head
 from instructgpt.rollout_engine import ENGINES, pad_responses, row_seed
-from instructgpt.runs import StageRun
+from instructgpt.runs import StageRun, releases_out_dir
 from instructgpt.training import (EMA, SHARDED_STATE, adamw, checkpoint_or_stop, checkpoint_sharded, fsdp_sharding,
                                   full_model, fused_adam_ok, length_groups_for, lr_schedule, make_accelerator,
                                   preemptible, resume_step, shard_model, stream_indices)
@@ -337,6 +337,7 @@ def data_sources(cfg: PPOConfig) -> list[str | None]:
     return [cfg.data.train, cfg.data.eval if p.eval_prompts else None, cfg.data.pretrain if p.ptx_coef > 0 else None]
 
 
+@releases_out_dir
 def train(cfg: PPOConfig) -> str:
     """Run PPO(-ptx); returns the out_dir. Rerun on the same out_dir to resume."""
     cfg.validate()

@@ -18,7 +18,7 @@ from instructgpt.batching import text_blocks
 from instructgpt.config import ConfigError, StageConfig
 from instructgpt.data import load_pretrain_text
 from instructgpt.modeling import load_model, load_tokenizer, save_model, set_seed
-from instructgpt.runs import StageRun
+from instructgpt.runs import StageRun, releases_out_dir
 from instructgpt.supervised import fit
 from instructgpt.training import full_model, make_accelerator
 
@@ -89,6 +89,7 @@ def init_model(tokenizer, init: InitConfig, dropout: float | None):
     return model
 
 
+@releases_out_dir
 def train(cfg: PretrainConfig) -> str:
     acc = make_accelerator(cfg)
     run = StageRun(cfg, "pretrain", acc)

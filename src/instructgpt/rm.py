@@ -25,7 +25,7 @@ from instructgpt.prompting import render_prompt
 from instructgpt.rankings import Encoded, RankingStageConfig, fit_rankings, load_ranking_items, read_rankings
 from instructgpt.reward import (RewardNorm, encode_pair, grouped_last_token_rewards, init_reward_head,
                                 last_token_rewards, raw_rewards, trunk_and_head)
-from instructgpt.runs import StageRun
+from instructgpt.runs import StageRun, releases_out_dir
 from instructgpt.training import full_model, length_groups_for, make_accelerator
 
 
@@ -114,6 +114,7 @@ def data_sources(cfg: RMConfig) -> list[str | None]:
     return [cfg.data.train, cfg.data.eval, cfg.normalize.demonstrations]
 
 
+@releases_out_dir
 def train(cfg: RMConfig) -> str:
     require_decoder_only(cfg.model, "rm")
     acc = make_accelerator(cfg)

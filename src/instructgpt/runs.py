@@ -8,6 +8,7 @@ Layout of ``out_dir``::
     checkpoint/        the last good checkpoint (accelerate state: model, optimizer, scheduler, RNG) + trainer_state.json
     model/             the final model, Hugging Face format
     DONE.json          written last: the stage finished
+    .lock              held by the run's process while it runs: a second run on the same out_dir is refused
 
 A checkpoint is written to ``checkpoint.tmp`` and swapped in with renames, so a kill during a save leaves the last
 good checkpoint intact (``checkpoint.old`` is picked up if the kill fell between the two renames). A write that fails
@@ -17,6 +18,7 @@ command resumes once there is room.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,13 +26,13 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import yaml
 
 from instructgpt.config import config_differences, deep_merge, dump_yaml, flatten, to_dict
-from instructgpt.files import read_jsonl, replace_dir
+from instructgpt.files import hold_dir, read_jsonl, release_dir, replace_dir
 
 
 class StageError(RuntimeError):
@@ -56,6 +58,18 @@ class _DropTiedWeightsWarning(logging.Filter):
 
 
 _DROP_TIED = _DropTiedWeightsWarning()
+
+
+def releases_out_dir(train: Callable[..., str]) -> Callable[..., str]:
+    """For a stage's ``train(cfg)``: the out_dir its StageRun holds (`prepare`) is let go when it returns or raises,
+    so a run started later by another process is not refused while this one lives on (a notebook's kernel)."""
+    @functools.wraps(train)
+    def wrapper(cfg, *args, **kwargs):
+        try:
+            return train(cfg, *args, **kwargs)
+        finally:
+            release_dir(cfg.out_dir)
+    return wrapper
 
 
 class StageRun:
@@ -84,7 +98,13 @@ class StageRun:
         return None
 
     def prepare(self) -> str:
-        """Check `out_dir` against the config: 'fresh', 'resume' or 'done'. Raises StageError on a config mismatch."""
+        """Check `out_dir` against the config: 'fresh', 'resume' or 'done'. Raises StageError on a config mismatch, and
+        when another run (another process) is writing `out_dir`: two runs would mix their checkpoints and logs."""
+        # held until the stage's train returns or raises (`releases_out_dir`), or the process ends
+        holder = hold_dir(self.out_dir) if self.is_main else None
+        if not self._all_ok(holder is None):
+            raise StageError(f"{self.out_dir} is in use by another run ({holder or 'seen by the main process'}): "
+                             f"let it finish or stop it, or give this run another out_dir")
         cfg_path = self.path("config.yaml")
         self._barrier()  # every process looks at out_dir as it was before this run wrote anything
         existed = os.path.exists(cfg_path)

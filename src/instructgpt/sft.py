@@ -19,7 +19,7 @@ from instructgpt.config import ConfigError, StageConfig
 from instructgpt.data import DataError, Demonstration, check_sources, encode_each, load_demonstrations
 from instructgpt.modeling import apply_lora, check_context, is_encoder_decoder, load_model, save_model, set_seed
 from instructgpt.prompting import encode_answers, encode_exchange
-from instructgpt.runs import StageRun
+from instructgpt.runs import StageRun, releases_out_dir
 from instructgpt.supervised import fit, packing_isolates
 from instructgpt.training import full_model, make_accelerator
 
@@ -81,6 +81,7 @@ def data_sources(cfg: SFTConfig) -> list[str | None]:
     return [cfg.data.train, cfg.data.eval, cfg.data.pretrain if cfg.train.pretrain_coef > 0 else None]
 
 
+@releases_out_dir
 def train(cfg: SFTConfig) -> str:
     """Run SFT; returns the out_dir. Rerun on the same out_dir to resume; a finished run says so and exits."""
     acc = make_accelerator(cfg)

@@ -89,6 +89,24 @@ def test_two_rank_dpo_equals_one_process_on_the_same_global_batches(tiny_model_d
     assert len(logged[0]) == 8 and logged[1] == pytest.approx(logged[0], rel=1e-5)
 
 
+def test_two_ranks_on_an_out_dir_another_process_holds_both_stop_with_its_name(tiny_model_dir, tmp_path):
+    """The main rank finds the out_dir held and every rank stops at once (none waits at a barrier for it)."""
+    from conftest import fruit_over_animal_rankings, write_jsonl
+    from instructgpt.files import hold_dir, release_dir
+
+    rankings, out = write_jsonl(tmp_path / "r.jsonl", fruit_over_animal_rankings(8, 0)), tmp_path / "two"
+    assert hold_dir(str(out)) is None
+    try:
+        r = subprocess.run(_torchrun(_free_port(), "--nproc_per_node", "2", "--", "dpo", tiny_model_dir, rankings,
+                                     str(out)), capture_output=True, text=True, env=ENV, timeout=180)
+    finally:
+        release_dir(str(out))
+    assert r.returncode != 0
+    assert f"{out} is in use by another run (process {os.getpid()} on {socket.gethostname()})" in r.stderr
+    assert f"{out} is in use by another run (seen by the main process)" in r.stderr  # rank 1's
+    assert not (out / "config.yaml").exists()
+
+
 def test_two_rank_reward_model_scores_as_one_process(tiny_model_dir, tmp_path):
     """The reward model under DDP: its per-token head reads the last hidden states of the wrapper's own forward, so
     DDP averages its gradients; the normalised rewards it gives equal one process's (compared as normalised rewards:

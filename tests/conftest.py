@@ -167,6 +167,24 @@ def saved_weights(run_dir) -> dict:
     return load_file(os.path.join(run_dir, "model", "model.safetensors"))
 
 
+def wait_for_checkpoint(proc, out_dir, step: int, timeout: float) -> bool:
+    """Poll `out_dir`'s checkpoint until it has reached `step` (True), `proc` has exited or `timeout` seconds passed
+    (False)."""
+    import time
+
+    state = os.path.join(out_dir, "checkpoint", "trainer_state.json")
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            with open(state, encoding="utf-8") as fh:
+                if json.load(fh)["step"] >= step:
+                    return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    return False
+
+
 def sigkill_after_checkpoint(cmd: list[str], out_dir, step: int, timeout: float = 120.0, env=None,
                              group: bool = False) -> None:
     """Start a training command, wait until its checkpoint under `out_dir` has reached `step` (at most `timeout`
@@ -177,22 +195,12 @@ def sigkill_after_checkpoint(cmd: list[str], out_dir, step: int, timeout: float 
     run on its own."""
     import signal
     import subprocess
-    import time
 
     import psutil
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=group)
-    state = os.path.join(out_dir, "checkpoint", "trainer_state.json")
-    deadline = time.time() + timeout
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            with open(state, encoding="utf-8") as fh:
-                if json.load(fh)["step"] >= step:
-                    break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
+    wait_for_checkpoint(proc, out_dir, step, timeout)  # a run that ended or stalled fails the asserts below
     workers = psutil.Process(proc.pid).children(recursive=True) if group else []
     if group:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -4,14 +4,12 @@ checkpoints and logs into the first's; the hold ends with its process, however t
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 
+from conftest import wait_for_checkpoint
 from instructgpt.cli import main as cli
 from instructgpt.files import hold_dir, release_dir
 from instructgpt.runs import read_metrics
@@ -22,20 +20,6 @@ HOLD = ("import sys, time\n"  # another process: holds the directory argv[1], th
         "time.sleep(float(sys.argv[2]))\n")
 
 
-def _wait_for_checkpoint(proc, out_dir, step: int, timeout: float = 180.0) -> None:
-    state = os.path.join(out_dir, "checkpoint", "trainer_state.json")
-    deadline = time.time() + timeout
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            with open(state, encoding="utf-8") as fh:
-                if json.load(fh)["step"] >= step:
-                    return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    raise AssertionError(f"no checkpoint of step {step} in {out_dir} (exit status {proc.poll()})")
-
-
 def test_a_second_run_on_an_out_dir_another_process_is_writing_is_refused_and_the_first_ends_whole(
         tiny_model_dir, demos_file, tmp_path, capsys):
     out = tmp_path / "sft"
@@ -43,7 +27,7 @@ def test_a_second_run_on_an_out_dir_another_process_is_writing_is_refused_and_th
             "train.max_steps=40", "train.save_every=1", "train.log_every=1", "data.eval_size=0", f"out_dir={out}"]
     first = subprocess.Popen([sys.executable, "-m", "instructgpt.cli", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(first, out, 1)
+    assert wait_for_checkpoint(first, out, 1, timeout=180), f"no checkpoint of step 1 (exit status {first.poll()})"
     config = (out / "config.yaml").read_text()
 
     assert cli(args) == 2  # the same command again, while the first runs: it would resume from its checkpoint

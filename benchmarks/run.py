@@ -4,6 +4,9 @@
 usage: python benchmarks/run.py [--quick] [--only sft,rm_k4,rm_k9,generate,ppo,ppo_bf16,ppo_work,scaling,rloo]
                                 [--out FILE]
 
+`--only` re-measures some figures of an existing results file of the same settings and keeps its others
+(`machine.remeasured` names the command that measured each); a full run writes a new one.
+
 Every measurement runs in its own process (ours.py, theirs.py, ppo_trl.py), so each side's peak RSS is its own and
 TRL is never imported next to our package. Each pair runs back-to-back, alternating which side goes first, `reps`
 times; the ratio reported is the median of the per-repetition ratios (this machine is shared: compare only
@@ -363,6 +366,42 @@ def build_results(measured: dict, spec: dict, settings) -> dict:
     return results
 
 
+def same_workload(previous: dict, fresh: dict) -> bool:
+    """Whether two results files measured the same workload: the same mode and settings (repetitions, threads, steps,
+    batch sizes...; the notes that describe them aside), so that figures of one can stand beside the other's."""
+    def measured_settings(r: dict) -> dict:  # as a results file holds them (tuples as lists)
+        return json.loads(json.dumps({k: v for k, v in r.get("settings", {}).items() if k not in SETTINGS_NOTES}))
+
+    return previous.get("mode") == fresh.get("mode") and measured_settings(previous) == measured_settings(fresh)
+
+
+def merged(previous: dict, fresh: dict, command: str) -> dict:
+    """`previous` (a results file) with the figures `fresh` measured (a run of some figures, `--only`) in place of its
+    own: their ratios, raw figures and peak RSS, `scaling` and `ppo_work` where measured, the library versions.
+    `machine.remeasured` lists, for each earlier partial run whose figures still stand, its command and the figures
+    it measured, and this one last; `machine` itself stays the run that measured the rest."""
+    out = json.loads(json.dumps(previous))  # a deep copy
+    figures = list(fresh.get("raw", {})) + [k for k in ("scaling", "ppo_work") if k in fresh]
+    for name, d in fresh.get("raw", {}).items():
+        out[f"ratio.{name}"] = d["ratio"]
+        out.setdefault("raw", {})[name] = d
+        out.setdefault("peak_rss_mb", {})[name] = d["rss_mb"]
+    if "ppo" in fresh.get("raw", {}):
+        out.pop("ratio.ppo_reason", None)
+        if "ratio.ppo_reason" in fresh:
+            out["ratio.ppo_reason"] = fresh["ratio.ppo_reason"]
+    for key in ("scaling", "ppo_work"):
+        if key in fresh:
+            out[key] = fresh[key]
+    out["versions"] = {**out.get("versions", {}), **fresh.get("versions", {})}
+    machine = out.setdefault("machine", {})
+    earlier = [{**r, "figures": [f for f in r["figures"] if f not in figures]} for r in machine.get("remeasured", [])]
+    machine["remeasured"] = [r for r in earlier if r["figures"]] + [
+        {"figures": figures, "command": command, "wall_minutes": fresh["machine"]["wall_minutes"],
+         "load_average_at_end": fresh["machine"]["load_average_at_end"]}]
+    return out
+
+
 def versions_of(measured: dict) -> dict:
     versions = {}
     for pairs in measured.values():
@@ -453,6 +492,15 @@ def main() -> None:
     results = build_results(measured, spec, settings)
     results["machine"] = {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
                           "wall_minutes": round((time.perf_counter() - t0) / 60, 1)}
+    previous = None
+    if set(only) != set(BENCHMARKS) and not a.summarize_only and os.path.exists(out_path):
+        with open(out_path, encoding="utf-8") as fh:
+            previous = json.load(fh)
+    if previous is not None and same_workload(previous, results):
+        results = merged(previous, results, " ".join(["python", "benchmarks/run.py", *sys.argv[1:]]))
+        log(f"re-measured {', '.join(only)} in {os.path.relpath(out_path)}; its other figures kept")
+    elif previous is not None:
+        log(f"{os.path.relpath(out_path)} was measured with other settings: replaced by this run's figures alone")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=1)

@@ -56,3 +56,43 @@ def test_ppo_work_summary(bench):
     assert "ratio_if_only_matmuls" not in run.ppo_work(pair, None)
     failed = run.ppo_work({"ours": pair["ours"], "trl": {"error": "rc=1"}}, ppo)
     assert failed["trl"] == {"error": "rc=1"} and "flop_ratio" not in failed
+
+
+def figure(ratio: float, rss: float) -> dict:
+    return {"ratio": ratio, "rss_mb": {"ours": rss, "trl": 2 * rss}}
+
+
+def test_only_re_measures_its_figures_and_keeps_the_others(bench):
+    _, run = bench
+    settings = {"mode": "full", "reps": 3, "threads": 1, "gen_batches": [1, 8], "ppo": "a note on the workload"}
+    previous = {"mode": "full", "ratio.sft": 2.0, "ratio.ppo": 1.2, "ratio.rm_k9": 9.0,
+                "raw": {"sft": figure(2.0, 900), "ppo": figure(1.2, 1000), "rm_k9": figure(9.0, 700)},
+                "peak_rss_mb": {"sft": {"ours": 900}, "ppo": {"ours": 1000}, "rm_k9": {"ours": 700}},
+                "scaling": {"ours": [1]}, "ppo_work": {"flop_ratio": 1.1}, "settings": settings,
+                "versions": {"torch": "2.13.0", "trl (PPO)": "1.12.0"},
+                "machine": {"cpus": 2, "wall_minutes": 19.6, "remeasured": [
+                    {"figures": ["rm_k9", "ppo"], "command": "run.py --only rm_k9,ppo", "wall_minutes": 5.0,
+                     "load_average_at_end": [1.0]},
+                    {"figures": ["ppo_work"], "command": "run.py --only ppo_work", "wall_minutes": 1.0,
+                     "load_average_at_end": [1.0]}]}}
+    fresh = {"mode": "full", "ratio.sft": None, "ratio.ppo": 1.5, "raw": {"ppo": figure(1.5, 1100)},
+             "peak_rss_mb": {"ppo": {"ours": 1100, "trl": 2200}}, "ppo_work": {"flop_ratio": 1.4},
+             "settings": {**settings, "gen_batches": (1, 8), "ppo": "the note, reworded"},
+             "versions": {"torch": "2.14.0"}, "machine": {"cpus": 2, "wall_minutes": 4.0, "load_average_at_end": [1.5]}}
+    # a run's settings as a file holds them (tuples as lists); the notes that describe them may change
+    assert run.same_workload(previous, fresh)
+    m = run.merged(previous, fresh, "python benchmarks/run.py --only ppo,ppo_work")
+    assert (m["ratio.ppo"], m["raw"]["ppo"]["ratio"]) == (1.5, 1.5)
+    assert m["peak_rss_mb"]["ppo"] == {"ours": 1100, "trl": 2200}
+    assert m["ppo_work"] == {"flop_ratio": 1.4}
+    # what this run did not measure stays: the SFT ratio is not the fresh run's null
+    assert (m["ratio.sft"], m["raw"]["sft"], m["ratio.rm_k9"], m["scaling"]) == (2.0, figure(2.0, 900), 9.0,
+                                                                                   {"ours": [1]})
+    assert m["versions"] == {"torch": "2.14.0", "trl (PPO)": "1.12.0"}
+    assert m["machine"]["wall_minutes"] == 19.6 and m["machine"]["cpus"] == 2
+    # each figure is credited to the run that measured it last; a record left with none is dropped
+    assert [(r["figures"], r["command"]) for r in m["machine"]["remeasured"]] == [
+        (["rm_k9"], "run.py --only rm_k9,ppo"), (["ppo", "ppo_work"], "python benchmarks/run.py --only ppo,ppo_work")]
+    assert previous["ratio.ppo"] == 1.2 and len(previous["machine"]["remeasured"]) == 2  # not changed in place
+    other = {**fresh, "settings": {**settings, "reps": 1}}
+    assert not run.same_workload(previous, other) and not run.same_workload(previous, {**fresh, "mode": "quick"})

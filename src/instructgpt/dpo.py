@@ -109,7 +109,7 @@ def train(cfg: DPOConfig) -> str:
     gc = cfg.model.gradient_checkpointing
     model, tok = load_model(replace(cfg.model, dropout=0.0) if gc else cfg.model, for_training=True)
     check_context(model, cfg.data.max_length)
-    _, items, eval_items, skipped = load_ranking_items(cfg, tok, Item, read)
+    _, items, eval_items, skipped = load_ranking_items(cfg, read, tok, Item)
     pad = tok.pad_token_id
     model.eval()  # dropout off for good: the policy's log-probs and the reference's come from the same forward
     model.to(acc.device)

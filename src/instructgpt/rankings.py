@@ -78,11 +78,11 @@ def read_rankings(cfg: RankingStageConfig) -> tuple:
             load_comparisons(cfg.data.eval, cfg.data.skip_bad_lines) if cfg.data.eval else None)
 
 
-def load_ranking_items(cfg: RankingStageConfig, tokenizer, cls: type[Encoded] = Encoded, read: tuple | None = None):
+def load_ranking_items(cfg: RankingStageConfig, read: tuple, tokenizer, cls: type[Encoded] = Encoded):
     """`data.train`'s rankings encoded, and the held-out ones: `data.eval`'s, or `data.eval_size` of the training
-    rankings held out; `read`: `read_rankings(cfg)` already. -> (rankings read, train items, held-out items,
+    rankings held out; `read`: what `read_rankings(cfg)` read. -> (rankings read, train items, held-out items,
     skipped)."""
-    rankings, held_out = read if read is not None else read_rankings(cfg)
+    rankings, held_out = read
     items, skipped = encode_rankings(tokenizer, rankings, cfg.data.max_length, cfg.data.skip_bad_lines, cls)
     skipped += rankings.skipped
     if held_out is not None:

@@ -132,7 +132,7 @@ def train(cfg: RMConfig) -> str:
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora, task="seq_cls")  # the head trains in full, the trunk through LoRA
     # 2. rankings -> (K responses, ranks) per prompt
-    rankings, items, eval_items, skipped = load_ranking_items(cfg, tok, read=read)
+    rankings, items, eval_items, skipped = load_ranking_items(cfg, read, tok)
     steps = cfg.total_steps(len(items))
     # 3. train: a batch of prompts a step, each prompt's C(K,2) comparisons one element, each response forwarded once
     # train.length_groups (as SFT's): each batch's responses forwarded in groups of similar length, one backward
